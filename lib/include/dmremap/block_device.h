@@ -1,0 +1,92 @@
+// The one interface through which dmremap touches storage.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "dmremap/status.h"
+
+namespace dmremap {
+
+// A fixed-size array of bytes: a file, a block device, memory, an NBD export,
+// or a wrapper that injects faults. Offsets and lengths are in bytes.
+//
+// The public methods check that the range lies inside the device (EINVAL
+// otherwise) and then call the do_* hooks, which implementations override.
+// Every method may be called from many threads at once; implementations must
+// be thread-safe. Reads and writes either transfer all `len` bytes or fail.
+class BlockDevice {
+ public:
+  explicit BlockDevice(std::string name) : name_(std::move(name)) {}
+  virtual ~BlockDevice() = default;
+  BlockDevice(const BlockDevice&) = delete;
+  BlockDevice& operator=(const BlockDevice&) = delete;
+
+  // A short name for messages ("main", "spare", a path or a URI).
+  const std::string& name() const { return name_; }
+  // The size in bytes; fixed while the device is open.
+  virtual uint64_t size() const = 0;
+  // True when writes, trims and zeroing are refused with EPERM.
+  virtual bool read_only() const { return false; }
+  // What identifies the hardware (a disk's serial or WWID), or "" when there
+  // is nothing better than the path. Recorded at format time.
+  virtual std::string identity() const { return {}; }
+  // True when trim() really discards (reads afterwards may return zeros).
+  virtual bool can_trim() const { return false; }
+
+  // The first offset at or after `offset` that may hold data: the device
+  // reads zeros before it. size() when only a hole follows. Devices that
+  // cannot tell return `offset`.
+  virtual uint64_t next_data(uint64_t offset) const { return offset; }
+
+  Status read(void* buf, size_t len, uint64_t offset);
+  Status write(const void* buf, size_t len, uint64_t offset);
+  // Makes every completed write durable.
+  Status flush() { return do_flush(); }
+  // Tells the device the range is no longer needed. Never fails because the
+  // device cannot discard: that is a no-op.
+  Status trim(size_t len, uint64_t offset);
+  // Sets the range to zeros.
+  Status write_zeroes(size_t len, uint64_t offset);
+
+ protected:
+  virtual Status do_read(void* buf, size_t len, uint64_t offset) = 0;
+  virtual Status do_write(const void* buf, size_t len, uint64_t offset) = 0;
+  virtual Status do_flush() = 0;
+  virtual Status do_trim(size_t /*len*/, uint64_t /*offset*/) { return Status::ok(); }
+  // Default: writes zero buffers.
+  virtual Status do_write_zeroes(size_t len, uint64_t offset);
+
+  // "name: what at offset N" for error messages.
+  std::string where(const char* what, uint64_t offset) const;
+
+ private:
+  Status check_range(const char* what, size_t len, uint64_t offset) const;
+  Status check_writable(const char* what, uint64_t offset) const;
+  std::string name_;
+};
+
+// How open_device() opens a path or URI.
+struct OpenOptions {
+  bool read_only = false;
+  // O_DIRECT with aligned bounce buffers, so that the page cache and
+  // read-ahead do not hide which sector of a failing disk fails.
+  bool direct = false;
+  // Take an exclusive lock (flock for files, O_EXCL for block devices) so
+  // that two processes can never write the same device. Off only for
+  // read-only inspection of a device another process is using.
+  bool exclusive = true;
+};
+
+// True for nbd://, nbd+unix://, nbds:// and nbds+unix:// URIs.
+bool is_nbd_uri(const std::string& spec);
+
+// Opens a regular file or a block device by path; an NBD URI (nbd://,
+// nbd+unix://, nbds://) where the build has libnbd support. `role` names the
+// device in messages ("main", "spare").
+Result<std::shared_ptr<BlockDevice>> open_device(const std::string& spec, const std::string& role,
+                                                 const OpenOptions& options);
+
+}  // namespace dmremap

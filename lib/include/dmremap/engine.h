@@ -1,0 +1,166 @@
+// The remapping engine: a virtual disk over a failing main and a spare.
+#pragma once
+
+#include <pthread.h>
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "dmremap/block_device.h"
+#include "dmremap/metadata_store.h"
+#include "dmremap/remap_table.h"
+
+namespace dmremap {
+
+struct EngineOptions {
+  // Extra reads of a block that failed, before it is declared unreadable.
+  unsigned read_retries = 3;
+  // Refuse writes (EPERM); nothing on the spare is written, not even rescues.
+  bool read_only = false;
+  // Salvage mode (`unreadable=zero`): an unreadable block reads as zeros
+  // instead of failing. Off by default; every such read is logged.
+  bool unreadable_zero = false;
+  // Health turns to "warning" when this share of the pool is used.
+  unsigned warn_percent = 80;
+};
+
+enum class Health { kOk, kWarning, kFailing };
+const char* health_name(Health h);
+
+// Counters for `dmremap status` and the frontends. Remap, pending and slot
+// figures come from the spare's metadata; the rest count since open.
+struct EngineStats {
+  uint64_t reads = 0, writes = 0, flushes = 0, trims = 0, zeroes = 0;
+  uint64_t bytes_read = 0, bytes_written = 0;
+  uint64_t main_read_errors = 0, main_write_errors = 0;
+  uint64_t retry_successes = 0, unreadable_reads = 0, slot_write_errors = 0;
+  uint64_t remaps = 0, pending = 0;
+  uint64_t remaps_by_cause[5] = {};  // indexed by Cause
+  uint64_t slots_total = 0, slots_used = 0, slots_bad = 0, slots_free = 0;
+  uint64_t pending_capacity = 0;
+  bool journal_broken = false;
+  Health health = Health::kOk;
+  std::string health_reason;
+};
+// Health from the persistent figures alone (also used offline by the CLI).
+void assess_health(EngineStats& s, unsigned warn_percent);
+
+// A read/write lock that lets a waiting writer in ahead of new readers, so a
+// remap is not starved by a stream of requests.
+class GateLock {
+ public:
+  GateLock();
+  ~GateLock();
+  GateLock(const GateLock&) = delete;
+  GateLock& operator=(const GateLock&) = delete;
+  void lock_shared() { pthread_rwlock_rdlock(&rw_); }
+  void unlock_shared() { pthread_rwlock_unlock(&rw_); }
+  void lock() { pthread_rwlock_wrlock(&rw_); }
+  void unlock() { pthread_rwlock_unlock(&rw_); }
+
+ private:
+  pthread_rwlock_t rw_;
+};
+
+// Reads and writes the virtual disk (exactly main's size) as
+// ../docs/semantics.md says. All public methods are thread-safe and may be
+// called from many threads at once. Every request holds the gate shared for
+// its fast path; whatever changes the table (a remap, a rescue, a pending
+// mark, read-modify-write of a partial block) runs with the gate held
+// exclusively, so no write to main can slip between the read of a block's
+// data and the moment its remap becomes visible.
+class Engine {
+ public:
+  // Opens the set. Refuses a spare formatted for another main (size or
+  // identity differ), an unformatted spare, or damaged metadata, each with
+  // a message that says what to do.
+  static Result<std::unique_ptr<Engine>> open(std::shared_ptr<BlockDevice> main,
+                                               std::shared_ptr<BlockDevice> spare,
+                                               const EngineOptions& options,
+                                               OpenReport* report = nullptr);
+  // Does no I/O: call close() for a clean shutdown.
+  ~Engine();
+
+  uint64_t size() const { return size_; }
+  uint32_t block_size() const { return block_; }
+  bool read_only() const { return options_.read_only; }
+  const Superblock& superblock() const { return store_->superblock(); }
+
+  // Out of range: EINVAL. An unreadable block: EIO, with error_offset() the
+  // first byte of the request that could not be read; every other byte of
+  // `buf` holds the right data.
+  Status read(void* buf, uint64_t len, uint64_t offset);
+  // Past the end: ENOSPC. Read-only: EPERM. Needs a slot and none is left:
+  // ENOSPC. Journal broken: EIO. With `fua`, durable before it returns.
+  Status write(const void* buf, uint64_t len, uint64_t offset, bool fua);
+  Status write_zeroes(uint64_t len, uint64_t offset, bool fua);
+  // Passed to main for unmapped blocks; remapped and pending blocks keep
+  // their state.
+  Status trim(uint64_t len, uint64_t offset, bool fua);
+  // Makes every write that has completed durable on main and spare.
+  Status flush();
+
+  // `dmremap remap BLOCK`: moves a block to a slot, with its data when it
+  // reads; an unreadable block is marked pending (EIO). EEXIST if already
+  // remapped.
+  Status remap_block(uint64_t block);
+  // Calls fn(entry) for every remapped or pending block in [first, last).
+  void for_each_entry(uint64_t first, uint64_t last,
+                      const std::function<void(const RemapTable::Entry&)>& fn);
+  EngineStats stats();
+  // Flushes and writes a clean checkpoint; the engine refuses I/O after.
+  Status close();
+
+ private:
+  Engine(std::shared_ptr<BlockDevice> main, std::shared_ptr<BlockDevice> spare,
+         std::unique_ptr<MetadataStore> store, RemapTable table, const EngineOptions& options);
+
+  enum class Data { kBuffer, kZeroes };
+  Status do_write(const char* src, Data kind, uint64_t len, uint64_t offset, bool fua);
+  uint64_t slot_offset(uint64_t slot) const;
+  // Fast-path reads of [offset, offset+len) with the gate shared. Blocks
+  // main fails on go to `failed`, pending ones to `unreadable`.
+  Status read_shared(char* buf, uint64_t len, uint64_t offset, std::vector<uint64_t>& failed,
+                     std::vector<uint64_t>& unreadable);
+  // Reads main's blocks [first, last) clipped to the request, splitting on
+  // failure until the failing blocks are known.
+  void read_main_narrowing(char* buf, uint64_t req_off, uint64_t req_len, uint64_t first,
+                           uint64_t last, std::vector<uint64_t>& failed);
+  // With the gate exclusive: retries, rescues and pending marks.
+  void recover_reads(char* buf, uint64_t len, uint64_t offset, const std::vector<uint64_t>& failed,
+                     std::vector<uint64_t>& unreadable);
+  // With the gate exclusive: the whole block's current data, or EIO.
+  // Retries main (`already_failed`: the first attempt was made already);
+  // rescues a weak block, marks a dead one pending.
+  Status read_block_exclusive(uint64_t block, char* out, bool already_failed);
+  // With the gate exclusive: writes one whole block wherever it belongs.
+  Status write_block_exclusive(uint64_t block, const char* data);
+  // With the gate exclusive: data to a fresh slot, flushed, journaled, then
+  // visible. Bad slots are journaled and skipped.
+  // `abandoned_slot`: the block's old slot, which failed and is marked bad.
+  Status commit_remap(uint64_t block, const char* data, Cause cause,
+                      std::optional<uint64_t> abandoned_slot = std::nullopt);
+  Status mark_pending(uint64_t block);
+  Status journal(const std::vector<Record>& records);
+  Status refuse_writes_if_broken() const;
+
+  std::shared_ptr<BlockDevice> main_;
+  std::shared_ptr<BlockDevice> spare_;
+  std::unique_ptr<MetadataStore> store_;
+  RemapTable table_;
+  const EngineOptions options_;
+  const uint64_t size_;
+  const uint32_t block_;
+  GateLock gate_;
+  std::atomic<bool> journal_broken_{false};
+  std::atomic<bool> closed_{false};
+  struct Counters;
+  std::unique_ptr<Counters> counters_;
+};
+
+}  // namespace dmremap

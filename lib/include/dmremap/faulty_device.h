@@ -1,0 +1,115 @@
+// A wrapper that makes a healthy device fail the way disks fail.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "dmremap/block_device.h"
+
+namespace dmremap {
+
+// One switch shared by several devices, so that a simulated power cut hits
+// main and spare at the same instant. Every mutating operation (write, trim,
+// write-zeroes, flush) on a device attached to the switch counts one tick.
+// Thread-safe.
+class PowerSwitch {
+ public:
+  // The power goes out during the `n`-th mutating operation from now (n >= 1).
+  // That operation is applied as an unflushed write (so it can be torn) and
+  // fails; everything after it fails with EIO.
+  void cut_after(uint64_t n) {
+    countdown_.store(n);
+    off_.store(false);
+  }
+  // Power on, no cut armed.
+  void reset() {
+    countdown_.store(0);
+    off_.store(false);
+  }
+  bool is_off() const { return off_.load(); }
+  // Operations counted so far (armed or not).
+  uint64_t ticks() const { return ticks_.load(); }
+
+  enum class Tick { kOn, kCutNow, kOff };
+  Tick tick();
+
+ private:
+  std::atomic<uint64_t> countdown_{0};
+  std::atomic<uint64_t> ticks_{0};
+  std::atomic<bool> off_{false};
+};
+
+// In the spirit of dm-dust and LevelDB's FaultInjectionTestEnv. Faults are set
+// per fault block (`fault_block` bytes, 512 by default):
+//  - read errors: reads touching the block fail with EIO until the block is
+//    written (a write clears it, as a disk reallocates a pending sector);
+//  - write errors: writes touching the block fail with EIO forever; the part
+//    of the write before the bad block is written, as on a real disk. Reads of
+//    the block still return its old contents;
+//  - weak blocks: the next N reads touching the block fail, then reads work.
+// With a PowerSwitch attached it remembers every write not yet flushed, and
+// power_cut() then drops them, or tears them (each 512-byte sector
+// independently kept or lost). Thread-safe.
+class FaultyDevice final : public BlockDevice {
+ public:
+  explicit FaultyDevice(std::shared_ptr<BlockDevice> inner, uint32_t fault_block = 512,
+                        std::string name = "");
+
+  uint64_t size() const override { return inner_->size(); }
+  bool read_only() const override { return inner_->read_only(); }
+  bool can_trim() const override { return inner_->can_trim(); }
+  const std::shared_ptr<BlockDevice>& inner() const { return inner_; }
+  uint32_t fault_block() const { return fault_block_; }
+
+  void add_read_error(uint64_t block);
+  void add_write_error(uint64_t block);
+  void add_weak_block(uint64_t block, unsigned failures);
+  void clear_faults();
+  bool has_read_error(uint64_t block) const;
+
+  void attach(std::shared_ptr<PowerSwitch> power);
+  enum class CutMode { kDrop, kTear };
+  // Undoes the unflushed writes as `mode` says (`seed` picks the torn
+  // sectors) and forgets them. Call with the devices' users stopped.
+  void power_cut(CutMode mode, uint64_t seed);
+  size_t unflushed_writes() const;
+
+  // Counters for tests.
+  uint64_t failed_reads() const { return failed_reads_.load(); }
+  uint64_t failed_writes() const { return failed_writes_.load(); }
+
+ protected:
+  Status do_read(void* buf, size_t len, uint64_t offset) override;
+  Status do_write(const void* buf, size_t len, uint64_t offset) override;
+  Status do_flush() override;
+  Status do_trim(size_t len, uint64_t offset) override;
+  Status do_write_zeroes(size_t len, uint64_t offset) override;
+
+ private:
+  template <class Apply>
+  Status mutate(const char* what, size_t len, uint64_t offset, Apply apply);
+  Status save_undo(size_t len, uint64_t offset);
+
+  std::shared_ptr<BlockDevice> inner_;
+  const uint32_t fault_block_;
+  mutable std::mutex mu_;
+  std::set<uint64_t> read_errors_;
+  std::set<uint64_t> write_errors_;
+  std::map<uint64_t, unsigned> weak_;
+  std::shared_ptr<PowerSwitch> power_;
+  struct Undo {
+    uint64_t offset;
+    std::vector<char> old;
+  };
+  std::vector<Undo> undo_;
+  std::atomic<uint64_t> failed_reads_{0};
+  std::atomic<uint64_t> failed_writes_{0};
+};
+
+}  // namespace dmremap

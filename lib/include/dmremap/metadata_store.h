@@ -1,0 +1,94 @@
+// Reads and writes the spare's metadata: superblocks, checkpoints, journal.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dmremap/block_device.h"
+#include "dmremap/metadata.h"
+#include "dmremap/remap_table.h"
+
+namespace dmremap {
+
+// What open() found, for `dmremap check` and the logs.
+struct OpenReport {
+  int superblock_copy = -1;          // which copy won (0 or 1)
+  bool other_superblock_valid = false;
+  uint64_t checkpoint_entries = 0;
+  uint64_t journal_units = 0;        // replayed
+  uint64_t journal_records = 0;
+  uint64_t journal_copy_repairs = 0;  // units read from the second copy
+  bool was_clean = false;
+  std::vector<std::string> warnings;
+};
+
+// The metadata of one spare. Crash safety rests on three rules:
+//  - a superblock is written to the older of its two copies, so a torn write
+//    leaves the newer intact, and the valid one with the highest generation
+//    wins;
+//  - a checkpoint is written to the inactive area and flushed before the
+//    superblock that points at it (and bumps the epoch) is written;
+//  - a journal unit is written once, to both journal copies, and flushed
+//    before append() returns; on replay a unit counts only if its CRC, set
+//    UUID, epoch and sequence number all match, so torn, stale and foreign
+//    units are never trusted.
+// Not thread-safe: the engine serialises calls.
+class MetadataStore {
+ public:
+  // Writes fresh metadata for a new set. Does not check what the spare held
+  // before (the caller does that; see spare_is_blank()).
+  static Result<Superblock> format(BlockDevice& spare, const LayoutParams& params,
+                                   const std::string& main_identity);
+
+  // Loads the metadata into `table` (which must be empty). With `writable`,
+  // a journal that held records is folded into a new checkpoint (a new epoch,
+  // so records from before this recovery can never come back) and the
+  // superblock is marked in use (not clean).
+  static Result<std::unique_ptr<MetadataStore>> open(std::shared_ptr<BlockDevice> spare,
+                                                     RemapTable& table, bool writable,
+                                                     OpenReport* report = nullptr);
+
+  const Superblock& superblock() const { return sb_; }
+  uint64_t journal_next() const { return journal_next_; }
+
+  // Makes `records` durable. If the journal has no room, `table` (the state
+  // before these records) is checkpointed first.
+  Status append(const std::vector<Record>& records, const RemapTable& table);
+  // Writes `table` as the new checkpoint and empties the journal. With
+  // `clean`, the superblock says the set was closed cleanly.
+  Status checkpoint(const RemapTable& table, bool clean = false);
+
+ private:
+  MetadataStore(std::shared_ptr<BlockDevice> spare, Superblock sb, int sb_copy)
+      : spare_(std::move(spare)), sb_(std::move(sb)), sb_copy_(sb_copy) {}
+  Status write_superblock(Superblock next);
+
+  std::shared_ptr<BlockDevice> spare_;
+  Superblock sb_;
+  int sb_copy_;  // the copy that holds sb_
+  uint64_t journal_next_ = 0;
+};
+
+// Reads both superblocks and returns the newest valid one and its copy.
+struct FoundSuperblock {
+  Superblock sb;
+  int copy;
+  bool other_valid;
+};
+Result<FoundSuperblock> read_superblock(BlockDevice& spare);
+
+// True when the spare holds only zeros (holes are skipped where the device
+// can tell them). `progress` gets (bytes done, total) now and then.
+Result<bool> spare_is_blank(BlockDevice& spare,
+                            const std::function<void(uint64_t, uint64_t)>& progress = {});
+
+// Every problem `dmremap check` can find, in words, plus facts worth showing.
+struct CheckReport {
+  std::vector<std::string> problems;
+  std::vector<std::string> notes;
+};
+CheckReport check_metadata(std::shared_ptr<BlockDevice> spare);
+
+}  // namespace dmremap

@@ -1,0 +1,107 @@
+// The in-memory picture of the spare's metadata: remaps, pending blocks, bad slots.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace dmremap {
+
+// Why a block was remapped; kept on the spare for `dmremap status`.
+enum class Cause : uint8_t {
+  kWriteError = 1,    // main failed a write; the client's data went to a slot
+  kRescue = 2,        // a weak block that read on a retry was copied to a slot
+  kPendingWrite = 3,  // a write to a pending block got a fresh slot
+  kManual = 4,        // `dmremap remap BLOCK`
+};
+const char* cause_name(Cause cause);
+
+// One journal record. The journal and the checkpoint are lists of these.
+struct Record {
+  enum Type : uint8_t { kRemap = 1, kPending = 2, kBadSlot = 3 };
+  Type type;
+  Cause cause;     // kRemap only
+  uint64_t block;  // kRemap, kPending
+  uint64_t slot;   // kRemap, kBadSlot
+};
+
+// A sorted map from block number to its state, plus the list of bad slots and
+// the slot allocation cursor. 16 bytes per remapped or pending block. A large
+// sorted array holds most entries; new ones go to a small sorted delta that is
+// merged in when it fills, so an insert costs O(delta) and a range query
+// O(log n + hits). Not thread-safe: the engine guards it.
+class RemapTable {
+ public:
+  struct Entry {
+    uint64_t block;
+    uint64_t value;  // kPendingValue, or slot | cause << 56
+  };
+  static constexpr uint64_t kPendingValue = ~uint64_t{0};
+  static constexpr uint64_t kSlotMask = (uint64_t{1} << 56) - 1;
+  static bool is_pending(uint64_t value) { return value == kPendingValue; }
+  static uint64_t slot_of(uint64_t value) { return value & kSlotMask; }
+  static Cause cause_of(uint64_t value) { return static_cast<Cause>(value >> 56); }
+
+  // Applies one record: a remap replaces a pending entry of the same block.
+  void apply(const Record& r);
+
+  std::optional<uint64_t> find(uint64_t block) const;
+  // Calls fn(const Entry&) for each entry with first <= block < last, in
+  // ascending block order.
+  template <class F>
+  void for_range(uint64_t first, uint64_t last, F&& fn) const;
+  template <class F>
+  void for_each(F&& fn) const {
+    for_range(0, ~uint64_t{0}, fn);
+  }
+  // True when no entry lies in [first, last).
+  bool none_in(uint64_t first, uint64_t last) const;
+
+  size_t entries() const { return base_.size() + delta_.size(); }
+  uint64_t remaps() const { return entries() - pending_; }
+  uint64_t pending() const { return pending_; }
+  uint64_t remaps_by(Cause c) const { return by_cause_[static_cast<size_t>(c)]; }
+  const std::vector<uint64_t>& bad_slots() const { return bad_slots_; }
+  // The first slot never handed out; slots below it are used or bad.
+  uint64_t next_slot() const { return next_slot_; }
+  void set_next_slot(uint64_t s) { next_slot_ = s; }
+  // Bytes of heap this table holds.
+  size_t memory_bytes() const;
+  // Moves the delta into the main array.
+  void compact();
+  // Bulk load from a checkpoint: entries in ascending block order go
+  // straight to the main array.
+  void load(const Entry& e);
+
+ private:
+  static constexpr size_t kDeltaMax = 4096;
+  void insert(uint64_t block, uint64_t value);
+  void count(uint64_t value, int sign);
+
+  std::vector<Entry> base_;
+  std::vector<Entry> delta_;
+  std::vector<uint64_t> bad_slots_;
+  uint64_t next_slot_ = 0;
+  uint64_t pending_ = 0;
+  uint64_t by_cause_[8] = {};
+};
+
+template <class F>
+void RemapTable::for_range(uint64_t first, uint64_t last, F&& fn) const {
+  auto less = [](const Entry& e, uint64_t b) { return e.block < b; };
+  auto a = std::lower_bound(base_.begin(), base_.end(), first, less);
+  auto d = std::lower_bound(delta_.begin(), delta_.end(), first, less);
+  while (true) {
+    const bool a_ok = a != base_.end() && a->block < last;
+    const bool d_ok = d != delta_.end() && d->block < last;
+    if (!a_ok && !d_ok) return;
+    if (a_ok && (!d_ok || a->block < d->block)) {
+      fn(*a++);
+    } else {
+      fn(*d++);
+    }
+  }
+}
+
+}  // namespace dmremap

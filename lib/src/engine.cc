@@ -1,0 +1,582 @@
+#include "dmremap/engine.h"
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <shared_mutex>
+
+#include "dmremap/log.h"
+
+namespace dmremap {
+
+struct Engine::Counters {
+  std::atomic<uint64_t> reads{0}, writes{0}, flushes{0}, trims{0}, zeroes{0};
+  std::atomic<uint64_t> bytes_read{0}, bytes_written{0};
+  std::atomic<uint64_t> main_read_errors{0}, main_write_errors{0};
+  std::atomic<uint64_t> retry_successes{0}, unreadable_reads{0}, slot_write_errors{0};
+};
+
+namespace {
+
+using SharedGuard = std::shared_lock<GateLock>;
+using ExclusiveGuard = std::unique_lock<GateLock>;
+
+std::string block_name(uint64_t block, uint32_t bs) {
+  return "block " + std::to_string(block) + " (offset " + std::to_string(block * bs) + ")";
+}
+
+}  // namespace
+
+const char* health_name(Health h) {
+  switch (h) {
+    case Health::kOk: return "ok";
+    case Health::kWarning: return "warning";
+    case Health::kFailing: return "failing";
+  }
+  return "unknown";
+}
+
+void assess_health(EngineStats& s, unsigned warn_percent) {
+  if (s.journal_broken) {
+    s.health = Health::kFailing;
+    s.health_reason = "the journal on the spare cannot be written: writes are refused";
+  } else if (s.slots_free == 0) {
+    s.health = Health::kFailing;
+    s.health_reason = "the spare pool is exhausted: writes that need a slot fail with ENOSPC";
+  } else if ((s.slots_used + s.slots_bad) * 100 >= uint64_t{warn_percent} * s.slots_total) {
+    s.health = Health::kWarning;
+    s.health_reason = std::to_string((s.slots_used + s.slots_bad) * 100 / s.slots_total) +
+                      "% of the spare pool is used";
+  } else if (s.pending > 0) {
+    s.health = Health::kWarning;
+    s.health_reason = std::to_string(s.pending) + " block(s) are unreadable (pending)";
+  } else {
+    s.health = Health::kOk;
+    s.health_reason.clear();
+  }
+}
+
+GateLock::GateLock() {
+  pthread_rwlockattr_t attr;
+  pthread_rwlockattr_init(&attr);
+  pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+  pthread_rwlock_init(&rw_, &attr);
+  pthread_rwlockattr_destroy(&attr);
+}
+
+GateLock::~GateLock() { pthread_rwlock_destroy(&rw_); }
+
+Result<std::unique_ptr<Engine>> Engine::open(std::shared_ptr<BlockDevice> main,
+                                             std::shared_ptr<BlockDevice> spare,
+                                             const EngineOptions& options, OpenReport* report) {
+  auto found = read_superblock(*spare);
+  if (!found.is_ok()) return found.take_status();
+  const Superblock& sb = found->sb;
+  if (main->size() != sb.main_size) {
+    return Status::error(EINVAL, main->name() + " is " + std::to_string(main->size()) +
+                                     " bytes, but " + spare->name() +
+                                     " was formatted for a main of " +
+                                     std::to_string(sb.main_size) + " bytes (set " +
+                                     uuid_string(sb.uuid) +
+                                     "). Is this the right main? Use the main it was formatted "
+                                     "for, or format a new spare for this one");
+  }
+  const std::string id = main->identity();
+  if (!id.empty() && !sb.main_identity.empty() && id != sb.main_identity.substr(0, 63) &&
+      id.substr(0, 63) != sb.main_identity) {
+    return Status::error(EINVAL, main->name() + " is \"" + id + "\", but " + spare->name() +
+                                     " was formatted for \"" + sb.main_identity + "\" (set " +
+                                     uuid_string(sb.uuid) + "). Use the main it belongs to");
+  }
+  if (!options.read_only && (spare->read_only() || main->read_only())) {
+    return Status::error(EPERM, "main or spare was opened read-only: use read-only mode");
+  }
+  RemapTable table;
+  auto store = MetadataStore::open(spare, table, !options.read_only, report);
+  if (!store.is_ok()) return store.take_status();
+  std::unique_ptr<Engine> e(new Engine(std::move(main), std::move(spare),
+                                       std::move(store.value()), std::move(table), options));
+  const auto st = e->stats();
+  log(LogLevel::kInfo, "set " + uuid_string(sb.uuid) + ": " + std::to_string(st.remaps) +
+                           " remapped, " + std::to_string(st.pending) + " pending, " +
+                           std::to_string(st.slots_free) + " of " +
+                           std::to_string(st.slots_total) + " slots free" +
+                           (options.read_only ? " (read-only)" : ""));
+  if (st.health != Health::kOk) log(LogLevel::kWarning, "health: " + st.health_reason);
+  return e;
+}
+
+Engine::Engine(std::shared_ptr<BlockDevice> main, std::shared_ptr<BlockDevice> spare,
+               std::unique_ptr<MetadataStore> store, RemapTable table,
+               const EngineOptions& options)
+    : main_(std::move(main)),
+      spare_(std::move(spare)),
+      store_(std::move(store)),
+      table_(std::move(table)),
+      options_(options),
+      size_(store_->superblock().main_size),
+      block_(store_->superblock().block_size),
+      counters_(std::make_unique<Counters>()) {}
+
+Engine::~Engine() = default;
+
+uint64_t Engine::slot_offset(uint64_t slot) const {
+  return store_->superblock().slot_offset + slot * block_;
+}
+
+Status Engine::refuse_writes_if_broken() const {
+  if (journal_broken_.load()) {
+    return Status::error(EIO, "writes are refused: the journal on " + spare_->name() +
+                                  " could not be written (see the log); reads still work");
+  }
+  return Status::ok();
+}
+
+// ---------------------------------------------------------------- reads
+
+Status Engine::read(void* out, uint64_t len, uint64_t offset) {
+  if (closed_.load()) return Status::error(EIO, "the device is closed");
+  if (offset > size_ || len > size_ - offset) {
+    return Status::error(EINVAL, "read at offset " + std::to_string(offset) + ", length " +
+                                     std::to_string(len) + ": beyond the end of the device");
+  }
+  if (len == 0) return Status::ok();
+  counters_->reads.fetch_add(1, std::memory_order_relaxed);
+  counters_->bytes_read.fetch_add(len, std::memory_order_relaxed);
+  char* buf = static_cast<char*>(out);
+  std::vector<uint64_t> failed;
+  std::vector<uint64_t> unreadable;
+  {
+    SharedGuard g(gate_);
+    if (auto s = read_shared(buf, len, offset, failed, unreadable); !s.is_ok()) return s;
+  }
+  if (!failed.empty()) {
+    ExclusiveGuard g(gate_);
+    recover_reads(buf, len, offset, failed, unreadable);
+  }
+  if (unreadable.empty()) return Status::ok();
+  std::sort(unreadable.begin(), unreadable.end());
+  if (options_.unreadable_zero) {
+    for (uint64_t b : unreadable) {
+      const uint64_t lo = std::max(offset, b * block_);
+      const uint64_t hi = std::min(offset + len, (b + 1) * block_);
+      std::memset(buf + (lo - offset), 0, hi - lo);
+      log(LogLevel::kWarning, "unreadable=zero: returned zeros for unreadable " +
+                                  block_name(b, block_) + " (salvage mode)");
+    }
+    return Status::ok();
+  }
+  counters_->unreadable_reads.fetch_add(1, std::memory_order_relaxed);
+  const uint64_t first_bad = std::max(offset, unreadable.front() * block_);
+  return Status::error(EIO, block_name(unreadable.front(), block_) +
+                                " cannot be read from main and has no copy (pending)")
+      .with_offset(first_bad);
+}
+
+Status Engine::read_shared(char* buf, uint64_t len, uint64_t offset,
+                           std::vector<uint64_t>& failed, std::vector<uint64_t>& unreadable) {
+  const uint64_t first = offset / block_;
+  const uint64_t end = (offset + len - 1) / block_ + 1;
+  auto clip = [&](uint64_t a, uint64_t b) {
+    return std::pair{std::max(offset, a * block_), std::min(offset + len, b * block_)};
+  };
+  auto from_main = [&](uint64_t a, uint64_t b) {
+    const auto [lo, hi] = clip(a, b);
+    if (!main_->read(buf + (lo - offset), hi - lo, lo).is_ok()) {
+      counters_->main_read_errors.fetch_add(1, std::memory_order_relaxed);
+      read_main_narrowing(buf, offset, len, a, b, failed);
+    }
+  };
+  Status status;
+  uint64_t cursor = first;
+  table_.for_range(first, end, [&](const RemapTable::Entry& e) {
+    if (!status.is_ok()) return;
+    if (cursor < e.block) from_main(cursor, e.block);
+    cursor = e.block + 1;
+    if (RemapTable::is_pending(e.value)) {
+      unreadable.push_back(e.block);
+      return;
+    }
+    const auto [lo, hi] = clip(e.block, e.block + 1);
+    const uint64_t slot = RemapTable::slot_of(e.value);
+    status = spare_->read(buf + (lo - offset), hi - lo, slot_offset(slot) + (lo - e.block * block_));
+    if (!status.is_ok()) {
+      status = std::move(status)
+                   .with_context("slot " + std::to_string(slot) + " of " + block_name(e.block, block_))
+                   .with_offset(lo);
+    }
+  });
+  if (status.is_ok() && cursor < end) from_main(cursor, end);
+  return status;
+}
+
+void Engine::read_main_narrowing(char* buf, uint64_t req_off, uint64_t req_len, uint64_t first,
+                                 uint64_t last, std::vector<uint64_t>& failed) {
+  if (last - first == 1) {
+    failed.push_back(first);
+    return;
+  }
+  const uint64_t mid = first + (last - first) / 2;
+  for (auto [a, b] : {std::pair{first, mid}, std::pair{mid, last}}) {
+    const uint64_t lo = std::max(req_off, a * block_);
+    const uint64_t hi = std::min(req_off + req_len, b * block_);
+    if (!main_->read(buf + (lo - req_off), hi - lo, lo).is_ok()) {
+      counters_->main_read_errors.fetch_add(1, std::memory_order_relaxed);
+      read_main_narrowing(buf, req_off, req_len, a, b, failed);
+    }
+  }
+}
+
+void Engine::recover_reads(char* buf, uint64_t len, uint64_t offset,
+                           const std::vector<uint64_t>& failed, std::vector<uint64_t>& unreadable) {
+  std::vector<char> data(block_);
+  for (uint64_t b : failed) {
+    // Already failed once in the fast path: only the retries are left.
+    if (!read_block_exclusive(b, data.data(), /*already_failed=*/true).is_ok()) {
+      unreadable.push_back(b);
+      continue;
+    }
+    const uint64_t lo = std::max(offset, b * block_);
+    const uint64_t hi = std::min(offset + len, (b + 1) * block_);
+    std::memcpy(buf + (lo - offset), data.data() + (lo - b * block_), hi - lo);
+  }
+}
+
+Status Engine::read_block_exclusive(uint64_t block, char* out, bool already_failed) {
+  if (auto v = table_.find(block)) {
+    if (RemapTable::is_pending(*v)) {
+      return Status::error(EIO, block_name(block, block_) + " is pending (unreadable)");
+    }
+    return spare_->read(out, block_, slot_offset(RemapTable::slot_of(*v)));
+  }
+  const unsigned attempts = options_.read_retries + (already_failed ? 0 : 1);
+  bool failed_once = already_failed;
+  Status last = Status::error(EIO, main_->name() + ": " + block_name(block, block_) +
+                                       " failed to read");
+  for (unsigned i = 0; i < attempts; ++i) {
+    last = main_->read(out, block_, block * block_);
+    if (last.is_ok()) break;
+    counters_->main_read_errors.fetch_add(1, std::memory_order_relaxed);
+    failed_once = true;
+  }
+  if (last.is_ok()) {
+    if (!failed_once) return last;
+    counters_->retry_successes.fetch_add(1, std::memory_order_relaxed);
+    if (options_.read_only) {
+      log(LogLevel::kWarning, block_name(block, block_) + " read on a retry (weak); read-only, "
+                              "so it is not rescued");
+      return last;
+    }
+    // A weak block: copy it now, while it still reads.
+    if (auto s = commit_remap(block, out, Cause::kRescue); !s.is_ok()) {
+      log(LogLevel::kError, block_name(block, block_) + " is weak but could not be rescued: " +
+                                s.to_string());
+    }
+    return Status::ok();
+  }
+  log(LogLevel::kError, block_name(block, block_) + " is unreadable after " +
+                            std::to_string(options_.read_retries) + " retries: " +
+                            last.to_string());
+  if (!options_.read_only) (void)mark_pending(block);
+  return last;
+}
+
+// ---------------------------------------------------------------- writes
+
+Status Engine::write(const void* buf, uint64_t len, uint64_t offset, bool fua) {
+  return do_write(static_cast<const char*>(buf), Data::kBuffer, len, offset, fua);
+}
+
+Status Engine::write_zeroes(uint64_t len, uint64_t offset, bool fua) {
+  counters_->zeroes.fetch_add(1, std::memory_order_relaxed);
+  return do_write(nullptr, Data::kZeroes, len, offset, fua);
+}
+
+Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offset, bool fua) {
+  if (closed_.load()) return Status::error(EIO, "the device is closed");
+  if (options_.read_only) return Status::error(EPERM, "the device is read-only");
+  if (offset > size_ || len > size_ - offset) {
+    return Status::error(ENOSPC, "write at offset " + std::to_string(offset) + ", length " +
+                                     std::to_string(len) + ": beyond the end of the device");
+  }
+  if (auto s = refuse_writes_if_broken(); !s.is_ok()) return s;
+  if (len == 0) return fua ? flush() : Status::ok();
+  counters_->writes.fetch_add(1, std::memory_order_relaxed);
+  counters_->bytes_written.fetch_add(len, std::memory_order_relaxed);
+  const bool zero = kind == Data::kZeroes;
+  const uint64_t full_first = (offset + block_ - 1) / block_;
+  const uint64_t full_end = std::max(full_first, (offset + len) / block_);
+  // Blocks that the fast path could not finish, and partial blocks.
+  std::vector<uint64_t> slow;
+  if (offset % block_ != 0) slow.push_back(offset / block_);
+  if ((offset + len) % block_ != 0 && (slow.empty() || (offset + len - 1) / block_ != slow[0])) {
+    slow.push_back((offset + len - 1) / block_);
+  }
+  {
+    SharedGuard g(gate_);
+    auto to_main = [&](uint64_t a, uint64_t b) {
+      const uint64_t n = (b - a) * block_;
+      const Status s = zero ? main_->write_zeroes(n, a * block_)
+                            : main_->write(src + (a * block_ - offset), n, a * block_);
+      if (!s.is_ok()) {
+        counters_->main_write_errors.fetch_add(1, std::memory_order_relaxed);
+        for (uint64_t b2 = a; b2 < b; ++b2) slow.push_back(b2);
+      }
+    };
+    uint64_t cursor = full_first;
+    table_.for_range(full_first, full_end, [&](const RemapTable::Entry& e) {
+      if (cursor < e.block) to_main(cursor, e.block);
+      cursor = e.block + 1;
+      if (RemapTable::is_pending(e.value)) {
+        slow.push_back(e.block);
+        return;
+      }
+      const uint64_t at = slot_offset(RemapTable::slot_of(e.value));
+      const Status s = zero ? spare_->write_zeroes(block_, at)
+                            : spare_->write(src + (e.block * block_ - offset), block_, at);
+      if (!s.is_ok()) slow.push_back(e.block);
+    });
+    if (cursor < full_end) to_main(cursor, full_end);
+  }
+  Status result;
+  if (!slow.empty()) {
+    ExclusiveGuard g(gate_);
+    std::vector<char> data(block_);
+    for (uint64_t b : slow) {
+      const uint64_t lo = std::max(offset, b * block_);
+      const uint64_t hi = std::min(offset + len, (b + 1) * block_);
+      Status s;
+      if (hi - lo < block_) {
+        // Read-modify-write: the rest of the block must be real data.
+        s = read_block_exclusive(b, data.data(), false);
+        if (!s.is_ok()) {
+          s = Status::error(EIO, "write to part of " + block_name(b, block_) +
+                                     ": the rest of the block cannot be read");
+        }
+      }
+      if (s.is_ok()) {
+        char* dst = data.data() + (lo - b * block_);
+        if (zero) {
+          std::memset(dst, 0, hi - lo);
+        } else {
+          std::memcpy(dst, src + (lo - offset), hi - lo);
+        }
+        s = write_block_exclusive(b, data.data());
+      }
+      if (!s.is_ok() && result.is_ok()) result = std::move(s);
+    }
+  }
+  if (!result.is_ok()) return result;
+  return fua ? flush() : Status::ok();
+}
+
+Status Engine::write_block_exclusive(uint64_t block, const char* data) {
+  if (auto s = refuse_writes_if_broken(); !s.is_ok()) return s;
+  const auto v = table_.find(block);
+  if (v && RemapTable::is_pending(*v)) return commit_remap(block, data, Cause::kPendingWrite);
+  if (v) {
+    const uint64_t slot = RemapTable::slot_of(*v);
+    Status s = spare_->write(data, block_, slot_offset(slot));
+    if (s.is_ok()) return s;
+    counters_->slot_write_errors.fetch_add(1, std::memory_order_relaxed);
+    log(LogLevel::kWarning, "slot " + std::to_string(slot) + " of " + block_name(block, block_) +
+                                " failed to write (" + s.to_string() + "); moving it");
+    // The old slot is recorded bad in the same journal append as the move.
+    return commit_remap(block, data, RemapTable::cause_of(*v), slot);
+  }
+  Status s = main_->write(data, block_, block * block_);
+  if (s.is_ok()) return s;
+  counters_->main_write_errors.fetch_add(1, std::memory_order_relaxed);
+  log(LogLevel::kWarning, main_->name() + ": " + block_name(block, block_) +
+                              " failed to write (" + s.to_string() + "); remapping it");
+  return commit_remap(block, data, Cause::kWriteError);
+}
+
+// ------------------------------------------------------- remap machinery
+
+Status Engine::journal(const std::vector<Record>& records) {
+  Status s = store_->append(records, table_);
+  if (s.is_ok()) return s;
+  journal_broken_.store(true);
+  log(LogLevel::kError, "journal write failed (" + s.to_string() +
+                            "): writes are refused from now on, reads continue. Check the "
+                            "spare, then restart");
+  return Status::error(EIO, "the remap could not be recorded in the journal: " + s.to_string());
+}
+
+Status Engine::commit_remap(uint64_t block, const char* data, Cause cause,
+                            std::optional<uint64_t> abandoned_slot) {
+  if (auto s = refuse_writes_if_broken(); !s.is_ok()) return s;
+  const Superblock& sb = store_->superblock();
+  std::vector<Record> records;
+  if (abandoned_slot) records.push_back(Record{Record::kBadSlot, Cause::kManual, 0, *abandoned_slot});
+  uint64_t slot = table_.next_slot();
+  while (true) {
+    if (slot >= sb.slot_count) {
+      if (!records.empty() && journal(records).is_ok()) {
+        for (const Record& r : records) table_.apply(r);
+      }
+      log(LogLevel::kError, "spare pool exhausted: " + block_name(block, block_) +
+                                " cannot be remapped");
+      return Status::error(ENOSPC, "no free slot on " + spare_->name() + " for " +
+                                       block_name(block, block_) + ": all " +
+                                       std::to_string(sb.slot_count) + " slots are used");
+    }
+    Status s = spare_->write(data, block_, slot_offset(slot));
+    if (s.is_ok()) break;
+    counters_->slot_write_errors.fetch_add(1, std::memory_order_relaxed);
+    log(LogLevel::kWarning, "slot " + std::to_string(slot) + " failed to write (" +
+                                s.to_string() + "): marked bad");
+    records.push_back(Record{Record::kBadSlot, Cause::kManual, 0, slot});
+    ++slot;
+  }
+  // Commit order: slot data durable, then the record durable, then visible.
+  if (Status s = spare_->flush(); !s.is_ok()) {
+    journal_broken_.store(true);
+    log(LogLevel::kError, "spare flush failed (" + s.to_string() +
+                              "): writes are refused from now on, reads continue");
+    return Status::error(EIO, "the remap could not be made durable: " + s.to_string());
+  }
+  records.push_back(Record{Record::kRemap, cause, block, slot});
+  if (auto s = journal(records); !s.is_ok()) return s;
+  for (const Record& r : records) table_.apply(r);
+  log(LogLevel::kInfo, block_name(block, block_) + " remapped to slot " + std::to_string(slot) +
+                           " (" + cause_name(cause) + ")");
+  return Status::ok();
+}
+
+Status Engine::mark_pending(uint64_t block) {
+  if (auto s = refuse_writes_if_broken(); !s.is_ok()) return s;
+  if (table_.pending() >= store_->superblock().pending_capacity) {
+    log(LogLevel::kError, "the pending list is full: " + block_name(block, block_) +
+                              " is unreadable but cannot be recorded");
+    return Status::error(ENOSPC, "pending list full");
+  }
+  const Record r{Record::kPending, Cause::kManual, block, 0};
+  if (auto s = journal({r}); !s.is_ok()) return s;
+  table_.apply(r);
+  log(LogLevel::kError, block_name(block, block_) +
+                            " marked pending: its data is lost; the next write to it remaps it");
+  return Status::ok();
+}
+
+// ------------------------------------------------------ trim, flush, admin
+
+Status Engine::trim(uint64_t len, uint64_t offset, bool fua) {
+  if (closed_.load()) return Status::error(EIO, "the device is closed");
+  if (options_.read_only) return Status::error(EPERM, "the device is read-only");
+  if (offset > size_ || len > size_ - offset) {
+    return Status::error(ENOSPC, "trim at offset " + std::to_string(offset) +
+                                     ": beyond the end of the device");
+  }
+  counters_->trims.fetch_add(1, std::memory_order_relaxed);
+  const uint64_t first = (offset + block_ - 1) / block_;
+  const uint64_t end = (offset + len) / block_;
+  if (first < end) {
+    SharedGuard g(gate_);
+    // Only whole unmapped blocks reach main; remapped and pending blocks keep
+    // their state, so a trim never exposes stale main data.
+    auto to_main = [&](uint64_t a, uint64_t b) {
+      if (auto s = main_->trim((b - a) * block_, a * block_); !s.is_ok()) {
+        log(LogLevel::kDebug, "trim ignored: " + s.to_string());
+      }
+    };
+    uint64_t cursor = first;
+    table_.for_range(first, end, [&](const RemapTable::Entry& e) {
+      if (cursor < e.block) to_main(cursor, e.block);
+      cursor = e.block + 1;
+    });
+    if (cursor < end) to_main(cursor, end);
+  }
+  return fua ? flush() : Status::ok();
+}
+
+Status Engine::flush() {
+  if (closed_.load()) return Status::error(EIO, "the device is closed");
+  counters_->flushes.fetch_add(1, std::memory_order_relaxed);
+  Status m = main_->flush();
+  Status s = spare_->flush();
+  if (!m.is_ok()) return m;
+  return s;
+}
+
+Status Engine::remap_block(uint64_t block) {
+  if (options_.read_only) return Status::error(EPERM, "the device is read-only");
+  if (block >= size_ / block_) {
+    return Status::error(EINVAL, "block " + std::to_string(block) + " is beyond the end (" +
+                                     std::to_string(size_ / block_) + " blocks)");
+  }
+  ExclusiveGuard g(gate_);
+  if (auto v = table_.find(block); v && !RemapTable::is_pending(*v)) {
+    return Status::error(EEXIST, block_name(block, block_) + " is already remapped to slot " +
+                                     std::to_string(RemapTable::slot_of(*v)));
+  }
+  if (auto v = table_.find(block); v) {
+    return Status::error(EIO, block_name(block, block_) +
+                                  " is pending: its data is lost; the next write to it remaps it");
+  }
+  std::vector<char> data(block_);
+  Status s = read_block_exclusive(block, data.data(), false);
+  if (!s.is_ok()) {
+    return Status::error(EIO, block_name(block, block_) +
+                                  " cannot be read: marked pending; the next write to it remaps it");
+  }
+  // A weak block was rescued by the read itself.
+  if (table_.find(block)) return Status::ok();
+  return commit_remap(block, data.data(), Cause::kManual);
+}
+
+void Engine::for_each_entry(uint64_t first, uint64_t last,
+                            const std::function<void(const RemapTable::Entry&)>& fn) {
+  SharedGuard g(gate_);
+  table_.for_range(first, last, fn);
+}
+
+EngineStats Engine::stats() {
+  EngineStats s;
+  const Counters& c = *counters_;
+  s.reads = c.reads;
+  s.writes = c.writes;
+  s.flushes = c.flushes;
+  s.trims = c.trims;
+  s.zeroes = c.zeroes;
+  s.bytes_read = c.bytes_read;
+  s.bytes_written = c.bytes_written;
+  s.main_read_errors = c.main_read_errors;
+  s.main_write_errors = c.main_write_errors;
+  s.retry_successes = c.retry_successes;
+  s.unreadable_reads = c.unreadable_reads;
+  s.slot_write_errors = c.slot_write_errors;
+  s.journal_broken = journal_broken_.load();
+  {
+    SharedGuard g(gate_);
+    s.remaps = table_.remaps();
+    s.pending = table_.pending();
+    for (int cause = 1; cause <= 4; ++cause) {
+      s.remaps_by_cause[cause] = table_.remaps_by(static_cast<Cause>(cause));
+    }
+    s.slots_bad = table_.bad_slots().size();
+    s.slots_used = table_.next_slot() - s.slots_bad;
+    s.slots_total = store_->superblock().slot_count;
+    s.slots_free = s.slots_total - table_.next_slot();
+    s.pending_capacity = store_->superblock().pending_capacity;
+  }
+  assess_health(s, options_.warn_percent);
+  return s;
+}
+
+Status Engine::close() {
+  ExclusiveGuard g(gate_);
+  if (closed_.exchange(true)) return Status::ok();
+  if (options_.read_only) return Status::ok();
+  Status m = main_->flush();
+  Status sp = spare_->flush();
+  if (!m.is_ok()) return m;
+  if (!sp.is_ok()) return sp;
+  if (journal_broken_.load()) {
+    return Status::error(EIO, "closed without a clean checkpoint: the journal is broken");
+  }
+  return store_->checkpoint(table_, /*clean=*/true);
+}
+
+}  // namespace dmremap

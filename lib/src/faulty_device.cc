@@ -1,0 +1,194 @@
+#include "dmremap/faulty_device.h"
+
+#include <random>
+
+namespace dmremap {
+
+PowerSwitch::Tick PowerSwitch::tick() {
+  ticks_.fetch_add(1);
+  if (off_.load()) return Tick::kOff;
+  uint64_t c = countdown_.load();
+  while (c > 0) {
+    if (countdown_.compare_exchange_weak(c, c - 1)) {
+      if (c == 1) {
+        off_.store(true);
+        return Tick::kCutNow;
+      }
+      return Tick::kOn;
+    }
+  }
+  return Tick::kOn;
+}
+
+FaultyDevice::FaultyDevice(std::shared_ptr<BlockDevice> inner, uint32_t fault_block,
+                           std::string name)
+    : BlockDevice(name.empty() ? inner->name() : std::move(name)),
+      inner_(std::move(inner)),
+      fault_block_(fault_block) {}
+
+void FaultyDevice::add_read_error(uint64_t block) {
+  std::lock_guard lock(mu_);
+  read_errors_.insert(block);
+}
+
+void FaultyDevice::add_write_error(uint64_t block) {
+  std::lock_guard lock(mu_);
+  write_errors_.insert(block);
+}
+
+void FaultyDevice::add_weak_block(uint64_t block, unsigned failures) {
+  std::lock_guard lock(mu_);
+  weak_[block] = failures;
+}
+
+void FaultyDevice::clear_faults() {
+  std::lock_guard lock(mu_);
+  read_errors_.clear();
+  write_errors_.clear();
+  weak_.clear();
+}
+
+bool FaultyDevice::has_read_error(uint64_t block) const {
+  std::lock_guard lock(mu_);
+  return read_errors_.count(block) != 0;
+}
+
+void FaultyDevice::attach(std::shared_ptr<PowerSwitch> power) {
+  std::lock_guard lock(mu_);
+  power_ = std::move(power);
+}
+
+size_t FaultyDevice::unflushed_writes() const {
+  std::lock_guard lock(mu_);
+  return undo_.size();
+}
+
+Status FaultyDevice::do_read(void* buf, size_t len, uint64_t offset) {
+  {
+    std::lock_guard lock(mu_);
+    if (power_ && power_->is_off()) {
+      failed_reads_.fetch_add(1);
+      return Status::error(EIO, where("read", offset) + ": power is off");
+    }
+    const uint64_t first = offset / fault_block_;
+    const uint64_t last = (offset + len - 1) / fault_block_;
+    bool fail = false;
+    uint64_t bad = 0;
+    for (auto it = read_errors_.lower_bound(first); it != read_errors_.end() && *it <= last;) {
+      fail = true;
+      bad = *it;
+      break;
+    }
+    // Every weak block the read touches uses up one of its failures.
+    for (auto it = weak_.lower_bound(first); it != weak_.end() && it->first <= last;) {
+      if (it->second > 0) {
+        --it->second;
+        if (!fail) bad = it->first;
+        fail = true;
+      }
+      it = it->second == 0 ? weak_.erase(it) : std::next(it);
+    }
+    if (fail) {
+      failed_reads_.fetch_add(1);
+      return Status::error(EIO, where("read", bad * fault_block_) + ": injected read error");
+    }
+  }
+  return inner_->read(buf, len, offset);
+}
+
+Status FaultyDevice::save_undo(size_t len, uint64_t offset) {
+  Undo u{offset, std::vector<char>(len)};
+  if (auto s = inner_->read(u.old.data(), len, offset); !s.is_ok()) return s;
+  undo_.push_back(std::move(u));
+  return Status::ok();
+}
+
+template <class Apply>
+Status FaultyDevice::mutate(const char* what, size_t len, uint64_t offset, Apply apply) {
+  std::lock_guard lock(mu_);
+  bool cut_now = false;
+  if (power_) {
+    const auto t = power_->tick();
+    if (t == PowerSwitch::Tick::kOff) {
+      failed_writes_.fetch_add(1);
+      return Status::error(EIO, where(what, offset) + ": power is off");
+    }
+    cut_now = t == PowerSwitch::Tick::kCutNow;
+  }
+  const uint64_t first = offset / fault_block_;
+  const uint64_t last = (offset + len - 1) / fault_block_;
+  auto bad = write_errors_.lower_bound(first);
+  size_t apply_len = len;
+  if (bad != write_errors_.end() && *bad <= last) {
+    apply_len = *bad * fault_block_ > offset ? static_cast<size_t>(*bad * fault_block_ - offset) : 0;
+  }
+  if (apply_len > 0) {
+    if (power_) {
+      if (auto s = save_undo(apply_len, offset); !s.is_ok()) return s;
+    }
+    if (auto s = apply(apply_len, offset); !s.is_ok()) return s;
+    // Written blocks read again, as on a disk that reallocated them.
+    const uint64_t written_last = (offset + apply_len - 1) / fault_block_;
+    read_errors_.erase(read_errors_.lower_bound(first), read_errors_.upper_bound(written_last));
+  }
+  if (cut_now) {
+    failed_writes_.fetch_add(1);
+    return Status::error(EIO, where(what, offset) + ": power cut");
+  }
+  if (apply_len < len) {
+    failed_writes_.fetch_add(1);
+    return Status::error(EIO, where(what, *bad * fault_block_) + ": injected write error");
+  }
+  return Status::ok();
+}
+
+Status FaultyDevice::do_write(const void* buf, size_t len, uint64_t offset) {
+  return mutate("write", len, offset, [&](size_t n, uint64_t off) {
+    return inner_->write(buf, n, off);
+  });
+}
+
+Status FaultyDevice::do_trim(size_t len, uint64_t offset) {
+  return mutate("trim", len, offset,
+                [&](size_t n, uint64_t off) { return inner_->trim(n, off); });
+}
+
+Status FaultyDevice::do_write_zeroes(size_t len, uint64_t offset) {
+  return mutate("write zeroes", len, offset,
+                [&](size_t n, uint64_t off) { return inner_->write_zeroes(n, off); });
+}
+
+Status FaultyDevice::do_flush() {
+  std::lock_guard lock(mu_);
+  if (power_) {
+    const auto t = power_->tick();
+    if (t != PowerSwitch::Tick::kOn) {
+      failed_writes_.fetch_add(1);
+      return Status::error(EIO, name() + ": flush: power is off");
+    }
+  }
+  if (auto s = inner_->flush(); !s.is_ok()) return s;
+  undo_.clear();
+  return Status::ok();
+}
+
+void FaultyDevice::power_cut(CutMode mode, uint64_t seed) {
+  std::lock_guard lock(mu_);
+  std::mt19937_64 rng(seed);
+  constexpr size_t kSector = 512;
+  // Newest first, so that a sector written twice can end up with either
+  // version or with its last flushed contents: all states a disk may keep.
+  for (auto it = undo_.rbegin(); it != undo_.rend(); ++it) {
+    if (mode == CutMode::kDrop) {
+      (void)inner_->write(it->old.data(), it->old.size(), it->offset);
+      continue;
+    }
+    for (size_t pos = 0; pos < it->old.size(); pos += kSector) {
+      const size_t n = std::min(kSector, it->old.size() - pos);
+      if (rng() & 1) (void)inner_->write(it->old.data() + pos, n, it->offset + pos);
+    }
+  }
+  undo_.clear();
+}
+
+}  // namespace dmremap

@@ -1,0 +1,400 @@
+#include "dmremap/metadata_store.h"
+
+#include <algorithm>
+#include <cstring>
+#include <ctime>
+#include <set>
+
+#include "dmremap/crc32c.h"
+#include "endian.h"
+
+namespace dmremap {
+namespace {
+
+constexpr size_t kIoChunk = 1 << 20;  // a multiple of kMetaUnit and kCheckpointEntryBytes
+
+// A heap buffer aligned for O_DIRECT devices.
+struct MetaBuffer {
+  explicit MetaBuffer(size_t n) : data(static_cast<char*>(std::aligned_alloc(kMetaUnit, n))) {
+    std::memset(data, 0, n);
+  }
+  ~MetaBuffer() { std::free(data); }
+  MetaBuffer(const MetaBuffer&) = delete;
+  MetaBuffer& operator=(const MetaBuffer&) = delete;
+  char* data;
+};
+
+std::string not_formatted(const BlockDevice& spare) {
+  return spare.name() +
+         ": holds no valid dmremap superblock (not formatted?). Format it with: dmremap format "
+         "--main MAIN --spare SPARE";
+}
+
+// Streams the checkpoint entries of `table` to the area at `offset`.
+Status write_checkpoint(BlockDevice& spare, const Superblock& sb, uint64_t offset,
+                        const RemapTable& table, uint64_t epoch) {
+  const uint64_t total = table.entries() + table.bad_slots().size();
+  if (total > sb.checkpoint_capacity()) {
+    return Status::error(ENOSPC, spare.name() + ": checkpoint holds at most " +
+                                     std::to_string(sb.checkpoint_capacity()) + " entries, " +
+                                     std::to_string(total) + " needed");
+  }
+  MetaBuffer buf(kIoChunk);
+  size_t used = 0;
+  uint64_t pos = offset + kMetaUnit;
+  uint32_t crc = 0;
+  Status status;
+  auto flush_buf = [&]() {
+    if (used == 0 || !status.is_ok()) return;
+    crc = crc32c(buf.data, used, crc);
+    const size_t padded = (used + kMetaUnit - 1) / kMetaUnit * kMetaUnit;
+    std::memset(buf.data + used, 0, padded - used);
+    status = spare.write(buf.data, padded, pos);
+    pos += used;
+    used = 0;
+  };
+  auto put = [&](uint64_t key, uint64_t value) {
+    le::put64(buf.data + used, key);
+    le::put64(buf.data + used + 8, value);
+    used += kCheckpointEntryBytes;
+    if (used == kIoChunk) flush_buf();
+  };
+  table.for_each([&](const RemapTable::Entry& e) { put(e.block, e.value); });
+  for (uint64_t s : table.bad_slots()) put(kBadSlotKey, s);
+  flush_buf();
+  if (!status.is_ok()) return status;
+  CheckpointHeader h;
+  h.epoch = epoch;
+  h.entries = total;
+  h.next_slot = table.next_slot();
+  h.entries_crc = crc;
+  h.uuid = sb.uuid;
+  h.encode(buf.data);
+  return spare.write(buf.data, kMetaUnit, offset);
+}
+
+// Loads the active checkpoint into `table`; checks every entry.
+Status read_checkpoint(BlockDevice& spare, const Superblock& sb, RemapTable& table) {
+  const uint64_t offset = sb.checkpoint_offset[sb.active_checkpoint];
+  const std::string where = spare.name() + ": checkpoint " + std::to_string(sb.active_checkpoint);
+  MetaBuffer buf(kIoChunk);
+  if (auto s = spare.read(buf.data, kMetaUnit, offset); !s.is_ok()) return s;
+  auto h = CheckpointHeader::decode(buf.data);
+  if (!h) return Status::error(EUCLEAN, where + ": header is damaged (bad magic or checksum)");
+  if (h->uuid != sb.uuid || h->epoch != sb.epoch) {
+    return Status::error(EUCLEAN, where + ": header is from epoch " + std::to_string(h->epoch) +
+                                      " or another set, the superblock expects epoch " +
+                                      std::to_string(sb.epoch));
+  }
+  if (h->entries > sb.checkpoint_capacity() || h->next_slot > sb.slot_count) {
+    return Status::error(EUCLEAN, where + ": header counts are out of range");
+  }
+  const uint64_t main_blocks = sb.main_size / sb.block_size;
+  uint64_t left = h->entries * kCheckpointEntryBytes;
+  uint64_t pos = offset + kMetaUnit;
+  uint32_t crc = 0;
+  uint64_t prev_block = 0;
+  bool first = true;
+  while (left > 0) {
+    const size_t n = std::min<uint64_t>(left, kIoChunk);
+    const size_t padded = (n + kMetaUnit - 1) / kMetaUnit * kMetaUnit;
+    if (auto s = spare.read(buf.data, padded, pos); !s.is_ok()) return s;
+    crc = crc32c(buf.data, n, crc);
+    for (size_t i = 0; i < n; i += kCheckpointEntryBytes) {
+      const uint64_t key = le::get64(buf.data + i);
+      const uint64_t value = le::get64(buf.data + i + 8);
+      if (key == kBadSlotKey) {
+        if (value >= h->next_slot) return Status::error(EUCLEAN, where + ": bad slot out of range");
+        table.apply(Record{Record::kBadSlot, Cause::kManual, 0, value});
+        continue;
+      }
+      const bool value_ok =
+          RemapTable::is_pending(value) ||
+          (RemapTable::slot_of(value) < h->next_slot &&
+           RemapTable::cause_of(value) >= Cause::kWriteError &&
+           RemapTable::cause_of(value) <= Cause::kManual);
+      if (key >= main_blocks || !value_ok || (!first && key <= prev_block)) {
+        return Status::error(EUCLEAN, where + ": entry for block " + std::to_string(key) +
+                                          " is out of range or out of order");
+      }
+      table.load(RemapTable::Entry{key, value});
+      prev_block = key;
+      first = false;
+    }
+    left -= n;
+    pos += n;
+  }
+  if (crc != h->entries_crc) return Status::error(EUCLEAN, where + ": entries fail their checksum");
+  table.set_next_slot(std::max(table.next_slot(), h->next_slot));
+  return Status::ok();
+}
+
+bool record_in_range(const Record& r, const Superblock& sb) {
+  const uint64_t main_blocks = sb.main_size / sb.block_size;
+  switch (r.type) {
+    case Record::kRemap: return r.block < main_blocks && r.slot < sb.slot_count;
+    case Record::kPending: return r.block < main_blocks;
+    case Record::kBadSlot: return r.slot < sb.slot_count;
+  }
+  return false;
+}
+
+// Reads unit `i` from either journal copy; nullopt when neither copy is a
+// valid unit of this set, epoch and sequence.
+std::optional<JournalUnit> read_unit(BlockDevice& spare, const Superblock& sb, uint64_t i,
+                                     char* buf, bool* repaired, bool* unreadable) {
+  *repaired = false;
+  *unreadable = true;
+  for (int copy = 0; copy < 2; ++copy) {
+    if (!spare.read(buf, kMetaUnit, sb.journal_offset[copy] + i * kMetaUnit).is_ok()) continue;
+    *unreadable = false;
+    auto u = JournalUnit::decode(buf);
+    if (u && u->uuid == sb.uuid && u->epoch == sb.epoch && u->sequence == i &&
+        std::all_of(u->records.begin(), u->records.end(),
+                    [&](const Record& r) { return record_in_range(r, sb); })) {
+      *repaired = copy == 1;
+      return u;
+    }
+  }
+  return std::nullopt;
+}
+
+}  // namespace
+
+Result<FoundSuperblock> read_superblock(BlockDevice& spare) {
+  if (spare.size() < 2 * kMetaUnit) return Status::error(EINVAL, not_formatted(spare));
+  MetaBuffer buf(kMetaUnit);
+  std::optional<Superblock> sb[2];
+  for (int i = 0; i < 2; ++i) {
+    if (spare.read(buf.data, kMetaUnit, kSuperblockOffset[i]).is_ok()) {
+      sb[i] = Superblock::decode(buf.data);
+    }
+  }
+  if (!sb[0] && !sb[1]) return Status::error(ENOENT, not_formatted(spare));
+  const int best = !sb[1] || (sb[0] && sb[0]->generation > sb[1]->generation) ? 0 : 1;
+  const bool other = sb[1 - best].has_value();
+  if (sb[best]->spare_size > spare.size()) {
+    return Status::error(EINVAL, spare.name() + ": is " + std::to_string(spare.size()) +
+                                     " bytes, but was formatted as " +
+                                     std::to_string(sb[best]->spare_size) + " bytes");
+  }
+  return FoundSuperblock{*sb[best], best, other};
+}
+
+Result<Superblock> MetadataStore::format(BlockDevice& spare, const LayoutParams& params,
+                                         const std::string& main_identity) {
+  LayoutParams p = params;
+  p.spare_size = spare.size();
+  auto planned = plan_layout(p);
+  if (!planned.is_ok()) return planned.take_status().with_context(spare.name());
+  Superblock sb = planned.value();
+  sb.uuid = random_uuid();
+  sb.format_time = static_cast<uint64_t>(std::time(nullptr));
+  sb.main_identity = main_identity.substr(0, 63);
+  sb.flags = kFlagClean;
+  // An empty checkpoint in area 0; the journal needs no clearing because
+  // units of another set or epoch are never trusted.
+  RemapTable empty;
+  if (auto s = write_checkpoint(spare, sb, sb.checkpoint_offset[0], empty, sb.epoch); !s.is_ok()) {
+    return s;
+  }
+  if (auto s = spare.flush(); !s.is_ok()) return s;
+  // Both superblock copies: generation 1 in copy 1, and a stale-proof
+  // generation 0 in copy 0 so that any older superblock is gone.
+  MetaBuffer buf(kMetaUnit);
+  for (int copy = 0; copy < 2; ++copy) {
+    sb.generation = static_cast<uint64_t>(copy);
+    sb.encode(buf.data);
+    if (auto s = spare.write(buf.data, kMetaUnit, kSuperblockOffset[copy]); !s.is_ok()) return s;
+  }
+  if (auto s = spare.flush(); !s.is_ok()) return s;
+  return sb;
+}
+
+Result<std::unique_ptr<MetadataStore>> MetadataStore::open(std::shared_ptr<BlockDevice> spare,
+                                                           RemapTable& table, bool writable,
+                                                           OpenReport* report) {
+  OpenReport local;
+  OpenReport& rep = report ? *report : local;
+  auto found = read_superblock(*spare);
+  if (!found.is_ok()) return found.take_status();
+  rep.superblock_copy = found->copy;
+  rep.other_superblock_valid = found->other_valid;
+  rep.was_clean = found->sb.clean();
+  if (!found->other_valid) {
+    rep.warnings.push_back("superblock copy " + std::to_string(1 - found->copy) +
+                           " is damaged; the next metadata write repairs it");
+  }
+  std::unique_ptr<MetadataStore> store(new MetadataStore(spare, found->sb, found->copy));
+  const Superblock& sb = store->sb_;
+  if (auto s = read_checkpoint(*spare, sb, table); !s.is_ok()) return s;
+  rep.checkpoint_entries = table.entries() + table.bad_slots().size();
+
+  MetaBuffer buf(kMetaUnit);
+  uint64_t i = 0;
+  for (; i < sb.journal_units(); ++i) {
+    bool repaired = false;
+    bool unreadable = false;
+    auto unit = read_unit(*spare, sb, i, buf.data, &repaired, &unreadable);
+    if (!unit) {
+      // The end of the journal, unless a later unit of this epoch exists:
+      // then records were lost, and serving would return stale data.
+      bool r2 = false;
+      bool u2 = false;
+      if (i + 1 < sb.journal_units() && read_unit(*spare, sb, i + 1, buf.data, &r2, &u2)) {
+        return Status::error(EUCLEAN, spare->name() + ": journal unit " + std::to_string(i) +
+                                          " is " + (unreadable ? "unreadable" : "damaged") +
+                                          " in both copies, but later units exist; run "
+                                          "`dmremap check` and restore the spare");
+      }
+      break;
+    }
+    if (repaired) ++rep.journal_copy_repairs;
+    for (const Record& r : unit->records) table.apply(r);
+    rep.journal_records += unit->records.size();
+  }
+  rep.journal_units = i;
+  store->journal_next_ = i;
+  table.compact();
+  if (rep.journal_copy_repairs > 0) {
+    rep.warnings.push_back(std::to_string(rep.journal_copy_repairs) +
+                           " journal unit(s) were read from the second copy");
+  }
+  if (table.next_slot() > sb.slot_count) {
+    return Status::error(EUCLEAN, spare->name() + ": metadata uses slots beyond the pool");
+  }
+  if (writable) {
+    Status s = i > 0 ? store->checkpoint(table, false) : [&] {
+      Superblock next = store->sb_;
+      next.flags &= ~kFlagClean;
+      return store->write_superblock(next);
+    }();
+    if (!s.is_ok()) return s;
+  }
+  return store;
+}
+
+Status MetadataStore::write_superblock(Superblock next) {
+  next.generation = sb_.generation + 1;
+  const int copy = 1 - sb_copy_;
+  MetaBuffer buf(kMetaUnit);
+  next.encode(buf.data);
+  if (auto s = spare_->write(buf.data, kMetaUnit, kSuperblockOffset[copy]); !s.is_ok()) return s;
+  if (auto s = spare_->flush(); !s.is_ok()) return s;
+  sb_ = std::move(next);
+  sb_copy_ = copy;
+  return Status::ok();
+}
+
+Status MetadataStore::checkpoint(const RemapTable& table, bool clean) {
+  const uint32_t target = 1 - sb_.active_checkpoint;
+  const uint64_t epoch = sb_.epoch + 1;
+  if (auto s = write_checkpoint(*spare_, sb_, sb_.checkpoint_offset[target], table, epoch);
+      !s.is_ok()) {
+    return s;
+  }
+  if (auto s = spare_->flush(); !s.is_ok()) return s;
+  Superblock next = sb_;
+  next.active_checkpoint = target;
+  next.epoch = epoch;
+  next.flags = clean ? (next.flags | kFlagClean) : (next.flags & ~kFlagClean);
+  if (auto s = write_superblock(next); !s.is_ok()) return s;
+  journal_next_ = 0;
+  return Status::ok();
+}
+
+Status MetadataStore::append(const std::vector<Record>& records, const RemapTable& table) {
+  if (records.empty()) return Status::ok();
+  const uint64_t units = (records.size() + kRecordsPerUnit - 1) / kRecordsPerUnit;
+  if (units > sb_.journal_units()) {
+    return Status::error(E2BIG, spare_->name() + ": too many records for one journal append");
+  }
+  if (journal_next_ + units > sb_.journal_units()) {
+    if (auto s = checkpoint(table, false); !s.is_ok()) return s;
+  }
+  MetaBuffer buf(kMetaUnit);
+  for (uint64_t u = 0; u < units; ++u) {
+    JournalUnit unit;
+    unit.epoch = sb_.epoch;
+    unit.sequence = journal_next_ + u;
+    unit.uuid = sb_.uuid;
+    const size_t from = u * kRecordsPerUnit;
+    const size_t to = std::min(records.size(), from + kRecordsPerUnit);
+    unit.records.assign(records.begin() + static_cast<ptrdiff_t>(from),
+                        records.begin() + static_cast<ptrdiff_t>(to));
+    unit.encode(buf.data);
+    for (int copy = 0; copy < 2; ++copy) {
+      const uint64_t off = sb_.journal_offset[copy] + unit.sequence * kMetaUnit;
+      if (auto s = spare_->write(buf.data, kMetaUnit, off); !s.is_ok()) return s;
+    }
+  }
+  if (auto s = spare_->flush(); !s.is_ok()) return s;
+  journal_next_ += units;
+  return Status::ok();
+}
+
+Result<bool> spare_is_blank(BlockDevice& spare,
+                            const std::function<void(uint64_t, uint64_t)>& progress) {
+  MetaBuffer buf(kIoChunk);
+  const uint64_t size = spare.size();
+  uint64_t pos = spare.next_data(0);
+  uint64_t reported = 0;
+  while (pos < size) {
+    const size_t n = std::min<uint64_t>(kIoChunk, size - pos);
+    if (auto s = spare.read(buf.data, n, pos); !s.is_ok()) return s;
+    if (std::any_of(buf.data, buf.data + n, [](char c) { return c != 0; })) return false;
+    pos = spare.next_data(pos + n);
+    if (progress && pos - reported >= (256u << 20)) {
+      progress(pos, size);
+      reported = pos;
+    }
+  }
+  return true;
+}
+
+CheckReport check_metadata(std::shared_ptr<BlockDevice> spare) {
+  CheckReport r;
+  RemapTable table;
+  OpenReport rep;
+  auto store = MetadataStore::open(spare, table, false, &rep);
+  if (!store.is_ok()) {
+    r.problems.push_back(store.status().to_string());
+    return r;
+  }
+  const Superblock& sb = store.value()->superblock();
+  for (auto& w : rep.warnings) r.problems.push_back(w);
+  r.notes.push_back("superblock copy " + std::to_string(rep.superblock_copy) + ", generation " +
+                    std::to_string(sb.generation) + ", epoch " + std::to_string(sb.epoch));
+  r.notes.push_back("checkpoint " + std::to_string(sb.active_checkpoint) + ": " +
+                    std::to_string(rep.checkpoint_entries) + " entries");
+  r.notes.push_back("journal: " + std::to_string(rep.journal_units) + " unit(s), " +
+                    std::to_string(rep.journal_records) + " record(s) since the checkpoint");
+  if (!rep.was_clean) r.notes.push_back("the set is in use or was not closed cleanly");
+
+  // Both journal copies should agree on every replayed unit.
+  MetaBuffer a(kMetaUnit);
+  MetaBuffer b(kMetaUnit);
+  for (uint64_t i = 0; i < rep.journal_units; ++i) {
+    const bool ra = spare->read(a.data, kMetaUnit, sb.journal_offset[0] + i * kMetaUnit).is_ok();
+    const bool rb = spare->read(b.data, kMetaUnit, sb.journal_offset[1] + i * kMetaUnit).is_ok();
+    if (!ra || !rb || std::memcmp(a.data, b.data, kMetaUnit) != 0) {
+      r.problems.push_back("journal unit " + std::to_string(i) + " differs between the copies or" +
+                           " cannot be read in one of them");
+    }
+  }
+  // No slot may hold two blocks, and no bad slot may hold one.
+  std::set<uint64_t> seen(table.bad_slots().begin(), table.bad_slots().end());
+  table.for_each([&](const RemapTable::Entry& e) {
+    if (RemapTable::is_pending(e.value)) return;
+    if (!seen.insert(RemapTable::slot_of(e.value)).second) {
+      r.problems.push_back("slot " + std::to_string(RemapTable::slot_of(e.value)) +
+                           " is used twice (block " + std::to_string(e.block) + ")");
+    }
+  });
+  if (table.pending() > sb.pending_capacity) {
+    r.problems.push_back("more pending blocks than the pending list can hold");
+  }
+  return r;
+}
+
+}  // namespace dmremap

@@ -1,0 +1,107 @@
+#include "dmremap/remap_table.h"
+
+#include <algorithm>
+
+namespace dmremap {
+
+const char* cause_name(Cause cause) {
+  switch (cause) {
+    case Cause::kWriteError: return "write-error";
+    case Cause::kRescue: return "rescue";
+    case Cause::kPendingWrite: return "pending-write";
+    case Cause::kManual: return "manual";
+  }
+  return "unknown";
+}
+
+namespace {
+auto less_block = [](const RemapTable::Entry& e, uint64_t b) { return e.block < b; };
+
+RemapTable::Entry* find_in(std::vector<RemapTable::Entry>& v, uint64_t block) {
+  auto it = std::lower_bound(v.begin(), v.end(), block, less_block);
+  return it != v.end() && it->block == block ? &*it : nullptr;
+}
+}  // namespace
+
+void RemapTable::count(uint64_t value, int sign) {
+  if (is_pending(value)) {
+    pending_ += sign;
+  } else {
+    by_cause_[static_cast<size_t>(cause_of(value)) & 7] += sign;
+  }
+}
+
+void RemapTable::apply(const Record& r) {
+  switch (r.type) {
+    case Record::kRemap:
+      insert(r.block, r.slot | (uint64_t{static_cast<uint8_t>(r.cause)} << 56));
+      next_slot_ = std::max(next_slot_, r.slot + 1);
+      break;
+    case Record::kPending:
+      insert(r.block, kPendingValue);
+      break;
+    case Record::kBadSlot:
+      bad_slots_.push_back(r.slot);
+      next_slot_ = std::max(next_slot_, r.slot + 1);
+      break;
+  }
+}
+
+void RemapTable::insert(uint64_t block, uint64_t value) {
+  Entry* e = find_in(base_, block);
+  if (!e) e = find_in(delta_, block);
+  if (e) {
+    count(e->value, -1);
+    e->value = value;
+    count(value, +1);
+    return;
+  }
+  count(value, +1);
+  auto it = std::lower_bound(delta_.begin(), delta_.end(), block, less_block);
+  delta_.insert(it, Entry{block, value});
+  if (delta_.size() >= kDeltaMax) compact();
+}
+
+void RemapTable::load(const Entry& e) {
+  if (delta_.empty() && (base_.empty() || base_.back().block < e.block)) {
+    base_.push_back(e);
+    count(e.value, +1);
+  } else {
+    insert(e.block, e.value);
+  }
+}
+
+void RemapTable::compact() {
+  if (delta_.empty()) return;
+  std::vector<Entry> merged;
+  merged.reserve(base_.size() + delta_.size());
+  std::merge(base_.begin(), base_.end(), delta_.begin(), delta_.end(), std::back_inserter(merged),
+             [](const Entry& a, const Entry& b) { return a.block < b.block; });
+  base_ = std::move(merged);
+  delta_.clear();
+}
+
+std::optional<uint64_t> RemapTable::find(uint64_t block) const {
+  auto look = [&](const std::vector<Entry>& v) -> std::optional<uint64_t> {
+    auto it = std::lower_bound(v.begin(), v.end(), block, less_block);
+    if (it != v.end() && it->block == block) return it->value;
+    return std::nullopt;
+  };
+  if (auto v = look(delta_)) return v;
+  return look(base_);
+}
+
+bool RemapTable::none_in(uint64_t first, uint64_t last) const {
+  auto empty_in = [&](const std::vector<Entry>& v) {
+    auto it = std::lower_bound(v.begin(), v.end(), first, less_block);
+    return it == v.end() || it->block >= last;
+  };
+  return empty_in(base_) && empty_in(delta_);
+}
+
+size_t RemapTable::memory_bytes() const {
+  return (base_.capacity() + delta_.capacity()) * sizeof(Entry) +
+         bad_slots_.capacity() * sizeof(uint64_t);
+}
+
+}  // namespace dmremap

@@ -212,18 +212,22 @@ Status Engine::read_shared(char* buf, uint64_t len, uint64_t offset,
 
 void Engine::read_main_narrowing(char* buf, uint64_t req_off, uint64_t req_len, uint64_t first,
                                  uint64_t last, std::vector<uint64_t>& failed) {
-  if (last - first == 1) {
-    failed.push_back(first);
-    return;
-  }
-  const uint64_t mid = first + (last - first) / 2;
-  for (auto [a, b] : {std::pair{first, mid}, std::pair{mid, last}}) {
-    const uint64_t lo = std::max(req_off, a * block_);
-    const uint64_t hi = std::min(req_off + req_len, b * block_);
+  // One read per block, not bisection: each read that includes a bad sector
+  // may cost a failing disk seconds of internal retries, and a weak block
+  // must not use up its failures on intermediate ranges before it is named.
+  const size_t before = failed.size();
+  for (uint64_t b = first; b < last; ++b) {
+    const uint64_t lo = std::max(req_off, b * block_);
+    const uint64_t hi = std::min(req_off + req_len, (b + 1) * block_);
     if (!main_->read(buf + (lo - req_off), hi - lo, lo).is_ok()) {
       counters_->main_read_errors.fetch_add(1, std::memory_order_relaxed);
-      read_main_narrowing(buf, req_off, req_len, a, b, failed);
+      failed.push_back(b);
     }
+  }
+  if (failed.size() == before && last - first > 1) {
+    log(LogLevel::kWarning, main_->name() + ": a read of blocks " + std::to_string(first) + "-" +
+                                std::to_string(last - 1) +
+                                " failed once, then every block read: a transient error");
   }
 }
 

@@ -127,8 +127,8 @@ class Engine {
   // main fails on go to `failed`, pending ones to `unreadable`.
   Status read_shared(char* buf, uint64_t len, uint64_t offset, std::vector<uint64_t>& failed,
                      std::vector<uint64_t>& unreadable);
-  // Reads main's blocks [first, last) clipped to the request, splitting on
-  // failure until the failing blocks are known.
+  // After a failed read of main's blocks [first, last): reads them one by
+  // one (clipped to the request) to name the blocks that fail.
   void read_main_narrowing(char* buf, uint64_t req_off, uint64_t req_len, uint64_t first,
                            uint64_t last, std::vector<uint64_t>& failed);
   // With the gate exclusive: retries, rescues and pending marks.

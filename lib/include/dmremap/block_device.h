@@ -33,6 +33,9 @@ class BlockDevice {
   // What identifies the hardware (a disk's serial or WWID), or "" when there
   // is nothing better than the path. Recorded at format time.
   virtual std::string identity() const { return {}; }
+  // True when write_zeroes() is much faster than writing zeros (NBD's
+  // FAST_ZERO promise).
+  virtual bool can_fast_zero() const { return false; }
   // True when trim() really discards (reads afterwards may return zeros).
   virtual bool can_trim() const { return false; }
 

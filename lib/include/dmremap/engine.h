@@ -89,6 +89,9 @@ class Engine {
   uint64_t size() const { return size_; }
   uint32_t block_size() const { return block_; }
   bool read_only() const { return options_.read_only; }
+  // True when write_zeroes() never falls back to writing buffers of zeros on
+  // healthy blocks.
+  bool can_fast_zero() const { return main_->can_fast_zero() && spare_->can_fast_zero(); }
   const Superblock& superblock() const { return store_->superblock(); }
 
   // Out of range: EINVAL. An unreadable block: EIO, with error_offset() the

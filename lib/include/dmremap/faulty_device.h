@@ -64,6 +64,7 @@ class FaultyDevice final : public BlockDevice {
   uint64_t size() const override { return inner_->size(); }
   bool read_only() const override { return inner_->read_only(); }
   bool can_trim() const override { return inner_->can_trim(); }
+  bool can_fast_zero() const override { return inner_->can_fast_zero(); }
   const std::shared_ptr<BlockDevice>& inner() const { return inner_; }
   uint32_t fault_block() const { return fault_block_; }
 

@@ -23,6 +23,8 @@ class FileDevice final : public BlockDevice {
   uint64_t size() const override { return size_; }
   bool read_only() const override { return read_only_; }
   bool can_trim() const override { return true; }
+  // fallocate() on a regular file; a block device may fall back to writes.
+  bool can_fast_zero() const override { return !is_block_; }
   uint64_t next_data(uint64_t offset) const override;
   std::string identity() const override { return identity_; }
   bool is_block_device() const { return is_block_; }

@@ -17,6 +17,7 @@ class MemoryDevice final : public BlockDevice {
 
   uint64_t size() const override { return data_.size(); }
   bool can_trim() const override { return true; }
+  bool can_fast_zero() const override { return true; }
   // Direct access for tests; not synchronised with concurrent writers.
   const std::vector<char>& contents() const { return data_; }
 

@@ -1,0 +1,294 @@
+// dmremap.so: the nbdkit plugin. A thin adapter from nbdkit's callbacks to
+// dmremap::Engine; all remapping lives in lib/.
+//
+//   nbdkit ./dmremap.so main=DISK spare=SPARE
+//
+// API version 2 must be defined before the header: without it nbdkit
+// silently uses version 1, whose callbacks take no flags (no native FUA).
+#define NBDKIT_API_VERSION 2
+#include <nbdkit-plugin.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "dmremap/engine.h"
+#include "dmremap/fault_spec.h"
+#include "dmremap/faulty_device.h"
+#include "dmremap/log.h"
+
+#define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
+
+namespace {
+
+struct Config {
+  std::string main;
+  std::string spare;
+  bool read_only = false;
+  bool direct = false;
+  std::string inject;
+  dmremap::EngineOptions engine;
+};
+
+Config g_config;
+std::unique_ptr<dmremap::Engine> g_engine;
+
+// Every callback runs through here: no exception may cross into nbdkit, and
+// every error reaches the client with its errno.
+template <class F>
+int guarded(const char* what, F&& body) {
+  try {
+    const dmremap::Status s = body();
+    if (s.is_ok()) return 0;
+    nbdkit_error("%s: %s", what, s.to_string().c_str());
+    nbdkit_set_error(s.code());
+  } catch (const std::bad_alloc&) {
+    nbdkit_error("%s: out of memory", what);
+    nbdkit_set_error(ENOMEM);
+  } catch (const std::exception& e) {
+    nbdkit_error("%s: %s", what, e.what());
+    nbdkit_set_error(EIO);
+  } catch (...) {
+    nbdkit_error("%s: unexpected failure", what);
+    nbdkit_set_error(EIO);
+  }
+  return -1;
+}
+
+bool parse_bool(const char* key, const char* value, bool& out) {
+  const int r = nbdkit_parse_bool(value);
+  if (r == -1) return false;
+  out = r == 1;
+  (void)key;
+  return true;
+}
+
+int dmremap_config(const char* key, const char* value) {
+  const std::string k = key;
+  if (k == "main" || k == "spare") {
+    // Paths become absolute: nbdkit may change directory when it forks.
+    std::string v = value;
+    if (!dmremap::is_nbd_uri(v)) {
+      char* abs = nbdkit_absolute_path(value);
+      if (!abs) return -1;
+      v = abs;
+      std::free(abs);
+    }
+    (k == "main" ? g_config.main : g_config.spare) = v;
+  } else if (k == "readonly") {
+    if (!parse_bool(key, value, g_config.read_only)) return -1;
+  } else if (k == "direct") {
+    if (!parse_bool(key, value, g_config.direct)) return -1;
+  } else if (k == "retries") {
+    unsigned n = 0;
+    if (nbdkit_parse_unsigned(key, value, &n) == -1) return -1;
+    g_config.engine.read_retries = n;
+  } else if (k == "warn") {
+    unsigned n = 0;
+    if (nbdkit_parse_unsigned(key, value, &n) == -1 || n > 100) {
+      nbdkit_error("warn: a percentage from 0 to 100");
+      return -1;
+    }
+    g_config.engine.warn_percent = n;
+  } else if (k == "unreadable") {
+    const std::string v = value;
+    if (v != "error" && v != "zero") {
+      nbdkit_error("unreadable=%s: use unreadable=error (default) or unreadable=zero", value);
+      return -1;
+    }
+    g_config.engine.unreadable_zero = v == "zero";
+  } else if (k == "inject") {
+    g_config.inject = value;
+  } else {
+    nbdkit_error("unknown parameter '%s' (see: nbdkit dmremap --help)", key);
+    return -1;
+  }
+  return 0;
+}
+
+int dmremap_config_complete() {
+  if (g_config.main.empty() || g_config.spare.empty()) {
+    nbdkit_error("both main=DISK and spare=SPARE are required (see: nbdkit dmremap --help)");
+    return -1;
+  }
+  return 0;
+}
+
+void route_logs() {
+  dmremap::set_log_sink([](dmremap::LogLevel level, const std::string& msg) {
+    switch (level) {
+      case dmremap::LogLevel::kError: nbdkit_error("%s", msg.c_str()); break;
+      case dmremap::LogLevel::kWarning:
+        std::fprintf(stderr, "nbdkit: dmremap: warning: %s\n", msg.c_str());
+        break;
+      case dmremap::LogLevel::kInfo:
+        std::fprintf(stderr, "nbdkit: dmremap: %s\n", msg.c_str());
+        break;
+      case dmremap::LogLevel::kDebug: nbdkit_debug("%s", msg.c_str()); break;
+    }
+  });
+}
+
+// Opens the devices and the engine before nbdkit accepts clients, so that a
+// bad configuration stops start-up with one line.
+int dmremap_get_ready() {
+  route_logs();
+  return guarded("dmremap", []() -> dmremap::Status {
+    dmremap::OpenOptions o;
+    o.read_only = g_config.read_only;
+    o.direct = g_config.direct;
+    auto spare = dmremap::open_device(g_config.spare, "spare", o);
+    if (!spare.is_ok()) return spare.take_status();
+    auto main = dmremap::open_device(g_config.main, "main", o);
+    if (!main.is_ok()) return main.take_status();
+    std::shared_ptr<dmremap::BlockDevice> main_dev = main.value();
+    if (!g_config.inject.empty()) {
+      auto sb = dmremap::read_superblock(*spare.value());
+      if (!sb.is_ok()) return sb.take_status();
+      auto faulty = std::make_shared<dmremap::FaultyDevice>(main_dev, sb->sb.block_size, "main");
+      if (auto s = dmremap::apply_fault_spec(*faulty, g_config.inject); !s.is_ok()) return s;
+      std::fprintf(stderr, "nbdkit: dmremap: warning: injecting faults into main: %s\n",
+                   g_config.inject.c_str());
+      main_dev = faulty;
+    }
+    g_config.engine.read_only = g_config.read_only;
+    auto engine = dmremap::Engine::open(main_dev, spare.value(), g_config.engine);
+    if (!engine.is_ok()) return engine.take_status();
+    g_engine = std::move(engine.value());
+    return dmremap::Status::ok();
+  });
+}
+
+// Shutdown: nbdkit has finished every request; flush and leave clean metadata.
+void dmremap_cleanup() {
+  if (!g_engine) return;
+  (void)guarded("shutdown", [] { return g_engine->close(); });
+  g_engine.reset();
+}
+
+void* dmremap_open(int /*readonly*/) {
+  // One engine serves every connection; the handle carries nothing.
+  static int handle;
+  return &handle;
+}
+
+int64_t dmremap_get_size(void*) { return static_cast<int64_t>(g_engine->size()); }
+
+int dmremap_block_size(void*, uint32_t* minimum, uint32_t* preferred, uint32_t* maximum) {
+  *minimum = g_engine->block_size();
+  *preferred = std::max<uint32_t>(g_engine->block_size(), 4096);
+  *maximum = 0xffffffff;
+  return 0;
+}
+
+int dmremap_can_write(void*) { return !g_engine->read_only(); }
+int dmremap_can_flush(void*) { return 1; }
+int dmremap_can_fua(void*) { return NBDKIT_FUA_NATIVE; }
+int dmremap_can_trim(void*) { return 1; }
+int dmremap_can_zero(void*) { return 1; }
+int dmremap_can_fast_zero(void*) { return 1; }
+// Honest: the engine is shared and flush() flushes main and spare, so a
+// flush on one connection covers writes completed on every connection.
+int dmremap_can_multi_conn(void*) { return 1; }
+int dmremap_can_cache(void*) { return NBDKIT_CACHE_NATIVE; }
+
+int dmremap_pread(void*, void* buf, uint32_t count, uint64_t offset, uint32_t) {
+  return guarded("read", [&] { return g_engine->read(buf, count, offset); });
+}
+
+int dmremap_pwrite(void*, const void* buf, uint32_t count, uint64_t offset, uint32_t flags) {
+  return guarded("write", [&] {
+    return g_engine->write(buf, count, offset, flags & NBDKIT_FLAG_FUA);
+  });
+}
+
+int dmremap_flush(void*, uint32_t) {
+  return guarded("flush", [] { return g_engine->flush(); });
+}
+
+int dmremap_trim(void*, uint32_t count, uint64_t offset, uint32_t flags) {
+  return guarded("trim", [&] { return g_engine->trim(count, offset, flags & NBDKIT_FLAG_FUA); });
+}
+
+int dmremap_zero(void*, uint32_t count, uint64_t offset, uint32_t flags) {
+  // FAST_ZERO: fail at once when zeroing would be no faster than writing.
+  if ((flags & NBDKIT_FLAG_FAST_ZERO) && !g_engine->can_fast_zero()) {
+    nbdkit_set_error(ENOTSUP);
+    return -1;
+  }
+  return guarded("zero", [&] {
+    return g_engine->write_zeroes(count, offset, flags & NBDKIT_FLAG_FUA);
+  });
+}
+
+// Reading is the native cache: it also finds weak blocks early and rescues
+// them before a client needs them.
+int dmremap_cache(void*, uint32_t count, uint64_t offset, uint32_t) {
+  return guarded("cache", [&] {
+    thread_local std::vector<char> scratch;
+    scratch.resize(count);
+    return g_engine->read(scratch.data(), count, offset);
+  });
+}
+
+void dmremap_dump_plugin() {
+  std::printf("dmremap_version=%s\n", DMREMAP_VERSION);
+  std::printf("dmremap_metadata_format=%u\n", dmremap::kFormatVersion);
+  std::printf("dmremap_nbd_uri_main=%s\n", "no");
+}
+
+nbdkit_plugin make_plugin() {
+  nbdkit_plugin p{};
+  p.name = "dmremap";
+  p.longname = "dmremap: keeps a failing disk in service by remapping bad blocks to a spare";
+  p.version = DMREMAP_VERSION;
+  p.description =
+      "Serves MAIN (a failing disk) as a healthy one: blocks MAIN cannot store move to SPARE, "
+      "recorded in a crash-safe journal. Format SPARE first with: dmremap format --main DISK "
+      "--spare SPARE";
+  p.config = dmremap_config;
+  p.config_complete = dmremap_config_complete;
+  p.config_help =
+      "main=DISK             (required) the failing disk: file or block device\n"
+      "spare=SPARE           (required) the spare, formatted by `dmremap format`\n"
+      "readonly=BOOL         open both read-only; nothing is remapped (default false)\n"
+      "direct=BOOL           O_DIRECT: no page cache between dmremap and the disk\n"
+      "retries=N             extra reads of a failing block before it is unreadable (3)\n"
+      "unreadable=error|zero salvage: zero = unreadable blocks read as zeros, logged (error)\n"
+      "warn=PERCENT          health warns when this much of the pool is used (80)\n"
+      "inject=FAULTS         testing only: read:N[-M],write:N[-M],weak:N[-M]xK on main";
+  p.magic_config_key = "main";
+  p.get_ready = dmremap_get_ready;
+  p.cleanup = dmremap_cleanup;
+  p.open = dmremap_open;
+  p.get_size = dmremap_get_size;
+  p.block_size = dmremap_block_size;
+  p.can_write = dmremap_can_write;
+  p.can_flush = dmremap_can_flush;
+  p.can_fua = dmremap_can_fua;
+  p.can_trim = dmremap_can_trim;
+  p.can_zero = dmremap_can_zero;
+  p.can_fast_zero = dmremap_can_fast_zero;
+  p.can_multi_conn = dmremap_can_multi_conn;
+  p.can_cache = dmremap_can_cache;
+  p.pread = dmremap_pread;
+  p.pwrite = dmremap_pwrite;
+  p.flush = dmremap_flush;
+  p.trim = dmremap_trim;
+  p.zero = dmremap_zero;
+  p.cache = dmremap_cache;
+  p.dump_plugin = dmremap_dump_plugin;
+  p.errno_is_preserved = 0;
+  return p;
+}
+
+nbdkit_plugin plugin = make_plugin();
+
+}  // namespace
+
+NBDKIT_REGISTER_PLUGIN(plugin)

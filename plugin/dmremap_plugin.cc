@@ -239,7 +239,7 @@ int dmremap_cache(void*, uint32_t count, uint64_t offset, uint32_t) {
 void dmremap_dump_plugin() {
   std::printf("dmremap_version=%s\n", DMREMAP_VERSION);
   std::printf("dmremap_metadata_format=%u\n", dmremap::kFormatVersion);
-  std::printf("dmremap_nbd_uri_main=%s\n", "no");
+  std::printf("dmremap_nbd_uri=yes\n");
 }
 
 nbdkit_plugin make_plugin() {
@@ -254,8 +254,9 @@ nbdkit_plugin make_plugin() {
   p.config = dmremap_config;
   p.config_complete = dmremap_config_complete;
   p.config_help =
-      "main=DISK             (required) the failing disk: file or block device\n"
-      "spare=SPARE           (required) the spare, formatted by `dmremap format`\n"
+      "main=DISK             (required) the failing disk: file, block device or NBD URI\n"
+      "spare=SPARE           (required) the spare (file, block device or NBD URI),\n"
+      "                      formatted by `dmremap format`\n"
       "readonly=BOOL         open both read-only; nothing is remapped (default false)\n"
       "direct=BOOL           O_DIRECT: no page cache between dmremap and the disk\n"
       "retries=N             extra reads of a failing block before it is unreadable (3)\n"

@@ -1,5 +1,6 @@
 #include "dmremap/block_device.h"
 #include "dmremap/file_device.h"
+#include "dmremap/nbd_device.h"
 
 namespace dmremap {
 
@@ -12,8 +13,9 @@ Result<std::shared_ptr<BlockDevice>> open_device(const std::string& spec, const 
                                                  const OpenOptions& options) {
   if (spec.empty()) return Status::error(EINVAL, role + ": no path given");
   if (is_nbd_uri(spec)) {
-    return Status::error(EPROTONOSUPPORT,
-                         role + " (" + spec + "): NBD URIs are not supported by this build yet");
+    auto n = NbdDevice::open(spec, role, options);
+    if (!n.is_ok()) return n.take_status();
+    return std::shared_ptr<BlockDevice>(n.value());
   }
   auto f = FileDevice::open(spec, role, options);
   if (!f.is_ok()) return f.take_status();

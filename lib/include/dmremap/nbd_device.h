@@ -1,0 +1,64 @@
+// A device served by an NBD server, reached through libnbd.
+#pragma once
+
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "dmremap/block_device.h"
+
+struct nbd_handle;
+
+namespace dmremap {
+
+// Opens `connections` connections to the URI (nbd://, nbd+unix://, nbds://)
+// and hands one to each request, so requests run in parallel. Errors keep
+// the server's errno; a server that goes away gives EIO, not a hang or a
+// crash (libnbd fails every call on a dead connection at once). FLUSH goes
+// to one connection when the server advertises multi-conn and to every
+// connection otherwise, so it always covers every completed write.
+// Thread-safe.
+class NbdDevice final : public BlockDevice {
+ public:
+  static Result<std::shared_ptr<NbdDevice>> open(const std::string& uri, const std::string& role,
+                                                 const OpenOptions& options,
+                                                 unsigned connections = 4);
+  ~NbdDevice() override;
+
+  uint64_t size() const override { return size_; }
+  bool read_only() const override { return read_only_; }
+  bool can_trim() const override { return can_trim_; }
+  const std::string& uri() const { return uri_; }
+
+ protected:
+  Status do_read(void* buf, size_t len, uint64_t offset) override;
+  Status do_write(const void* buf, size_t len, uint64_t offset) override;
+  Status do_flush() override;
+  Status do_trim(size_t len, uint64_t offset) override;
+  Status do_write_zeroes(size_t len, uint64_t offset) override;
+
+ private:
+  NbdDevice(std::string name, std::string uri);
+  class Lease;
+  nbd_handle* acquire();
+  void release(nbd_handle* h);
+  Status failure(const char* what, uint64_t offset) const;
+  template <class F>
+  Status chunked(const char* what, size_t len, uint64_t offset, F&& op);
+
+  std::string uri_;
+  uint64_t size_ = 0;
+  bool read_only_ = false;
+  bool can_trim_ = false;
+  bool can_zero_ = false;
+  bool multi_conn_ = false;
+  uint64_t max_request_ = 32 << 20;
+  std::vector<nbd_handle*> all_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<nbd_handle*> idle_;
+};
+
+}  // namespace dmremap

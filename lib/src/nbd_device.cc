@@ -1,0 +1,165 @@
+#include "dmremap/nbd_device.h"
+
+#include <libnbd.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace dmremap {
+
+// Borrows a connection for the length of one request.
+class NbdDevice::Lease {
+ public:
+  explicit Lease(NbdDevice& dev) : dev_(dev), h_(dev.acquire()) {}
+  ~Lease() { dev_.release(h_); }
+  Lease(const Lease&) = delete;
+  Lease& operator=(const Lease&) = delete;
+  nbd_handle* get() const { return h_; }
+
+ private:
+  NbdDevice& dev_;
+  nbd_handle* h_;
+};
+
+namespace {
+
+// Connection-level failures say nothing about the data: the caller sees EIO.
+int data_errno(int err) {
+  switch (err) {
+    case EINVAL: case ENOSPC: case EPERM: case EROFS: case ENOMEM: case EOVERFLOW:
+    case ENOTSUP: case EIO:
+      return err;
+    default:
+      return EIO;
+  }
+}
+
+}  // namespace
+
+NbdDevice::NbdDevice(std::string name, std::string uri)
+    : BlockDevice(std::move(name)), uri_(std::move(uri)) {}
+
+NbdDevice::~NbdDevice() {
+  for (nbd_handle* h : all_) {
+    nbd_shutdown(h, 0);
+    nbd_close(h);
+  }
+}
+
+Result<std::shared_ptr<NbdDevice>> NbdDevice::open(const std::string& uri,
+                                                   const std::string& role,
+                                                   const OpenOptions& options,
+                                                   unsigned connections) {
+  std::shared_ptr<NbdDevice> dev(new NbdDevice(role, uri));
+  const std::string who = role + " (" + uri + ")";
+  for (unsigned i = 0; i < std::max(1u, connections); ++i) {
+    nbd_handle* h = nbd_create();
+    if (!h) return Status::error(ENOMEM, who + ": " + nbd_get_error());
+    if (nbd_connect_uri(h, uri.c_str()) == -1) {
+      const int err = nbd_get_errno();
+      const std::string msg = nbd_get_error() ? nbd_get_error() : "cannot connect";
+      nbd_close(h);
+      return Status::error(err ? err : ECONNREFUSED, who + ": " + msg);
+    }
+    dev->all_.push_back(h);
+    if (i == 0) {
+      const int64_t size = nbd_get_size(h);
+      if (size < 0) return Status::error(EIO, who + ": " + nbd_get_error());
+      dev->size_ = static_cast<uint64_t>(size);
+      dev->read_only_ = options.read_only || nbd_is_read_only(h) == 1;
+      dev->can_trim_ = nbd_can_trim(h) == 1;
+      dev->can_zero_ = nbd_can_zero(h) == 1;
+      dev->multi_conn_ = nbd_can_multi_conn(h) == 1;
+      const int64_t max = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
+      if (max > 0) dev->max_request_ = std::min<uint64_t>(dev->max_request_, max);
+    }
+  }
+  dev->idle_ = dev->all_;
+  return dev;
+}
+
+nbd_handle* NbdDevice::acquire() {
+  std::unique_lock l(mu_);
+  cv_.wait(l, [&] { return !idle_.empty(); });
+  nbd_handle* h = idle_.back();
+  idle_.pop_back();
+  return h;
+}
+
+void NbdDevice::release(nbd_handle* h) {
+  {
+    std::lock_guard l(mu_);
+    idle_.push_back(h);
+  }
+  cv_.notify_one();
+}
+
+Status NbdDevice::failure(const char* what, uint64_t offset) const {
+  const int err = nbd_get_errno();
+  const char* msg = nbd_get_error();
+  return Status::error(data_errno(err), where(what, offset) + (msg ? std::string(": ") + msg : ""));
+}
+
+template <class F>
+Status NbdDevice::chunked(const char* what, size_t len, uint64_t offset, F&& op) {
+  Lease lease(*this);
+  size_t done = 0;
+  while (done < len) {
+    const size_t n = std::min<uint64_t>(len - done, max_request_);
+    if (op(lease.get(), done, n, offset + done) == -1) return failure(what, offset + done);
+    done += n;
+  }
+  return Status::ok();
+}
+
+Status NbdDevice::do_read(void* buf, size_t len, uint64_t offset) {
+  char* p = static_cast<char*>(buf);
+  return chunked("read", len, offset, [&](nbd_handle* h, size_t at, size_t n, uint64_t off) {
+    return nbd_pread(h, p + at, n, off, 0);
+  });
+}
+
+Status NbdDevice::do_write(const void* buf, size_t len, uint64_t offset) {
+  const char* p = static_cast<const char*>(buf);
+  return chunked("write", len, offset, [&](nbd_handle* h, size_t at, size_t n, uint64_t off) {
+    return nbd_pwrite(h, p + at, n, off, 0);
+  });
+}
+
+Status NbdDevice::do_flush() {
+  if (multi_conn_) {
+    Lease lease(*this);
+    if (nbd_flush(lease.get(), 0) == -1) return failure("flush", 0);
+    return Status::ok();
+  }
+  // Without multi-conn a flush covers only its own connection's writes, so
+  // every connection is flushed.
+  for (nbd_handle* h : all_) {
+    // A connection busy with a request is flushed once it is free.
+    std::unique_lock l(mu_);
+    cv_.wait(l, [&] { return std::find(idle_.begin(), idle_.end(), h) != idle_.end(); });
+    idle_.erase(std::find(idle_.begin(), idle_.end(), h));
+    l.unlock();
+    const int r = nbd_flush(h, 0);
+    Status s = r == -1 ? failure("flush", 0) : Status::ok();
+    release(h);
+    if (!s.is_ok()) return s;
+  }
+  return Status::ok();
+}
+
+Status NbdDevice::do_trim(size_t len, uint64_t offset) {
+  if (!can_trim_) return Status::ok();
+  return chunked("trim", len, offset, [&](nbd_handle* h, size_t, size_t n, uint64_t off) {
+    return nbd_trim(h, n, off, 0);
+  });
+}
+
+Status NbdDevice::do_write_zeroes(size_t len, uint64_t offset) {
+  if (!can_zero_) return BlockDevice::do_write_zeroes(len, offset);
+  return chunked("write zeroes", len, offset, [&](nbd_handle* h, size_t, size_t n, uint64_t off) {
+    return nbd_zero(h, n, off, LIBNBD_CMD_FLAG_NO_HOLE);
+  });
+}
+
+}  // namespace dmremap

@@ -21,7 +21,7 @@ Status apply_fault_spec(FaultyDevice& dev, const std::string& spec) {
     if (item.empty()) continue;
     auto bad = [&](const std::string& why) {
       return Status::error(EINVAL, "fault \"" + item + "\": " + why +
-                                       " (expected read:N[-M], write:N[-M] or weak:N[-M]xK)");
+                                       " (expected read:N[-M[/S]], write:N[-M[/S]] or weak:N[-M[/S]]xK)");
     };
     const auto colon = item.find(':');
     if (colon == std::string::npos) return bad("no kind");
@@ -35,6 +35,11 @@ Status apply_fault_spec(FaultyDevice& dev, const std::string& spec) {
       }
       range.resize(x);
     }
+    uint64_t step = 1;
+    if (const auto slash = range.find('/'); slash != std::string::npos) {
+      if (!parse_u64(range.substr(slash + 1), step) || step == 0) return bad("bad /STEP");
+      range.resize(slash);
+    }
     uint64_t first = 0;
     uint64_t last = 0;
     const auto dash = range.find('-');
@@ -44,7 +49,7 @@ Status apply_fault_spec(FaultyDevice& dev, const std::string& spec) {
       return bad("bad block range");
     }
     if (last >= blocks) return bad("block beyond the end (" + std::to_string(blocks) + " blocks)");
-    for (uint64_t b = first; b <= last; ++b) {
+    for (uint64_t b = first; b <= last; b += step) {
       if (kind == "read") {
         dev.add_read_error(b);
       } else if (kind == "write") {

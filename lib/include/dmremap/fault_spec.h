@@ -12,6 +12,7 @@ namespace dmremap {
 //   read:N[-M]      reads fail until the block is written (dm-dust)
 //   write:N[-M]     writes fail, forever
 //   weak:N[-M]xK    the next K reads fail, then reads work
+// A range may take a step: write:0-9999/100 is every 100th block.
 // EINVAL with the offending item when the text does not parse.
 Status apply_fault_spec(FaultyDevice& dev, const std::string& spec);
 

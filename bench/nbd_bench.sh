@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# NBD throughput of the nbdkit plugin against its peers, as ../docs/benchmarks.md
+# reports it: fio's nbd engine, QD32, 8 s per case, 1 GiB file in /dev/shm,
+# Unix socket, each server alone, one warm-up run each. Prints a markdown
+# table of IOPS, MiB/s and the ratio to `nbdkit file`.
+#
+#   bench/nbd_bench.sh BUILD_DIR [SECONDS]
+set -euo pipefail
+build=${1:?usage: bench/nbd_bench.sh BUILD_DIR [SECONDS]}
+secs=${2:-8}
+plugin=$(realpath "$build/plugin/dmremap.so")
+cli=$(realpath "$build/tools/dmremap")
+work=$(mktemp -d /dev/shm/dmremap-bench-XXXXXX)
+sock=$work/nbd.sock
+server_pid=
+cleanup() {
+  [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+main=$work/main.img
+spare=$work/spare.img
+head -c 1G /dev/urandom >"$main"   # real data: nothing reads as a hole
+truncate -s 256M "$spare"
+"$cli" format --main "$main" --spare "$spare" >/dev/null
+
+start() {
+  rm -f "$sock"
+  "$@" >"$work/server.log" 2>&1 &
+  server_pid=$!
+  for _ in $(seq 100); do [ -S "$sock" ] && return; sleep 0.05; done
+  echo "server did not start: $*" >&2
+  cat "$work/server.log" >&2
+  exit 1
+}
+stop() {
+  kill "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+  server_pid=
+}
+
+# fio prints JSON; keep IOPS and MiB/s of the one job.
+run_fio() { # rw bs runtime
+  fio --output-format=json --name=bench --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
+    --rw="$1" --bs="$2" --iodepth=32 --direct=1 --time_based --runtime="$3" --size=1G \
+    --randrepeat=0 2>/dev/null |
+    /usr/bin/python3 -c '
+import json, sys
+j = json.load(sys.stdin)["jobs"][0]
+side = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
+print(f"{side[\"iops\"]:.0f} {side[\"bw_bytes\"] / 1048576:.0f}")'
+}
+
+cases=("randread 4k" "randwrite 4k" "randread 1M" "randwrite 1M")
+declare -A result
+measure() { # label, then the server command
+  local label=$1
+  shift
+  start "$@"
+  run_fio randread 4k 2 >/dev/null  # warm-up
+  for c in "${cases[@]}"; do
+    read -r rw bs <<<"$c"
+    if [[ $label == "nbdkit null" && $rw == randwrite ]]; then result["$label/$c"]="- -"; continue; fi
+    result["$label/$c"]=$(run_fio "$rw" "$bs" "$secs")
+  done
+  stop
+}
+
+measure "nbdkit file" nbdkit -f -U "$sock" file "$main"
+measure "dmremap.so, 0 remaps" nbdkit -f -U "$sock" "$plugin" main="$main" spare="$spare"
+# 1 % of the blocks remapped, spread out: every 100th block refuses writes
+# once, so writing it remaps it; then serve without faults.
+start nbdkit -f -U "$sock" "$plugin" main="$main" spare="$spare" inject=write:0-262143/100
+/usr/bin/python3 - "$sock" <<'PY'
+import sys, nbd
+h = nbd.NBD()
+h.connect_uri(f"nbd+unix:///?socket={sys.argv[1]}")
+for b in range(0, 262144, 100):
+    h.pwrite(h.pread(4096, b * 4096), b * 4096)
+h.flush()
+h.shutdown()
+PY
+stop
+remaps=$("$cli" status --spare "$spare" --json | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["remaps"])')
+measure "dmremap.so, 1 % remapped" nbdkit -f -U "$sock" "$plugin" main="$main" spare="$spare"
+measure "nbdkit null" nbdkit -f -U "$sock" null 1G
+measure "qemu-nbd" qemu-nbd -t -e 16 -f raw -k "$sock" "$main"
+
+echo
+echo "fio nbd engine, QD32, ${secs} s per case, 1 GiB in /dev/shm; $(nproc) cores; $(date -u +%F)."
+echo "1 % remapped = $remaps remaps spread every 100 blocks."
+echo
+echo "| server | 4k randread IOPS | 4k randwrite IOPS | 1M randread MiB/s | 1M randwrite MiB/s |"
+echo "|---|---|---|---|---|"
+for label in "nbdkit file" "dmremap.so, 0 remaps" "dmremap.so, 1 % remapped" "nbdkit null" "qemu-nbd"; do
+  row="| $label |"
+  for c in "${cases[@]}"; do
+    read -r iops mib <<<"${result["$label/$c"]}"
+    read -r base_iops base_mib <<<"${result["nbdkit file/$c"]}"
+    if [[ $c == *4k ]]; then v=$iops; b=$base_iops; else v=$mib; b=$base_mib; fi
+    if [[ $v == - ]]; then row+=" — |"; continue; fi
+    ratio=$(/usr/bin/python3 -c "print(f'{$v / $b:.2f}')")
+    row+=" $v (${ratio}×) |"
+  done
+  echo "$row"
+done

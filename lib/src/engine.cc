@@ -56,6 +56,21 @@ void assess_health(EngineStats& s, unsigned warn_percent) {
   }
 }
 
+void fill_table_stats(EngineStats& s, const RemapTable& table, const Superblock& sb,
+                      unsigned warn_percent) {
+  s.remaps = table.remaps();
+  s.pending = table.pending();
+  for (int cause = 1; cause <= 4; ++cause) {
+    s.remaps_by_cause[cause] = table.remaps_by(static_cast<Cause>(cause));
+  }
+  s.slots_bad = table.bad_slots().size();
+  s.slots_used = table.next_slot() - s.slots_bad;
+  s.slots_total = sb.slot_count;
+  s.slots_free = s.slots_total - table.next_slot();
+  s.pending_capacity = sb.pending_capacity;
+  assess_health(s, warn_percent);
+}
+
 GateLock::GateLock() {
   pthread_rwlockattr_t attr;
   pthread_rwlockattr_init(&attr);
@@ -552,20 +567,8 @@ EngineStats Engine::stats() {
   s.unreadable_reads = c.unreadable_reads;
   s.slot_write_errors = c.slot_write_errors;
   s.journal_broken = journal_broken_.load();
-  {
-    SharedGuard g(gate_);
-    s.remaps = table_.remaps();
-    s.pending = table_.pending();
-    for (int cause = 1; cause <= 4; ++cause) {
-      s.remaps_by_cause[cause] = table_.remaps_by(static_cast<Cause>(cause));
-    }
-    s.slots_bad = table_.bad_slots().size();
-    s.slots_used = table_.next_slot() - s.slots_bad;
-    s.slots_total = store_->superblock().slot_count;
-    s.slots_free = s.slots_total - table_.next_slot();
-    s.pending_capacity = store_->superblock().pending_capacity;
-  }
-  assess_health(s, options_.warn_percent);
+  SharedGuard g(gate_);
+  fill_table_stats(s, table_, store_->superblock(), options_.warn_percent);
   return s;
 }
 

@@ -49,6 +49,11 @@ struct EngineStats {
 };
 // Health from the persistent figures alone (also used offline by the CLI).
 void assess_health(EngineStats& s, unsigned warn_percent);
+// Fills the persistent figures (remaps, pending, slots) from a table and its
+// superblock, then the health. Used by Engine::stats() and, offline, by
+// `dmremap status`.
+void fill_table_stats(EngineStats& s, const RemapTable& table, const Superblock& sb,
+                      unsigned warn_percent);
 
 // A read/write lock that lets a waiting writer in ahead of new readers, so a
 // remap is not starved by a stream of requests.

@@ -1,0 +1,423 @@
+#include "commands.h"
+
+#include <fmt/core.h>
+#include <fmt/format.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+
+#include "dmremap/block_device.h"
+#include "dmremap/engine.h"
+#include "dmremap/metadata_store.h"
+
+namespace dmremap::cli {
+namespace {
+
+using Json = nlohmann::ordered_json;
+
+void print_error(const std::string& what) { fmt::print(stderr, "dmremap: {}\n", what); }
+
+int fail(const Status& s, const std::string& hint = {}) {
+  std::string msg = s.to_string();
+  if (s.code() == EBUSY && hint.empty()) {
+    msg += " (is a server using it? Stop nbdkit or dmremap-server first)";
+  }
+  print_error(msg);
+  if (!hint.empty()) fmt::print(stderr, "  {}\n", hint);
+  return kExitFailed;
+}
+
+std::string human(uint64_t bytes) {
+  static const char* const kUnits[] = {"bytes", "KiB", "MiB", "GiB", "TiB", "PiB"};
+  double v = static_cast<double>(bytes);
+  int u = 0;
+  while (v >= 1024 && u < 5) {
+    v /= 1024;
+    ++u;
+  }
+  return u == 0 ? fmt::format("{} bytes", bytes) : fmt::format("{:.1f} {}", v, kUnits[u]);
+}
+
+std::string percent(uint64_t part, uint64_t whole) {
+  return whole == 0 ? "0%" : fmt::format("{:.1f}%", 100.0 * static_cast<double>(part) / whole);
+}
+
+// Inspection never takes the lock, so that status, list and check work while
+// a server has the set open.
+Result<std::shared_ptr<BlockDevice>> open_for_inspection(const std::string& spec,
+                                                         const std::string& role) {
+  OpenOptions oo;
+  oo.read_only = true;
+  oo.exclusive = false;
+  return open_device(spec, role, oo);
+}
+
+// A spare's metadata, loaded without changing a byte.
+struct Loaded {
+  std::shared_ptr<BlockDevice> spare;
+  std::unique_ptr<MetadataStore> store;
+  RemapTable table;
+  OpenReport report;
+};
+Result<std::unique_ptr<Loaded>> load_spare(const std::string& spec) {
+  auto dev = open_for_inspection(spec, "spare");
+  if (!dev.is_ok()) return dev.take_status();
+  auto l = std::make_unique<Loaded>();
+  l->spare = dev.value();
+  auto store = MetadataStore::open(l->spare, l->table, /*writable=*/false, &l->report);
+  if (!store.is_ok()) return store.take_status();
+  l->store = std::move(store.value());
+  return l;
+}
+
+// Says whether `main` is the disk the set was formatted for; "" when it is.
+std::string main_mismatch(const std::string& spec, const Superblock& sb) {
+  auto dev = open_for_inspection(spec, "main");
+  if (!dev.is_ok()) return dev.status().to_string();
+  if (dev.value()->size() != sb.main_size) {
+    return fmt::format("{} is {} bytes, but the set was formatted for a main of {} bytes", spec,
+                       dev.value()->size(), sb.main_size);
+  }
+  const std::string id = dev.value()->identity();
+  if (!id.empty() && !sb.main_identity.empty() && id.substr(0, 63) != sb.main_identity) {
+    return fmt::format("{} is \"{}\", but the set was formatted for \"{}\"", spec, id,
+                       sb.main_identity);
+  }
+  return {};
+}
+
+// Main and spare must be two different devices: formatting a disk as its own
+// spare would overwrite the data it is meant to protect.
+bool same_device(const std::string& a, const std::string& b) {
+  if (is_nbd_uri(a) || is_nbd_uri(b)) return a == b;
+  struct stat sa {}, sb {};
+  if (::stat(a.c_str(), &sa) != 0 || ::stat(b.c_str(), &sb) != 0) return false;
+  if (S_ISBLK(sa.st_mode) && S_ISBLK(sb.st_mode)) return sa.st_rdev == sb.st_rdev;
+  return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+}
+
+// Progress on stderr for long scans: a live line on a terminal, a line every
+// few seconds in a log.
+class Progress {
+ public:
+  explicit Progress(std::string what) : what_(std::move(what)), tty_(::isatty(2) == 1) {}
+  void update(uint64_t done, uint64_t total) {
+    const auto now = std::chrono::steady_clock::now();
+    const auto gap = tty_ ? std::chrono::milliseconds(200) : std::chrono::milliseconds(5000);
+    if (now - last_ < gap || total == 0) return;
+    last_ = now;
+    shown_ = true;
+    fmt::print(stderr, "{}{}: {} of {} ({}){}", tty_ ? "\r" : "", what_, human(done), human(total),
+               percent(done, total), tty_ ? "" : "\n");
+  }
+  void finish() {
+    if (shown_ && tty_) fmt::print(stderr, "\n");
+  }
+
+ private:
+  std::string what_;
+  bool tty_;
+  bool shown_ = false;
+  std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
+};
+
+Json cause_counts(const EngineStats& s) {
+  Json j = Json::object();
+  for (int c = 1; c <= 4; ++c) j[cause_name(static_cast<Cause>(c))] = s.remaps_by_cause[c];
+  return j;
+}
+
+std::string format_time(uint64_t t) {
+  if (t == 0) return "unknown";
+  const std::time_t tt = static_cast<std::time_t>(t);
+  std::tm tm{};
+  gmtime_r(&tt, &tm);
+  char buf[64];
+  std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%S UTC", &tm);
+  return buf;
+}
+
+bool is_pending(Engine& e, uint64_t block) {
+  bool pending = false;
+  e.for_each_entry(block, block + 1, [&](const RemapTable::Entry& en) {
+    pending = RemapTable::is_pending(en.value);
+  });
+  return pending;
+}
+
+}  // namespace
+
+int run_format(const FormatOptions& o) {
+  if (same_device(o.main, o.spare)) {
+    print_error("main and spare are the same device; the spare must be a different disk or file");
+    return kExitFailed;
+  }
+  auto main = open_for_inspection(o.main, "main");
+  if (!main.is_ok()) return fail(main.status());
+  OpenOptions so;
+  auto spare = open_device(o.spare, "spare", so);
+  if (!spare.is_ok()) return fail(spare.status());
+  BlockDevice& sp = *spare.value();
+
+  if (!o.force) {
+    if (auto found = read_superblock(sp); found.is_ok()) {
+      const Superblock& old = found->sb;
+      print_error(fmt::format(
+          "{} already holds a dmremap set ({}, main of {} bytes, formatted {})", o.spare,
+          uuid_string(old.uuid), old.main_size, format_time(old.format_time)));
+      fmt::print(stderr,
+                 "  Formatting it again forgets every remapped block and the data in its slot.\n"
+                 "  See what it holds with: dmremap status --spare {}\n"
+                 "  Add --force only if that data is no longer needed.\n",
+                 o.spare);
+      return kExitFailed;
+    }
+    Progress progress("checking that the spare is blank");
+    auto blank = spare_is_blank(sp, [&](uint64_t d, uint64_t t) { progress.update(d, t); });
+    progress.finish();
+    if (!blank.is_ok()) return fail(blank.status());
+    if (!blank.value()) {
+      print_error(fmt::format("{} is not blank: it holds data that is not dmremap's", o.spare));
+      fmt::print(stderr,
+                 "  Check that it is the disk you mean; add --force to overwrite it anyway.\n");
+      return kExitFailed;
+    }
+  }
+
+  LayoutParams p;
+  p.main_size = main.value()->size();
+  p.spare_size = sp.size();
+  p.block_size = static_cast<uint32_t>(o.block_size);
+  p.pending_capacity = o.pending_capacity;
+  p.journal_bytes = o.journal_size;
+  if (!valid_block_size(o.block_size)) {
+    print_error(fmt::format("--block-size {}: use a power of two from 512 to 65536", o.block_size));
+    return kExitFailed;
+  }
+  auto sb = MetadataStore::format(sp, p, main.value()->identity());
+  if (!sb.is_ok()) return fail(sb.status());
+  const Superblock& s = sb.value();
+
+  if (o.json) {
+    Json j;
+    j["uuid"] = uuid_string(s.uuid);
+    j["main_size"] = s.main_size;
+    j["block_size"] = s.block_size;
+    j["spare_size"] = s.spare_size;
+    j["slots_total"] = s.slot_count;
+    j["pending_capacity"] = s.pending_capacity;
+    j["journal_bytes"] = s.journal_bytes;
+    fmt::print("{}\n", j.dump(2));
+    return kExitOk;
+  }
+  fmt::print("Formatted {} as the spare of {}\n", o.spare, o.main);
+  fmt::print("  set          {}\n", uuid_string(s.uuid));
+  fmt::print("  main         {} ({}), {}-byte blocks\n", human(s.main_size), s.main_size,
+             s.block_size);
+  if (!s.main_identity.empty()) fmt::print("  main id      {}\n", s.main_identity);
+  fmt::print("  slots        {} ({} of spare blocks for remaps)\n", s.slot_count,
+             human(s.slot_count * s.block_size));
+  fmt::print("  journal      {} x 2 copies\n", human(s.journal_bytes));
+  fmt::print("Serve it with: nbdkit dmremap main={} spare={}\n", o.main, o.spare);
+  return kExitOk;
+}
+
+int run_status(const StatusOptions& o) {
+  auto loaded = load_spare(o.spare);
+  if (!loaded.is_ok()) return fail(loaded.status());
+  Loaded& l = *loaded.value();
+  const Superblock& sb = l.store->superblock();
+  EngineStats s;
+  fill_table_stats(s, l.table, sb, o.warn_percent);
+  const std::string mismatch = o.main.empty() ? std::string() : main_mismatch(o.main, sb);
+
+  if (o.json) {
+    Json j;
+    j["uuid"] = uuid_string(sb.uuid);
+    j["main_size"] = sb.main_size;
+    j["block_size"] = sb.block_size;
+    j["spare_size"] = sb.spare_size;
+    j["main_identity"] = sb.main_identity;
+    j["formatted"] = format_time(sb.format_time);
+    j["health"] = health_name(s.health);
+    j["health_reason"] = s.health_reason;
+    j["remaps"] = s.remaps;
+    j["remaps_by_cause"] = cause_counts(s);
+    j["pending"] = s.pending;
+    j["pending_capacity"] = s.pending_capacity;
+    j["slots_total"] = s.slots_total;
+    j["slots_used"] = s.slots_used;
+    j["slots_bad"] = s.slots_bad;
+    j["slots_free"] = s.slots_free;
+    j["clean"] = sb.clean();
+    j["generation"] = sb.generation;
+    j["epoch"] = sb.epoch;
+    j["journal_records"] = l.report.journal_records;
+    j["layout"] = {{"superblocks", {kSuperblockOffset[0], kSuperblockOffset[1]}},
+                   {"checkpoints", {sb.checkpoint_offset[0], sb.checkpoint_offset[1]}},
+                   {"active_checkpoint", sb.active_checkpoint},
+                   {"checkpoint_bytes", sb.checkpoint_bytes},
+                   {"journals", {sb.journal_offset[0], sb.journal_offset[1]}},
+                   {"journal_bytes", sb.journal_bytes},
+                   {"slot_offset", sb.slot_offset}};
+    if (!o.main.empty()) {
+      j["main_matches"] = mismatch.empty();
+      if (!mismatch.empty()) j["main_problem"] = mismatch;
+    }
+    fmt::print("{}\n", j.dump(2));
+    return mismatch.empty() ? kExitOk : kExitFailed;
+  }
+
+  fmt::print("set        {}\n", uuid_string(sb.uuid));
+  fmt::print("health     {}{}\n", health_name(s.health),
+             s.health_reason.empty() ? "" : " (" + s.health_reason + ")");
+  fmt::print("main       {} ({} bytes), {}-byte blocks{}\n", human(sb.main_size), sb.main_size,
+             sb.block_size, sb.main_identity.empty() ? "" : ", id " + sb.main_identity);
+  fmt::print("remapped   {} block(s)", s.remaps);
+  if (s.remaps > 0) {
+    const char* sep = ": ";
+    for (int c = 1; c <= 4; ++c) {
+      if (s.remaps_by_cause[c] == 0) continue;
+      fmt::print("{}{} {}", sep, s.remaps_by_cause[c], cause_name(static_cast<Cause>(c)));
+      sep = ", ";
+    }
+  }
+  fmt::print("\n");
+  fmt::print("pending    {} unreadable block(s), room for {}\n", s.pending, s.pending_capacity);
+  fmt::print("slots      {} used, {} bad, {} free of {} ({} used)\n", s.slots_used, s.slots_bad,
+             s.slots_free, s.slots_total, percent(s.slots_used + s.slots_bad, s.slots_total));
+  fmt::print("state      {}\n", sb.clean() ? "closed cleanly" : "in use, or not closed cleanly");
+  fmt::print("formatted  {}\n", format_time(sb.format_time));
+  if (!mismatch.empty()) {
+    print_error("main does not belong to this set: " + mismatch);
+    return kExitFailed;
+  }
+  return kExitOk;
+}
+
+int run_list(const ListOptions& o) {
+  auto loaded = load_spare(o.spare);
+  if (!loaded.is_ok()) return fail(loaded.status());
+  Loaded& l = *loaded.value();
+  const uint64_t bs = l.store->superblock().block_size;
+  const uint64_t slots_at = l.store->superblock().slot_offset;
+  const bool want_remaps = !o.only_pending;
+  const bool want_pending = !o.only_remapped;
+
+  if (o.json) {
+    Json remaps = Json::array();
+    Json pending = Json::array();
+    l.table.for_each([&](const RemapTable::Entry& e) {
+      if (RemapTable::is_pending(e.value)) {
+        if (want_pending) pending.push_back({{"block", e.block}, {"offset", e.block * bs}});
+      } else if (want_remaps) {
+        remaps.push_back({{"block", e.block},
+                          {"offset", e.block * bs},
+                          {"slot", RemapTable::slot_of(e.value)},
+                          {"spare_offset", slots_at + RemapTable::slot_of(e.value) * bs},
+                          {"cause", cause_name(RemapTable::cause_of(e.value))}});
+      }
+    });
+    Json j;
+    j["block_size"] = bs;
+    j["remaps"] = std::move(remaps);
+    j["pending"] = std::move(pending);
+    j["bad_slots"] = l.table.bad_slots();
+    fmt::print("{}\n", j.dump(2));
+    return kExitOk;
+  }
+  fmt::print("{:>14} {:>18} {:<10} {:>10} {}\n", "BLOCK", "OFFSET", "STATE", "SLOT", "CAUSE");
+  uint64_t shown = 0;
+  l.table.for_each([&](const RemapTable::Entry& e) {
+    if (RemapTable::is_pending(e.value)) {
+      if (!want_pending) return;
+      fmt::print("{:>14} {:>18} {:<10} {:>10} {}\n", e.block, e.block * bs, "pending", "-",
+                 "unreadable; the next write moves it");
+    } else {
+      if (!want_remaps) return;
+      fmt::print("{:>14} {:>18} {:<10} {:>10} {}\n", e.block, e.block * bs, "remapped",
+                 RemapTable::slot_of(e.value), cause_name(RemapTable::cause_of(e.value)));
+    }
+    ++shown;
+  });
+  if (!l.table.bad_slots().empty()) {
+    fmt::print("bad slots: {}\n", fmt::join(l.table.bad_slots(), " "));
+  }
+  if (shown == 0) fmt::print("(none)\n");
+  return kExitOk;
+}
+
+int run_remap(const RemapOptions& o) {
+  OpenOptions oo;
+  oo.direct = o.direct;
+  auto main = open_device(o.main, "main", oo);
+  if (!main.is_ok()) return fail(main.status());
+  auto spare = open_device(o.spare, "spare", oo);
+  if (!spare.is_ok()) return fail(spare.status());
+  EngineOptions eo;
+  eo.read_retries = o.retries;
+  auto engine = Engine::open(main.value(), spare.value(), eo);
+  if (!engine.is_ok()) return fail(engine.status());
+  Engine& e = *engine.value();
+
+  std::vector<uint64_t> blocks = o.blocks;
+  for (uint64_t lba : o.sectors) blocks.push_back(lba * 512 / e.block_size());
+  int rc = kExitOk;
+  for (uint64_t b : blocks) {
+    if (b >= e.size() / e.block_size()) {
+      print_error(fmt::format("block {} is past the end (main has {} blocks)", b,
+                              e.size() / e.block_size()));
+      rc = kExitFailed;
+      continue;
+    }
+    const Status s = e.remap_block(b);
+    if (s.is_ok()) {
+      fmt::print("block {}: remapped, data copied\n", b);
+    } else if (s.code() == EEXIST) {
+      fmt::print("block {}: already remapped\n", b);
+    } else if (s.code() == EIO && is_pending(e, b)) {
+      fmt::print("block {}: unreadable on main; marked pending, the next write gives it a slot\n",
+                 b);
+    } else {
+      print_error(fmt::format("block {}: {}", b, s.to_string()));
+      rc = kExitFailed;
+    }
+  }
+  const Status c = e.close();
+  if (!c.is_ok()) return fail(c);
+  return rc;
+}
+
+int run_check(const CheckOptions& o) {
+  auto spare = open_for_inspection(o.spare, "spare");
+  if (!spare.is_ok()) return fail(spare.status());
+  CheckReport r = check_metadata(spare.value());
+  if (!o.main.empty() && r.problems.empty()) {
+    if (auto found = read_superblock(*spare.value()); found.is_ok()) {
+      const std::string mismatch = main_mismatch(o.main, found->sb);
+      if (!mismatch.empty()) r.problems.push_back("main does not belong to this set: " + mismatch);
+    }
+  }
+  if (o.json) {
+    Json j;
+    j["ok"] = r.problems.empty();
+    j["problems"] = r.problems;
+    j["notes"] = r.notes;
+    fmt::print("{}\n", j.dump(2));
+  } else {
+    for (const auto& n : r.notes) fmt::print("  {}\n", n);
+    for (const auto& p : r.problems) fmt::print("PROBLEM: {}\n", p);
+    fmt::print("{}: {}\n", o.spare,
+               r.problems.empty() ? "metadata OK"
+                                  : fmt::format("{} problem(s) found", r.problems.size()));
+  }
+  return r.problems.empty() ? kExitOk : kExitFailed;
+}
+
+}  // namespace dmremap::cli

@@ -1,0 +1,58 @@
+// The subcommands of `dmremap`, apart from their option parsing (main.cc).
+// Each returns the process exit status: 0 done, 1 failed or found problems.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace dmremap::cli {
+
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitFailed = 1;
+
+struct FormatOptions {
+  std::string main;
+  std::string spare;
+  uint64_t block_size = 4096;
+  uint64_t pending_capacity = 0;  // 0: one per slot
+  uint64_t journal_size = 0;      // 0: sized from the spare
+  bool force = false;
+  bool json = false;
+};
+int run_format(const FormatOptions& o);
+
+struct StatusOptions {
+  std::string spare;
+  std::string main;  // optional: also check that it belongs to the set
+  bool json = false;
+  unsigned warn_percent = 80;
+};
+int run_status(const StatusOptions& o);
+
+struct ListOptions {
+  std::string spare;
+  bool json = false;
+  bool only_remapped = false;
+  bool only_pending = false;
+};
+int run_list(const ListOptions& o);
+
+struct RemapOptions {
+  std::string main;
+  std::string spare;
+  std::vector<uint64_t> blocks;
+  std::vector<uint64_t> sectors;  // 512-byte LBAs, as SMART and the kernel log name them
+  bool direct = false;
+  unsigned retries = 3;
+};
+int run_remap(const RemapOptions& o);
+
+struct CheckOptions {
+  std::string spare;
+  std::string main;
+  bool json = false;
+};
+int run_check(const CheckOptions& o);
+
+}  // namespace dmremap::cli

@@ -1,0 +1,140 @@
+// dmremap: the admin tool for a dmremap set (a main disk and its spare).
+//
+// CLI11 parses the options: it gives every subcommand its own --help, checks
+// types and file existence, and reads sizes such as 64K, which would
+// otherwise be a few hundred lines of hand-written parsing.
+#include <CLI/CLI.hpp>
+#include <fmt/core.h>
+
+#include "commands.h"
+#include "dmremap/log.h"
+
+namespace {
+
+using namespace dmremap::cli;
+
+constexpr const char* kDescription =
+    "dmremap keeps a failing disk (main) in service: blocks main can no longer hold move to a "
+    "spare device, recorded in a crash-safe journal on the spare. This tool formats a spare and "
+    "inspects or changes a set. Serve a set with: nbdkit dmremap main=DISK spare=SPARE";
+
+constexpr const char* kFooter =
+    "Exit status: 0 success, 1 failure or problems found, 2 bad usage.\n"
+    "Each command has its own --help, e.g. dmremap format --help.";
+
+void add_spare(CLI::App* cmd, std::string& spare) {
+  cmd->add_option("-s,--spare", spare, "The spare: a file, a block device or an NBD URI")
+      ->required();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int rc = 0;
+  CLI::App app(kDescription, "dmremap");
+  app.footer(kFooter);
+  app.set_version_flag("-V,--version", "dmremap " DMREMAP_VERSION);
+  app.require_subcommand(1);
+  bool verbose = false;
+  app.add_flag("-v,--verbose", verbose, "Also print the library's progress lines")
+      ->configurable(false);
+  // The commands print their own results; the library's info lines only
+  // repeat them, so they show with --verbose alone.
+  dmremap::set_log_sink([&verbose](dmremap::LogLevel level, const std::string& line) {
+    if (level == dmremap::LogLevel::kInfo && !verbose) return;
+    if (level == dmremap::LogLevel::kDebug) return;
+    const char* tag = level == dmremap::LogLevel::kError     ? "error: "
+                      : level == dmremap::LogLevel::kWarning ? "warning: "
+                                                             : "";
+    fmt::print(stderr, "dmremap: {}{}\n", tag, line);
+  });
+
+  FormatOptions fo;
+  CLI::App* format = app.add_subcommand(
+      "format",
+      "Prepare SPARE to hold remaps for MAIN. Refuses a spare that holds a dmremap set or any "
+      "non-zero data, unless --force. Main is only read (for its size and serial number).");
+  format->add_option("-m,--main", fo.main, "The failing disk this spare will serve")->required();
+  add_spare(format, fo.spare);
+  format->add_option("-b,--block-size", fo.block_size,
+                     "Remap unit in bytes, a power of two from 512 to 65536")
+      ->capture_default_str();
+  format->add_option("--pending-capacity", fo.pending_capacity,
+                     "Unreadable blocks the pending list can hold (default: one per slot)");
+  format->add_option("--journal-size", fo.journal_size,
+                     "Size of each of the two journal copies, e.g. 1M (default: spare/1024, "
+                     "from 256K to 32M)")
+      ->transform(CLI::AsSizeValue(false));
+  format->add_flag("-f,--force", fo.force, "Format even a spare that holds data or a set");
+  format->add_flag("--json", fo.json, "Print the new set's geometry as JSON");
+  format->callback([&] { rc = run_format(fo); });
+
+  StatusOptions so;
+  CLI::App* status = app.add_subcommand(
+      "status",
+      "Show a set's health, remaps by cause, pending blocks and spare slots. Reads only; safe "
+      "while a server has the set open.");
+  add_spare(status, so.spare);
+  status->add_option("-m,--main", so.main, "Also check that this is the set's main");
+  status->add_flag("--json", so.json, "Machine-readable output");
+  status->add_option("--warn", so.warn_percent, "Health is 'warning' from this % of slots used")
+      ->check(CLI::Range(0, 100))
+      ->capture_default_str();
+  status->callback([&] { rc = run_status(so); });
+
+  ListOptions lo;
+  CLI::App* list = app.add_subcommand(
+      "list", "List remapped blocks (with slot and cause), pending blocks and bad slots.");
+  add_spare(list, lo.spare);
+  list->add_flag("--json", lo.json, "Machine-readable output");
+  auto* rem = list->add_flag("--remapped", lo.only_remapped, "Only remapped blocks");
+  list->add_flag("--pending", lo.only_pending, "Only pending (unreadable) blocks")->excludes(rem);
+  list->callback([&] { rc = run_list(lo); });
+
+  RemapOptions ro;
+  CLI::App* remap = app.add_subcommand(
+      "remap",
+      "Move blocks to the spare now, copying their data when main can read it; an unreadable "
+      "block is marked pending and moves on its next write. Needs the set not to be served.");
+  remap->add_option("-m,--main", ro.main, "The set's main")->required();
+  add_spare(remap, ro.spare);
+  remap->add_option("block", ro.blocks, "Block numbers (in the set's block size)");
+  remap->add_option("--lba", ro.sectors,
+                    "512-byte sector numbers, as SMART and the kernel log report them");
+  remap->add_flag("--direct", ro.direct, "Read main with O_DIRECT");
+  remap->add_option("--retries", ro.retries, "Extra reads of a failing block")
+      ->capture_default_str();
+  remap->callback([&] {
+    if (ro.blocks.empty() && ro.sectors.empty()) {
+      throw CLI::ValidationError("remap", "name at least one BLOCK or --lba SECTOR");
+    }
+    rc = run_remap(ro);
+  });
+
+  CheckOptions co;
+  CLI::App* check = app.add_subcommand(
+      "check",
+      "Verify the spare's metadata: superblocks, checkpoint, both journal copies, slot "
+      "use. Says what is wrong; exits 1 if anything is.");
+  add_spare(check, co.spare);
+  check->add_option("-m,--main", co.main, "Also check that this is the set's main");
+  check->add_flag("--json", co.json, "Machine-readable output");
+  check->callback([&] { rc = run_check(co); });
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);
+    return 2;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "dmremap: {}\n", e.what());
+    return 1;
+  }
+  return rc;
+}

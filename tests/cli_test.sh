@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# The dmremap CLI on regular files, on loop devices (as root) and on an NBD
+# URI: format (and its refusals), status --json, list, remap, check.
+#   tests/cli_test.sh DMREMAP_CLI DMREMAP_PLUGIN
+set -uo pipefail
+export PATH=/usr/bin:/usr/sbin:/bin:/sbin:$PATH
+cli=$(realpath "$1")
+plugin=$(realpath "$2")
+work=$(mktemp -d -t dmremap-cli-XXXXXX)
+loops=()
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+  for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+cd "$work"
+
+failures=0
+checks=0
+pass() { checks=$((checks + 1)); echo "ok - $1"; }
+flunk() { checks=$((checks + 1)); failures=$((failures + 1)); echo "FAIL - $1"; }
+# expect NAME CODE CMD...: runs CMD, wants exit status CODE; output in $out.
+expect() {
+  local name=$1 code=$2
+  shift 2
+  out=$("$@" 2>&1)
+  local rc=$?
+  if [[ $rc == "$code" ]]; then pass "$name"; else flunk "$name (exit $rc, wanted $code): $out"; fi
+}
+contains() {  # contains NAME NEEDLE: $out must contain NEEDLE
+  if [[ $out == *"$2"* ]]; then pass "$1"; else flunk "$1: no '$2' in: $out"; fi
+}
+json() {  # json EXPR: evaluates a Python expression over the JSON in $out as j
+  /usr/bin/python3 -c "import json,sys; j=json.load(sys.stdin); print($1)" <<<"$out" 2>/dev/null || echo "(no JSON)"
+}
+equals() {  # equals NAME GOT WANT
+  if [[ $2 == "$3" ]]; then pass "$1"; else flunk "$1: got '$2', wanted '$3'"; fi
+}
+# The block at BLOCK (4 KiB) of FILE, as a checksum.
+block_sum() { dd if="$1" bs=4096 skip="$2" count=1 status=none | sha256sum | cut -d' ' -f1; }
+bytes_sum() { dd if="$1" bs=1 skip="$2" count=4096 status=none iflag=skip_bytes | sha256sum | cut -d' ' -f1; }
+
+# --- help and usage ---------------------------------------------------------
+for cmd in "" format status list remap check; do
+  expect "help ${cmd:-top}" 0 "$cli" $cmd --help
+  contains "help ${cmd:-top} has usage" "Usage: dmremap"
+done
+expect "no subcommand is bad usage" 2 "$cli"
+expect "unknown option is bad usage" 2 "$cli" status --spare x --bogus
+expect "--version" 0 "$cli" --version
+contains "--version names the tool" "dmremap "
+
+# run_suite MAIN SPARE LABEL: the whole round on one pair of devices.
+run_suite() {
+  local main=$1 spare=$2 label=$3
+  # A known pattern in blocks 5 and 6 of main.
+  head -c 8192 /dev/urandom >pattern.bin
+  dd if=pattern.bin of="$main" bs=4096 seek=5 conv=notrunc status=none
+  local want5 want6
+  want5=$(block_sum pattern.bin 0)
+  want6=$(block_sum pattern.bin 1)
+
+  expect "$label: format" 0 "$cli" format --main "$main" --spare "$spare"
+  contains "$label: format says where to serve" "nbdkit dmremap main="
+  expect "$label: format refuses a spare holding a set" 1 "$cli" format --main "$main" --spare "$spare"
+  contains "$label: refusal names the set" "already holds a dmremap set"
+  contains "$label: refusal says how to look" "dmremap status --spare"
+
+  expect "$label: status --json" 0 "$cli" status --spare "$spare" --json
+  equals "$label: fresh set has no remaps" "$(json 'j["remaps"]')" 0
+  equals "$label: fresh set is healthy" "$(json 'j["health"]')" ok
+  equals "$label: fresh set is clean" "$(json 'j["clean"]')" True
+  equals "$label: main size recorded" "$(json 'j["main_size"]')" "$(blockdev --getsize64 "$main" 2>/dev/null || stat -c %s "$main")"
+  local total
+  total=$(json 'j["slots_total"]')
+
+  expect "$label: remap 5 6" 0 "$cli" remap --main "$main" --spare "$spare" 5 6
+  contains "$label: remap copies data" "block 5: remapped, data copied"
+  expect "$label: remap again" 0 "$cli" remap --main "$main" --spare "$spare" 5
+  contains "$label: remap again is a no-op" "already remapped"
+  expect "$label: remap past the end" 1 "$cli" remap --main "$main" --spare "$spare" 999999999
+  contains "$label: past the end says so" "past the end"
+  # LBA 80 (512-byte sectors) lies in 4 KiB block 10.
+  expect "$label: remap --lba" 0 "$cli" remap --main "$main" --spare "$spare" --lba 80
+  contains "$label: lba 80 is block 10" "block 10: remapped"
+
+  expect "$label: list --json" 0 "$cli" list --spare "$spare" --json
+  equals "$label: list has the three blocks" "$(json '[e["block"] for e in j["remaps"]]')" "[5, 6, 10]"
+  equals "$label: cause is manual" "$(json '{e["cause"] for e in j["remaps"]}')" "{'manual'}"
+  local off5 off6
+  off5=$(json 'j["remaps"][0]["spare_offset"]')
+  off6=$(json 'j["remaps"][1]["spare_offset"]')
+  equals "$label: slot of block 5 holds its data" "$(bytes_sum "$spare" "$off5")" "$want5"
+  equals "$label: slot of block 6 holds its data" "$(bytes_sum "$spare" "$off6")" "$want6"
+  expect "$label: list (text)" 0 "$cli" list --spare "$spare"
+  contains "$label: text list shows manual remaps" "manual"
+  expect "$label: list --pending is empty" 0 "$cli" list --spare "$spare" --pending
+  contains "$label: nothing pending" "(none)"
+
+  expect "$label: status after remaps" 0 "$cli" status --spare "$spare" --json --main "$main"
+  equals "$label: three remaps" "$(json 'j["remaps"]')" 3
+  equals "$label: all manual" "$(json 'j["remaps_by_cause"]["manual"]')" 3
+  equals "$label: slots accounted" "$(json 'j["slots_used"] + j["slots_free"]')" "$total"
+  equals "$label: main matches" "$(json 'j["main_matches"]')" True
+  expect "$label: status (text)" 0 "$cli" status --spare "$spare"
+  contains "$label: text status counts causes" "3 manual"
+
+  expect "$label: check" 0 "$cli" check --spare "$spare" --main "$main"
+  contains "$label: check says OK" "metadata OK"
+}
+
+# --- regular files ------------------------------------------------------------
+truncate -s 64M main.img
+truncate -s 16M spare.img
+run_suite main.img spare.img files
+
+expect "format --force reformats" 0 "$cli" format --main main.img --spare spare.img --force
+expect "status after reformat" 0 "$cli" status --spare spare.img --json
+equals "reformat forgets remaps" "$(json 'j["remaps"]')" 0
+
+truncate -s 16M dirty.img
+printf 'not blank' | dd of=dirty.img bs=1 seek=5000000 conv=notrunc status=none
+expect "format refuses non-zero data" 1 "$cli" format --main main.img --spare dirty.img
+contains "refusal says it is not blank" "is not blank"
+expect "format refuses main as its own spare" 1 "$cli" format --main main.img --spare ./main.img
+contains "same-device refusal" "same device"
+truncate -s 16K tiny.img
+expect "format refuses a spare too small" 1 "$cli" format --main main.img --spare tiny.img --force
+expect "format refuses a bad block size" 1 "$cli" format --main main.img --spare dirty.img --force --block-size 3000
+contains "bad block size explained" "power of two"
+expect "format with options" 0 "$cli" format --main main.img --spare dirty.img --force \
+  --block-size 512 --journal-size 512K --pending-capacity 100 --json
+equals "block size 512" "$(json 'j["block_size"]')" 512
+equals "journal 512K" "$(json 'j["journal_bytes"]')" 524288
+equals "pending capacity" "$(json 'j["pending_capacity"]')" 100
+expect "status of a missing spare" 1 "$cli" status --spare nonexistent.img
+contains "missing spare named" "nonexistent.img"
+expect "status of an unformatted spare" 1 "$cli" status --spare tiny.img
+contains "unformatted spare says how to format" "dmremap format"
+
+# A main of a different size is refused by every command that opens the set.
+truncate -s 32M other.img
+expect "status --main refuses a different main" 1 "$cli" status --spare spare.img --main other.img
+contains "size mismatch explained" "formatted for a main of 67108864 bytes"
+expect "remap refuses a different main" 1 "$cli" remap --main other.img --spare spare.img 1
+contains "remap mismatch explained" "formatted for a main of 67108864 bytes"
+expect "check refuses a different main" 1 "$cli" check --spare spare.img --main other.img
+
+# check finds damage: one superblock copy destroyed is reported but survivable,
+# both is fatal;
+# a corrupt checkpoint is reported.
+"$cli" remap --main main.img --spare spare.img 3 >/dev/null
+cp spare.img damaged.img
+dd if=/dev/zero of=damaged.img bs=4096 count=1 conv=notrunc status=none
+expect "check reports one superblock destroyed" 1 "$cli" check --spare damaged.img
+contains "check names the damaged copy" "superblock copy 0 is damaged"
+expect "status with one superblock destroyed" 0 "$cli" status --spare damaged.img --json
+equals "remap survives a lost superblock" "$(json 'j["remaps"]')" 1
+out=$("$cli" status --spare spare.img --json)
+ckpt=$(json 'j["layout"]["checkpoints"][j["layout"]["active_checkpoint"]]')
+cp spare.img damaged.img
+printf '\xff\xff\xff\xff' | dd of=damaged.img bs=1 seek=$((ckpt + 4096)) conv=notrunc status=none
+expect "check finds a corrupt checkpoint" 1 "$cli" check --spare damaged.img
+cp spare.img damaged.img
+dd if=/dev/zero of=damaged.img bs=4096 count=2 conv=notrunc status=none
+expect "check with both superblocks gone" 1 "$cli" check --spare damaged.img
+
+# --- while nbdkit serves the set --------------------------------------------------
+if command -v nbdkit >/dev/null; then
+  nbdkit --foreground --exit-with-parent --unix "$work/s.sock" "$plugin" \
+    main="$work/main.img" spare="$work/spare.img" 2>nbdkit.log &
+  pids+=($!)
+  for _ in $(seq 100); do [[ -S s.sock ]] && break; sleep 0.1; done
+  expect "status works while served" 0 "$cli" status --spare spare.img --json
+  equals "served set is not clean" "$(json 'j["clean"]')" False
+  expect "remap refuses a served set" 1 "$cli" remap --main main.img --spare spare.img 4
+  contains "served set: says why" "Stop nbdkit or dmremap-server first"
+  kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null
+  expect "status after nbdkit stops" 0 "$cli" status --spare spare.img --json
+  equals "clean after SIGTERM" "$(json 'j["clean"]')" True
+
+  # An NBD URI as main whose reads all fail: remap marks the block pending.
+  nbdkit --foreground --exit-with-parent --unix "$work/bad.sock" --filter=error \
+    file "$work/main.img" error-pread=EIO error-pread-rate=100% 2>bad.log &
+  pids+=($!)
+  for _ in $(seq 100); do [[ -S bad.sock ]] && break; sleep 0.1; done
+  expect "remap of an unreadable block" 0 "$cli" remap --main "nbd+unix:///?socket=$work/bad.sock" \
+    --spare spare.img --retries 1 20
+  contains "unreadable block marked pending" "marked pending"
+  expect "list --pending" 0 "$cli" list --spare spare.img --pending --json
+  equals "pending block listed" "$(json '[e["block"] for e in j["pending"]]')" "[20]"
+  expect "status counts pending" 0 "$cli" status --spare spare.img --json
+  equals "one pending" "$(json 'j["pending"]')" 1
+  equals "pending gives a warning" "$(json 'j["health"]')" warning
+  kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null
+else
+  flunk "nbdkit is not installed (scripts/setup-deps installs it)"
+fi
+
+# --- loop devices ------------------------------------------------------------------
+if [[ $(id -u) == 0 ]] && losetup -f >/dev/null 2>&1; then
+  truncate -s 64M lmain.img
+  truncate -s 16M lspare.img
+  lmain=$(losetup -f --show lmain.img) && loops+=("$lmain")
+  lspare=$(losetup -f --show lspare.img) && loops+=("$lspare")
+  if [[ -b $lmain && -b $lspare ]]; then
+    run_suite "$lmain" "$lspare" loop
+  else
+    flunk "losetup did not give two loop devices"
+  fi
+else
+  echo "skip - loop devices need root and a free loop device"
+fi
+
+echo "$checks checks, $failures failed"
+[[ $failures == 0 ]]

@@ -1,0 +1,113 @@
+"""Starts nbdkit with dmremap.so on scratch files and gives tests NBD handles.
+
+Used by the end-to-end tests; run them with Debian's /usr/bin/python3, which
+has the libnbd bindings (python3-libnbd).
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+import nbd
+
+BLOCK = 4096
+
+
+class Tools:
+    """Paths of the built binaries, from the environment ctest sets."""
+
+    def __init__(self):
+        self.plugin = os.environ["DMREMAP_PLUGIN"]
+        self.cli = os.environ["DMREMAP_CLI"]
+
+
+def pattern(seed, length=BLOCK):
+    """Deterministic bytes, different per seed."""
+    out = bytearray(length)
+    x = (seed * 0x9E3779B97F4A7C15 + 1) & 0xFFFFFFFFFFFFFFFF
+    for i in range(0, length, 8):
+        x ^= (x << 13) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 7
+        x ^= (x << 17) & 0xFFFFFFFFFFFFFFFF
+        out[i:i + 8] = x.to_bytes(8, "little")[: min(8, length - i)]
+    return bytes(out)
+
+
+class DemoSet:
+    """A main file, a formatted spare, and an nbdkit serving them."""
+
+    def __init__(self, tools, main_size=64 << 20, spare_size=16 << 20, extra_format=()):
+        self.tools = tools
+        self.dir = tempfile.mkdtemp(prefix="dmremap-e2e-")
+        self.main = os.path.join(self.dir, "main.img")
+        self.spare = os.path.join(self.dir, "spare.img")
+        self.sock = os.path.join(self.dir, "nbd.sock")
+        self.log = os.path.join(self.dir, "nbdkit.log")
+        for path, size in ((self.main, main_size), (self.spare, spare_size)):
+            with open(path, "wb") as f:
+                f.truncate(size)
+        self.cli("format", "--main", self.main, "--spare", self.spare, *extra_format)
+        self.proc = None
+
+    def cli(self, *args, check=True):
+        r = subprocess.run([self.tools.cli, *args], capture_output=True, text=True, timeout=60)
+        if check and r.returncode != 0:
+            raise AssertionError(f"dmremap {' '.join(args)} failed: {r.stderr}")
+        return r
+
+    def status(self):
+        return json.loads(self.cli("status", "--spare", self.spare, "--json").stdout)
+
+    def listing(self):
+        return json.loads(self.cli("list", "--spare", self.spare, "--json").stdout)
+
+    @property
+    def uri(self):
+        return f"nbd+unix:///?socket={self.sock}"
+
+    def start(self, *params):
+        """Starts nbdkit; params are extra plugin key=value strings."""
+        self.stop()
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        self.logf = open(self.log, "a")
+        self.proc = subprocess.Popen(
+            ["nbdkit", "--foreground", "--exit-with-parent", "--unix", self.sock,
+             self.tools.plugin, f"main={self.main}", f"spare={self.spare}", *params],
+            stdout=self.logf, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"nbdkit exited: {self.read_log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError("nbdkit did not start")
+            time.sleep(0.05)
+
+    def connect(self, strict=True):
+        h = nbd.NBD()
+        if not strict:
+            h.set_strict_mode(0)
+        h.connect_uri(self.uri)
+        return h
+
+    def stop(self):
+        """SIGTERM, as a service manager would; nbdkit finishes and cleans up."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+            self.logf.close()
+            code = self.proc.returncode
+            self.proc = None
+            return code
+        return None
+
+    def read_log(self):
+        with open(self.log) as f:
+            return f.read()
+
+    def close(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)

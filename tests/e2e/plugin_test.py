@@ -1,0 +1,213 @@
+"""End-to-end tests of dmremap.so under nbdkit, driven by real NBD clients
+(libnbd, nbdinfo, qemu-io, qemu-img) over a main that really fails (faults
+injected by the plugin's inject= parameter, i.e. lib's FaultyDevice).
+"""
+import errno
+import os
+import subprocess
+import unittest
+
+import nbd
+
+from nbd_harness import BLOCK, DemoSet, Tools, pattern
+
+TOOLS = Tools()
+
+
+class PluginTest(unittest.TestCase):
+    def setUp(self):
+        self.s = DemoSet(TOOLS)
+        self.addCleanup(self.s.close)
+
+    def test_capabilities(self):
+        self.s.start()
+        h = self.s.connect()
+        self.assertEqual(h.get_size(), 64 << 20)
+        for can in ("flush", "fua", "trim", "zero", "fast_zero", "multi_conn", "cache"):
+            self.assertTrue(getattr(h, "can_" + can)(), can)
+        self.assertEqual(h.get_block_size(nbd.SIZE_MINIMUM), BLOCK)
+        self.assertEqual(h.get_block_size(nbd.SIZE_PREFERRED), BLOCK)
+        h.shutdown()
+        for can in ("flush", "fua", "trim", "zero", "multi-conn", "cache"):
+            r = subprocess.run(["nbdinfo", "--can", can, self.s.uri])
+            self.assertEqual(r.returncode, 0, f"nbdinfo --can {can}")
+
+    def test_write_to_bad_block_succeeds_and_reads_back(self):
+        self.s.start("inject=write:100-101")
+        h = self.s.connect()
+        data = pattern(1, 4 * BLOCK)
+        h.pwrite(data, 99 * BLOCK)
+        self.assertEqual(h.pread(4 * BLOCK, 99 * BLOCK), data)
+        h.flush()
+        h.shutdown()
+        self.assertEqual(self.s.stop(), 0)
+        st = self.s.status()
+        self.assertEqual(st["remaps"], 2)
+        self.assertEqual(st["remaps_by_cause"]["write-error"], 2)
+        blocks = sorted(e["block"] for e in self.s.listing()["remaps"])
+        self.assertEqual(blocks, [100, 101])
+        # Survives a restart with the faults still there.
+        self.s.start("inject=write:100-101")
+        h = self.s.connect()
+        self.assertEqual(h.pread(4 * BLOCK, 99 * BLOCK), data)
+
+    def test_unreadable_block_is_eio_and_the_rest_reads(self):
+        with open(self.s.main, "r+b") as f:
+            f.seek(10 * BLOCK)
+            f.write(pattern(2, 3 * BLOCK))
+        self.s.start("inject=read:11")
+        h = self.s.connect()
+        with self.assertRaises(nbd.Error) as cm:
+            h.pread(3 * BLOCK, 10 * BLOCK)
+        self.assertEqual(cm.exception.errnum, errno.EIO)
+        whole = pattern(2, 3 * BLOCK)
+        self.assertEqual(h.pread(BLOCK, 10 * BLOCK), whole[:BLOCK])
+        self.assertEqual(h.pread(BLOCK, 12 * BLOCK), whole[2 * BLOCK:])
+        self.assertEqual(h.pread(BLOCK, 50 * BLOCK), bytes(BLOCK))
+        h.shutdown()
+        self.s.stop()
+        self.assertEqual(self.s.status()["pending"], 1)
+        self.assertIn("block 11", self.s.read_log())
+
+    def test_weak_block_is_rescued_with_its_data(self):
+        data = pattern(3, BLOCK)
+        with open(self.s.main, "r+b") as f:
+            f.seek(20 * BLOCK)
+            f.write(data)
+        self.s.start("inject=weak:20x2")
+        h = self.s.connect()
+        self.assertEqual(h.pread(BLOCK, 20 * BLOCK), data)
+        h.shutdown()
+        self.s.stop()
+        self.assertEqual(self.s.status()["remaps_by_cause"]["rescue"], 1)
+        # The rescued copy serves even when main loses the block for good.
+        self.s.start("inject=read:20")
+        self.assertEqual(self.s.connect().pread(BLOCK, 20 * BLOCK), data)
+
+    def test_pending_block_is_remapped_by_the_next_write(self):
+        self.s.start("inject=read:30")
+        h = self.s.connect()
+        with self.assertRaises(nbd.Error):
+            h.pread(BLOCK, 30 * BLOCK)
+        data = pattern(4, BLOCK)
+        h.pwrite(data, 30 * BLOCK, nbd.CMD_FLAG_FUA)
+        self.assertEqual(h.pread(BLOCK, 30 * BLOCK), data)
+        h.shutdown()
+        self.s.stop()
+        st = self.s.status()
+        self.assertEqual(st["pending"], 0)
+        self.assertEqual(st["remaps_by_cause"]["pending-write"], 1)
+
+    def test_multi_conn_flush_on_one_makes_writes_on_another_visible(self):
+        self.s.start("inject=write:7")
+        a = self.s.connect()
+        b = self.s.connect()
+        data = pattern(5, 8 * BLOCK)
+        a.pwrite(data, 0)
+        a.flush()
+        self.assertEqual(b.pread(8 * BLOCK, 0), data)
+        b.flush()
+        a.shutdown()
+        b.shutdown()
+
+    def test_pool_exhaustion_gives_enospc(self):
+        small = DemoSet(TOOLS, main_size=4 << 20, spare_size=1 << 20,
+                        extra_format=("--journal-size", "64K"))
+        self.addCleanup(small.close)
+        slots = small.status()["slots_total"]
+        small.start(f"inject=write:0-{slots + 2}")
+        h = small.connect()
+        for b in range(slots):
+            h.pwrite(pattern(b, BLOCK), b * BLOCK)
+        with self.assertRaises(nbd.Error) as cm:
+            h.pwrite(pattern(99, BLOCK), slots * BLOCK)
+        self.assertEqual(cm.exception.errnum, errno.ENOSPC)
+        # Reads of everything written still work.
+        for b in range(0, slots, max(1, slots // 8)):
+            self.assertEqual(h.pread(BLOCK, b * BLOCK), pattern(b, BLOCK))
+        h.shutdown()
+        small.stop()
+        st = small.status()
+        self.assertEqual(st["health"], "failing")
+        self.assertEqual(st["slots_free"], 0)
+
+    def test_bad_requests_get_the_nbd_errors(self):
+        self.s.start()
+        h = self.s.connect(strict=False)
+        size = h.get_size()
+        with self.assertRaises(nbd.Error) as cm:
+            h.pread(BLOCK, size)
+        self.assertEqual(cm.exception.errnum, errno.EINVAL)
+        with self.assertRaises(nbd.Error) as cm:
+            h.pwrite(bytes(BLOCK), size - 100)
+        self.assertEqual(cm.exception.errnum, errno.ENOSPC)
+        # The connection and the server keep serving.
+        self.assertEqual(h.pread(BLOCK, 0), bytes(BLOCK))
+
+    def test_read_only_export_refuses_writes(self):
+        self.s.start("readonly=true")
+        h = self.s.connect(strict=False)
+        self.assertTrue(h.is_read_only())
+        with self.assertRaises(nbd.Error) as cm:
+            h.pwrite(bytes(BLOCK), 0)
+        self.assertEqual(cm.exception.errnum, errno.EPERM)
+
+    def test_unformatted_spare_stops_startup_with_one_line(self):
+        blank = os.path.join(self.s.dir, "blank.img")
+        with open(blank, "wb") as f:
+            f.truncate(16 << 20)
+        r = subprocess.run(["nbdkit", "--foreground", "--unix", self.s.sock + "2", TOOLS.plugin,
+                            f"main={self.s.main}", f"spare={blank}"],
+                           capture_output=True, text=True, timeout=30)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("dmremap format --main", r.stderr)
+
+    def test_wrong_main_is_refused(self):
+        other = os.path.join(self.s.dir, "other.img")
+        with open(other, "wb") as f:
+            f.truncate(32 << 20)
+        r = subprocess.run(["nbdkit", "--foreground", "--unix", self.s.sock + "2", TOOLS.plugin,
+                            f"main={other}", f"spare={self.s.spare}"],
+                           capture_output=True, text=True, timeout=30)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn(str(32 << 20), r.stderr)
+        self.assertIn(str(64 << 20), r.stderr)
+
+    def test_second_server_on_the_same_pair_is_refused(self):
+        self.s.start()
+        r = subprocess.run(["nbdkit", "--foreground", "--unix", self.s.sock + "2", TOOLS.plugin,
+                            f"main={self.s.main}", f"spare={self.s.spare}"],
+                           capture_output=True, text=True, timeout=30)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("locked", r.stderr)
+
+    def test_qemu_io_and_qemu_img_round_trip(self):
+        self.s.start("inject=write:256-259")
+        uri = self.s.uri
+        r = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 1M 64k",
+                            "-c", "read -P 0x5a 1M 64k", "-c", "flush", uri],
+                           capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertNotIn("Pattern verification failed", r.stdout)
+        copy = os.path.join(self.s.dir, "copy.img")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, copy],
+                       check=True, timeout=120)
+        r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", uri, copy],
+                           capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.s.stop()
+        self.assertEqual(self.s.status()["remaps"], 4)
+
+    def test_sigterm_leaves_clean_metadata(self):
+        self.s.start("inject=write:5")
+        h = self.s.connect()
+        h.pwrite(pattern(6, BLOCK), 5 * BLOCK)
+        h.shutdown()
+        self.assertEqual(self.s.stop(), 0)
+        st = self.s.status()
+        self.assertTrue(st["clean"])
+        self.assertEqual(st["remaps"], 1)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)

@@ -1,5 +1,6 @@
 #include "dmremap/faulty_device.h"
 
+#include <algorithm>
 #include <random>
 
 namespace dmremap {
@@ -129,7 +130,10 @@ Status FaultyDevice::mutate(const char* what, size_t len, uint64_t offset, Apply
     if (auto s = apply(apply_len, offset); !s.is_ok()) return s;
     // Written blocks read again, as on a disk that reallocated them.
     const uint64_t written_last = (offset + apply_len - 1) / fault_block_;
-    read_errors_.erase(read_errors_.lower_bound(first), read_errors_.upper_bound(written_last));
+    const auto lo = read_errors_.lower_bound(first);
+    const auto hi = read_errors_.upper_bound(written_last);
+    if (power_ && lo != hi) undo_.back().cleared_read_errors.assign(lo, hi);
+    read_errors_.erase(lo, hi);
   }
   if (cut_now) {
     failed_writes_.fetch_add(1);
@@ -181,11 +185,17 @@ void FaultyDevice::power_cut(CutMode mode, uint64_t seed) {
   for (auto it = undo_.rbegin(); it != undo_.rend(); ++it) {
     if (mode == CutMode::kDrop) {
       (void)inner_->write(it->old.data(), it->old.size(), it->offset);
+      read_errors_.insert(it->cleared_read_errors.begin(), it->cleared_read_errors.end());
       continue;
     }
     for (size_t pos = 0; pos < it->old.size(); pos += kSector) {
       const size_t n = std::min(kSector, it->old.size() - pos);
-      if (rng() & 1) (void)inner_->write(it->old.data() + pos, n, it->offset + pos);
+      if (!(rng() & 1)) continue;
+      (void)inner_->write(it->old.data() + pos, n, it->offset + pos);
+      const uint64_t fb = (it->offset + pos) / fault_block_;
+      if (std::binary_search(it->cleared_read_errors.begin(), it->cleared_read_errors.end(), fb)) {
+        read_errors_.insert(fb);
+      }
     }
   }
   undo_.clear();

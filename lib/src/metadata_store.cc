@@ -316,7 +316,7 @@ Status MetadataStore::append(const std::vector<Record>& records, const RemapTabl
   for (uint64_t u = 0; u < units; ++u) {
     JournalUnit unit;
     unit.epoch = sb_.epoch;
-    unit.sequence = journal_next_ + u;
+    unit.sequence = journal_next_;
     unit.uuid = sb_.uuid;
     const size_t from = u * kRecordsPerUnit;
     const size_t to = std::min(records.size(), from + kRecordsPerUnit);
@@ -327,9 +327,13 @@ Status MetadataStore::append(const std::vector<Record>& records, const RemapTabl
       const uint64_t off = sb_.journal_offset[copy] + unit.sequence * kMetaUnit;
       if (auto s = spare_->write(buf.data, kMetaUnit, off); !s.is_ok()) return s;
     }
+    // One flush per unit: a later unit is never durable before an earlier
+    // one, so replay can tell a crash (the journal just ends) from a lost
+    // unit in the middle (refused). Records are independent, so a partly
+    // durable append that was never acknowledged is harmless.
+    if (auto s = spare_->flush(); !s.is_ok()) return s;
+    ++journal_next_;
   }
-  if (auto s = spare_->flush(); !s.is_ok()) return s;
-  journal_next_ += units;
   return Status::ok();
 }
 

@@ -55,7 +55,8 @@ class PowerSwitch {
 //  - weak blocks: the next N reads touching the block fail, then reads work.
 // With a PowerSwitch attached it remembers every write not yet flushed, and
 // power_cut() then drops them, or tears them (each 512-byte sector
-// independently kept or lost). Thread-safe.
+// independently kept or lost); a read error that an undone write had cleared
+// comes back. Thread-safe.
 class FaultyDevice final : public BlockDevice {
  public:
   explicit FaultyDevice(std::shared_ptr<BlockDevice> inner, uint32_t fault_block = 512,
@@ -65,6 +66,8 @@ class FaultyDevice final : public BlockDevice {
   bool read_only() const override { return inner_->read_only(); }
   bool can_trim() const override { return inner_->can_trim(); }
   bool can_fast_zero() const override { return inner_->can_fast_zero(); }
+  uint64_t next_data(uint64_t offset) const override { return inner_->next_data(offset); }
+  uint64_t next_hole(uint64_t offset) const override { return inner_->next_hole(offset); }
   const std::shared_ptr<BlockDevice>& inner() const { return inner_; }
   uint32_t fault_block() const { return fault_block_; }
 
@@ -107,6 +110,9 @@ class FaultyDevice final : public BlockDevice {
   struct Undo {
     uint64_t offset;
     std::vector<char> old;
+    // Read errors this write cleared: a rewrite that never reached the
+    // medium leaves the sector as unreadable as it was.
+    std::vector<uint64_t> cleared_read_errors;
   };
   std::vector<Undo> undo_;
   std::atomic<uint64_t> failed_reads_{0};

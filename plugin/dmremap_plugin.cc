@@ -236,6 +236,31 @@ int dmremap_cache(void*, uint32_t count, uint64_t offset, uint32_t) {
   });
 }
 
+// Holes in main (a sparse file) are reported so that qemu-img, nbdcopy and
+// friends skip them; remapped and pending blocks are always data.
+int dmremap_can_extents(void*) { return 1; }
+
+int dmremap_extents(void*, uint32_t count, uint64_t offset, uint32_t flags,
+                    nbdkit_extents* extents) {
+  return guarded("extents", [&] {
+    bool done = false;
+    int add_error = 0;
+    dmremap::Status s = g_engine->extents(count, offset, [&](uint64_t off, uint64_t len, bool hole) {
+      // nbdkit clips what lies outside the request; with REQ_ONE one run
+      // is enough.
+      if (done) return;
+      const uint32_t type = hole ? (NBDKIT_EXTENT_HOLE | NBDKIT_EXTENT_ZERO) : 0;
+      if (nbdkit_add_extent(extents, off, len, type) == -1) {
+        add_error = errno ? errno : EIO;
+        done = true;
+      }
+      if ((flags & NBDKIT_FLAG_REQ_ONE) && off + len > offset) done = true;
+    });
+    if (s.is_ok() && add_error) s = dmremap::Status::error(add_error, "nbdkit_add_extent failed");
+    return s;
+  });
+}
+
 void dmremap_dump_plugin() {
   std::printf("dmremap_version=%s\n", DMREMAP_VERSION);
   std::printf("dmremap_metadata_format=%u\n", dmremap::kFormatVersion);
@@ -283,6 +308,8 @@ nbdkit_plugin make_plugin() {
   p.trim = dmremap_trim;
   p.zero = dmremap_zero;
   p.cache = dmremap_cache;
+  p.can_extents = dmremap_can_extents;
+  p.extents = dmremap_extents;
   p.dump_plugin = dmremap_dump_plugin;
   p.errno_is_preserved = 0;
   return p;

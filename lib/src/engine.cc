@@ -519,6 +519,40 @@ Status Engine::flush() {
   return s;
 }
 
+Status Engine::extents(uint64_t len, uint64_t offset,
+                       const std::function<void(uint64_t, uint64_t, bool)>& fn) {
+  if (closed_.load()) return Status::error(EIO, "the device is closed");
+  if (offset > size_ || len > size_ - offset) {
+    return Status::error(EINVAL, "extents past the end of the device");
+  }
+  if (len == 0) return Status::ok();
+  const uint64_t first = offset / block_;
+  const uint64_t last = (offset + len + block_ - 1) / block_;
+  uint64_t pos = first * block_;
+  // Main's own map, between table entries.
+  auto from_main = [&](uint64_t end) {
+    while (pos < end) {
+      const uint64_t data = std::min(main_->next_data(pos), end);
+      if (data > pos) {
+        fn(pos, data - pos, true);
+        pos = data;
+        continue;
+      }
+      const uint64_t hole = std::max(std::min(main_->next_hole(pos), end), pos + 1);
+      fn(pos, hole - pos, false);
+      pos = hole;
+    }
+  };
+  SharedGuard g(gate_);
+  table_.for_range(first, last, [&](const RemapTable::Entry& e) {
+    from_main(e.block * block_);
+    fn(pos, block_, false);
+    pos += block_;
+  });
+  from_main(std::min(last * block_, size_));
+  return Status::ok();
+}
+
 Status Engine::remap_block(uint64_t block) {
   if (options_.read_only) return Status::error(EPERM, "the device is read-only");
   if (block >= size_ / block_) {

@@ -198,6 +198,13 @@ uint64_t FileDevice::next_data(uint64_t offset) const {
   return std::min<uint64_t>(static_cast<uint64_t>(pos), size_);
 }
 
+uint64_t FileDevice::next_hole(uint64_t offset) const {
+  if (is_block_ || offset >= size_) return size_;
+  const off_t pos = ::lseek(fd_, static_cast<off_t>(offset), SEEK_HOLE);
+  if (pos < 0) return size_;
+  return std::min<uint64_t>(static_cast<uint64_t>(pos), size_);
+}
+
 Status FileDevice::do_flush() {
   if (::fdatasync(fd_) != 0) return Status::from_errno(name() + ": flush");
   return Status::ok();

@@ -43,6 +43,9 @@ class BlockDevice {
   // reads zeros before it. size() when only a hole follows. Devices that
   // cannot tell return `offset`.
   virtual uint64_t next_data(uint64_t offset) const { return offset; }
+  // The first offset at or after `offset` where a hole begins, or size()
+  // (devices that cannot tell have no holes).
+  virtual uint64_t next_hole(uint64_t /*offset*/) const { return size(); }
 
   Status read(void* buf, size_t len, uint64_t offset);
   Status write(const void* buf, size_t len, uint64_t offset);

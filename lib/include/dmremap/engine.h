@@ -117,6 +117,13 @@ class Engine {
   // reads; an unreadable block is marked pending (EIO). EEXIST if already
   // remapped.
   Status remap_block(uint64_t block);
+  // Describes [offset, offset+len) as runs of data and holes, in order and
+  // without gaps: fn(offset, length, hole). A hole reads as zeros. Remapped
+  // and pending blocks are always data; elsewhere main says (a file's
+  // holes; a device that cannot tell is all data). Runs may extend past the
+  // range's end up to a block boundary.
+  Status extents(uint64_t len, uint64_t offset,
+                 const std::function<void(uint64_t, uint64_t, bool)>& fn);
   // Calls fn(entry) for every remapped or pending block in [first, last).
   void for_each_entry(uint64_t first, uint64_t last,
                       const std::function<void(const RemapTable::Entry&)>& fn);

@@ -26,6 +26,7 @@ class FileDevice final : public BlockDevice {
   // fallocate() on a regular file; a block device may fall back to writes.
   bool can_fast_zero() const override { return !is_block_; }
   uint64_t next_data(uint64_t offset) const override;
+  uint64_t next_hole(uint64_t offset) const override;
   std::string identity() const override { return identity_; }
   bool is_block_device() const { return is_block_; }
   // The alignment O_DIRECT needs (1 without direct I/O).

@@ -182,7 +182,9 @@ int64_t dmremap_get_size(void*) { return static_cast<int64_t>(g_engine->size());
 int dmremap_block_size(void*, uint32_t* minimum, uint32_t* preferred, uint32_t* maximum) {
   *minimum = g_engine->block_size();
   *preferred = std::max<uint32_t>(g_engine->block_size(), 4096);
-  *maximum = 0xffffffff;
+  // What nbdkit accepts in one request (it refuses larger ones itself), so
+  // clients split their requests instead of failing.
+  *maximum = 32 << 20;
   return 0;
 }
 

@@ -47,9 +47,10 @@ run_fio() { # rw bs runtime
     --randrepeat=0 2>/dev/null |
     /usr/bin/python3 -c '
 import json, sys
-j = json.load(sys.stdin)["jobs"][0]
+text = sys.stdin.read()  # the nbd engine prints a line before the JSON
+j = json.loads(text[text.index("{"):])["jobs"][0]
 side = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
-print(f"{side[\"iops\"]:.0f} {side[\"bw_bytes\"] / 1048576:.0f}")'
+print("%.0f %.0f" % (side["iops"], side["bw_bytes"] / 1048576))'
 }
 
 cases=("randread 4k" "randwrite 4k" "randread 1M" "randwrite 1M")

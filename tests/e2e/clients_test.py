@@ -111,7 +111,7 @@ class ClientsTest(unittest.TestCase):
         fio = ["fio", "--name=verify", "--ioengine=nbd", f"--uri={self.s.uri}",
                "--rw=randwrite", "--bs=4k", "--size=16M", "--numjobs=4",
                "--offset_increment=16M", "--iodepth=8", "--verify=crc32c",
-               "--verify_fatal=1", "--do_verify=1", "--loops=1000",
+               "--verify_fatal=1", "--do_verify=1", "--loops=1000", "--verify_state_save=0",
                f"--runtime={seconds}", "--time_based=0", "--group_reporting",
                "--output-format=json"]
         start = time.monotonic()

@@ -226,6 +226,27 @@ Result<std::unique_ptr<MetadataStore>> MetadataStore::open(std::shared_ptr<Block
                            " is damaged; the next metadata write repairs it");
   }
   std::unique_ptr<MetadataStore> store(new MetadataStore(spare, found->sb, found->copy));
+  // Roll forward: a complete checkpoint of the next epoch in the other area
+  // means a newer superblock was written, or was about to be, when the
+  // newest copy was lost (a bad sector, a torn write). That checkpoint holds
+  // everything the older superblock's checkpoint and journal hold, and the
+  // journal after it may hold more; falling back to the older state would
+  // serve stale data.
+  {
+    Superblock next = store->sb_;
+    next.active_checkpoint = 1 - next.active_checkpoint;
+    next.epoch += 1;
+    RemapTable newer;
+    if (read_checkpoint(*spare, next, newer).is_ok()) {
+      rep.warnings.push_back("rolled forward to checkpoint " +
+                             std::to_string(next.active_checkpoint) + " of epoch " +
+                             std::to_string(next.epoch) +
+                             ": the newest superblock was lost or never written");
+      store->sb_.active_checkpoint = next.active_checkpoint;
+      store->sb_.epoch = next.epoch;
+      store->sb_.flags &= ~kFlagClean;
+    }
+  }
   const Superblock& sb = store->sb_;
   if (auto s = read_checkpoint(*spare, sb, table); !s.is_ok()) return s;
   rep.checkpoint_entries = table.entries() + table.bad_slots().size();

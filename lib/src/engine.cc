@@ -131,7 +131,9 @@ Engine::Engine(std::shared_ptr<BlockDevice> main, std::shared_ptr<BlockDevice> s
       options_(options),
       size_(store_->superblock().main_size),
       block_(store_->superblock().block_size),
-      counters_(std::make_unique<Counters>()) {}
+      counters_(std::make_unique<Counters>()) {
+  table_.enable_filter(size_ / block_);
+}
 
 Engine::~Engine() = default;
 

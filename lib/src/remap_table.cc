@@ -57,6 +57,7 @@ void RemapTable::insert(uint64_t block, uint64_t value) {
     return;
   }
   count(value, +1);
+  mark(block);
   auto it = std::lower_bound(delta_.begin(), delta_.end(), block, less_block);
   delta_.insert(it, Entry{block, value});
   if (delta_.size() >= kDeltaMax) compact();
@@ -66,6 +67,7 @@ void RemapTable::load(const Entry& e) {
   if (delta_.empty() && (base_.empty() || base_.back().block < e.block)) {
     base_.push_back(e);
     count(e.value, +1);
+    mark(e.block);
   } else {
     insert(e.block, e.value);
   }
@@ -87,11 +89,13 @@ std::optional<uint64_t> RemapTable::find(uint64_t block) const {
     if (it != v.end() && it->block == block) return it->value;
     return std::nullopt;
   };
+  if (!might_have(block, block + 1)) return std::nullopt;
   if (auto v = look(delta_)) return v;
   return look(base_);
 }
 
 bool RemapTable::none_in(uint64_t first, uint64_t last) const {
+  if (!might_have(first, last)) return true;
   auto empty_in = [&](const std::vector<Entry>& v) {
     auto it = std::lower_bound(v.begin(), v.end(), first, less_block);
     return it == v.end() || it->block >= last;
@@ -101,7 +105,17 @@ bool RemapTable::none_in(uint64_t first, uint64_t last) const {
 
 size_t RemapTable::memory_bytes() const {
   return (base_.capacity() + delta_.capacity()) * sizeof(Entry) +
-         bad_slots_.capacity() * sizeof(uint64_t);
+         bad_slots_.capacity() * sizeof(uint64_t) + filter_.capacity() * sizeof(uint64_t);
+}
+
+void RemapTable::enable_filter(uint64_t blocks) {
+  constexpr uint64_t kMaxBits = uint64_t{1} << 25;  // 4 MiB
+  filter_shift_ = 0;
+  while ((blocks >> filter_shift_) > kMaxBits) ++filter_shift_;
+  const uint64_t groups = ((blocks + (uint64_t{1} << filter_shift_) - 1) >> filter_shift_);
+  filter_.assign(std::max<uint64_t>(1, (groups + 63) / 64), 0);
+  for (const Entry& e : base_) mark(e.block);
+  for (const Entry& e : delta_) mark(e.block);
 }
 
 }  // namespace dmremap

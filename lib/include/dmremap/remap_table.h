@@ -68,6 +68,26 @@ class RemapTable {
   void set_next_slot(uint64_t s) { next_slot_ = s; }
   // Bytes of heap this table holds.
   size_t memory_bytes() const;
+  // Keeps a bitmap of which groups of blocks hold an entry (at most 4 MiB:
+  // one bit per block on disks up to 32 Mi blocks, coarser above), so that
+  // a range with no entry is answered without searching. `blocks` is the
+  // number of blocks of main. The read and write paths of a disk with many
+  // remaps spend most lookups on ranges that have none.
+  void enable_filter(uint64_t blocks);
+  // False only when no entry can lie in [first, last).
+  bool might_have(uint64_t first, uint64_t last) const {
+    if (filter_.empty() || last <= first) return last > first;
+    const uint64_t g0 = first >> filter_shift_;
+    const uint64_t g1 = std::min<uint64_t>((last - 1) >> filter_shift_, filter_.size() * 64 - 1);
+    if (g0 > g1) return true;
+    for (uint64_t w = g0 / 64; w <= g1 / 64; ++w) {
+      uint64_t bits = filter_[w];
+      if (w == g0 / 64) bits &= ~uint64_t{0} << (g0 % 64);
+      if (w == g1 / 64 && g1 % 64 != 63) bits &= (uint64_t{2} << (g1 % 64)) - 1;
+      if (bits) return true;
+    }
+    return false;
+  }
   // Moves the delta into the main array.
   void compact();
   // Bulk load from a checkpoint: entries in ascending block order go
@@ -77,6 +97,11 @@ class RemapTable {
  private:
   static constexpr size_t kDeltaMax = 4096;
   void insert(uint64_t block, uint64_t value);
+  void mark(uint64_t block) {
+    if (filter_.empty()) return;
+    const uint64_t g = block >> filter_shift_;
+    if (g < filter_.size() * 64) filter_[g / 64] |= uint64_t{1} << (g % 64);
+  }
   void count(uint64_t value, int sign);
 
   std::vector<Entry> base_;
@@ -85,10 +110,13 @@ class RemapTable {
   uint64_t next_slot_ = 0;
   uint64_t pending_ = 0;
   uint64_t by_cause_[8] = {};
+  std::vector<uint64_t> filter_;
+  unsigned filter_shift_ = 0;
 };
 
 template <class F>
 void RemapTable::for_range(uint64_t first, uint64_t last, F&& fn) const {
+  if (!might_have(first, last)) return;
   auto less = [](const Entry& e, uint64_t b) { return e.block < b; };
   auto a = std::lower_bound(base_.begin(), base_.end(), first, less);
   auto d = std::lower_bound(delta_.begin(), delta_.end(), first, less);

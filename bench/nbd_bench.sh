@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # NBD throughput of the nbdkit plugin against its peers, as ../docs/benchmarks.md
 # reports it: fio's nbd engine, QD32, 8 s per case, 1 GiB file in /dev/shm,
-# Unix socket, each server alone, one warm-up run each. Prints a markdown
-# table of IOPS, MiB/s and the ratio to `nbdkit file`.
+# Unix socket, each server alone, one warm-up run each. The servers take
+# turns for ROUNDS rounds (default 3) and each figure is the median, so that
+# a noisy neighbour hurts every server alike. Prints a markdown table of
+# IOPS, MiB/s and the ratio to `nbdkit file`.
 #
-#   bench/nbd_bench.sh BUILD_DIR [SECONDS]
+#   [ROUNDS=3] bench/nbd_bench.sh BUILD_DIR [SECONDS]
 set -euo pipefail
 build=${1:?usage: bench/nbd_bench.sh BUILD_DIR [SECONDS]}
 secs=${2:-8}
+rounds=${ROUNDS:-3}
 plugin=$(realpath "$build/plugin/dmremap.so")
 cli=$(realpath "$build/tools/dmremap")
 work=$(mktemp -d /dev/shm/dmremap-bench-XXXXXX)
@@ -54,7 +57,7 @@ print("%.0f %.0f" % (side["iops"], side["bw_bytes"] / 1048576))'
 }
 
 cases=("randread 4k" "randwrite 4k" "randread 1M" "randwrite 1M")
-declare -A result
+declare -A result  # "label/case" -> "iops mib" of each round, ';'-separated
 measure() { # label, then the server command
   local label=$1
   shift
@@ -63,16 +66,21 @@ measure() { # label, then the server command
   for c in "${cases[@]}"; do
     read -r rw bs <<<"$c"
     if [[ $label == "nbdkit null" && $rw == randwrite ]]; then result["$label/$c"]="- -"; continue; fi
-    result["$label/$c"]=$(run_fio "$rw" "$bs" "$secs")
+    result["$label/$c"]+="$(run_fio "$rw" "$bs" "$secs");"
   done
   stop
 }
+median() { # "iops mib;iops mib;..." field -> the median of that field
+  tr ';' '\n' <<<"$1" | awk -v f="$2" 'NF { print $f }' | sort -n |
+    awk '{ v[NR] = $1 } END { print (NR ? v[int((NR + 1) / 2)] : "-") }'
+}
 
-measure "nbdkit file" nbdkit -f -U "$sock" file "$main"
-measure "dmremap.so, 0 remaps" nbdkit -f -U "$sock" "$plugin" main="$main" spare="$spare"
-# 1 % of the blocks remapped, spread out: every 100th block refuses writes
-# once, so writing it remaps it; then serve without faults.
-start nbdkit -f -U "$sock" "$plugin" main="$main" spare="$spare" inject=write:0-262143/100
+# 1 % of the blocks remapped, spread out: every 100th block refuses writes,
+# so writing it remaps it; then the set is served without faults.
+spare1=$work/spare-1pct.img
+truncate -s 256M "$spare1"
+"$cli" format --main "$main" --spare "$spare1" >/dev/null
+start nbdkit -f -U "$sock" "$plugin" main="$main" spare="$spare1" inject=write:0-262143/100
 /usr/bin/python3 - "$sock" <<'PY'
 import sys, nbd
 h = nbd.NBD()
@@ -83,13 +91,19 @@ h.flush()
 h.shutdown()
 PY
 stop
-remaps=$("$cli" status --spare "$spare" --json | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["remaps"])')
-measure "dmremap.so, 1 % remapped" nbdkit -f -U "$sock" "$plugin" main="$main" spare="$spare"
-measure "nbdkit null" nbdkit -f -U "$sock" null 1G
-measure "qemu-nbd" qemu-nbd -t -e 16 -f raw -k "$sock" "$main"
+remaps=$("$cli" status --spare "$spare1" --json | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["remaps"])')
+
+for round in $(seq "$rounds"); do
+  echo "round $round of $rounds" >&2
+  measure "nbdkit file" nbdkit -f -U "$sock" file "$main"
+  measure "dmremap.so, 0 remaps" nbdkit -f -U "$sock" "$plugin" main="$main" spare="$spare"
+  measure "dmremap.so, 1 % remapped" nbdkit -f -U "$sock" "$plugin" main="$main" spare="$spare1"
+  measure "nbdkit null" nbdkit -f -U "$sock" null 1G
+  measure "qemu-nbd" qemu-nbd -t -e 16 -f raw -k "$sock" "$main"
+done
 
 echo
-echo "fio nbd engine, QD32, ${secs} s per case, 1 GiB in /dev/shm; $(nproc) cores; $(date -u +%F)."
+echo "fio nbd engine, QD32, ${secs} s per case, median of $rounds rounds, 1 GiB in /dev/shm; $(nproc) cores; $(date -u +%F)."
 echo "1 % remapped = $remaps remaps spread every 100 blocks."
 echo
 echo "| server | 4k randread IOPS | 4k randwrite IOPS | 1M randread MiB/s | 1M randwrite MiB/s |"
@@ -97,9 +111,10 @@ echo "|---|---|---|---|---|"
 for label in "nbdkit file" "dmremap.so, 0 remaps" "dmremap.so, 1 % remapped" "nbdkit null" "qemu-nbd"; do
   row="| $label |"
   for c in "${cases[@]}"; do
-    read -r iops mib <<<"${result["$label/$c"]}"
-    read -r base_iops base_mib <<<"${result["nbdkit file/$c"]}"
-    if [[ $c == *4k ]]; then v=$iops; b=$base_iops; else v=$mib; b=$base_mib; fi
+    field=1
+    [[ $c == *1M ]] && field=2
+    v=$(median "${result["$label/$c"]}" $field)
+    b=$(median "${result["nbdkit file/$c"]}" $field)
     if [[ $v == - ]]; then row+=" — |"; continue; fi
     ratio=$(/usr/bin/python3 -c "print(f'{$v / $b:.2f}')")
     row+=" $v (${ratio}×) |"

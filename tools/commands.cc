@@ -143,6 +143,18 @@ std::string format_time(uint64_t t) {
   return buf;
 }
 
+// What a set is: the fields format and status both show.
+Json identity_json(const Superblock& sb) {
+  Json j;
+  j["uuid"] = uuid_string(sb.uuid);
+  j["main_size"] = sb.main_size;
+  j["block_size"] = sb.block_size;
+  j["spare_size"] = sb.spare_size;
+  j["main_identity"] = sb.main_identity;
+  j["formatted"] = format_time(sb.format_time);
+  return j;
+}
+
 bool is_pending(Engine& e, uint64_t block) {
   bool pending = false;
   e.for_each_entry(block, block + 1, [&](const RemapTable::Entry& en) {
@@ -205,11 +217,7 @@ int run_format(const FormatOptions& o) {
   const Superblock& s = sb.value();
 
   if (o.json) {
-    Json j;
-    j["uuid"] = uuid_string(s.uuid);
-    j["main_size"] = s.main_size;
-    j["block_size"] = s.block_size;
-    j["spare_size"] = s.spare_size;
+    Json j = identity_json(s);
     j["slots_total"] = s.slot_count;
     j["pending_capacity"] = s.pending_capacity;
     j["journal_bytes"] = s.journal_bytes;
@@ -238,13 +246,7 @@ int run_status(const StatusOptions& o) {
   const std::string mismatch = o.main.empty() ? std::string() : main_mismatch(o.main, sb);
 
   if (o.json) {
-    Json j;
-    j["uuid"] = uuid_string(sb.uuid);
-    j["main_size"] = sb.main_size;
-    j["block_size"] = sb.block_size;
-    j["spare_size"] = sb.spare_size;
-    j["main_identity"] = sb.main_identity;
-    j["formatted"] = format_time(sb.format_time);
+    Json j = identity_json(sb);
     j["health"] = health_name(s.health);
     j["health_reason"] = s.health_reason;
     j["remaps"] = s.remaps;

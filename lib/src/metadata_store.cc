@@ -260,13 +260,18 @@ Result<std::unique_ptr<MetadataStore>> MetadataStore::open(std::shared_ptr<Block
     if (!unit) {
       // The end of the journal, unless a later unit of this epoch exists:
       // then records were lost, and serving would return stale data.
-      bool r2 = false;
-      bool u2 = false;
-      if (i + 1 < sb.journal_units() && read_unit(*spare, sb, i + 1, buf.data, &r2, &u2)) {
-        return Status::error(EUCLEAN, spare->name() + ": journal unit " + std::to_string(i) +
-                                          " is " + (unreadable ? "unreadable" : "damaged") +
-                                          " in both copies, but later units exist; run "
-                                          "`dmremap check` and restore the spare");
+      // Units are flushed one at a time, so after a crash nothing valid
+      // follows the end; every later unit is checked, not just the next.
+      for (uint64_t j = i + 1; j < sb.journal_units(); ++j) {
+        bool r2 = false;
+        bool u2 = false;
+        if (read_unit(*spare, sb, j, buf.data, &r2, &u2)) {
+          return Status::error(EUCLEAN, spare->name() + ": journal unit " + std::to_string(i) +
+                                            " is " + (unreadable ? "unreadable" : "damaged") +
+                                            " in both copies, but later units exist (unit " +
+                                            std::to_string(j) + "); run `dmremap check` and "
+                                            "restore the spare");
+        }
       }
       break;
     }
@@ -307,7 +312,7 @@ Status MetadataStore::write_superblock(Superblock next) {
   return Status::ok();
 }
 
-Status MetadataStore::checkpoint(const RemapTable& table, bool clean) {
+Status MetadataStore::checkpoint_now(const RemapTable& table, bool clean) {
   const uint32_t target = 1 - sb_.active_checkpoint;
   const uint64_t epoch = sb_.epoch + 1;
   if (auto s = write_checkpoint(*spare_, sb_, sb_.checkpoint_offset[target], table, epoch);
@@ -324,12 +329,33 @@ Status MetadataStore::checkpoint(const RemapTable& table, bool clean) {
   return Status::ok();
 }
 
+Status MetadataStore::refused() const {
+  return Status::error(EIO, spare_->name() +
+                                ": an earlier metadata write failed; nothing more is written "
+                                "until the set is reopened");
+}
+
+Status MetadataStore::checkpoint(const RemapTable& table, bool clean) {
+  if (failed_) return refused();
+  Status s = checkpoint_now(table, clean);
+  if (!s.is_ok()) failed_ = true;
+  return s;
+}
+
 Status MetadataStore::append(const std::vector<Record>& records, const RemapTable& table) {
   if (records.empty()) return Status::ok();
   const uint64_t units = (records.size() + kRecordsPerUnit - 1) / kRecordsPerUnit;
   if (units > sb_.journal_units()) {
     return Status::error(E2BIG, spare_->name() + ": too many records for one journal append");
   }
+  if (failed_) return refused();
+  Status s = append_units(records, table, units);
+  if (!s.is_ok()) failed_ = true;
+  return s;
+}
+
+Status MetadataStore::append_units(const std::vector<Record>& records, const RemapTable& table,
+                                   uint64_t units) {
   if (journal_next_ + units > sb_.journal_units()) {
     if (auto s = checkpoint(table, false); !s.is_ok()) return s;
   }

@@ -54,7 +54,10 @@ class MetadataStore {
   uint64_t journal_next() const { return journal_next_; }
 
   // Makes `records` durable. If the journal has no room, `table` (the state
-  // before these records) is checkpointed first.
+  // before these records) is checkpointed first. After any failed append or
+  // checkpoint the store refuses (EIO) every later one: what is on the spare
+  // is no longer known (a checkpoint may be complete on disk while the
+  // superblock is not), and only a reopen finds out.
   Status append(const std::vector<Record>& records, const RemapTable& table);
   // Writes `table` as the new checkpoint and empties the journal. With
   // `clean`, the superblock says the set was closed cleanly.
@@ -64,11 +67,16 @@ class MetadataStore {
   MetadataStore(std::shared_ptr<BlockDevice> spare, Superblock sb, int sb_copy)
       : spare_(std::move(spare)), sb_(std::move(sb)), sb_copy_(sb_copy) {}
   Status write_superblock(Superblock next);
+  Status checkpoint_now(const RemapTable& table, bool clean);
+  Status append_units(const std::vector<Record>& records, const RemapTable& table,
+                      uint64_t units);
+  Status refused() const;
 
   std::shared_ptr<BlockDevice> spare_;
   Superblock sb_;
   int sb_copy_;  // the copy that holds sb_
   uint64_t journal_next_ = 0;
+  bool failed_ = false;
 };
 
 // Reads both superblocks and returns the newest valid one and its copy.

@@ -18,8 +18,7 @@
 #include <vector>
 
 #include "dmremap/engine.h"
-#include "dmremap/fault_spec.h"
-#include "dmremap/faulty_device.h"
+#include "dmremap/open_set.h"
 #include "dmremap/log.h"
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
@@ -139,25 +138,14 @@ void route_logs() {
 int dmremap_get_ready() {
   route_logs();
   return guarded("dmremap", []() -> dmremap::Status {
-    dmremap::OpenOptions o;
-    o.read_only = g_config.read_only;
-    o.direct = g_config.direct;
-    auto spare = dmremap::open_device(g_config.spare, "spare", o);
-    if (!spare.is_ok()) return spare.take_status();
-    auto main = dmremap::open_device(g_config.main, "main", o);
-    if (!main.is_ok()) return main.take_status();
-    std::shared_ptr<dmremap::BlockDevice> main_dev = main.value();
-    if (!g_config.inject.empty()) {
-      auto sb = dmremap::read_superblock(*spare.value());
-      if (!sb.is_ok()) return sb.take_status();
-      auto faulty = std::make_shared<dmremap::FaultyDevice>(main_dev, sb->sb.block_size, "main");
-      if (auto s = dmremap::apply_fault_spec(*faulty, g_config.inject); !s.is_ok()) return s;
-      std::fprintf(stderr, "nbdkit: dmremap: warning: injecting faults into main: %s\n",
-                   g_config.inject.c_str());
-      main_dev = faulty;
-    }
-    g_config.engine.read_only = g_config.read_only;
-    auto engine = dmremap::Engine::open(main_dev, spare.value(), g_config.engine);
+    dmremap::SetConfig c;
+    c.main = g_config.main;
+    c.spare = g_config.spare;
+    c.read_only = g_config.read_only;
+    c.direct = g_config.direct;
+    c.inject = g_config.inject;
+    c.engine = g_config.engine;
+    auto engine = dmremap::open_set(c);
     if (!engine.is_ok()) return engine.take_status();
     g_engine = std::move(engine.value());
     return dmremap::Status::ok();

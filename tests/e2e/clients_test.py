@@ -56,6 +56,12 @@ class ClientsTest(unittest.TestCase):
         self.assertEqual(data, [(10 * BLOCK, BLOCK), (20 * BLOCK, BLOCK), (30 * BLOCK, BLOCK)])
         holes = [e for e in mapping if e["type"] != 0]
         self.assertTrue(all(e["type"] == 3 for e in holes), holes)
+        if TOOLS.frontend == "server":
+            # dmremap:remapped: flag 1 for remapped blocks, 2 for pending.
+            remapped = json.loads(run("nbdinfo", "--map=dmremap:remapped", "--json",
+                                      self.s.uri).stdout)
+            self.assertEqual([(e["offset"], e["length"]) for e in remapped if e["type"] == 1],
+                             [(30 * BLOCK, BLOCK)])
 
     def test_nbdcopy_both_ways_through_bad_blocks(self):
         src = os.path.join(self.s.dir, "src.img")

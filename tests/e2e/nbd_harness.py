@@ -1,8 +1,11 @@
-"""Starts nbdkit with dmremap.so on scratch files and gives tests NBD handles.
+"""Starts a dmremap frontend on scratch files and gives tests NBD handles.
 
-Used by the end-to-end tests; run them with Debian's /usr/bin/python3, which
-has the libnbd bindings (python3-libnbd).
+DMREMAP_FRONTEND picks the frontend: "plugin" (nbdkit with dmremap.so, the
+default) or "server" (dmremap-server). Every test is written once and runs
+against both. Run with Debian's /usr/bin/python3, which has the libnbd
+bindings (python3-libnbd).
 """
+import ctypes
 import json
 import os
 import shutil
@@ -22,6 +25,37 @@ class Tools:
     def __init__(self):
         self.plugin = os.environ["DMREMAP_PLUGIN"]
         self.cli = os.environ["DMREMAP_CLI"]
+        self.server = os.environ.get("DMREMAP_SERVER", "")
+        self.frontend = os.environ.get("DMREMAP_FRONTEND", "plugin")
+
+
+def _die_with_parent():
+    # The server has no --exit-with-parent: ask the kernel (PR_SET_PDEATHSIG).
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+
+
+def frontend_command(tools, sock, main, spare, params=()):
+    """The command that serves main+spare on `sock`. params are the plugin's
+    key=value strings; for the server they become its options."""
+    if tools.frontend == "server":
+        cmd = [tools.server, "--unix", sock, "--main", main, "--spare", spare]
+        for p in params:
+            key, value = p.split("=", 1)
+            if key in ("readonly", "direct"):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    cmd.append("--" + key)
+            else:
+                cmd += ["--" + key, value]
+        return cmd
+    return ["nbdkit", "--foreground", "--exit-with-parent", "--unix", sock,
+            tools.plugin, f"main={main}", f"spare={spare}", *params]
+
+
+def run_frontend(tools, sock, main, spare, params=(), timeout=30):
+    """Runs a frontend that is expected to stop at once (bad configuration)."""
+    return subprocess.run(frontend_command(tools, sock, main, spare, params),
+                          capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=_die_with_parent)
 
 
 def pattern(seed, length=BLOCK):
@@ -69,21 +103,20 @@ class DemoSet:
         return f"nbd+unix:///?socket={self.sock}"
 
     def start(self, *params):
-        """Starts nbdkit; params are extra plugin key=value strings."""
+        """Starts the frontend; params are plugin-style key=value strings."""
         self.stop()
         if os.path.exists(self.sock):
             os.unlink(self.sock)
         self.logf = open(self.log, "a")
         self.proc = subprocess.Popen(
-            ["nbdkit", "--foreground", "--exit-with-parent", "--unix", self.sock,
-             self.tools.plugin, f"main={self.main}", f"spare={self.spare}", *params],
-            stdout=self.logf, stderr=subprocess.STDOUT)
+            frontend_command(self.tools, self.sock, self.main, self.spare, params),
+            stdout=self.logf, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 20
         while not os.path.exists(self.sock):
             if self.proc.poll() is not None:
-                raise AssertionError(f"nbdkit exited: {self.read_log()}")
+                raise AssertionError(f"{self.tools.frontend} exited: {self.read_log()}")
             if time.monotonic() > deadline:
-                raise AssertionError("nbdkit did not start")
+                raise AssertionError(f"{self.tools.frontend} did not start")
             time.sleep(0.05)
 
     def connect(self, strict=True):

@@ -1,4 +1,5 @@
-"""End-to-end tests of dmremap.so under nbdkit, driven by real NBD clients
+"""End-to-end tests of a dmremap frontend (nbdkit with dmremap.so, or
+dmremap-server: see nbd_harness), driven by real NBD clients
 (libnbd, nbdinfo, qemu-io, qemu-img) over a main that really fails (faults
 injected by the plugin's inject= parameter, i.e. lib's FaultyDevice).
 """
@@ -9,7 +10,7 @@ import unittest
 
 import nbd
 
-from nbd_harness import BLOCK, DemoSet, Tools, pattern
+from nbd_harness import BLOCK, DemoSet, Tools, pattern, run_frontend
 
 TOOLS = Tools()
 
@@ -64,6 +65,19 @@ class PluginTest(unittest.TestCase):
         self.assertEqual(h.pread(BLOCK, 10 * BLOCK), whole[:BLOCK])
         self.assertEqual(h.pread(BLOCK, 12 * BLOCK), whole[2 * BLOCK:])
         self.assertEqual(h.pread(BLOCK, 50 * BLOCK), bytes(BLOCK))
+        if TOOLS.frontend == "server":
+            # Structured replies: the good bytes before the bad block, then
+            # an error chunk naming its exact offset.
+            chunks = []
+
+            def chunk(subbuf, offset, status, error):
+                chunks.append((offset, status, bytes(subbuf)))
+                return 0
+            with self.assertRaises(nbd.Error) as cm:
+                h.pread_structured(3 * BLOCK, 10 * BLOCK, chunk)
+            self.assertEqual(cm.exception.errnum, errno.EIO)
+            self.assertEqual(chunks[0], (10 * BLOCK, nbd.READ_DATA, whole[:BLOCK]))
+            self.assertEqual(chunks[-1][:2], (11 * BLOCK, nbd.READ_ERROR))
         h.shutdown()
         self.s.stop()
         self.assertEqual(self.s.status()["pending"], 1)
@@ -156,9 +170,7 @@ class PluginTest(unittest.TestCase):
         blank = os.path.join(self.s.dir, "blank.img")
         with open(blank, "wb") as f:
             f.truncate(16 << 20)
-        r = subprocess.run(["nbdkit", "--foreground", "--unix", self.s.sock + "2", TOOLS.plugin,
-                            f"main={self.s.main}", f"spare={blank}"],
-                           capture_output=True, text=True, timeout=30)
+        r = run_frontend(TOOLS, self.s.sock + "2", self.s.main, blank)
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("dmremap format --main", r.stderr)
 
@@ -166,18 +178,14 @@ class PluginTest(unittest.TestCase):
         other = os.path.join(self.s.dir, "other.img")
         with open(other, "wb") as f:
             f.truncate(32 << 20)
-        r = subprocess.run(["nbdkit", "--foreground", "--unix", self.s.sock + "2", TOOLS.plugin,
-                            f"main={other}", f"spare={self.s.spare}"],
-                           capture_output=True, text=True, timeout=30)
+        r = run_frontend(TOOLS, self.s.sock + "2", other, self.s.spare)
         self.assertNotEqual(r.returncode, 0)
         self.assertIn(str(32 << 20), r.stderr)
         self.assertIn(str(64 << 20), r.stderr)
 
     def test_second_server_on_the_same_pair_is_refused(self):
         self.s.start()
-        r = subprocess.run(["nbdkit", "--foreground", "--unix", self.s.sock + "2", TOOLS.plugin,
-                            f"main={self.s.main}", f"spare={self.s.spare}"],
-                           capture_output=True, text=True, timeout=30)
+        r = run_frontend(TOOLS, self.s.sock + "2", self.s.main, self.s.spare)
         self.assertNotEqual(r.returncode, 0)
         self.assertIn("locked", r.stderr)
 

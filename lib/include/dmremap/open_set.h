@@ -1,0 +1,27 @@
+// Opening a set (main + spare) from what a user typed: what both frontends
+// do at start-up.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "dmremap/engine.h"
+
+namespace dmremap {
+
+struct SetConfig {
+  std::string main;   // path or NBD URI
+  std::string spare;  // path or NBD URI
+  bool read_only = false;
+  bool direct = false;
+  // Testing and demos: faults injected into main (see fault_spec.h).
+  std::string inject;
+  EngineOptions engine;
+};
+
+// Opens both devices (locked, unless read-only), wraps main in a
+// FaultyDevice when `inject` is set (logging a warning), and opens the
+// engine. Errors say what to do.
+Result<std::unique_ptr<Engine>> open_set(const SetConfig& config);
+
+}  // namespace dmremap

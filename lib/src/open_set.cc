@@ -1,0 +1,32 @@
+#include "dmremap/open_set.h"
+
+#include "dmremap/fault_spec.h"
+#include "dmremap/faulty_device.h"
+#include "dmremap/log.h"
+#include "dmremap/metadata_store.h"
+
+namespace dmremap {
+
+Result<std::unique_ptr<Engine>> open_set(const SetConfig& config) {
+  OpenOptions o;
+  o.read_only = config.read_only;
+  o.direct = config.direct;
+  auto spare = open_device(config.spare, "spare", o);
+  if (!spare.is_ok()) return spare.take_status();
+  auto main = open_device(config.main, "main", o);
+  if (!main.is_ok()) return main.take_status();
+  std::shared_ptr<BlockDevice> main_dev = main.value();
+  if (!config.inject.empty()) {
+    auto sb = read_superblock(*spare.value());
+    if (!sb.is_ok()) return sb.take_status();
+    auto faulty = std::make_shared<FaultyDevice>(main_dev, sb->sb.block_size, "main");
+    if (auto s = apply_fault_spec(*faulty, config.inject); !s.is_ok()) return s;
+    log(LogLevel::kWarning, "injecting faults into main: " + config.inject);
+    main_dev = faulty;
+  }
+  EngineOptions eo = config.engine;
+  eo.read_only = config.read_only;
+  return Engine::open(main_dev, spare.value(), eo);
+}
+
+}  // namespace dmremap

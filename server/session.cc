@@ -1,0 +1,598 @@
+#include "session.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "dmremap/log.h"
+#include "protocol.h"
+
+namespace dmremap::server {
+
+using asio::awaitable;
+using asio::use_awaitable;
+
+namespace {
+
+// Largest option payload read during the handshake; bigger ones end the
+// session (a client cannot make the server allocate without bound).
+constexpr uint32_t kMaxOptionBytes = 64 * 1024;
+
+std::string be16(uint16_t v) {
+  char b[2];
+  nbd::put16(b, v);
+  return std::string(b, 2);
+}
+std::string be32(uint32_t v) {
+  char b[4];
+  nbd::put32(b, v);
+  return std::string(b, 4);
+}
+std::string be64(uint64_t v) {
+  char b[8];
+  nbd::put64(b, v);
+  return std::string(b, 8);
+}
+
+}  // namespace
+
+template <class Socket>
+Session<Socket>::Session(Socket socket, ExportInfo& info)
+    : socket_(std::move(socket)),
+      info_(info),
+      strand_(asio::make_strand(socket_.get_executor())),
+      wake_(strand_) {}
+
+template <class Socket>
+awaitable<void> Session<Socket>::run() {
+  auto self = this->shared_from_this();
+  ++info_.sessions;
+  try {
+    // A client that stalls in the handshake is dropped.
+    asio::steady_timer deadline(strand_, info_.handshake_timeout);
+    bool done = false;
+    deadline.async_wait([this, &done](const boost::system::error_code& ec) {
+      if (!ec && !done) close();
+    });
+    const bool go = co_await handshake();
+    done = true;
+    deadline.cancel();
+    if (go) co_await transmission();
+  } catch (const boost::system::system_error& e) {
+    // The client went away or sent something we refuse: this session ends,
+    // the others go on.
+    if (e.code() != asio::error::eof && e.code() != asio::error::operation_aborted) {
+      log(LogLevel::kDebug, std::string("session ended: ") + e.what());
+    }
+  } catch (const std::exception& e) {
+    log(LogLevel::kWarning, std::string("session ended: ") + e.what());
+  }
+  // Replies still being computed hold the session; wait for them.
+  while (in_flight_requests_ > 0) {
+    wake_.expires_after(std::chrono::hours(1));
+    boost::system::error_code ec;
+    co_await wake_.async_wait(asio::redirect_error(use_awaitable, ec));
+  }
+  close();
+  --info_.sessions;
+}
+
+template <class Socket>
+void Session<Socket>::close() {
+  if (closed_) return;
+  closed_ = true;
+  boost::system::error_code ec;
+  socket_.shutdown(Socket::shutdown_both, ec);
+  socket_.close(ec);
+}
+
+template <class Socket>
+uint16_t Session<Socket>::transmission_flags() const {
+  uint16_t f = nbd::kHasFlags | nbd::kSendFlush | nbd::kSendFua | nbd::kSendTrim |
+               nbd::kSendWriteZeroes | nbd::kCanMultiConn | nbd::kSendCache;
+  if (info_.read_only) f |= nbd::kReadOnly;
+  if (structured_) f |= nbd::kSendDf;
+  if (info_.engine->can_fast_zero()) f |= nbd::kSendFastZero;
+  return f;
+}
+
+template <class Socket>
+std::string Session<Socket>::export_info(uint16_t type) const {
+  switch (type) {
+    case nbd::kInfoExport:
+      return be16(nbd::kInfoExport) + be64(info_.engine->size()) + be16(transmission_flags());
+    case nbd::kInfoName: return be16(nbd::kInfoName) + info_.name;
+    case nbd::kInfoDescription: return be16(nbd::kInfoDescription) + info_.description;
+    case nbd::kInfoBlockSize:
+      return be16(nbd::kInfoBlockSize) + be32(info_.min_block) + be32(info_.preferred_block) +
+             be32(info_.max_request);
+  }
+  return {};
+}
+
+template <class Socket>
+awaitable<void> Session<Socket>::option_reply(uint32_t option, uint32_t type,
+                                              const std::string& data) {
+  const std::string head = be64(nbd::kOptReplyMagic) + be32(option) + be32(type) +
+                           be32(static_cast<uint32_t>(data.size()));
+  const std::array<asio::const_buffer, 2> bufs{asio::buffer(head), asio::buffer(data)};
+  co_await asio::async_write(socket_, bufs, use_awaitable);
+}
+
+template <class Socket>
+awaitable<bool> Session<Socket>::handshake() {
+  {
+    const std::string hello =
+        be64(nbd::kNbdMagic) + be64(nbd::kIHaveOpt) + be16(nbd::kFlagFixedNewstyle | nbd::kFlagNoZeroes);
+    co_await asio::async_write(socket_, asio::buffer(hello), use_awaitable);
+  }
+  char cflags[4];
+  co_await asio::async_read(socket_, asio::buffer(cflags), use_awaitable);
+  const uint32_t client_flags = nbd::get32(cflags);
+  if (!(client_flags & nbd::kClientFixedNewstyle) ||
+      (client_flags & ~(nbd::kClientFixedNewstyle | nbd::kClientNoZeroes))) {
+    co_return false;  // not a fixed-newstyle client, or flags we do not know
+  }
+  no_zeroes_ = client_flags & nbd::kClientNoZeroes;
+
+  std::vector<char> data;
+  while (true) {
+    char head[16];
+    co_await asio::async_read(socket_, asio::buffer(head), use_awaitable);
+    if (nbd::get64(head) != nbd::kIHaveOpt) co_return false;
+    const uint32_t option = nbd::get32(head + 8);
+    const uint32_t length = nbd::get32(head + 12);
+    if (length > kMaxOptionBytes) co_return false;
+    data.resize(length);
+    co_await asio::async_read(socket_, asio::buffer(data), use_awaitable);
+
+    switch (option) {
+      case nbd::kOptExportName: {
+        // No reply on error is possible here: an unknown name ends it.
+        const std::string name(data.begin(), data.end());
+        if (name != info_.name && !name.empty()) co_return false;
+        std::string reply = be64(info_.engine->size()) + be16(transmission_flags());
+        if (!no_zeroes_) reply.append(124, '\0');
+        co_await asio::async_write(socket_, asio::buffer(reply), use_awaitable);
+        co_return true;
+      }
+      case nbd::kOptAbort:
+        co_await option_reply(option, nbd::kRepAck, {});
+        co_return false;
+      case nbd::kOptList:
+        if (length != 0) {
+          co_await option_reply(option, nbd::kRepErrInvalid, "LIST takes no data");
+          break;
+        }
+        co_await option_reply(option, nbd::kRepServer,
+                              be32(static_cast<uint32_t>(info_.name.size())) + info_.name +
+                                  info_.description);
+        co_await option_reply(option, nbd::kRepAck, {});
+        break;
+      case nbd::kOptStructuredReply:
+        if (length != 0) {
+          co_await option_reply(option, nbd::kRepErrInvalid, "STRUCTURED_REPLY takes no data");
+          break;
+        }
+        structured_ = true;
+        co_await option_reply(option, nbd::kRepAck, {});
+        break;
+      case nbd::kOptInfo:
+      case nbd::kOptGo: {
+        // u32 name length, name, u16 count, count x u16 info types.
+        if (length < 6) {
+          co_await option_reply(option, nbd::kRepErrInvalid, "short INFO/GO request");
+          break;
+        }
+        const uint32_t name_len = nbd::get32(data.data());
+        if (name_len > length - 6) {
+          co_await option_reply(option, nbd::kRepErrInvalid, "bad name length");
+          break;
+        }
+        const std::string name(data.data() + 4, name_len);
+        const uint16_t count = nbd::get16(data.data() + 4 + name_len);
+        if (6 + name_len + 2ull * count != length) {
+          co_await option_reply(option, nbd::kRepErrInvalid, "bad INFO/GO request length");
+          break;
+        }
+        if (!name.empty() && name != info_.name) {
+          co_await option_reply(option, nbd::kRepErrUnknown, "no export named '" + name + "'");
+          break;
+        }
+        bool sent_name = false, sent_description = false;
+        for (uint16_t i = 0; i < count; ++i) {
+          const uint16_t type = nbd::get16(data.data() + 6 + name_len + 2 * i);
+          if (type == nbd::kInfoName && !sent_name) {
+            co_await option_reply(option, nbd::kRepInfo, export_info(type));
+            sent_name = true;
+          } else if (type == nbd::kInfoDescription && !sent_description) {
+            co_await option_reply(option, nbd::kRepInfo, export_info(type));
+            sent_description = true;
+          }
+        }
+        // Block sizes always: the client learns the minimum it must honour.
+        co_await option_reply(option, nbd::kRepInfo, export_info(nbd::kInfoBlockSize));
+        co_await option_reply(option, nbd::kRepInfo, export_info(nbd::kInfoExport));
+        co_await option_reply(option, nbd::kRepAck, {});
+        if (option == nbd::kOptGo) co_return true;
+        break;
+      }
+      case nbd::kOptListMetaContext:
+      case nbd::kOptSetMetaContext:
+        co_await meta_context_option(option, data);
+        break;
+      default:
+        co_await option_reply(option, nbd::kRepErrUnsup, "option not supported");
+        break;
+    }
+  }
+}
+
+// u32 export name length, name, u32 query count, then u32 length + query.
+template <class Socket>
+awaitable<void> Session<Socket>::meta_context_option(uint32_t option,
+                                                     const std::vector<char>& data) {
+  const bool set = option == nbd::kOptSetMetaContext;
+  if (set && !structured_) {
+    co_await option_reply(option, nbd::kRepErrInvalid, "negotiate structured replies first");
+    co_return;
+  }
+  size_t pos = 0;
+  auto take32 = [&](uint32_t& out) {
+    if (data.size() - pos < 4) return false;
+    out = nbd::get32(data.data() + pos);
+    pos += 4;
+    return true;
+  };
+  uint32_t name_len = 0, count = 0;
+  if (!take32(name_len) || name_len > data.size() - pos) {
+    co_await option_reply(option, nbd::kRepErrInvalid, "bad meta context request");
+    co_return;
+  }
+  const std::string name(data.data() + pos, name_len);
+  pos += name_len;
+  if (!take32(count)) {
+    co_await option_reply(option, nbd::kRepErrInvalid, "bad meta context request");
+    co_return;
+  }
+  std::vector<std::string> queries;
+  for (uint32_t i = 0; i < count; ++i) {
+    uint32_t len = 0;
+    if (!take32(len) || len > data.size() - pos) {
+      co_await option_reply(option, nbd::kRepErrInvalid, "bad meta context query");
+      co_return;
+    }
+    queries.emplace_back(data.data() + pos, len);
+    pos += len;
+  }
+  if (pos != data.size()) {
+    co_await option_reply(option, nbd::kRepErrInvalid, "bad meta context request length");
+    co_return;
+  }
+  if (!name.empty() && name != info_.name) {
+    co_await option_reply(option, nbd::kRepErrUnknown, "no export named '" + name + "'");
+    co_return;
+  }
+  // LIST with no query lists everything; "ns:" matches a whole namespace
+  // when listing.
+  bool allocation = false, remapped = false;
+  if (!set && queries.empty()) allocation = remapped = true;
+  for (const auto& q : queries) {
+    if (q == "base:allocation" || (!set && q == "base:")) allocation = true;
+    if (q == "dmremap:remapped" || (!set && q == "dmremap:")) remapped = true;
+  }
+  if (set) {
+    want_allocation_ = allocation;
+    want_remapped_ = remapped;
+  }
+  if (allocation) {
+    co_await option_reply(option, nbd::kRepMetaContext,
+                          be32(nbd::kContextAllocation) + "base:allocation");
+  }
+  if (remapped) {
+    co_await option_reply(option, nbd::kRepMetaContext,
+                          be32(nbd::kContextRemapped) + "dmremap:remapped");
+  }
+  co_await option_reply(option, nbd::kRepAck, {});
+}
+
+template <class Socket>
+uint32_t Session<Socket>::validate(const Request& r) const {
+  const uint64_t size = info_.engine->size();
+  uint16_t allowed = 0;
+  switch (r.type) {
+    case nbd::kCmdRead: allowed = structured_ ? nbd::kCmdFlagDf : 0; break;
+    case nbd::kCmdWrite: allowed = nbd::kCmdFlagFua; break;
+    case nbd::kCmdTrim: allowed = nbd::kCmdFlagFua; break;
+    case nbd::kCmdWriteZeroes:
+      allowed = nbd::kCmdFlagFua | nbd::kCmdFlagNoHole | nbd::kCmdFlagFastZero;
+      break;
+    case nbd::kCmdFlush:
+    case nbd::kCmdCache:
+    case nbd::kCmdDisc: allowed = 0; break;
+    case nbd::kCmdBlockStatus:
+      if (!structured_ || !(want_allocation_ || want_remapped_)) return nbd::kEinval;
+      allowed = nbd::kCmdFlagReqOne;
+      break;
+    default: return nbd::kEinval;
+  }
+  if (r.flags & ~allowed) return nbd::kEinval;
+  const bool past_end = r.offset > size || r.length > size - r.offset;
+  switch (r.type) {
+    case nbd::kCmdRead:
+    case nbd::kCmdCache:
+      if (r.length > info_.accept_request) return nbd::kEinval;
+      return past_end ? nbd::kEinval : 0;
+    case nbd::kCmdWrite:
+    case nbd::kCmdTrim:
+    case nbd::kCmdWriteZeroes:
+      if (info_.read_only) return nbd::kEperm;
+      return past_end ? nbd::kEnospc : 0;
+    case nbd::kCmdFlush:
+      return (r.offset != 0 || r.length != 0) ? nbd::kEinval : 0;
+    case nbd::kCmdBlockStatus:
+      return (past_end || r.length == 0) ? nbd::kEinval : 0;
+  }
+  return 0;
+}
+
+template <class Socket>
+awaitable<void> Session<Socket>::transmission() {
+  char head[nbd::kRequestBytes];
+  while (!closed_) {
+    co_await asio::async_read(socket_, asio::buffer(head), use_awaitable);
+    if (nbd::get32(head) != nbd::kRequestMagic) {
+      log(LogLevel::kWarning, "client sent a request with a bad magic: disconnecting it");
+      co_return;
+    }
+    Request r{nbd::get16(head + 4), nbd::get16(head + 6), nbd::get64(head + 8),
+              nbd::get64(head + 16), nbd::get32(head + 24)};
+    if (r.type == nbd::kCmdDisc) co_return;
+    std::vector<char> payload;
+    if (r.type == nbd::kCmdWrite) {
+      // The payload follows whatever we think of the request; one bigger
+      // than we accept cannot be skipped safely, so the client goes.
+      if (r.length > info_.accept_request) {
+        log(LogLevel::kWarning, "client sent a write of " + std::to_string(r.length) +
+                                    " bytes, over the limit: disconnecting it");
+        co_return;
+      }
+      payload.resize(r.length);
+      co_await asio::async_read(socket_, asio::buffer(payload), use_awaitable);
+    }
+    if (const uint32_t err = validate(r); err != 0) {
+      // With structured replies a READ must be answered by chunks.
+      if (structured_ && r.type == nbd::kCmdRead) {
+        const int sys = err == nbd::kEperm ? EPERM : err == nbd::kEnospc ? ENOSPC : EINVAL;
+        queue_reply(read_reply(r, {}, Status::error(sys, "invalid request")), 0);
+      } else {
+        queue_reply(simple_reply(r.cookie, err), 0);
+      }
+      continue;
+    }
+    // Bound the memory a client can hold in flight: stop reading until
+    // replies have gone out.
+    const uint64_t cost = r.length + payload.size();
+    while (in_flight_bytes_ > 0 && in_flight_bytes_ + cost > info_.max_in_flight_bytes) {
+      wake_.expires_after(std::chrono::hours(1));
+      boost::system::error_code ec;
+      co_await wake_.async_wait(asio::redirect_error(use_awaitable, ec));
+      if (closed_) co_return;
+    }
+    ++in_flight_requests_;
+    in_flight_bytes_ += cost;
+    execute(r, std::move(payload));
+  }
+}
+
+template <class Socket>
+std::vector<char> Session<Socket>::simple_reply(uint64_t cookie, uint32_t error) const {
+  std::vector<char> out(16);
+  nbd::put32(out.data(), nbd::kSimpleReplyMagic);
+  nbd::put32(out.data() + 4, error);
+  nbd::put64(out.data() + 8, cookie);
+  return out;
+}
+
+// A read's reply. Structured: the data as one OFFSET_DATA chunk; on an
+// unreadable block, the good bytes before it, then ERROR_OFFSET naming the
+// exact offset. Simple: the header, then the data unless it failed.
+template <class Socket>
+std::vector<char> Session<Socket>::read_reply(const Request& r, std::vector<char> data,
+                                              const Status& s) const {
+  if (!structured_) {
+    std::vector<char> out = simple_reply(r.cookie, s.is_ok() ? 0 : nbd::wire_error(s.code()));
+    if (s.is_ok()) out.insert(out.end(), data.begin(), data.end());
+    return out;
+  }
+  auto chunk_head = [&](std::vector<char>& out, uint16_t flags, uint16_t type, uint32_t len) {
+    const size_t at = out.size();
+    out.resize(at + 20);
+    nbd::put32(out.data() + at, nbd::kStructuredReplyMagic);
+    nbd::put16(out.data() + at + 4, flags);
+    nbd::put16(out.data() + at + 6, type);
+    nbd::put64(out.data() + at + 8, r.cookie);
+    nbd::put32(out.data() + at + 16, len);
+  };
+  std::vector<char> out;
+  uint64_t good = r.length;
+  if (!s.is_ok()) good = s.error_offset() ? std::min<uint64_t>(*s.error_offset() - r.offset, r.length) : 0;
+  if (good > 0) {
+    out.reserve(20 + 8 + good + 64);
+    chunk_head(out, s.is_ok() ? nbd::kReplyFlagDone : 0, nbd::kChunkOffsetData,
+               static_cast<uint32_t>(8 + good));
+    const size_t at = out.size();
+    out.resize(at + 8);
+    nbd::put64(out.data() + at, r.offset);
+    out.insert(out.end(), data.begin(), data.begin() + static_cast<ptrdiff_t>(good));
+  }
+  if (s.is_ok()) {
+    if (good == 0) chunk_head(out, nbd::kReplyFlagDone, nbd::kChunkNone, 0);
+    return out;
+  }
+  std::string msg = s.message().substr(0, 512);
+  const bool with_offset = s.error_offset().has_value();
+  const uint32_t len = static_cast<uint32_t>(6 + msg.size() + (with_offset ? 8 : 0));
+  chunk_head(out, nbd::kReplyFlagDone, with_offset ? nbd::kChunkErrorOffset : nbd::kChunkError,
+             len);
+  const size_t at = out.size();
+  out.resize(at + len);
+  nbd::put32(out.data() + at, nbd::wire_error(s.code()));
+  nbd::put16(out.data() + at + 4, static_cast<uint16_t>(msg.size()));
+  std::memcpy(out.data() + at + 6, msg.data(), msg.size());
+  if (with_offset) nbd::put64(out.data() + at + 6 + msg.size(), *s.error_offset());
+  return out;
+}
+
+// One BLOCK_STATUS chunk per selected context, the last one DONE; runs are
+// clipped to the request and merged when their flags agree.
+template <class Socket>
+std::vector<char> Session<Socket>::block_status_reply(const Request& r, Status& s) const {
+  Engine& e = *info_.engine;
+  const uint64_t end = r.offset + r.length;
+  const bool one = r.flags & nbd::kCmdFlagReqOne;
+  using Runs = std::vector<std::pair<uint64_t, uint32_t>>;  // length, flags
+  auto add = [&](Runs& runs, uint64_t off, uint64_t len, uint32_t flags) {
+    const uint64_t lo = std::max(off, r.offset);
+    const uint64_t hi = std::min(off + len, end);
+    if (lo >= hi) return;
+    if (!runs.empty() && runs.back().second == flags) {
+      runs.back().first += hi - lo;
+    } else {
+      runs.emplace_back(hi - lo, flags);
+    }
+  };
+  std::vector<std::pair<uint32_t, Runs>> contexts;
+  if (want_allocation_) {
+    Runs runs;
+    s = e.extents(r.length, r.offset, [&](uint64_t off, uint64_t len, bool hole) {
+      add(runs, off, len, hole ? (nbd::kStateHole | nbd::kStateZero) : 0);
+    });
+    if (!s.is_ok()) return {};
+    contexts.emplace_back(nbd::kContextAllocation, std::move(runs));
+  }
+  if (want_remapped_) {
+    Runs runs;
+    const uint32_t bs = e.block_size();
+    uint64_t pos = r.offset;
+    e.for_each_entry(r.offset / bs, (end + bs - 1) / bs, [&](const RemapTable::Entry& en) {
+      const uint64_t at = en.block * bs;
+      if (at > pos) add(runs, pos, at - pos, 0);
+      add(runs, at, bs, RemapTable::is_pending(en.value) ? nbd::kStatePending : nbd::kStateRemapped);
+      pos = std::max(pos, at + bs);
+    });
+    if (pos < end) add(runs, pos, end - pos, 0);
+    contexts.emplace_back(nbd::kContextRemapped, std::move(runs));
+  }
+  std::vector<char> out;
+  for (size_t c = 0; c < contexts.size(); ++c) {
+    auto& [id, runs] = contexts[c];
+    if (one && runs.size() > 1) runs.resize(1);
+    const uint32_t len = static_cast<uint32_t>(4 + 8 * runs.size());
+    const size_t at = out.size();
+    out.resize(at + 20 + len);
+    char* p = out.data() + at;
+    nbd::put32(p, nbd::kStructuredReplyMagic);
+    nbd::put16(p + 4, c + 1 == contexts.size() ? nbd::kReplyFlagDone : 0);
+    nbd::put16(p + 6, nbd::kChunkBlockStatus);
+    nbd::put64(p + 8, r.cookie);
+    nbd::put32(p + 16, len);
+    nbd::put32(p + 20, id);
+    for (size_t i = 0; i < runs.size(); ++i) {
+      nbd::put32(p + 24 + 8 * i, static_cast<uint32_t>(runs[i].first));
+      nbd::put32(p + 28 + 8 * i, runs[i].second);
+    }
+  }
+  return out;
+}
+
+template <class Socket>
+void Session<Socket>::execute(Request r, std::vector<char> payload) {
+  auto self = this->shared_from_this();
+  const uint64_t cost = r.length + payload.size();
+  asio::post(*info_.workers, [self, this, r, payload = std::move(payload), cost]() mutable {
+    std::vector<char> reply;
+    try {
+      Engine& e = *info_.engine;
+      const bool fua = r.flags & nbd::kCmdFlagFua;
+      Status s;
+      switch (r.type) {
+        case nbd::kCmdRead: {
+          std::vector<char> data(r.length);
+          s = e.read(data.data(), r.length, r.offset);
+          reply = read_reply(r, std::move(data), s);
+          break;
+        }
+        case nbd::kCmdWrite: s = e.write(payload.data(), r.length, r.offset, fua); break;
+        case nbd::kCmdFlush: s = e.flush(); break;
+        case nbd::kCmdTrim: s = e.trim(r.length, r.offset, fua); break;
+        case nbd::kCmdWriteZeroes:
+          if ((r.flags & nbd::kCmdFlagFastZero) && !e.can_fast_zero()) {
+            s = Status::error(ENOTSUP, "fast zero is not possible here");
+          } else {
+            s = e.write_zeroes(r.length, r.offset, fua);
+          }
+          break;
+        case nbd::kCmdCache: {
+          std::vector<char> data(r.length);
+          s = e.read(data.data(), r.length, r.offset);
+          break;
+        }
+        case nbd::kCmdBlockStatus:
+          reply = block_status_reply(r, s);
+          break;
+      }
+      if (!s.is_ok() && s.code() != ENOTSUP) {
+        log(LogLevel::kWarning, "request failed: " + s.to_string());
+      }
+      if (reply.empty()) reply = simple_reply(r.cookie, s.is_ok() ? 0 : nbd::wire_error(s.code()));
+    } catch (const std::bad_alloc&) {
+      reply = simple_reply(r.cookie, nbd::kEnomem);
+    } catch (const std::exception& ex) {
+      log(LogLevel::kError, std::string("request failed: ") + ex.what());
+      reply = simple_reply(r.cookie, nbd::kEio);
+    }
+    asio::post(strand_, [self, this, reply = std::move(reply), cost]() mutable {
+      --in_flight_requests_;
+      queue_reply(std::move(reply), cost);
+    });
+  });
+}
+
+template <class Socket>
+void Session<Socket>::queue_reply(std::vector<char> bytes, uint64_t request_bytes) {
+  in_flight_bytes_ -= std::min(in_flight_bytes_, request_bytes);
+  wake_.cancel();
+  if (closed_) return;
+  queued_.push_back(std::move(bytes));
+  if (writing_.empty()) write_queued();
+}
+
+// Everything queued goes out in one gathered write.
+template <class Socket>
+void Session<Socket>::write_queued() {
+  writing_.clear();
+  while (!queued_.empty() && writing_.size() < 64) {
+    writing_.push_back(std::move(queued_.front()));
+    queued_.pop_front();
+  }
+  std::vector<asio::const_buffer> bufs;
+  bufs.reserve(writing_.size());
+  for (const auto& w : writing_) bufs.push_back(asio::buffer(w));
+  auto self = this->shared_from_this();
+  asio::async_write(socket_, bufs,
+                    asio::bind_executor(strand_, [self, this](const boost::system::error_code& ec,
+                                                              size_t) {
+                      writing_.clear();
+                      if (ec) {
+                        close();
+                        wake_.cancel();
+                        return;
+                      }
+                      if (!queued_.empty()) write_queued();
+                    }));
+}
+
+template class Session<asio::ip::tcp::socket>;
+template class Session<asio::local::stream_protocol::socket>;
+
+}  // namespace dmremap::server

@@ -1,0 +1,89 @@
+// One NBD client connection: the fixed-newstyle handshake, then
+// transmission. Requests are read in order by one coroutine, run on the
+// engine's worker pool (the engine blocks on disk I/O), and their replies
+// are written as they finish, in any order, batched into few system calls.
+#pragma once
+
+#include <utility>  // Boost 1.74's Asio needs it before <boost/asio/awaitable.hpp>
+
+#include <atomic>
+#include <boost/asio.hpp>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dmremap/engine.h"
+
+namespace dmremap::server {
+
+namespace asio = boost::asio;
+
+// What every session shares.
+struct ExportInfo {
+  Engine* engine = nullptr;
+  asio::thread_pool* workers = nullptr;
+  std::string name;          // the export's name ("" is the default export)
+  std::string description;
+  bool read_only = false;
+  uint32_t min_block = 4096, preferred_block = 4096;
+  uint32_t max_request = 32 << 20;  // advertised
+  uint32_t accept_request = 64 << 20;  // accepted, as nbdkit does
+  uint64_t max_in_flight_bytes = 256 << 20;  // per session, then reading pauses
+  std::chrono::seconds handshake_timeout{30};
+  std::atomic<uint64_t> sessions{0};
+};
+
+template <class Socket>
+class Session : public std::enable_shared_from_this<Session<Socket>> {
+ public:
+  Session(Socket socket, ExportInfo& info);
+  // Runs the session to its end; on the session's strand.
+  asio::awaitable<void> run();
+  asio::strand<typename Socket::executor_type>& strand() { return strand_; }
+
+ private:
+  struct Request {
+    uint16_t flags;
+    uint16_t type;
+    uint64_t cookie;
+    uint64_t offset;
+    uint32_t length;
+  };
+  asio::awaitable<bool> handshake();
+  asio::awaitable<void> option_reply(uint32_t option, uint32_t type, const std::string& data);
+  std::string export_info(uint16_t type) const;
+  uint16_t transmission_flags() const;
+  asio::awaitable<void> transmission();
+  // Checks a request; returns 0 or the NBD error to answer with.
+  uint32_t validate(const Request& r) const;
+  // Runs `r` on the worker pool and queues its reply.
+  void execute(Request r, std::vector<char> payload);
+  std::vector<char> simple_reply(uint64_t cookie, uint32_t error) const;
+  // NBD_OPT_LIST_META_CONTEXT / SET_META_CONTEXT.
+  asio::awaitable<void> meta_context_option(uint32_t option, const std::vector<char>& data);
+  std::vector<char> block_status_reply(const Request& r, Status& s) const;
+  std::vector<char> read_reply(const Request& r, std::vector<char> data, const Status& s) const;
+  // On the strand.
+  void queue_reply(std::vector<char> bytes, uint64_t request_bytes);
+  void write_queued();
+  void close();
+
+  Socket socket_;
+  ExportInfo& info_;
+  asio::strand<typename Socket::executor_type> strand_;
+  asio::steady_timer wake_;  // the reader waits here for room or for the end
+  bool structured_ = false;
+  bool want_allocation_ = false;  // base:allocation selected
+  bool want_remapped_ = false;    // dmremap:remapped selected
+  bool no_zeroes_ = false;
+  bool closed_ = false;
+  // Reply queue, touched only on the strand.
+  std::deque<std::vector<char>> queued_;
+  std::vector<std::vector<char>> writing_;
+  uint64_t in_flight_requests_ = 0;
+  uint64_t in_flight_bytes_ = 0;
+};
+
+}  // namespace dmremap::server

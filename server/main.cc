@@ -5,11 +5,17 @@
 
 #include <CLI/CLI.hpp>
 #include <boost/asio.hpp>
+#include <sys/socket.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <cstring>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -24,6 +30,16 @@ namespace asio = boost::asio;
 using dmremap::server::ExportInfo;
 using dmremap::server::Session;
 
+// Runs one session; `done` is called when it has ended.
+template <class Socket, class Done>
+void serve(Socket socket, ExportInfo& info, Done done) {
+  auto session = std::make_shared<Session<Socket>>(std::move(socket), info);
+  // The lambda's capture keeps the session alive until run() ends.
+  asio::co_spawn(
+      session->strand(), [session]() -> asio::awaitable<void> { co_await session->run(); },
+      std::move(done));
+}
+
 template <class Acceptor>
 asio::awaitable<void> accept_loop(Acceptor& acceptor, ExportInfo& info) {
   while (acceptor.is_open()) {
@@ -34,12 +50,7 @@ asio::awaitable<void> accept_loop(Acceptor& acceptor, ExportInfo& info) {
       dmremap::log(dmremap::LogLevel::kWarning, "accept: " + ec.message());
       continue;
     }
-    using S = Session<typename Acceptor::protocol_type::socket>;
-    auto session = std::make_shared<S>(std::move(socket), info);
-    // The lambda's capture keeps the session alive until run() ends.
-    asio::co_spawn(
-        session->strand(), [session]() -> asio::awaitable<void> { co_await session->run(); },
-        asio::detached);
+    serve(std::move(socket), info, asio::detached);
   }
 }
 
@@ -53,6 +64,36 @@ asio::ip::tcp::endpoint parse_tcp(const std::string& spec) {
     if (addr.size() > 2 && addr.front() == '[' && addr.back() == ']') addr = addr.substr(1, addr.size() - 2);
   }
   return {asio::ip::make_address(addr), static_cast<unsigned short>(std::stoul(port))};
+}
+
+int socket_domain(int fd) {
+  int domain = -1;
+  socklen_t len = sizeof domain;
+  if (::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0) return -1;
+  return domain;
+}
+
+bool is_listening(int fd) {
+  int on = 0;
+  socklen_t len = sizeof on;
+  return ::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &on, &len) == 0 && on != 0;
+}
+
+// Sockets passed by systemd socket activation (sd_listen_fds(3)): fds 3..,
+// when LISTEN_PID names this process. The variables are removed so that
+// nothing started later takes them for its own.
+std::vector<int> activation_fds() {
+  std::vector<int> fds;
+  const char* pid = std::getenv("LISTEN_PID");
+  const char* count = std::getenv("LISTEN_FDS");
+  if (pid != nullptr && count != nullptr && std::strtol(pid, nullptr, 10) == ::getpid()) {
+    const long n = std::strtol(count, nullptr, 10);
+    for (long i = 0; i < n && i < 64; ++i) fds.push_back(3 + static_cast<int>(i));
+  }
+  ::unsetenv("LISTEN_PID");
+  ::unsetenv("LISTEN_FDS");
+  ::unsetenv("LISTEN_FDNAMES");
+  return fds;
 }
 
 }  // namespace
@@ -86,7 +127,27 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--inject", set.inject, "Testing only: faults on main, e.g. read:10,write:20-21,weak:30x2");
   app.add_option("--threads", threads, "Worker threads for disk I/O")->capture_default_str();
+  bool stdio = false;
+  app.add_flag("--stdio", stdio,
+               "Serve one client on standard input (a connected socket, as libnbd's "
+               "nbd_connect_command, `nbdinfo -- CMD` and inetd give), then exit");
+  double handshake_seconds = 30;
+  app.add_option("--handshake-timeout", handshake_seconds,
+                 "Seconds a client may take to finish the handshake before it is dropped")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  double drain_seconds = 30;
+  app.add_option("--shutdown-timeout", drain_seconds,
+                 "On SIGTERM/SIGINT, seconds to wait for requests in flight before closing")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   app.add_flag("-v,--verbose", verbose, "Log each session");
+  app.footer(
+      "Listening: --tcp and --unix may be combined; with neither, sockets passed by systemd "
+      "socket activation (LISTEN_FDS) are used, or else 127.0.0.1:10809.\n"
+      "Stopping: SIGTERM or SIGINT stops accepting, answers what is in flight, flushes and "
+      "closes the spare cleanly; exit status 0.\n"
+      "Manual: docs/server.md");
   app.set_version_flag("-V,--version", "dmremap-server " DMREMAP_VERSION);
   CLI11_PARSE(app, argc, argv);
   set.engine.unreadable_zero = unreadable == "zero";
@@ -111,11 +172,61 @@ int main(int argc, char** argv) {
   info.read_only = set.read_only;
   info.min_block = info.engine->block_size();
   info.preferred_block = std::max<uint32_t>(info.engine->block_size(), 4096);
+  info.handshake_timeout =
+      std::chrono::milliseconds(static_cast<int64_t>(handshake_seconds * 1000));
+  const std::vector<int> passed = activation_fds();
+  if (stdio && (!tcp.empty() || !unix_path.empty() || !passed.empty())) {
+    std::fprintf(stderr, "dmremap-server: --stdio serves one client; it takes no --tcp or --unix\n");
+    (void)engine.value()->close();
+    return 2;
+  }
 
   std::vector<std::unique_ptr<asio::ip::tcp::acceptor>> tcp_acceptors;
   std::unique_ptr<asio::local::stream_protocol::acceptor> unix_acceptor;
+  std::chrono::steady_clock::time_point drain_deadline;
+  // Set when the server should stop by itself: the --stdio client is gone.
+  std::function<void()> on_session_end = [] {};
   try {
-    if (tcp.empty() && unix_path.empty()) tcp.push_back("10809");
+    if (stdio) {
+      // One connected socket on fd 0; fd 1 may be the same socket, or not.
+      const int fd = ::dup(0);
+      const int domain = fd < 0 ? -1 : socket_domain(fd);
+      if (domain == AF_UNIX) {
+        asio::local::stream_protocol::socket sock(io);
+        sock.assign(asio::local::stream_protocol(), fd);
+        serve(std::move(sock), info, [&](std::exception_ptr) { on_session_end(); });
+      } else if (domain == AF_INET || domain == AF_INET6) {
+        asio::ip::tcp::socket sock(io);
+        sock.assign(domain == AF_INET ? asio::ip::tcp::v4() : asio::ip::tcp::v6(), fd);
+        serve(std::move(sock), info, [&](std::exception_ptr) { on_session_end(); });
+      } else {
+        throw std::runtime_error(
+            "--stdio needs a connected socket on standard input (as nbd_connect_command "
+            "or inetd give), not a terminal, file or pipe");
+      }
+    }
+    for (const int fd : passed) {
+      const int domain = socket_domain(fd);
+      if (!is_listening(fd)) {
+        throw std::runtime_error("socket-activation fd " + std::to_string(fd) +
+                                 " is not a listening socket (use Accept=no)");
+      }
+      if (domain == AF_UNIX) {
+        unix_acceptor = std::make_unique<asio::local::stream_protocol::acceptor>(
+            io, asio::local::stream_protocol(), fd);
+        asio::co_spawn(io, accept_loop(*unix_acceptor, info), asio::detached);
+      } else if (domain == AF_INET || domain == AF_INET6) {
+        auto a = std::make_unique<asio::ip::tcp::acceptor>(
+            io, domain == AF_INET ? asio::ip::tcp::v4() : asio::ip::tcp::v6(), fd);
+        asio::co_spawn(io, accept_loop(*a, info), asio::detached);
+        tcp_acceptors.push_back(std::move(a));
+      } else {
+        throw std::runtime_error("socket-activation fd " + std::to_string(fd) +
+                                 " is neither a TCP nor a Unix socket");
+      }
+      std::fprintf(stderr, "dmremap-server: listening on the socket passed as fd %d\n", fd);
+    }
+    if (tcp.empty() && unix_path.empty() && passed.empty() && !stdio) tcp.push_back("10809");
     for (const auto& spec : tcp) {
       auto a = std::make_unique<asio::ip::tcp::acceptor>(io, parse_tcp(spec), true);
       asio::co_spawn(io, accept_loop(*a, info), asio::detached);
@@ -126,6 +237,7 @@ int main(int argc, char** argv) {
       tcp_acceptors.push_back(std::move(a));
     }
     if (!unix_path.empty()) {
+      if (unix_acceptor) throw std::runtime_error("--unix and a socket-activation Unix socket");
       ::unlink(unix_path.c_str());
       unix_acceptor = std::make_unique<asio::local::stream_protocol::acceptor>(
           io, asio::local::stream_protocol::endpoint(unix_path));
@@ -133,21 +245,49 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "dmremap-server: listening on %s\n", unix_path.c_str());
     }
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "dmremap-server: cannot listen: %s\n", e.what());
+    std::fprintf(stderr, "dmremap-server: cannot serve: %s\n", e.what());
     (void)engine.value()->close();
     return 1;
   }
 
-  // SIGTERM/SIGINT: stop accepting and stop the loop; requests already with
-  // the workers finish, then the engine flushes and closes the spare cleanly.
+  // SIGTERM/SIGINT: stop accepting, stop reading requests, answer those in
+  // flight, then stop; the engine then flushes and closes the spare cleanly.
+  // Clients that do not take their replies within --shutdown-timeout are cut.
   asio::signal_set signals(io, SIGINT, SIGTERM);
+  asio::steady_timer drain_timer(io);
+  std::function<void()> poll_drained;
+  poll_drained = [&] {
+    drain_timer.expires_after(std::chrono::milliseconds(20));
+    drain_timer.async_wait([&](const boost::system::error_code& ec) {
+      if (ec) return;
+      if (info.live() == 0 || std::chrono::steady_clock::now() > drain_deadline) {
+        if (info.live() != 0) {
+          std::fprintf(stderr, "dmremap-server: %zu client(s) still busy: closing anyway\n",
+                       info.live());
+        }
+        io.stop();
+        return;
+      }
+      poll_drained();
+    });
+  };
   signals.async_wait([&](const boost::system::error_code& ec, int sig) {
     if (ec) return;
     std::fprintf(stderr, "dmremap-server: signal %d: shutting down\n", sig);
     for (auto& a : tcp_acceptors) a->close();
     if (unix_acceptor) unix_acceptor->close();
-    io.stop();
+    drain_deadline = std::chrono::steady_clock::now() +
+                     std::chrono::milliseconds(static_cast<int64_t>(drain_seconds * 1000));
+    info.drain_all();
+    poll_drained();
   });
+  if (stdio) {
+    on_session_end = [&] {
+      boost::system::error_code ignored;
+      signals.cancel(ignored);
+      drain_timer.cancel();
+    };
+  }
   std::signal(SIGPIPE, SIG_IGN);
 
   std::vector<std::thread> io_threads;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 
 #include "dmremap/log.h"
 #include "protocol.h"
@@ -35,6 +36,43 @@ std::string be64(uint64_t v) {
 
 }  // namespace
 
+void ExportInfo::add(const std::shared_ptr<SessionBase>& s) {
+  bool drain_now = false;
+  {
+    std::lock_guard lock(mu_);
+    std::erase_if(live_, [](const auto& w) { return w.expired(); });
+    live_.push_back(s);
+    drain_now = draining_;
+  }
+  if (drain_now) s->drain();
+}
+
+void ExportInfo::remove(const SessionBase* s) {
+  std::lock_guard lock(mu_);
+  std::erase_if(live_, [s](const auto& w) {
+    auto p = w.lock();
+    return !p || p.get() == s;
+  });
+}
+
+void ExportInfo::drain_all() {
+  std::vector<std::shared_ptr<SessionBase>> sessions;
+  {
+    std::lock_guard lock(mu_);
+    draining_ = true;
+    for (const auto& w : live_) {
+      if (auto p = w.lock()) sessions.push_back(std::move(p));
+    }
+  }
+  for (auto& s : sessions) s->drain();
+}
+
+size_t ExportInfo::live() const {
+  std::lock_guard lock(mu_);
+  return static_cast<size_t>(std::count_if(live_.begin(), live_.end(),
+                                           [](const auto& w) { return !w.expired(); }));
+}
+
 template <class Socket>
 Session<Socket>::Session(Socket socket, ExportInfo& info)
     : socket_(std::move(socket)),
@@ -43,20 +81,45 @@ Session<Socket>::Session(Socket socket, ExportInfo& info)
       wake_(strand_) {}
 
 template <class Socket>
+void Session<Socket>::drain() {
+  asio::post(strand_, [self = this->shared_from_this(), this] {
+    if (draining_ || closed_) return;
+    draining_ = true;
+    if (in_handshake_) {
+      close();  // nothing to finish yet
+      return;
+    }
+    // The reader's pending read ends (end of file); replies still go out.
+    boost::system::error_code ec;
+    socket_.shutdown(Socket::shutdown_receive, ec);
+    wake_.cancel();
+  });
+}
+
+template <class Socket>
+awaitable<void> Session<Socket>::sleep() {
+  wake_.expires_after(std::chrono::hours(1));
+  boost::system::error_code ec;
+  co_await wake_.async_wait(asio::redirect_error(use_awaitable, ec));
+}
+
+template <class Socket>
 awaitable<void> Session<Socket>::run() {
   auto self = this->shared_from_this();
-  ++info_.sessions;
+  info_.add(self);
   try {
     // A client that stalls in the handshake is dropped.
     asio::steady_timer deadline(strand_, info_.handshake_timeout);
-    bool done = false;
-    deadline.async_wait([this, &done](const boost::system::error_code& ec) {
-      if (!ec && !done) close();
+    deadline.async_wait([this](const boost::system::error_code& ec) {
+      if (!ec && in_handshake_) {
+        log(LogLevel::kWarning, "a client stalled in the handshake: disconnecting it");
+        close();
+      }
     });
     const bool go = co_await handshake();
-    done = true;
+    in_handshake_ = false;
     deadline.cancel();
-    if (go) co_await transmission();
+    if (go && !draining_) co_await transmission();
   } catch (const boost::system::system_error& e) {
     // The client went away or sent something we refuse: this session ends,
     // the others go on.
@@ -66,14 +129,14 @@ awaitable<void> Session<Socket>::run() {
   } catch (const std::exception& e) {
     log(LogLevel::kWarning, std::string("session ended: ") + e.what());
   }
-  // Replies still being computed hold the session; wait for them.
-  while (in_flight_requests_ > 0) {
-    wake_.expires_after(std::chrono::hours(1));
-    boost::system::error_code ec;
-    co_await wake_.async_wait(asio::redirect_error(use_awaitable, ec));
+  in_handshake_ = false;
+  // Requests still with the workers hold the session: wait for them, then
+  // for their replies to leave.
+  while (in_flight_requests_ > 0 || ((!queued_.empty() || !writing_.empty()) && !closed_)) {
+    co_await sleep();
   }
   close();
-  --info_.sessions;
+  info_.remove(this);
 }
 
 template <class Socket>
@@ -338,7 +401,7 @@ uint32_t Session<Socket>::validate(const Request& r) const {
 template <class Socket>
 awaitable<void> Session<Socket>::transmission() {
   char head[nbd::kRequestBytes];
-  while (!closed_) {
+  while (!closed_ && !draining_) {
     co_await asio::async_read(socket_, asio::buffer(head), use_awaitable);
     if (nbd::get32(head) != nbd::kRequestMagic) {
       log(LogLevel::kWarning, "client sent a request with a bad magic: disconnecting it");
@@ -347,7 +410,7 @@ awaitable<void> Session<Socket>::transmission() {
     Request r{nbd::get16(head + 4), nbd::get16(head + 6), nbd::get64(head + 8),
               nbd::get64(head + 16), nbd::get32(head + 24)};
     if (r.type == nbd::kCmdDisc) co_return;
-    std::vector<char> payload;
+    Buffer payload;
     if (r.type == nbd::kCmdWrite) {
       // The payload follows whatever we think of the request; one bigger
       // than we accept cannot be skipped safely, so the client goes.
@@ -356,26 +419,25 @@ awaitable<void> Session<Socket>::transmission() {
                                     " bytes, over the limit: disconnecting it");
         co_return;
       }
-      payload.resize(r.length);
-      co_await asio::async_read(socket_, asio::buffer(payload), use_awaitable);
+      payload = Buffer(r.length);
+      co_await asio::async_read(socket_, asio::buffer(payload.data(), payload.size),
+                                use_awaitable);
     }
     if (const uint32_t err = validate(r); err != 0) {
       // With structured replies a READ must be answered by chunks.
       if (structured_ && r.type == nbd::kCmdRead) {
         const int sys = err == nbd::kEperm ? EPERM : err == nbd::kEnospc ? ENOSPC : EINVAL;
-        queue_reply(read_reply(r, {}, Status::error(sys, "invalid request")), 0);
+        queue_reply(read_reply(r, {}, Status::error(sys, "invalid request"), {}));
       } else {
-        queue_reply(simple_reply(r.cookie, err), 0);
+        queue_reply(simple_reply(r.cookie, err));
       }
       continue;
     }
     // Bound the memory a client can hold in flight: stop reading until
     // replies have gone out.
-    const uint64_t cost = r.length + payload.size();
+    const uint64_t cost = r.length + payload.size;
     while (in_flight_bytes_ > 0 && in_flight_bytes_ + cost > info_.max_in_flight_bytes) {
-      wake_.expires_after(std::chrono::hours(1));
-      boost::system::error_code ec;
-      co_await wake_.async_wait(asio::redirect_error(use_awaitable, ec));
+      co_await sleep();
       if (closed_) co_return;
     }
     ++in_flight_requests_;
@@ -385,68 +447,119 @@ awaitable<void> Session<Socket>::transmission() {
 }
 
 template <class Socket>
-std::vector<char> Session<Socket>::simple_reply(uint64_t cookie, uint32_t error) const {
-  std::vector<char> out(16);
-  nbd::put32(out.data(), nbd::kSimpleReplyMagic);
-  nbd::put32(out.data() + 4, error);
-  nbd::put64(out.data() + 8, cookie);
+Reply Session<Socket>::simple_reply(uint64_t cookie, uint32_t error) const {
+  Reply out;
+  out.meta.resize(16);
+  nbd::put32(out.meta.data(), nbd::kSimpleReplyMagic);
+  nbd::put32(out.meta.data() + 4, error);
+  nbd::put64(out.meta.data() + 8, cookie);
   return out;
 }
 
-// A read's reply. Structured: the data as one OFFSET_DATA chunk; on an
-// unreadable block, the good bytes before it, then ERROR_OFFSET naming the
-// exact offset. Simple: the header, then the data unless it failed.
+namespace {
+
+// Appends a structured chunk's header to `meta`.
+void chunk_head(std::vector<char>& meta, uint64_t cookie, uint16_t flags, uint16_t type,
+                uint32_t length) {
+  const size_t at = meta.size();
+  meta.resize(at + 20);
+  nbd::put32(meta.data() + at, nbd::kStructuredReplyMagic);
+  nbd::put16(meta.data() + at + 4, flags);
+  nbd::put16(meta.data() + at + 6, type);
+  nbd::put64(meta.data() + at + 8, cookie);
+  nbd::put32(meta.data() + at + 16, length);
+}
+
+}  // namespace
+
+// A read's reply.
+// Simple replies: the header, then the data unless the read failed.
+// Structured replies: on success one OFFSET_DATA chunk. When blocks are
+// unreadable, every good byte still goes out (OFFSET_DATA chunks around them)
+// and each unreadable block gets an ERROR_OFFSET chunk naming its first byte,
+// so a client such as ddrescue-over-NBD learns exactly what is lost. With the
+// DF flag the client wants no fragments: then only the first error is sent.
+// Other errors (a spare that fails) send the good bytes before the failure.
 template <class Socket>
-std::vector<char> Session<Socket>::read_reply(const Request& r, std::vector<char> data,
-                                              const Status& s) const {
-  if (!structured_) {
-    std::vector<char> out = simple_reply(r.cookie, s.is_ok() ? 0 : nbd::wire_error(s.code()));
-    if (s.is_ok()) out.insert(out.end(), data.begin(), data.end());
-    return out;
-  }
-  auto chunk_head = [&](std::vector<char>& out, uint16_t flags, uint16_t type, uint32_t len) {
-    const size_t at = out.size();
-    out.resize(at + 20);
-    nbd::put32(out.data() + at, nbd::kStructuredReplyMagic);
-    nbd::put16(out.data() + at + 4, flags);
-    nbd::put16(out.data() + at + 6, type);
-    nbd::put64(out.data() + at + 8, r.cookie);
-    nbd::put32(out.data() + at + 16, len);
+Reply Session<Socket>::read_reply(const Request& r, Buffer data, const Status& s,
+                                  const std::vector<uint64_t>& unreadable) const {
+  Reply out;
+  auto add_meta = [&](size_t from) {
+    out.pieces.push_back({false, static_cast<uint32_t>(from),
+                          static_cast<uint32_t>(out.meta.size() - from)});
   };
-  std::vector<char> out;
-  uint64_t good = r.length;
-  if (!s.is_ok()) good = s.error_offset() ? std::min<uint64_t>(*s.error_offset() - r.offset, r.length) : 0;
-  if (good > 0) {
-    out.reserve(20 + 8 + good + 64);
-    chunk_head(out, s.is_ok() ? nbd::kReplyFlagDone : 0, nbd::kChunkOffsetData,
-               static_cast<uint32_t>(8 + good));
-    const size_t at = out.size();
-    out.resize(at + 8);
-    nbd::put64(out.data() + at, r.offset);
-    out.insert(out.end(), data.begin(), data.begin() + static_cast<ptrdiff_t>(good));
-  }
-  if (s.is_ok()) {
-    if (good == 0) chunk_head(out, nbd::kReplyFlagDone, nbd::kChunkNone, 0);
+  if (!structured_) {
+    out = simple_reply(r.cookie, s.is_ok() ? 0 : nbd::wire_error(s.code()));
+    if (s.is_ok() && r.length > 0) {
+      out.pieces = {{false, 0, 16}, {true, 0, r.length}};
+      out.data = std::move(data);
+    }
     return out;
   }
-  std::string msg = s.message().substr(0, 512);
-  const bool with_offset = s.error_offset().has_value();
-  const uint32_t len = static_cast<uint32_t>(6 + msg.size() + (with_offset ? 8 : 0));
-  chunk_head(out, nbd::kReplyFlagDone, with_offset ? nbd::kChunkErrorOffset : nbd::kChunkError,
-             len);
-  const size_t at = out.size();
-  out.resize(at + len);
-  nbd::put32(out.data() + at, nbd::wire_error(s.code()));
-  nbd::put16(out.data() + at + 4, static_cast<uint16_t>(msg.size()));
-  std::memcpy(out.data() + at + 6, msg.data(), msg.size());
-  if (with_offset) nbd::put64(out.data() + at + 6 + msg.size(), *s.error_offset());
+  const uint64_t end = r.offset + r.length;
+  // [lo, hi) of the request as one OFFSET_DATA chunk.
+  auto data_chunk = [&](uint64_t lo, uint64_t hi, uint16_t flags) {
+    const size_t at = out.meta.size();
+    chunk_head(out.meta, r.cookie, flags, nbd::kChunkOffsetData, static_cast<uint32_t>(8 + hi - lo));
+    out.meta.resize(at + 28);
+    nbd::put64(out.meta.data() + at + 20, lo);
+    add_meta(at);
+    out.pieces.push_back({true, static_cast<uint32_t>(lo - r.offset), static_cast<uint32_t>(hi - lo)});
+  };
+  auto error_chunk = [&](const Status& e, std::optional<uint64_t> offset, uint16_t flags) {
+    const std::string msg = e.message().substr(0, 512);
+    const uint32_t len = static_cast<uint32_t>(6 + msg.size() + (offset ? 8 : 0));
+    const size_t at = out.meta.size();
+    chunk_head(out.meta, r.cookie, flags, offset ? nbd::kChunkErrorOffset : nbd::kChunkError, len);
+    out.meta.resize(at + 20 + len);
+    char* p = out.meta.data() + at + 20;
+    nbd::put32(p, nbd::wire_error(e.code()));
+    nbd::put16(p + 4, static_cast<uint16_t>(msg.size()));
+    std::memcpy(p + 6, msg.data(), msg.size());
+    if (offset) nbd::put64(p + 6 + msg.size(), *offset);
+    add_meta(at);
+  };
+  if (s.is_ok()) {
+    if (r.length == 0) {
+      chunk_head(out.meta, r.cookie, nbd::kReplyFlagDone, nbd::kChunkNone, 0);
+      add_meta(0);
+    } else {
+      data_chunk(r.offset, end, nbd::kReplyFlagDone);
+      out.data = std::move(data);
+    }
+    return out;
+  }
+  const bool df = r.flags & nbd::kCmdFlagDf;
+  if (unreadable.empty() || df) {
+    const auto at = s.error_offset();
+    const uint64_t good = at && !df ? std::min<uint64_t>(*at - r.offset, r.length) : 0;
+    if (good > 0) data_chunk(r.offset, r.offset + good, 0);
+    error_chunk(s, at, nbd::kReplyFlagDone);
+    if (good > 0) out.data = std::move(data);
+    return out;
+  }
+  const uint64_t bs = info_.engine->block_size();
+  uint64_t pos = r.offset;
+  for (size_t i = 0; i < unreadable.size(); ++i) {
+    const uint64_t lo = std::max(r.offset, unreadable[i] * bs);
+    const uint64_t hi = std::min(end, (unreadable[i] + 1) * bs);
+    if (lo > pos) data_chunk(pos, lo, 0);
+    const bool last = i + 1 == unreadable.size() && hi >= end;
+    const Status e = i == 0 ? s
+                            : Status::error(EIO, "block " + std::to_string(unreadable[i]) +
+                                                     " cannot be read and has no copy (pending)");
+    error_chunk(e, lo, last ? nbd::kReplyFlagDone : 0);
+    pos = hi;
+  }
+  if (pos < end) data_chunk(pos, end, nbd::kReplyFlagDone);
+  out.data = std::move(data);
   return out;
 }
 
 // One BLOCK_STATUS chunk per selected context, the last one DONE; runs are
 // clipped to the request and merged when their flags agree.
 template <class Socket>
-std::vector<char> Session<Socket>::block_status_reply(const Request& r, Status& s) const {
+Reply Session<Socket>::block_status_reply(const Request& r, Status& s) const {
   Engine& e = *info_.engine;
   const uint64_t end = r.offset + r.length;
   const bool one = r.flags & nbd::kCmdFlagReqOne;
@@ -483,43 +596,43 @@ std::vector<char> Session<Socket>::block_status_reply(const Request& r, Status& 
     if (pos < end) add(runs, pos, end - pos, 0);
     contexts.emplace_back(nbd::kContextRemapped, std::move(runs));
   }
-  std::vector<char> out;
+  Reply out;
   for (size_t c = 0; c < contexts.size(); ++c) {
     auto& [id, runs] = contexts[c];
     if (one && runs.size() > 1) runs.resize(1);
     const uint32_t len = static_cast<uint32_t>(4 + 8 * runs.size());
-    const size_t at = out.size();
-    out.resize(at + 20 + len);
-    char* p = out.data() + at;
-    nbd::put32(p, nbd::kStructuredReplyMagic);
-    nbd::put16(p + 4, c + 1 == contexts.size() ? nbd::kReplyFlagDone : 0);
-    nbd::put16(p + 6, nbd::kChunkBlockStatus);
-    nbd::put64(p + 8, r.cookie);
-    nbd::put32(p + 16, len);
-    nbd::put32(p + 20, id);
+    const size_t at = out.meta.size();
+    chunk_head(out.meta, r.cookie, c + 1 == contexts.size() ? nbd::kReplyFlagDone : 0,
+               nbd::kChunkBlockStatus, len);
+    out.meta.resize(at + 20 + len);
+    char* p = out.meta.data() + at + 20;
+    nbd::put32(p, id);
     for (size_t i = 0; i < runs.size(); ++i) {
-      nbd::put32(p + 24 + 8 * i, static_cast<uint32_t>(runs[i].first));
-      nbd::put32(p + 28 + 8 * i, runs[i].second);
+      nbd::put32(p + 4 + 8 * i, static_cast<uint32_t>(runs[i].first));
+      nbd::put32(p + 8 + 8 * i, runs[i].second);
     }
   }
   return out;
 }
 
 template <class Socket>
-void Session<Socket>::execute(Request r, std::vector<char> payload) {
-  auto self = this->shared_from_this();
-  const uint64_t cost = r.length + payload.size();
-  asio::post(*info_.workers, [self, this, r, payload = std::move(payload), cost]() mutable {
-    std::vector<char> reply;
+void Session<Socket>::execute(Request r, Buffer payload) {
+  const uint64_t cost = r.length + payload.size;
+  asio::post(*info_.workers, [self = this->shared_from_this(), this, r,
+                              payload = std::move(payload), cost]() mutable {
+    Reply reply;
     try {
       Engine& e = *info_.engine;
       const bool fua = r.flags & nbd::kCmdFlagFua;
       Status s;
+      bool done = false;
       switch (r.type) {
         case nbd::kCmdRead: {
-          std::vector<char> data(r.length);
-          s = e.read(data.data(), r.length, r.offset);
-          reply = read_reply(r, std::move(data), s);
+          Buffer data(r.length);
+          std::vector<uint64_t> unreadable;
+          s = e.read(data.data(), r.length, r.offset, &unreadable);
+          reply = read_reply(r, std::move(data), s, unreadable);
+          done = true;
           break;
         }
         case nbd::kCmdWrite: s = e.write(payload.data(), r.length, r.offset, fua); break;
@@ -533,37 +646,42 @@ void Session<Socket>::execute(Request r, std::vector<char> payload) {
           }
           break;
         case nbd::kCmdCache: {
-          std::vector<char> data(r.length);
+          Buffer data(r.length);
           s = e.read(data.data(), r.length, r.offset);
           break;
         }
         case nbd::kCmdBlockStatus:
           reply = block_status_reply(r, s);
+          done = s.is_ok();
           break;
       }
       if (!s.is_ok() && s.code() != ENOTSUP) {
         log(LogLevel::kWarning, "request failed: " + s.to_string());
       }
-      if (reply.empty()) reply = simple_reply(r.cookie, s.is_ok() ? 0 : nbd::wire_error(s.code()));
+      if (!done) reply = simple_reply(r.cookie, s.is_ok() ? 0 : nbd::wire_error(s.code()));
     } catch (const std::bad_alloc&) {
       reply = simple_reply(r.cookie, nbd::kEnomem);
     } catch (const std::exception& ex) {
       log(LogLevel::kError, std::string("request failed: ") + ex.what());
       reply = simple_reply(r.cookie, nbd::kEio);
     }
-    asio::post(strand_, [self, this, reply = std::move(reply), cost]() mutable {
+    reply.cost = cost;
+    // Free the write's payload before the hop back: memory goes back as soon
+    // as the disk has it.
+    payload = Buffer();
+    asio::post(strand_, [self = std::move(self), this, reply = std::move(reply)]() mutable {
       --in_flight_requests_;
-      queue_reply(std::move(reply), cost);
+      queue_reply(std::move(reply));
     });
   });
 }
 
 template <class Socket>
-void Session<Socket>::queue_reply(std::vector<char> bytes, uint64_t request_bytes) {
-  in_flight_bytes_ -= std::min(in_flight_bytes_, request_bytes);
+void Session<Socket>::queue_reply(Reply reply) {
+  in_flight_bytes_ -= std::min(in_flight_bytes_, reply.cost);
   wake_.cancel();
   if (closed_) return;
-  queued_.push_back(std::move(bytes));
+  queued_.push_back(std::move(reply));
   if (writing_.empty()) write_queued();
 }
 
@@ -571,24 +689,35 @@ void Session<Socket>::queue_reply(std::vector<char> bytes, uint64_t request_byte
 template <class Socket>
 void Session<Socket>::write_queued() {
   writing_.clear();
+  iov_.clear();
   while (!queued_.empty() && writing_.size() < 64) {
     writing_.push_back(std::move(queued_.front()));
     queued_.pop_front();
   }
-  std::vector<asio::const_buffer> bufs;
-  bufs.reserve(writing_.size());
-  for (const auto& w : writing_) bufs.push_back(asio::buffer(w));
-  auto self = this->shared_from_this();
-  asio::async_write(socket_, bufs,
-                    asio::bind_executor(strand_, [self, this](const boost::system::error_code& ec,
-                                                              size_t) {
+  for (auto& w : writing_) {
+    if (w.pieces.empty()) {
+      iov_.push_back(asio::buffer(w.meta));
+      continue;
+    }
+    for (const auto& p : w.pieces) {
+      const char* base = p.in_data ? w.data.data() : w.meta.data();
+      iov_.push_back(asio::buffer(base + p.offset, p.length));
+    }
+  }
+  asio::async_write(socket_, iov_,
+                    asio::bind_executor(strand_, [self = this->shared_from_this(), this](
+                                                     const boost::system::error_code& ec, size_t) {
                       writing_.clear();
                       if (ec) {
                         close();
                         wake_.cancel();
                         return;
                       }
-                      if (!queued_.empty()) write_queued();
+                      if (!queued_.empty()) {
+                        write_queued();
+                      } else {
+                        wake_.cancel();  // run() may be waiting for the last reply to leave
+                      }
                     }));
 }
 

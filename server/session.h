@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,38 @@
 namespace dmremap::server {
 
 namespace asio = boost::asio;
+
+// A byte buffer that is not zeroed when it is made: request payloads and read
+// data are overwritten at once, so clearing them first would be wasted work.
+struct Buffer {
+  std::unique_ptr<char[]> bytes;
+  size_t size = 0;
+  Buffer() = default;
+  explicit Buffer(size_t n) : bytes(std::make_unique_for_overwrite<char[]>(n)), size(n) {}
+  char* data() { return bytes.get(); }
+};
+
+// A reply as it goes on the wire: headers in `meta`, read data in `data`,
+// and the order in which slices of the two are sent. The data is never
+// copied into the headers' buffer.
+struct Reply {
+  struct Piece {
+    bool in_data;
+    uint32_t offset;
+    uint32_t length;
+  };
+  std::vector<char> meta;
+  Buffer data;
+  std::vector<Piece> pieces;  // empty: all of `meta`
+  uint64_t cost = 0;          // bytes of the request this reply releases
+};
+
+class SessionBase {
+ public:
+  virtual ~SessionBase() = default;
+  // Stop reading requests, answer those in flight, then close. Thread-safe.
+  virtual void drain() = 0;
+};
 
 // What every session shares.
 struct ExportInfo {
@@ -31,17 +64,29 @@ struct ExportInfo {
   uint32_t max_request = 32 << 20;  // advertised
   uint32_t accept_request = 64 << 20;  // accepted, as nbdkit does
   uint64_t max_in_flight_bytes = 256 << 20;  // per session, then reading pauses
-  std::chrono::seconds handshake_timeout{30};
-  std::atomic<uint64_t> sessions{0};
+  std::chrono::milliseconds handshake_timeout{30000};
+
+  // Live sessions, so that a shutdown can drain them.
+  void add(const std::shared_ptr<SessionBase>& s);
+  void remove(const SessionBase* s);
+  // Drains every session; from now on new sessions are drained at once.
+  void drain_all();
+  size_t live() const;
+
+ private:
+  mutable std::mutex mu_;
+  std::vector<std::weak_ptr<SessionBase>> live_;
+  bool draining_ = false;
 };
 
 template <class Socket>
-class Session : public std::enable_shared_from_this<Session<Socket>> {
+class Session : public SessionBase, public std::enable_shared_from_this<Session<Socket>> {
  public:
   Session(Socket socket, ExportInfo& info);
   // Runs the session to its end; on the session's strand.
   asio::awaitable<void> run();
   asio::strand<typename Socket::executor_type>& strand() { return strand_; }
+  void drain() override;
 
  private:
   struct Request {
@@ -59,14 +104,17 @@ class Session : public std::enable_shared_from_this<Session<Socket>> {
   // Checks a request; returns 0 or the NBD error to answer with.
   uint32_t validate(const Request& r) const;
   // Runs `r` on the worker pool and queues its reply.
-  void execute(Request r, std::vector<char> payload);
-  std::vector<char> simple_reply(uint64_t cookie, uint32_t error) const;
+  void execute(Request r, Buffer payload);
+  Reply simple_reply(uint64_t cookie, uint32_t error) const;
   // NBD_OPT_LIST_META_CONTEXT / SET_META_CONTEXT.
   asio::awaitable<void> meta_context_option(uint32_t option, const std::vector<char>& data);
-  std::vector<char> block_status_reply(const Request& r, Status& s) const;
-  std::vector<char> read_reply(const Request& r, std::vector<char> data, const Status& s) const;
+  Reply block_status_reply(const Request& r, Status& s) const;
+  Reply read_reply(const Request& r, Buffer data, const Status& s,
+                   const std::vector<uint64_t>& unreadable) const;
+  // Waits on wake_ until woken (a reply went out, or the session is ending).
+  asio::awaitable<void> sleep();
   // On the strand.
-  void queue_reply(std::vector<char> bytes, uint64_t request_bytes);
+  void queue_reply(Reply reply);
   void write_queued();
   void close();
 
@@ -78,10 +126,13 @@ class Session : public std::enable_shared_from_this<Session<Socket>> {
   bool want_allocation_ = false;  // base:allocation selected
   bool want_remapped_ = false;    // dmremap:remapped selected
   bool no_zeroes_ = false;
+  bool in_handshake_ = true;
+  bool draining_ = false;
   bool closed_ = false;
   // Reply queue, touched only on the strand.
-  std::deque<std::vector<char>> queued_;
-  std::vector<std::vector<char>> writing_;
+  std::deque<Reply> queued_;
+  std::vector<Reply> writing_;
+  std::vector<asio::const_buffer> iov_;
   uint64_t in_flight_requests_ = 0;
   uint64_t in_flight_bytes_ = 0;
 };

@@ -151,7 +151,7 @@ Status Engine::refuse_writes_if_broken() const {
 
 // ---------------------------------------------------------------- reads
 
-Status Engine::read(void* out, uint64_t len, uint64_t offset) {
+Status Engine::read(void* out, uint64_t len, uint64_t offset, std::vector<uint64_t>* unreadable_out) {
   if (closed_.load()) return Status::error(EIO, "the device is closed");
   if (offset > size_ || len > size_ - offset) {
     return Status::error(EINVAL, "read at offset " + std::to_string(offset) + ", length " +
@@ -185,6 +185,7 @@ Status Engine::read(void* out, uint64_t len, uint64_t offset) {
   }
   counters_->unreadable_reads.fetch_add(1, std::memory_order_relaxed);
   const uint64_t first_bad = std::max(offset, unreadable.front() * block_);
+  if (unreadable_out != nullptr) *unreadable_out = unreadable;
   return Status::error(EIO, block_name(unreadable.front(), block_) +
                                 " cannot be read from main and has no copy (pending)")
       .with_offset(first_bad);

@@ -66,8 +66,8 @@ class PluginTest(unittest.TestCase):
         self.assertEqual(h.pread(BLOCK, 12 * BLOCK), whole[2 * BLOCK:])
         self.assertEqual(h.pread(BLOCK, 50 * BLOCK), bytes(BLOCK))
         if TOOLS.frontend == "server":
-            # Structured replies: the good bytes before the bad block, then
-            # an error chunk naming its exact offset.
+            # Structured replies: every good byte, on both sides of the bad
+            # block, and an error chunk naming the bad block's exact offset.
             chunks = []
 
             def chunk(subbuf, offset, status, error):
@@ -76,8 +76,14 @@ class PluginTest(unittest.TestCase):
             with self.assertRaises(nbd.Error) as cm:
                 h.pread_structured(3 * BLOCK, 10 * BLOCK, chunk)
             self.assertEqual(cm.exception.errnum, errno.EIO)
-            self.assertEqual(chunks[0], (10 * BLOCK, nbd.READ_DATA, whole[:BLOCK]))
-            self.assertEqual(chunks[-1][:2], (11 * BLOCK, nbd.READ_ERROR))
+            self.assertEqual(chunks, [(10 * BLOCK, nbd.READ_DATA, whole[:BLOCK]),
+                                      (11 * BLOCK, nbd.READ_ERROR, b""),
+                                      (12 * BLOCK, nbd.READ_DATA, whole[2 * BLOCK:])])
+            # With DF (no fragments) only the error comes back.
+            chunks.clear()
+            with self.assertRaises(nbd.Error):
+                h.pread_structured(3 * BLOCK, 10 * BLOCK, chunk, nbd.CMD_FLAG_DF)
+            self.assertEqual(chunks, [(11 * BLOCK, nbd.READ_ERROR, b"")])
         h.shutdown()
         self.s.stop()
         self.assertEqual(self.s.status()["pending"], 1)

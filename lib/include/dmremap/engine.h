@@ -102,7 +102,11 @@ class Engine {
   // Out of range: EINVAL. An unreadable block: EIO, with error_offset() the
   // first byte of the request that could not be read; every other byte of
   // `buf` holds the right data.
-  Status read(void* buf, uint64_t len, uint64_t offset);
+  Status read(void* buf, uint64_t len, uint64_t offset) { return read(buf, len, offset, nullptr); }
+  // As above; when the error is unreadable blocks, `unreadable` receives
+  // every one of them, sorted, so that a frontend can send the good bytes on
+  // both sides of each (NBD's ERROR_OFFSET chunks).
+  Status read(void* buf, uint64_t len, uint64_t offset, std::vector<uint64_t>* unreadable);
   // Past the end: ENOSPC. Read-only: EPERM. Needs a slot and none is left:
   // ENOSPC. Journal broken: EIO. With `fua`, durable before it returns.
   Status write(const void* buf, uint64_t len, uint64_t offset, bool fua);

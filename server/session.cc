@@ -17,6 +17,13 @@ namespace {
 // Largest option payload read during the handshake; bigger ones end the
 // session (a client cannot make the server allocate without bound).
 constexpr uint32_t kMaxOptionBytes = 64 * 1024;
+// Memory counted for every request, whatever it is, so that a flood of tiny
+// or invalid requests is bounded like big ones.
+constexpr uint64_t kRequestOverhead = 512;
+// A BLOCK_STATUS reply describes at most this many runs per context (the
+// protocol lets a server describe less than was asked).
+constexpr size_t kMaxStatusRuns = 8192;
+constexpr uint64_t kMaxStatusReplyBytes = 2 * (24 + 8 * kMaxStatusRuns);
 
 std::string be16(uint16_t v) {
   char b[2];
@@ -410,6 +417,19 @@ awaitable<void> Session<Socket>::transmission() {
     Request r{nbd::get16(head + 4), nbd::get16(head + 6), nbd::get64(head + 8),
               nbd::get64(head + 16), nbd::get32(head + 24)};
     if (r.type == nbd::kCmdDisc) co_return;
+    const uint32_t err = validate(r);
+    // What this request holds until its reply has left: its payload, the
+    // data it reads, a block-status reply, and the headers. A client that
+    // sends but does not read its replies stops being read.
+    uint64_t cost = kRequestOverhead;
+    if (r.type == nbd::kCmdWrite) cost += r.length;
+    if (err == 0 && (r.type == nbd::kCmdRead || r.type == nbd::kCmdCache)) cost += r.length;
+    if (err == 0 && r.type == nbd::kCmdBlockStatus) cost += kMaxStatusReplyBytes;
+    while (in_flight_bytes_ > 0 && in_flight_bytes_ + cost > info_.max_in_flight_bytes) {
+      co_await sleep();
+      if (closed_) co_return;
+    }
+    in_flight_bytes_ += cost;
     Buffer payload;
     if (r.type == nbd::kCmdWrite) {
       // The payload follows whatever we think of the request; one bigger
@@ -423,26 +443,21 @@ awaitable<void> Session<Socket>::transmission() {
       co_await asio::async_read(socket_, asio::buffer(payload.data(), payload.size),
                                 use_awaitable);
     }
-    if (const uint32_t err = validate(r); err != 0) {
+    if (err != 0) {
+      Reply reply;
       // With structured replies a READ must be answered by chunks.
       if (structured_ && r.type == nbd::kCmdRead) {
         const int sys = err == nbd::kEperm ? EPERM : err == nbd::kEnospc ? ENOSPC : EINVAL;
-        queue_reply(read_reply(r, {}, Status::error(sys, "invalid request"), {}));
+        reply = read_reply(r, {}, Status::error(sys, "invalid request"), {});
       } else {
-        queue_reply(simple_reply(r.cookie, err));
+        reply = simple_reply(r.cookie, err);
       }
+      reply.cost = cost;
+      queue_reply(std::move(reply));
       continue;
     }
-    // Bound the memory a client can hold in flight: stop reading until
-    // replies have gone out.
-    const uint64_t cost = r.length + payload.size;
-    while (in_flight_bytes_ > 0 && in_flight_bytes_ + cost > info_.max_in_flight_bytes) {
-      co_await sleep();
-      if (closed_) co_return;
-    }
     ++in_flight_requests_;
-    in_flight_bytes_ += cost;
-    execute(r, std::move(payload));
+    execute(r, std::move(payload), cost);
   }
 }
 
@@ -600,6 +615,7 @@ Reply Session<Socket>::block_status_reply(const Request& r, Status& s) const {
   for (size_t c = 0; c < contexts.size(); ++c) {
     auto& [id, runs] = contexts[c];
     if (one && runs.size() > 1) runs.resize(1);
+    if (runs.size() > kMaxStatusRuns) runs.resize(kMaxStatusRuns);
     const uint32_t len = static_cast<uint32_t>(4 + 8 * runs.size());
     const size_t at = out.meta.size();
     chunk_head(out.meta, r.cookie, c + 1 == contexts.size() ? nbd::kReplyFlagDone : 0,
@@ -616,8 +632,7 @@ Reply Session<Socket>::block_status_reply(const Request& r, Status& s) const {
 }
 
 template <class Socket>
-void Session<Socket>::execute(Request r, Buffer payload) {
-  const uint64_t cost = r.length + payload.size;
+void Session<Socket>::execute(Request r, Buffer payload, uint64_t cost) {
   asio::post(*info_.workers, [self = this->shared_from_this(), this, r,
                               payload = std::move(payload), cost]() mutable {
     Reply reply;
@@ -678,9 +693,11 @@ void Session<Socket>::execute(Request r, Buffer payload) {
 
 template <class Socket>
 void Session<Socket>::queue_reply(Reply reply) {
-  in_flight_bytes_ -= std::min(in_flight_bytes_, reply.cost);
-  wake_.cancel();
-  if (closed_) return;
+  if (closed_) {
+    in_flight_bytes_ -= std::min(in_flight_bytes_, reply.cost);
+    wake_.cancel();
+    return;
+  }
   queued_.push_back(std::move(reply));
   if (writing_.empty()) write_queued();
 }
@@ -707,17 +724,19 @@ void Session<Socket>::write_queued() {
   asio::async_write(socket_, iov_,
                     asio::bind_executor(strand_, [self = this->shared_from_this(), this](
                                                      const boost::system::error_code& ec, size_t) {
+                      // A request's memory counts until its reply has left:
+                      // a client that sends but never reads stalls itself.
+                      for (const auto& w : writing_) {
+                        in_flight_bytes_ -= std::min(in_flight_bytes_, w.cost);
+                      }
                       writing_.clear();
                       if (ec) {
                         close();
                         wake_.cancel();
                         return;
                       }
-                      if (!queued_.empty()) {
-                        write_queued();
-                      } else {
-                        wake_.cancel();  // run() may be waiting for the last reply to leave
-                      }
+                      wake_.cancel();  // the reader may wait for room, run() for the end
+                      if (!queued_.empty()) write_queued();
                     }));
 }
 

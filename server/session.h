@@ -104,7 +104,7 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   // Checks a request; returns 0 or the NBD error to answer with.
   uint32_t validate(const Request& r) const;
   // Runs `r` on the worker pool and queues its reply.
-  void execute(Request r, Buffer payload);
+  void execute(Request r, Buffer payload, uint64_t cost);
   Reply simple_reply(uint64_t cookie, uint32_t error) const;
   // NBD_OPT_LIST_META_CONTEXT / SET_META_CONTEXT.
   asio::awaitable<void> meta_context_option(uint32_t option, const std::vector<char>& data);

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# NBD throughput of the nbdkit plugin against its peers, as ../docs/benchmarks.md
+# NBD throughput of dmremap's two frontends (the nbdkit plugin and
+# dmremap-server) against their peers, as ../docs/benchmarks.md
 # reports it: fio's nbd engine, QD32, 8 s per case, 1 GiB file in /dev/shm,
 # Unix socket, each server alone, one warm-up run each. The servers take
 # turns for ROUNDS rounds (default 3) and each figure is the median, so that
@@ -13,6 +14,7 @@ secs=${2:-8}
 rounds=${ROUNDS:-3}
 plugin=$(realpath "$build/plugin/dmremap.so")
 cli=$(realpath "$build/tools/dmremap")
+server=$(realpath "$build/server/dmremap-server")
 work=$(mktemp -d /dev/shm/dmremap-bench-XXXXXX)
 sock=$work/nbd.sock
 server_pid=
@@ -98,6 +100,8 @@ for round in $(seq "$rounds"); do
   measure "nbdkit file" nbdkit -f -U "$sock" file "$main"
   measure "dmremap.so, 0 remaps" nbdkit -f -U "$sock" "$plugin" main="$main" spare="$spare"
   measure "dmremap.so, 1 % remapped" nbdkit -f -U "$sock" "$plugin" main="$main" spare="$spare1"
+  measure "dmremap-server, 0 remaps" "$server" --unix "$sock" --main "$main" --spare "$spare"
+  measure "dmremap-server, 1 % remapped" "$server" --unix "$sock" --main "$main" --spare "$spare1"
   measure "nbdkit null" nbdkit -f -U "$sock" null 1G
   measure "qemu-nbd" qemu-nbd -t -e 16 -f raw -k "$sock" "$main"
 done
@@ -108,7 +112,8 @@ echo "1 % remapped = $remaps remaps spread every 100 blocks."
 echo
 echo "| server | 4k randread IOPS | 4k randwrite IOPS | 1M randread MiB/s | 1M randwrite MiB/s |"
 echo "|---|---|---|---|---|"
-for label in "nbdkit file" "dmremap.so, 0 remaps" "dmremap.so, 1 % remapped" "nbdkit null" "qemu-nbd"; do
+for label in "nbdkit file" "dmremap.so, 0 remaps" "dmremap.so, 1 % remapped" \
+  "dmremap-server, 0 remaps" "dmremap-server, 1 % remapped" "nbdkit null" "qemu-nbd"; do
   row="| $label |"
   for c in "${cases[@]}"; do
     field=1

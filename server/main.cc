@@ -107,7 +107,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> tcp;
   std::string unix_path;
   std::string name;
-  unsigned threads = std::max(4u, 2 * std::thread::hardware_concurrency());
+  unsigned threads = 16;
   bool verbose = false;
   app.add_option("-m,--main", set.main, "The failing disk: file, block device or NBD URI")->required();
   app.add_option("-s,--spare", set.spare, "The spare, formatted by `dmremap format`")->required();
@@ -126,7 +126,11 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"error", "zero"}))
       ->capture_default_str();
   app.add_option("--inject", set.inject, "Testing only: faults on main, e.g. read:10,write:20-21,weak:30x2");
-  app.add_option("--threads", threads, "Worker threads for disk I/O")->capture_default_str();
+  app.add_option("--threads", threads,
+                 "Requests run at once per client: each connection gets up to this many "
+                 "threads, started as its requests overlap")
+      ->check(CLI::Range(1u, 1024u))
+      ->capture_default_str();
   bool stdio = false;
   app.add_flag("--stdio", stdio,
                "Serve one client on standard input (a connected socket, as libnbd's "
@@ -163,10 +167,9 @@ int main(int argc, char** argv) {
     return 1;
   }
   asio::io_context io;
-  asio::thread_pool workers(threads);
   ExportInfo info;
   info.engine = engine.value().get();
-  info.workers = &workers;
+  info.max_lanes = std::max(1u, threads);
   info.name = name;
   info.description = "dmremap set " + dmremap::uuid_string(info.engine->superblock().uuid);
   info.read_only = set.read_only;
@@ -290,12 +293,9 @@ int main(int argc, char** argv) {
   }
   std::signal(SIGPIPE, SIG_IGN);
 
-  std::vector<std::thread> io_threads;
-  const unsigned n_io = std::max(1u, std::thread::hardware_concurrency());
-  for (unsigned i = 1; i < n_io; ++i) io_threads.emplace_back([&] { io.run(); });
+  // One thread accepts and runs handshakes; each connection's requests run
+  // on its own threads (see session.h).
   io.run();
-  for (auto& t : io_threads) t.join();
-  workers.join();
   if (!unix_path.empty()) ::unlink(unix_path.c_str());
   const dmremap::Status s = engine.value()->close();
   if (!s.is_ok()) {

@@ -2,6 +2,10 @@
 
 #include <algorithm>
 #include <cstring>
+#include <thread>
+#include <climits>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <optional>
 
 #include "dmremap/log.h"
@@ -96,24 +100,25 @@ void Session<Socket>::drain() {
       close();  // nothing to finish yet
       return;
     }
-    // The reader's pending read ends (end of file); replies still go out.
-    boost::system::error_code ec;
-    socket_.shutdown(Socket::shutdown_receive, ec);
-    wake_.cancel();
+    stop_lanes();
   });
 }
 
+// Lanes finish the request they hold and write its reply; a lane blocked
+// reading the socket wakes up with end-of-file.
 template <class Socket>
-awaitable<void> Session<Socket>::sleep() {
-  wake_.expires_after(std::chrono::hours(1));
-  boost::system::error_code ec;
-  co_await wake_.async_wait(asio::redirect_error(use_awaitable, ec));
+void Session<Socket>::stop_lanes() {
+  stop_ = true;
+  if (fd_ >= 0) ::shutdown(fd_, SHUT_RD);
+  std::lock_guard lock(lanes_mu_);
+  room_.notify_all();
 }
 
 template <class Socket>
 awaitable<void> Session<Socket>::run() {
   auto self = this->shared_from_this();
   info_.add(self);
+  bool go = false;
   try {
     // A client that stalls in the handshake is dropped.
     asio::steady_timer deadline(strand_, info_.handshake_timeout);
@@ -123,10 +128,9 @@ awaitable<void> Session<Socket>::run() {
         close();
       }
     });
-    const bool go = co_await handshake();
+    go = co_await handshake();
     in_handshake_ = false;
     deadline.cancel();
-    if (go && !draining_) co_await transmission();
   } catch (const boost::system::system_error& e) {
     // The client went away or sent something we refuse: this session ends,
     // the others go on.
@@ -137,10 +141,21 @@ awaitable<void> Session<Socket>::run() {
     log(LogLevel::kWarning, std::string("session ended: ") + e.what());
   }
   in_handshake_ = false;
-  // Requests still with the workers hold the session: wait for them, then
-  // for their replies to leave.
-  while (in_flight_requests_ > 0 || ((!queued_.empty() || !writing_.empty()) && !closed_)) {
-    co_await sleep();
+  if (go && !draining_ && !closed_) {
+    // Transmission: blocking I/O on the lanes, off the Asio threads.
+    boost::system::error_code ec;
+    socket_.native_non_blocking(false, ec);
+    fd_ = socket_.native_handle();
+    if (!ec) {
+      {
+        std::lock_guard lock(lanes_mu_);
+        ahead_.resize(256 * 1024);
+      }
+      start_lane();
+      // The last lane to end cancels the wait.
+      wake_.expires_at(asio::steady_timer::time_point::max());
+      co_await wake_.async_wait(asio::redirect_error(use_awaitable, ec));
+    }
   }
   close();
   info_.remove(this);
@@ -406,45 +421,39 @@ uint32_t Session<Socket>::validate(const Request& r) const {
 }
 
 template <class Socket>
-awaitable<void> Session<Socket>::transmission() {
-  char head[nbd::kRequestBytes];
-  while (!closed_ && !draining_) {
-    co_await asio::async_read(socket_, asio::buffer(head), use_awaitable);
-    if (nbd::get32(head) != nbd::kRequestMagic) {
-      log(LogLevel::kWarning, "client sent a request with a bad magic: disconnecting it");
-      co_return;
+void Session<Socket>::start_lane() {
+  {
+    std::lock_guard lock(lanes_mu_);
+    ++lanes_;
+    ++idle_lanes_;
+  }
+  std::thread([self = this->shared_from_this(), this] { lane(); }).detach();
+}
+
+template <class Socket>
+void Session<Socket>::lane() {
+  Buffer payload;
+  Request r{};
+  uint32_t err = 0;
+  uint64_t cost = 0;
+  while (true) {
+    if (!next_request(r, payload, err, cost)) {
+      // End of file, NBD_CMD_DISC, or a request we cannot follow: the
+      // other lanes finish what they hold, and nobody reads any more.
+      stop_lanes();
+      break;
     }
-    Request r{nbd::get16(head + 4), nbd::get16(head + 6), nbd::get64(head + 8),
-              nbd::get64(head + 16), nbd::get32(head + 24)};
-    if (r.type == nbd::kCmdDisc) co_return;
-    const uint32_t err = validate(r);
-    // What this request holds until its reply has left: its payload, the
-    // data it reads, a block-status reply, and the headers. A client that
-    // sends but does not read its replies stops being read.
-    uint64_t cost = kRequestOverhead;
-    if (r.type == nbd::kCmdWrite) cost += r.length;
-    if (err == 0 && (r.type == nbd::kCmdRead || r.type == nbd::kCmdCache)) cost += r.length;
-    if (err == 0 && r.type == nbd::kCmdBlockStatus) cost += kMaxStatusReplyBytes;
-    while (in_flight_bytes_ > 0 && in_flight_bytes_ + cost > info_.max_in_flight_bytes) {
-      co_await sleep();
-      if (closed_) co_return;
+    bool more = false;
+    {
+      std::lock_guard lock(lanes_mu_);
+      --idle_lanes_;
+      // Every other lane is busy: one more may read the next request while
+      // this one works, so requests overlap.
+      more = idle_lanes_ == 0 && lanes_ < info_.max_lanes && !stop_;
     }
-    in_flight_bytes_ += cost;
-    Buffer payload;
-    if (r.type == nbd::kCmdWrite) {
-      // The payload follows whatever we think of the request; one bigger
-      // than we accept cannot be skipped safely, so the client goes.
-      if (r.length > info_.accept_request) {
-        log(LogLevel::kWarning, "client sent a write of " + std::to_string(r.length) +
-                                    " bytes, over the limit: disconnecting it");
-        co_return;
-      }
-      payload = Buffer(r.length);
-      co_await asio::async_read(socket_, asio::buffer(payload.data(), payload.size),
-                                use_awaitable);
-    }
+    if (more) start_lane();
+    Reply reply;
     if (err != 0) {
-      Reply reply;
       // With structured replies a READ must be answered by chunks.
       if (structured_ && r.type == nbd::kCmdRead) {
         const int sys = err == nbd::kEperm ? EPERM : err == nbd::kEnospc ? ENOSPC : EINVAL;
@@ -452,13 +461,161 @@ awaitable<void> Session<Socket>::transmission() {
       } else {
         reply = simple_reply(r.cookie, err);
       }
-      reply.cost = cost;
-      queue_reply(std::move(reply));
-      continue;
+    } else {
+      reply = execute(r, payload);
     }
-    ++in_flight_requests_;
-    execute(r, std::move(payload), cost);
+    if (!send_reply(reply)) stop_lanes();  // the client is gone
+    release(cost);
+    if (payload.size > (1u << 20)) payload = Buffer();  // keep small buffers only
+    std::lock_guard lock(lanes_mu_);
+    ++idle_lanes_;
   }
+  bool last = false;
+  {
+    std::lock_guard lock(lanes_mu_);
+    --idle_lanes_;
+    last = --lanes_ == 0;
+  }
+  if (last) {
+    // Wake run() on the strand: the session is over.
+    asio::post(strand_, [self = this->shared_from_this(), this] { wake_.cancel(); });
+  }
+}
+
+template <class Socket>
+bool Session<Socket>::recv_exact(char* out, size_t n) {
+  const size_t have = std::min(n, ahead_end_ - ahead_pos_);
+  std::memcpy(out, ahead_.data() + ahead_pos_, have);
+  ahead_pos_ += have;
+  out += have;
+  n -= have;
+  while (n > 0) {
+    ssize_t got;
+    if (n >= ahead_.size() / 4) {
+      // Big payloads go straight to their buffer.
+      got = ::recv(fd_, out, n, 0);
+      if (got > 0) {
+        out += got;
+        n -= static_cast<size_t>(got);
+        continue;
+      }
+    } else {
+      // Read ahead: at queue depth 32 one call brings many requests.
+      got = ::recv(fd_, ahead_.data(), ahead_.size(), 0);
+      if (got > 0) {
+        const size_t take = std::min(n, static_cast<size_t>(got));
+        std::memcpy(out, ahead_.data(), take);
+        ahead_pos_ = take;
+        ahead_end_ = static_cast<size_t>(got);
+        out += take;
+        n -= take;
+        continue;
+      }
+    }
+    if (got < 0 && errno == EINTR) continue;
+    return false;  // end of file, shut down, or an error
+  }
+  return true;
+}
+
+template <class Socket>
+bool Session<Socket>::next_request(Request& r, Buffer& payload, uint32_t& err, uint64_t& cost) {
+  std::lock_guard read_lock(read_mu_);
+  if (stop_) return false;
+  char head[nbd::kRequestBytes];
+  if (!recv_exact(head, sizeof head)) return false;
+  if (nbd::get32(head) != nbd::kRequestMagic) {
+    log(LogLevel::kWarning, "client sent a request with a bad magic: disconnecting it");
+    return false;
+  }
+  r = Request{nbd::get16(head + 4), nbd::get16(head + 6), nbd::get64(head + 8),
+              nbd::get64(head + 16), nbd::get32(head + 24)};
+  if (r.type == nbd::kCmdDisc) return false;
+  err = validate(r);
+  // What this request holds until its reply has left: its payload, the
+  // data it reads, a block-status reply, and the headers. A client that
+  // sends but does not read its replies stops being read.
+  cost = kRequestOverhead;
+  if (r.type == nbd::kCmdWrite) cost += r.length;
+  if (err == 0 && (r.type == nbd::kCmdRead || r.type == nbd::kCmdCache)) cost += r.length;
+  if (err == 0 && r.type == nbd::kCmdBlockStatus) cost += kMaxStatusReplyBytes;
+  {
+    std::unique_lock lock(lanes_mu_);
+    room_.wait(lock, [&] {
+      return stop_ || in_flight_bytes_ == 0 || in_flight_bytes_ + cost <= info_.max_in_flight_bytes;
+    });
+    in_flight_bytes_ += cost;
+  }
+  if (r.type == nbd::kCmdWrite) {
+    // The payload follows whatever we think of the request; one bigger
+    // than we accept cannot be skipped safely, so the client goes.
+    if (r.length > info_.accept_request) {
+      log(LogLevel::kWarning, "client sent a write of " + std::to_string(r.length) +
+                                  " bytes, over the limit: disconnecting it");
+      release(cost);
+      return false;
+    }
+    if (payload.size < r.length) payload = Buffer(r.length);
+    if (!recv_exact(payload.data(), r.length)) {
+      release(cost);
+      return false;
+    }
+  }
+  return true;
+}
+
+template <class Socket>
+void Session<Socket>::release(uint64_t cost) {
+  std::lock_guard lock(lanes_mu_);
+  in_flight_bytes_ -= std::min(in_flight_bytes_, cost);
+  room_.notify_all();
+}
+
+template <class Socket>
+bool Session<Socket>::send_reply(const Reply& reply) {
+  std::array<iovec, 64> iov;
+  std::vector<iovec> many;
+  iovec* v = iov.data();
+  size_t count = 0;
+  auto add = [&](const char* p, size_t n) {
+    if (n == 0) return;
+    if (count == iov.size() && many.empty()) many.assign(iov.begin(), iov.end());
+    if (!many.empty()) {
+      many.push_back({const_cast<char*>(p), n});
+    } else {
+      iov[count] = {const_cast<char*>(p), n};
+    }
+    ++count;
+  };
+  if (reply.pieces.empty()) {
+    add(reply.meta.data(), reply.meta.size());
+  } else {
+    for (const auto& p : reply.pieces) {
+      add((p.in_data ? reply.data.bytes.get() : reply.meta.data()) + p.offset, p.length);
+    }
+  }
+  if (!many.empty()) v = many.data();
+  std::lock_guard lock(write_mu_);
+  while (count > 0) {
+    msghdr msg{};
+    msg.msg_iov = v;
+    msg.msg_iovlen = std::min<size_t>(count, IOV_MAX);
+    ssize_t sent = ::sendmsg(fd_, &msg, MSG_NOSIGNAL);
+    if (sent < 0) {
+      if (errno == EINTR) continue;
+      return false;
+    }
+    while (count > 0 && static_cast<size_t>(sent) >= v->iov_len) {
+      sent -= static_cast<ssize_t>(v->iov_len);
+      ++v;
+      --count;
+    }
+    if (count > 0) {
+      v->iov_base = static_cast<char*>(v->iov_base) + sent;
+      v->iov_len -= static_cast<size_t>(sent);
+    }
+  }
+  return true;
 }
 
 template <class Socket>
@@ -632,112 +789,50 @@ Reply Session<Socket>::block_status_reply(const Request& r, Status& s) const {
 }
 
 template <class Socket>
-void Session<Socket>::execute(Request r, Buffer payload, uint64_t cost) {
-  asio::post(*info_.workers, [self = this->shared_from_this(), this, r,
-                              payload = std::move(payload), cost]() mutable {
-    Reply reply;
-    try {
-      Engine& e = *info_.engine;
-      const bool fua = r.flags & nbd::kCmdFlagFua;
-      Status s;
-      bool done = false;
-      switch (r.type) {
-        case nbd::kCmdRead: {
-          Buffer data(r.length);
-          std::vector<uint64_t> unreadable;
-          s = e.read(data.data(), r.length, r.offset, &unreadable);
-          reply = read_reply(r, std::move(data), s, unreadable);
-          done = true;
-          break;
-        }
-        case nbd::kCmdWrite: s = e.write(payload.data(), r.length, r.offset, fua); break;
-        case nbd::kCmdFlush: s = e.flush(); break;
-        case nbd::kCmdTrim: s = e.trim(r.length, r.offset, fua); break;
-        case nbd::kCmdWriteZeroes:
-          if ((r.flags & nbd::kCmdFlagFastZero) && !e.can_fast_zero()) {
-            s = Status::error(ENOTSUP, "fast zero is not possible here");
-          } else {
-            s = e.write_zeroes(r.length, r.offset, fua);
-          }
-          break;
-        case nbd::kCmdCache: {
-          Buffer data(r.length);
-          s = e.read(data.data(), r.length, r.offset);
-          break;
-        }
-        case nbd::kCmdBlockStatus:
-          reply = block_status_reply(r, s);
-          done = s.is_ok();
-          break;
+Reply Session<Socket>::execute(const Request& r, Buffer& payload) {
+  Reply reply;
+  try {
+    Engine& e = *info_.engine;
+    const bool fua = r.flags & nbd::kCmdFlagFua;
+    Status s;
+    switch (r.type) {
+      case nbd::kCmdRead: {
+        Buffer data(r.length);
+        std::vector<uint64_t> unreadable;
+        s = e.read(data.data(), r.length, r.offset, &unreadable);
+        if (!s.is_ok()) log(LogLevel::kWarning, "request failed: " + s.to_string());
+        return read_reply(r, std::move(data), s, unreadable);
       }
-      if (!s.is_ok() && s.code() != ENOTSUP) {
-        log(LogLevel::kWarning, "request failed: " + s.to_string());
+      case nbd::kCmdWrite: s = e.write(payload.data(), r.length, r.offset, fua); break;
+      case nbd::kCmdFlush: s = e.flush(); break;
+      case nbd::kCmdTrim: s = e.trim(r.length, r.offset, fua); break;
+      case nbd::kCmdWriteZeroes:
+        if ((r.flags & nbd::kCmdFlagFastZero) && !e.can_fast_zero()) {
+          s = Status::error(ENOTSUP, "fast zero is not possible here");
+        } else {
+          s = e.write_zeroes(r.length, r.offset, fua);
+        }
+        break;
+      case nbd::kCmdCache: {
+        Buffer data(r.length);
+        s = e.read(data.data(), r.length, r.offset);
+        break;
       }
-      if (!done) reply = simple_reply(r.cookie, s.is_ok() ? 0 : nbd::wire_error(s.code()));
-    } catch (const std::bad_alloc&) {
-      reply = simple_reply(r.cookie, nbd::kEnomem);
-    } catch (const std::exception& ex) {
-      log(LogLevel::kError, std::string("request failed: ") + ex.what());
-      reply = simple_reply(r.cookie, nbd::kEio);
+      case nbd::kCmdBlockStatus:
+        reply = block_status_reply(r, s);
+        if (s.is_ok()) return reply;
+        break;
     }
-    reply.cost = cost;
-    // Free the write's payload before the hop back: memory goes back as soon
-    // as the disk has it.
-    payload = Buffer();
-    asio::post(strand_, [self = std::move(self), this, reply = std::move(reply)]() mutable {
-      --in_flight_requests_;
-      queue_reply(std::move(reply));
-    });
-  });
-}
-
-template <class Socket>
-void Session<Socket>::queue_reply(Reply reply) {
-  if (closed_) {
-    in_flight_bytes_ -= std::min(in_flight_bytes_, reply.cost);
-    wake_.cancel();
-    return;
-  }
-  queued_.push_back(std::move(reply));
-  if (writing_.empty()) write_queued();
-}
-
-// Everything queued goes out in one gathered write.
-template <class Socket>
-void Session<Socket>::write_queued() {
-  writing_.clear();
-  iov_.clear();
-  while (!queued_.empty() && writing_.size() < 64) {
-    writing_.push_back(std::move(queued_.front()));
-    queued_.pop_front();
-  }
-  for (auto& w : writing_) {
-    if (w.pieces.empty()) {
-      iov_.push_back(asio::buffer(w.meta));
-      continue;
+    if (!s.is_ok() && s.code() != ENOTSUP) {
+      log(LogLevel::kWarning, "request failed: " + s.to_string());
     }
-    for (const auto& p : w.pieces) {
-      const char* base = p.in_data ? w.data.data() : w.meta.data();
-      iov_.push_back(asio::buffer(base + p.offset, p.length));
-    }
+    return simple_reply(r.cookie, s.is_ok() ? 0 : nbd::wire_error(s.code()));
+  } catch (const std::bad_alloc&) {
+    return simple_reply(r.cookie, nbd::kEnomem);
+  } catch (const std::exception& ex) {
+    log(LogLevel::kError, std::string("request failed: ") + ex.what());
+    return simple_reply(r.cookie, nbd::kEio);
   }
-  asio::async_write(socket_, iov_,
-                    asio::bind_executor(strand_, [self = this->shared_from_this(), this](
-                                                     const boost::system::error_code& ec, size_t) {
-                      // A request's memory counts until its reply has left:
-                      // a client that sends but never reads stalls itself.
-                      for (const auto& w : writing_) {
-                        in_flight_bytes_ -= std::min(in_flight_bytes_, w.cost);
-                      }
-                      writing_.clear();
-                      if (ec) {
-                        close();
-                        wake_.cancel();
-                        return;
-                      }
-                      wake_.cancel();  // the reader may wait for room, run() for the end
-                      if (!queued_.empty()) write_queued();
-                    }));
 }
 
 template class Session<asio::ip::tcp::socket>;

@@ -1,15 +1,17 @@
-// One NBD client connection: the fixed-newstyle handshake, then
-// transmission. Requests are read in order by one coroutine, run on the
-// engine's worker pool (the engine blocks on disk I/O), and their replies
-// are written as they finish, in any order, batched into few system calls.
+// One NBD client connection: the fixed-newstyle handshake as an Asio
+// coroutine, then transmission on "lanes": threads of this connection that
+// each take the next request off the socket, run it on the engine (which
+// blocks on disk I/O) and write its reply, so a request never changes
+// thread. Replies go out as they finish, in any order. Lanes start one at a
+// time as requests overlap, up to ExportInfo::max_lanes.
 #pragma once
 
 #include <utility>  // Boost 1.74's Asio needs it before <boost/asio/awaitable.hpp>
 
 #include <atomic>
 #include <boost/asio.hpp>
+#include <condition_variable>
 #include <cstdint>
-#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -56,7 +58,7 @@ class SessionBase {
 // What every session shares.
 struct ExportInfo {
   Engine* engine = nullptr;
-  asio::thread_pool* workers = nullptr;
+  unsigned max_lanes = 16;  // threads per connection, as nbdkit's default
   std::string name;          // the export's name ("" is the default export)
   std::string description;
   bool read_only = false;
@@ -100,41 +102,51 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   asio::awaitable<void> option_reply(uint32_t option, uint32_t type, const std::string& data);
   std::string export_info(uint16_t type) const;
   uint16_t transmission_flags() const;
-  asio::awaitable<void> transmission();
   // Checks a request; returns 0 or the NBD error to answer with.
   uint32_t validate(const Request& r) const;
-  // Runs `r` on the worker pool and queues its reply.
-  void execute(Request r, Buffer payload, uint64_t cost);
   Reply simple_reply(uint64_t cookie, uint32_t error) const;
   // NBD_OPT_LIST_META_CONTEXT / SET_META_CONTEXT.
   asio::awaitable<void> meta_context_option(uint32_t option, const std::vector<char>& data);
   Reply block_status_reply(const Request& r, Status& s) const;
   Reply read_reply(const Request& r, Buffer data, const Status& s,
                    const std::vector<uint64_t>& unreadable) const;
-  // Waits on wake_ until woken (a reply went out, or the session is ending).
-  asio::awaitable<void> sleep();
-  // On the strand.
-  void queue_reply(Reply reply);
-  void write_queued();
   void close();
+
+  // Transmission, on the lanes.
+  void start_lane();
+  void lane();
+  // Takes the next request off the socket (under read_mu_). False: the
+  // session is over for this lane.
+  bool next_request(Request& r, Buffer& payload, uint32_t& err, uint64_t& cost);
+  // Fills `out` with exactly `n` bytes, from what was read ahead first.
+  bool recv_exact(char* out, size_t n);
+  Reply execute(const Request& r, Buffer& payload);
+  bool send_reply(const Reply& reply);
+  void release(uint64_t cost);
+  void stop_lanes();
 
   Socket socket_;
   ExportInfo& info_;
   asio::strand<typename Socket::executor_type> strand_;
-  asio::steady_timer wake_;  // the reader waits here for room or for the end
+  asio::steady_timer wake_;  // run() waits here for the lanes to end
+  int fd_ = -1;
   bool structured_ = false;
   bool want_allocation_ = false;  // base:allocation selected
   bool want_remapped_ = false;    // dmremap:remapped selected
   bool no_zeroes_ = false;
   bool in_handshake_ = true;
-  bool draining_ = false;
-  bool closed_ = false;
-  // Reply queue, touched only on the strand.
-  std::deque<Reply> queued_;
-  std::vector<Reply> writing_;
-  std::vector<asio::const_buffer> iov_;
-  uint64_t in_flight_requests_ = 0;
-  uint64_t in_flight_bytes_ = 0;
+  bool draining_ = false;  // on the strand
+  bool closed_ = false;    // on the strand
+
+  std::atomic<bool> stop_{false};  // lanes: take no more requests
+  std::mutex read_mu_;             // one lane reads the socket at a time
+  std::vector<char> ahead_;        // bytes read ahead of the current request
+  size_t ahead_pos_ = 0, ahead_end_ = 0;
+  std::mutex write_mu_;  // one reply at a time on the wire
+  std::mutex lanes_mu_;
+  std::condition_variable room_;  // the in-flight budget has room, or stop_
+  unsigned lanes_ = 0, idle_lanes_ = 0;
+  uint64_t in_flight_bytes_ = 0;  // under lanes_mu_
 };
 
 }  // namespace dmremap::server

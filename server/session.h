@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <sys/uio.h>
 #include <string>
 #include <vector>
 
@@ -115,13 +116,21 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   // Transmission, on the lanes.
   void start_lane();
   void lane();
-  // Takes the next request off the socket (under read_mu_). False: the
-  // session is over for this lane.
-  bool next_request(Request& r, Buffer& payload, uint32_t& err, uint64_t& cost);
+  struct Item {
+    Request r;
+    uint32_t err = 0;   // NBD error from validation, or 0
+    uint64_t cost = 0;  // bytes counted in the in-flight budget
+    Buffer payload;
+  };
+  // Takes the next request off the socket, and any more that have already
+  // arrived whole (under read_mu_). False: nothing more is to be read.
+  bool next_batch(std::vector<Item>& batch);
+  uint64_t cost_of(const Request& r, uint32_t err) const;
+  Reply answer(Item& item);
   // Fills `out` with exactly `n` bytes, from what was read ahead first.
   bool recv_exact(char* out, size_t n);
   Reply execute(const Request& r, Buffer& payload);
-  bool send_reply(const Reply& reply);
+  bool send_replies(std::vector<Reply>& replies);
   void release(uint64_t cost);
   void stop_lanes();
 
@@ -142,7 +151,8 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   std::mutex read_mu_;             // one lane reads the socket at a time
   std::vector<char> ahead_;        // bytes read ahead of the current request
   size_t ahead_pos_ = 0, ahead_end_ = 0;
-  std::mutex write_mu_;  // one reply at a time on the wire
+  std::mutex write_mu_;      // one lane's replies at a time on the wire
+  thread_local static inline std::vector<iovec> iov_;
   std::mutex lanes_mu_;
   std::condition_variable room_;  // the in-flight budget has room, or stop_
   unsigned lanes_ = 0, idle_lanes_ = 0;

@@ -38,12 +38,14 @@ class ClientsTest(unittest.TestCase):
             for b in (10, 20):
                 f.seek(b * BLOCK)
                 f.write(pattern(b))
-        self.s.start("inject=write:30")
+        self.s.start("inject=write:30,read:40")
         h = self.s.connect()
         h.pwrite(pattern(30), 30 * BLOCK)
+        with self.assertRaises(nbd.Error):
+            h.pread(BLOCK, 40 * BLOCK)  # block 40 becomes pending
         h.shutdown()
         for can in ("connect", "read", "write", "flush", "fua", "trim", "zero",
-                    "fast-zero", "multi-conn", "cache"):
+                    "fast-zero", "multi-conn", "cache", "structured-reply", "df"):
             r = run("nbdinfo", "--can", can, self.s.uri, check=False)
             self.assertEqual(r.returncode, 0, f"nbdinfo --can {can}: {r.stderr}")
         info = json.loads(run("nbdinfo", "--json", self.s.uri).stdout)
@@ -53,15 +55,21 @@ class ClientsTest(unittest.TestCase):
         self.assertIn("base:allocation", export["contexts"])
         mapping = json.loads(run("nbdinfo", "--map", "--json", self.s.uri).stdout)
         data = [(e["offset"], e["length"]) for e in mapping if e["type"] == 0]
-        self.assertEqual(data, [(10 * BLOCK, BLOCK), (20 * BLOCK, BLOCK), (30 * BLOCK, BLOCK)])
+        self.assertEqual(data, [(10 * BLOCK, BLOCK), (20 * BLOCK, BLOCK), (30 * BLOCK, BLOCK),
+                                (40 * BLOCK, BLOCK)])
         holes = [e for e in mapping if e["type"] != 0]
         self.assertTrue(all(e["type"] == 3 for e in holes), holes)
         if TOOLS.frontend == "server":
             # dmremap:remapped: flag 1 for remapped blocks, 2 for pending.
             remapped = json.loads(run("nbdinfo", "--map=dmremap:remapped", "--json",
                                       self.s.uri).stdout)
-            self.assertEqual([(e["offset"], e["length"]) for e in remapped if e["type"] == 1],
-                             [(30 * BLOCK, BLOCK)])
+            self.assertEqual([(e["offset"], e["length"], e["type"]) for e in remapped
+                              if e["type"] != 0],
+                             [(30 * BLOCK, BLOCK, 1), (40 * BLOCK, BLOCK, 2)])
+        # --list: one export, the default one, with its description.
+        listing = json.loads(run("nbdinfo", "--list", "--json", self.s.uri).stdout)
+        self.assertEqual(len(listing["exports"]), 1)
+        self.assertEqual(listing["exports"][0]["export-size"], 64 * MiB)
 
     def test_nbdcopy_both_ways_through_bad_blocks(self):
         src = os.path.join(self.s.dir, "src.img")

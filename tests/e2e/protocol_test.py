@@ -383,6 +383,24 @@ class StartAndStopTest(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn('"export-size": 67108864', r.stdout)
 
+    def test_nbdcopy_rescue_copy_through_socket_activation(self):
+        # The rescue line of examples/README.md: read-only, unreadable blocks
+        # as zeros, the rest copied exactly.
+        with open(self.s.main, "r+b") as f:
+            f.write(pattern(7, 8 * BLOCK))
+        out = os.path.join(self.s.dir, "rescued.img")
+        r = subprocess.run(["nbdcopy", "--", "[", *self.server("--readonly", "--unreadable", "zero",
+                                                              "--inject", "read:3"), "]", out],
+                           capture_output=True, text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("block 3", r.stderr)
+        with open(out, "rb") as f:
+            got = f.read(8 * BLOCK)
+        want = bytearray(pattern(7, 8 * BLOCK))
+        want[3 * BLOCK:4 * BLOCK] = bytes(BLOCK)
+        self.assertEqual(got, bytes(want))
+        self.assertEqual(os.path.getsize(out), 64 << 20)
+
     def test_stdio_refuses_a_terminal_or_pipe(self):
         r = subprocess.run(self.server("--stdio"), stdin=subprocess.PIPE,
                            capture_output=True, text=True, timeout=30)

@@ -55,11 +55,14 @@ import json, sys
 text = sys.stdin.read()  # the nbd engine prints a line before the JSON
 j = json.loads(text[text.index("{"):])["jobs"][0]
 side = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
-print("%.0f %.0f" % (side["iops"], side["bw_bytes"] / 1048576))'
+print("%.0f %.0f %d" % (side["iops"], side["bw_bytes"] / 1048576, side["total_ios"]))'
 }
 
 cases=("randread 4k" "randwrite 4k" "randread 1M" "randwrite 1M")
-declare -A result  # "label/case" -> "iops mib" of each round, ';'-separated
+declare -A result  # "label/case" -> "iops mib cpu_us" of each round, ';'-separated
+# CPU time (user + system) the server process used, in clock ticks.
+server_ticks() { awk '{ print $14 + $15 }' "/proc/$server_pid/stat"; }
+tck=$(getconf CLK_TCK)
 measure() { # label, then the server command
   local label=$1
   shift
@@ -67,8 +70,14 @@ measure() { # label, then the server command
   run_fio randread 4k 2 >/dev/null  # warm-up
   for c in "${cases[@]}"; do
     read -r rw bs <<<"$c"
-    if [[ $label == "nbdkit null" && $rw == randwrite ]]; then result["$label/$c"]="- -"; continue; fi
-    result["$label/$c"]+="$(run_fio "$rw" "$bs" "$secs");"
+    if [[ $label == "nbdkit null" && $rw == randwrite ]]; then result["$label/$c"]="- - -"; continue; fi
+    local t0 t1 iops mib ios
+    t0=$(server_ticks)
+    read -r iops mib ios < <(run_fio "$rw" "$bs" "$secs")
+    t1=$(server_ticks)
+    # The server's CPU per request: steadier than IOPS on a shared machine,
+    # since it does not depend on how much CPU the client got.
+    result["$label/$c"]+="$iops $mib $(awk -v t=$((t1 - t0)) -v k="$tck" -v n="$ios" 'BEGIN { printf "%.1f", t / k * 1e6 / n }');"
   done
   stop
 }
@@ -123,6 +132,21 @@ for label in "nbdkit file" "dmremap.so, 0 remaps" "dmremap.so, 1 % remapped" \
     if [[ $v == - ]]; then row+=" — |"; continue; fi
     ratio=$(/usr/bin/python3 -c "print(f'{$v / $b:.2f}')")
     row+=" $v (${ratio}×) |"
+  done
+  echo "$row"
+done
+
+echo
+echo "Server CPU time (user + system) per request, in microseconds, median of $rounds rounds:"
+echo
+echo "| server | 4k randread | 4k randwrite | 1M randread | 1M randwrite |"
+echo "|---|---|---|---|---|"
+for label in "nbdkit file" "dmremap.so, 0 remaps" "dmremap.so, 1 % remapped" \
+  "dmremap-server, 0 remaps" "dmremap-server, 1 % remapped" "nbdkit null" "qemu-nbd"; do
+  row="| $label |"
+  for c in "${cases[@]}"; do
+    v=$(median "${result["$label/$c"]}" 3)
+    if [[ $v == - ]]; then row+=" — |"; else row+=" $v |"; fi
   done
   echo "$row"
 done

@@ -113,8 +113,8 @@ int main(int argc, char** argv) {
   app.add_option("-s,--spare", set.spare, "The spare, formatted by `dmremap format`")->required();
   app.add_option("--tcp", tcp,
                  "Listen on [ADDR:]PORT (ADDR defaults to 127.0.0.1; NBD has no authentication, "
-                 "so expose it only on a trusted network). Default: 127.0.0.1:10809 when no "
-                 "--unix is given");
+                 "so expose it only on a trusted network). Default: 127.0.0.1:10809 when there is "
+                 "no --unix and no socket from systemd");
   app.add_option("--unix", unix_path, "Listen on this Unix socket");
   app.add_option("--name", name, "The export's name (clients may also ask for \"\")");
   app.add_flag("-r,--readonly", set.read_only, "Serve read-only; nothing is remapped");
@@ -134,7 +134,8 @@ int main(int argc, char** argv) {
   bool stdio = false;
   app.add_flag("--stdio", stdio,
                "Serve one client on standard input (a connected socket, as libnbd's "
-               "nbd_connect_command, `nbdinfo -- CMD` and inetd give), then exit");
+               "nbd_connect_command and inetd give), then exit. (`nbdinfo -- [ CMD ]` uses "
+               "socket activation instead, which needs no option)");
   double handshake_seconds = 30;
   app.add_option("--handshake-timeout", handshake_seconds,
                  "Seconds a client may take to finish the handshake before it is dropped")

@@ -17,7 +17,7 @@
 // never-written slot. A sector of a block that became unreadable may read as
 // EIO. Every remap that was visible before the cut must still be there.
 //
-// Environment: DMREMAP_CRASH_POINTS (default 2500) is the budget of crash
+// Environment: DMREMAP_CRASH_POINTS (default 10000) is the budget of crash
 // points; DMREMAP_CRASH_SEED (default 1) the first workload seed;
 // DMREMAP_CRASH_ONLY=n runs only point n of that seed (to reproduce a
 // failure, whose message gives all three).
@@ -366,7 +366,7 @@ uint64_t count_ticks(const std::vector<Op>& ops) {
 
 TEST_CASE("durability: power cut at every point of random workloads loses nothing flushed",
           "[crash]") {
-  const uint64_t budget = env_u64("DMREMAP_CRASH_POINTS", 2500);
+  const uint64_t budget = env_u64("DMREMAP_CRASH_POINTS", 10000);
   const uint64_t first_seed = env_u64("DMREMAP_CRASH_SEED", 1);
   const uint64_t only = env_u64("DMREMAP_CRASH_ONLY", 0);
   uint64_t points = 0;

@@ -294,9 +294,20 @@ int main(int argc, char** argv) {
   }
   std::signal(SIGPIPE, SIG_IGN);
 
+  // A watchdog gives a connection another lane when its lanes are stuck on a
+  // slow disk (see Session::watch).
+  std::atomic<bool> watching{true};
+  std::thread watchdog([&] {
+    while (watching) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      info.watch_all();
+    }
+  });
   // One thread accepts and runs handshakes; each connection's requests run
   // on its own threads (see session.h).
   io.run();
+  watching = false;
+  watchdog.join();
   if (!unix_path.empty()) ::unlink(unix_path.c_str());
   const dmremap::Status s = engine.value()->close();
   if (!s.is_ok()) {

@@ -34,6 +34,17 @@ constexpr uint64_t kMaxStatusReplyBytes = 2 * (24 + 8 * kMaxStatusRuns);
 // one sendmsg serve many requests.
 constexpr size_t kMaxBatch = 32;
 constexpr uint64_t kMaxBatchBytes = 1 << 20;
+// Replies of a batch go out in groups of this many, so the client can
+// send more requests while the rest of the batch runs.
+constexpr size_t kRepliesPerSend = 8;
+// A lane that has made no progress for this long is stuck on a slow disk.
+constexpr int64_t kStuckNs = 3'000'000;
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 std::string be16(uint16_t v) {
   char b[2];
@@ -82,6 +93,18 @@ void ExportInfo::drain_all() {
     }
   }
   for (auto& s : sessions) s->drain();
+}
+
+void ExportInfo::watch_all() {
+  std::vector<std::shared_ptr<SessionBase>> sessions;
+  {
+    std::lock_guard lock(mu_);
+    for (const auto& w : live_) {
+      if (auto p = w.lock()) sessions.push_back(std::move(p));
+    }
+  }
+  const int64_t now = now_ns();
+  for (auto& s : sessions) s->watch(now);
 }
 
 size_t ExportInfo::live() const {
@@ -442,77 +465,113 @@ uint32_t Session<Socket>::validate(const Request& r) const {
   return 0;
 }
 
+// Called every few milliseconds by the server's watchdog thread. A lane
+// runs its requests one after another, which costs the least CPU while the
+// disk is fast; when a request has held every lane for a while (a failing
+// disk retrying a block) and nobody is reading the socket, another lane
+// starts so that the connection's other requests go on.
+template <class Socket>
+void Session<Socket>::watch(int64_t now) {
+  if (stop_ || executing_ == 0 || readers_ > 0) return;
+  if (now - progress_ns_ < kStuckNs) return;
+  {
+    std::lock_guard lock(lanes_mu_);
+    if (lanes_ == 0 || lanes_ >= info_.max_lanes) return;
+  }
+  progress_ns_ = now;  // one more lane per period at most
+  start_lane();
+}
+
 template <class Socket>
 void Session<Socket>::start_lane() {
   {
     std::lock_guard lock(lanes_mu_);
     ++lanes_;
-    ++idle_lanes_;
   }
   std::thread([self = this->shared_from_this(), this] { lane(); }).detach();
 }
 
 template <class Socket>
 void Session<Socket>::lane() {
-  std::vector<Item> batch;
   std::vector<Reply> replies;
-  while (true) {
-    batch.clear();
-    // False: end of file, NBD_CMD_DISC, or a request we cannot follow. The
-    // batch already taken is still answered; then nobody reads any more.
-    const bool go_on = next_batch(batch);
-    if (batch.empty()) {
-      stop_lanes();
-      break;
-    }
-    bool more = false;
-    {
-      std::lock_guard lock(lanes_mu_);
-      --idle_lanes_;
-      // Every other lane is busy: one more may read the next requests while
-      // this one works, so requests overlap.
-      more = idle_lanes_ == 0 && lanes_ < info_.max_lanes && !stop_;
-    }
-    if (more) start_lane();
-    uint64_t cost = 0;
-    auto first_reply = std::chrono::steady_clock::now();
-    bool alive = true;
-    for (auto& item : batch) {
-      // Replies wait for the rest of the batch only briefly: behind a slow
-      // block (a failing disk retrying) they go out first.
-      if (!replies.empty() &&
-          std::chrono::steady_clock::now() - first_reply > std::chrono::milliseconds(1)) {
-        alive = alive && send_replies(replies);
-        release(cost);
-        cost = 0;
-      }
-      if (replies.empty()) first_reply = std::chrono::steady_clock::now();
-      replies.push_back(answer(item));
-      item.payload = Buffer();
-      cost += item.cost;
-    }
+  uint64_t cost = 0;  // of the requests whose replies are in `replies`
+  auto first_reply = std::chrono::steady_clock::now();
+  bool alive = true;
+  auto flush = [&] {
+    if (replies.empty()) return;
     alive = alive && send_replies(replies);
+    replies.clear();
     release(cost);
+    cost = 0;
     if (!alive) stop_lanes();  // the client is gone
-    {
-      std::lock_guard lock(lanes_mu_);
-      ++idle_lanes_;
+  };
+  while (true) {
+    Item item;
+    if (!take_queued(item)) {
+      // Nothing received is waiting: the replies go out before this lane
+      // waits for the client, which may be waiting for them.
+      flush();
+      // A helper lane that finds another lane already reading has nothing
+      // to do: it ends, and the connection is back to the lanes it needs.
+      if (readers_ > 0) {
+        std::lock_guard lock(lanes_mu_);
+        if (lanes_ > 1) break;
+      }
+      if (!read_more(item)) break;
     }
-    if (!go_on) {
-      stop_lanes();
-      break;
+    ++executing_;
+    if (replies.empty()) first_reply = std::chrono::steady_clock::now();
+    replies.push_back(answer(item));
+    cost += item.cost;
+    progress_ns_ = now_ns();
+    --executing_;
+    // Replies go out in small groups, so the client can send more requests
+    // while the rest run, and none waits long behind a slow block.
+    if (replies.size() >= kRepliesPerSend ||
+        std::chrono::steady_clock::now() - first_reply > std::chrono::milliseconds(1)) {
+      flush();
     }
   }
+  flush();
   bool last = false;
   {
     std::lock_guard lock(lanes_mu_);
-    --idle_lanes_;
     last = --lanes_ == 0;
   }
   if (last) {
     // Wake run() on the strand: the session is over.
     asio::post(strand_, [self = this->shared_from_this(), this] { wake_.cancel(); });
   }
+}
+
+template <class Socket>
+bool Session<Socket>::take_queued(Item& item) {
+  std::lock_guard lock(queue_mu_);
+  if (queued_.empty()) return false;
+  item = std::move(queued_.front());
+  queued_.pop_front();
+  return true;
+}
+
+// Reads the next requests off the socket: the first is returned, the rest
+// (those already whole in the read-ahead buffer) are queued for this lane or
+// any other. False: nothing more will be read (end of file, NBD_CMD_DISC, a
+// request we cannot follow, or a shutdown), and nothing is queued.
+template <class Socket>
+bool Session<Socket>::read_more(Item& item) {
+  std::vector<Item> batch;
+  const bool go_on = next_batch(batch);
+  if (batch.empty()) {
+    stop_lanes();
+    return false;
+  }
+  if (!go_on) stop_lanes();  // answer what came, read no more
+  item = std::move(batch.front());
+  if (batch.size() > 1) {
+    std::lock_guard lock(queue_mu_);
+    for (size_t i = 1; i < batch.size(); ++i) queued_.push_back(std::move(batch[i]));
+  }
+  return true;
 }
 
 template <class Socket>
@@ -577,6 +636,11 @@ uint64_t Session<Socket>::cost_of(const Request& r, uint32_t err) const {
 
 template <class Socket>
 bool Session<Socket>::next_batch(std::vector<Item>& batch) {
+  ++readers_;
+  struct Done {
+    std::atomic<unsigned>& n;
+    ~Done() { --n; }
+  } done{readers_};
   std::lock_guard read_lock(read_mu_);
   if (stop_) return false;
   uint64_t batch_bytes = 0;

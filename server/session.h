@@ -12,6 +12,7 @@
 #include <boost/asio.hpp>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <sys/uio.h>
@@ -54,6 +55,8 @@ class SessionBase {
   virtual ~SessionBase() = default;
   // Stop reading requests, answer those in flight, then close. Thread-safe.
   virtual void drain() = 0;
+  // Starts another lane if the session's lanes are all stuck. Thread-safe.
+  virtual void watch(int64_t now_ns) = 0;
 };
 
 // What every session shares.
@@ -75,6 +78,8 @@ struct ExportInfo {
   // Drains every session; from now on new sessions are drained at once.
   void drain_all();
   size_t live() const;
+  // Runs watch() of every session; main calls it every few milliseconds.
+  void watch_all();
 
  private:
   mutable std::mutex mu_;
@@ -90,6 +95,7 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   asio::awaitable<void> run();
   asio::strand<typename Socket::executor_type>& strand() { return strand_; }
   void drain() override;
+  void watch(int64_t now_ns) override;
 
  private:
   struct Request {
@@ -126,6 +132,8 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   // arrived whole (under read_mu_). False: nothing more is to be read.
   bool next_batch(std::vector<Item>& batch);
   uint64_t cost_of(const Request& r, uint32_t err) const;
+  bool take_queued(Item& item);
+  bool read_more(Item& item);
   Reply answer(Item& item);
   // Fills `out` with exactly `n` bytes, from what was read ahead first.
   bool recv_exact(char* out, size_t n);
@@ -151,11 +159,16 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   std::mutex read_mu_;             // one lane reads the socket at a time
   std::vector<char> ahead_;        // bytes read ahead of the current request
   size_t ahead_pos_ = 0, ahead_end_ = 0;
+  std::mutex queue_mu_;
+  std::deque<Item> queued_;  // received, not yet taken by a lane
   std::mutex write_mu_;      // one lane's replies at a time on the wire
   thread_local static inline std::vector<iovec> iov_;
   std::mutex lanes_mu_;
   std::condition_variable room_;  // the in-flight budget has room, or stop_
-  unsigned lanes_ = 0, idle_lanes_ = 0;
+  unsigned lanes_ = 0;                   // under lanes_mu_
+  std::atomic<unsigned> readers_{0};     // lanes waiting to read or reading
+  std::atomic<unsigned> executing_{0};   // lanes running requests
+  std::atomic<int64_t> progress_ns_{0};  // when a lane last finished a request
   uint64_t in_flight_bytes_ = 0;  // under lanes_mu_
 };
 

@@ -127,8 +127,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--inject", set.inject, "Testing only: faults on main, e.g. read:10,write:20-21,weak:30x2");
   app.add_option("--threads", threads,
-                 "Requests run at once per client: each connection gets up to this many "
-                 "threads, started as its requests overlap")
+                 "Requests run at once per client: a connection uses one thread while the "
+                 "disk keeps up, and up to this many when requests get stuck on a slow disk")
       ->check(CLI::Range(1u, 1024u))
       ->capture_default_str();
   bool stdio = false;

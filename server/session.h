@@ -1,9 +1,10 @@
 // One NBD client connection: the fixed-newstyle handshake as an Asio
 // coroutine, then transmission on "lanes": threads of this connection that
-// each take the next request off the socket, run it on the engine (which
-// blocks on disk I/O) and write its reply, so a request never changes
-// thread. Replies go out as they finish, in any order. Lanes start one at a
-// time as requests overlap, up to ExportInfo::max_lanes.
+// read requests off the socket, run them on the engine (which blocks on disk
+// I/O) and write their replies, so a request never changes thread. One lane
+// serves the connection while the disk keeps up; the watchdog (watch())
+// adds lanes when requests get stuck, up to ExportInfo::max_lanes. Replies
+// go out as they finish, in any order.
 #pragma once
 
 #include <utility>  // Boost 1.74's Asio needs it before <boost/asio/awaitable.hpp>

@@ -119,34 +119,33 @@ echo
 echo "fio nbd engine, QD32, ${secs} s per case, median of $rounds rounds, 1 GiB in /dev/shm; $(nproc) cores; $(date -u +%F)."
 echo "1 % remapped = $remaps remaps spread every 100 blocks."
 echo
-echo "| server | 4k randread IOPS | 4k randwrite IOPS | 1M randread MiB/s | 1M randwrite MiB/s |"
-echo "|---|---|---|---|---|"
-for label in "nbdkit file" "dmremap.so, 0 remaps" "dmremap.so, 1 % remapped" \
-  "dmremap-server, 0 remaps" "dmremap-server, 1 % remapped" "nbdkit null" "qemu-nbd"; do
-  row="| $label |"
-  for c in "${cases[@]}"; do
-    field=1
-    [[ $c == *1M ]] && field=2
-    v=$(median "${result["$label/$c"]}" $field)
-    b=$(median "${result["nbdkit file/$c"]}" $field)
-    if [[ $v == - ]]; then row+=" — |"; continue; fi
-    ratio=$(/usr/bin/python3 -c "print(f'{$v / $b:.2f}')")
-    row+=" $v (${ratio}×) |"
+labels=("nbdkit file" "dmremap.so, 0 remaps" "dmremap.so, 1 % remapped"
+  "dmremap-server, 0 remaps" "dmremap-server, 1 % remapped" "nbdkit null" "qemu-nbd")
+# One markdown row per server; `cell` turns a case's results into its cell.
+table() { # header, cell function
+  echo "$1"
+  echo "|---|---|---|---|---|"
+  for label in "${labels[@]}"; do
+    row="| $label |"
+    for c in "${cases[@]}"; do row+=" $("$2" "$label" "$c") |"; done
+    echo "$row"
   done
-  echo "$row"
-done
-
+}
+throughput_cell() { # IOPS at 4k, MiB/s at 1M, with the ratio to nbdkit file
+  local field=1 v b
+  [[ $2 == *1M ]] && field=2
+  v=$(median "${result["$1/$2"]}" $field)
+  b=$(median "${result["nbdkit file/$2"]}" $field)
+  if [[ $v == - ]]; then echo "—"; return; fi
+  echo "$v ($(/usr/bin/python3 -c "print(f'{$v / $b:.2f}')")×)"
+}
+cpu_cell() {
+  local v
+  v=$(median "${result["$1/$2"]}" 3)
+  if [[ $v == - ]]; then echo "—"; else echo "$v"; fi
+}
+table "| server | 4k randread IOPS | 4k randwrite IOPS | 1M randread MiB/s | 1M randwrite MiB/s |" throughput_cell
 echo
 echo "Server CPU time (user + system) per request, in microseconds, median of $rounds rounds:"
 echo
-echo "| server | 4k randread | 4k randwrite | 1M randread | 1M randwrite |"
-echo "|---|---|---|---|---|"
-for label in "nbdkit file" "dmremap.so, 0 remaps" "dmremap.so, 1 % remapped" \
-  "dmremap-server, 0 remaps" "dmremap-server, 1 % remapped" "nbdkit null" "qemu-nbd"; do
-  row="| $label |"
-  for c in "${cases[@]}"; do
-    v=$(median "${result["$label/$c"]}" 3)
-    if [[ $v == - ]]; then row+=" — |"; else row+=" $v |"; fi
-  done
-  echo "$row"
-done
+table "| server | 4k randread | 4k randwrite | 1M randread | 1M randwrite |" cpu_cell

@@ -191,7 +191,7 @@ awaitable<void> Session<Socket>::run() {
         std::lock_guard lock(lanes_mu_);
         ahead_.resize(256 * 1024);
       }
-      start_lane();
+      start_lane(/*first=*/true);
       // The last lane to end cancels the wait.
       wake_.expires_at(asio::steady_timer::time_point::max());
       co_await wake_.async_wait(asio::redirect_error(use_awaitable, ec));
@@ -472,20 +472,26 @@ uint32_t Session<Socket>::validate(const Request& r) const {
 // starts so that the connection's other requests go on.
 template <class Socket>
 void Session<Socket>::watch(int64_t now) {
-  if (stop_ || executing_ == 0 || readers_ > 0) return;
+  if (executing_ == 0 || readers_ > 0) return;
   if (now - progress_ns_ < kStuckNs) return;
-  {
-    std::lock_guard lock(lanes_mu_);
-    if (lanes_ == 0 || lanes_ >= info_.max_lanes) return;
+  if (stop_) {
+    // Nothing more will be read; a helper is useful only for requests
+    // already queued behind the stuck one.
+    std::lock_guard lock(queue_mu_);
+    if (queued_.empty()) return;
   }
   progress_ns_ = now;  // one more lane per period at most
-  start_lane();
+  start_lane(/*first=*/false);
 }
 
+// The first lane starts the transmission; later ones join only while some
+// lane still runs (checked under the same lock as the last lane's exit), so
+// no lane can start after the session has closed its socket.
 template <class Socket>
-void Session<Socket>::start_lane() {
+void Session<Socket>::start_lane(bool first) {
   {
     std::lock_guard lock(lanes_mu_);
+    if (!first && (lanes_ == 0 || lanes_ >= info_.max_lanes)) return;
     ++lanes_;
   }
   std::thread([self = this->shared_from_this(), this] { lane(); }).detach();

@@ -121,7 +121,7 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   void close();
 
   // Transmission, on the lanes.
-  void start_lane();
+  void start_lane(bool first);
   void lane();
   struct Item {
     Request r;

@@ -146,7 +146,7 @@ int main(int argc, char** argv) {
                  "On SIGTERM/SIGINT, seconds to wait for requests in flight before closing")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
-  app.add_flag("-v,--verbose", verbose, "Log each session");
+  app.add_flag("-v,--verbose", verbose, "Debug logging (sessions, requests that fail)");
   app.footer(
       "Listening: --tcp and --unix may be combined; with neither, sockets passed by systemd "
       "socket activation (LISTEN_FDS) are used, or else 127.0.0.1:10809.\n"

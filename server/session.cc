@@ -83,28 +83,26 @@ void ExportInfo::remove(const SessionBase* s) {
   });
 }
 
-void ExportInfo::drain_all() {
+std::vector<std::shared_ptr<SessionBase>> ExportInfo::snapshot() const {
   std::vector<std::shared_ptr<SessionBase>> sessions;
+  std::lock_guard lock(mu_);
+  for (const auto& w : live_) {
+    if (auto p = w.lock()) sessions.push_back(std::move(p));
+  }
+  return sessions;
+}
+
+void ExportInfo::drain_all() {
   {
     std::lock_guard lock(mu_);
-    draining_ = true;
-    for (const auto& w : live_) {
-      if (auto p = w.lock()) sessions.push_back(std::move(p));
-    }
+    draining_ = true;  // sessions added from now on drain at once
   }
-  for (auto& s : sessions) s->drain();
+  for (auto& s : snapshot()) s->drain();
 }
 
 void ExportInfo::watch_all() {
-  std::vector<std::shared_ptr<SessionBase>> sessions;
-  {
-    std::lock_guard lock(mu_);
-    for (const auto& w : live_) {
-      if (auto p = w.lock()) sessions.push_back(std::move(p));
-    }
-  }
   const int64_t now = now_ns();
-  for (auto& s : sessions) s->watch(now);
+  for (auto& s : snapshot()) s->watch(now);
 }
 
 size_t ExportInfo::live() const {
@@ -178,19 +176,13 @@ awaitable<void> Session<Socket>::run() {
     fd_ = ::fcntl(socket_.native_handle(), F_DUPFD_CLOEXEC, 0);
     socket_.close(ec);
     if (fd_ >= 0) {
-      const int flags = ::fcntl(fd_, F_GETFL);
-      ::fcntl(fd_, F_SETFL, flags & ~O_NONBLOCK);
-    }
-    // Room for a few 1 MiB requests and replies in the kernel, so that big
-    // transfers take fewer system calls and wake-ups.
-    const int bytes = 4 << 20;
-    ::setsockopt(fd_, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);
-    ::setsockopt(fd_, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes);
-    if (fd_ >= 0) {
-      {
-        std::lock_guard lock(lanes_mu_);
-        ahead_.resize(256 * 1024);
-      }
+      ::fcntl(fd_, F_SETFL, ::fcntl(fd_, F_GETFL) & ~O_NONBLOCK);
+      // Room for a few 1 MiB requests and replies in the kernel, so that big
+      // transfers take fewer system calls and wake-ups.
+      const int bytes = 4 << 20;
+      ::setsockopt(fd_, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);
+      ::setsockopt(fd_, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes);
+      ahead_.resize(256 * 1024);  // no lane runs yet
       start_lane(/*first=*/true);
       // The last lane to end cancels the wait.
       wake_.expires_at(asio::steady_timer::time_point::max());

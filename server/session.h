@@ -48,7 +48,6 @@ struct Reply {
   std::vector<char> meta;
   Buffer data;
   std::vector<Piece> pieces;  // empty: all of `meta`
-  uint64_t cost = 0;          // bytes of the request this reply releases
 };
 
 class SessionBase {
@@ -83,6 +82,9 @@ struct ExportInfo {
   void watch_all();
 
  private:
+  // The sessions still alive.
+  std::vector<std::shared_ptr<SessionBase>> snapshot() const;
+
   mutable std::mutex mu_;
   std::vector<std::weak_ptr<SessionBase>> live_;
   bool draining_ = false;

@@ -163,3 +163,45 @@ TEST_CASE("manual remap copies readable data, and marks unreadable blocks pendin
   CHECK(s.engine->stats().pending == 1);
   CHECK(s.engine->remap_block(256).code() == EINVAL);
 }
+
+TEST_CASE("spare 1: a run of bad slots longer than one check is skipped and recorded",
+          "[engine][spare]") {
+  auto s = test::make_set();
+  const Superblock sb = s.engine->superblock();
+  const uint64_t run = 2 * Engine::kSlotFailuresPerCheck + 3;
+  for (uint64_t i = 0; i < run; ++i) s.spare->add_write_error((sb.slot_offset + i * B) / 512);
+  s.main->add_write_error(2);
+  const auto d = test::pattern(B, 5);
+  REQUIRE(s.engine->write(d.data(), B, 2 * B, false).is_ok());
+  uint64_t slot = 0;
+  s.engine->for_each_entry(2, 3, [&](const RemapTable::Entry& e) { slot = RemapTable::slot_of(e.value); });
+  CHECK(slot == run);
+  CHECK(s.engine->stats().slots_bad == run);
+  test::reopen(s);
+  CHECK(s.engine->stats().slots_bad == run);
+  std::vector<char> buf(B);
+  REQUIRE(s.engine->read(buf.data(), B, 2 * B).is_ok());
+  CHECK(buf == d);
+}
+
+TEST_CASE("spare 4: a spare that refuses every write gives EIO after a few slots, not ENOSPC",
+          "[engine][spare]") {
+  auto s = test::make_set();
+  const auto healthy = test::pattern(B, 6);
+  REQUIRE(s.engine->write(healthy.data(), B, 0, false).is_ok());
+  REQUIRE(s.engine->flush().is_ok());
+  const uint64_t sectors = s.spare->size() / 512;
+  for (uint64_t i = 0; i < sectors; ++i) s.spare->add_write_error(i);
+  s.main->add_write_error(2);
+  const auto d = test::pattern(B, 7);
+  const Status st = s.engine->write(d.data(), B, 2 * B, false);
+  CHECK(st.code() == EIO);
+  // It gave up after one check's worth of slots, not the whole pool.
+  const auto stats = s.engine->stats();
+  CHECK(stats.slot_write_errors == Engine::kSlotFailuresPerCheck);
+  CHECK(stats.slots_free > Engine::kSlotFailuresPerCheck);
+  CHECK(s.engine->write(d.data(), B, 4 * B, false).code() == EIO);
+  std::vector<char> buf(B);
+  REQUIRE(s.engine->read(buf.data(), B, 0).is_ok());
+  CHECK(buf == healthy);
+}

@@ -430,14 +430,20 @@ Status Engine::commit_remap(uint64_t block, const char* data, Cause cause,
                             std::optional<uint64_t> abandoned_slot) {
   if (auto s = refuse_writes_if_broken(); !s.is_ok()) return s;
   const Superblock& sb = store_->superblock();
-  std::vector<Record> records;
-  if (abandoned_slot) records.push_back(Record{Record::kBadSlot, Cause::kManual, 0, *abandoned_slot});
+  // Slots found bad on the way; recorded with the remap, or before it when
+  // there are many (see below).
+  std::vector<Record> bad;
+  const auto record_bad_slots = [&]() -> Status {
+    if (bad.empty()) return Status::ok();
+    if (auto s = journal(bad); !s.is_ok()) return s;
+    for (const Record& r : bad) table_.apply(r);
+    bad.clear();
+    return Status::ok();
+  };
   uint64_t slot = table_.next_slot();
   while (true) {
     if (slot >= sb.slot_count) {
-      if (!records.empty() && journal(records).is_ok()) {
-        for (const Record& r : records) table_.apply(r);
-      }
+      if (auto s = record_bad_slots(); !s.is_ok()) return s;
       log(LogLevel::kError, "spare pool exhausted: " + block_name(block, block_) +
                                 " cannot be remapped");
       return Status::error(ENOSPC, "no free slot on " + spare_->name() + " for " +
@@ -449,9 +455,20 @@ Status Engine::commit_remap(uint64_t block, const char* data, Cause cause,
     counters_->slot_write_errors.fetch_add(1, std::memory_order_relaxed);
     log(LogLevel::kWarning, "slot " + std::to_string(slot) + " failed to write (" +
                                 s.to_string() + "): marked bad");
-    records.push_back(Record{Record::kBadSlot, Cause::kManual, 0, slot});
+    bad.push_back(Record{Record::kBadSlot, Cause::kManual, 0, slot});
     ++slot;
+    // Many slots in a row refusing writes may mean the spare itself is gone
+    // or dying, not its slots: record the bad ones now. If even that fails,
+    // the journal path refuses writes (EIO) instead of this loop walking the
+    // whole pool, one failed write (perhaps one long timeout) per slot, to
+    // end with a misleading ENOSPC.
+    if (bad.size() == kSlotFailuresPerCheck) {
+      if (auto st = record_bad_slots(); !st.is_ok()) return st;
+    }
   }
+  std::vector<Record> records;
+  if (abandoned_slot) records.push_back(Record{Record::kBadSlot, Cause::kManual, 0, *abandoned_slot});
+  records.insert(records.end(), bad.begin(), bad.end());
   // Commit order: slot data durable, then the record durable, then visible.
   if (Status s = spare_->flush(); !s.is_ok()) {
     journal_broken_.store(true);

@@ -94,9 +94,13 @@ void NbdDevice::release(nbd_handle* h) {
   cv_.notify_one();
 }
 
-Status NbdDevice::failure(const char* what, uint64_t offset) const {
-  const int err = nbd_get_errno();
+Status NbdDevice::failure(nbd_handle* h, const char* what, uint64_t offset) const {
+  int err = nbd_get_errno();
   const char* msg = nbd_get_error();
+  // A connection that is gone makes libnbd refuse the call locally (EINVAL
+  // or ENOTCONN for "the handle must be connected"): to the caller that is a
+  // device that no longer answers, EIO, not a bad request.
+  if (nbd_aio_is_dead(h) || nbd_aio_is_closed(h)) err = EIO;
   return Status::error(data_errno(err), where(what, offset) + (msg ? std::string(": ") + msg : ""));
 }
 
@@ -106,7 +110,7 @@ Status NbdDevice::chunked(const char* what, size_t len, uint64_t offset, F&& op)
   size_t done = 0;
   while (done < len) {
     const size_t n = std::min<uint64_t>(len - done, max_request_);
-    if (op(lease.get(), done, n, offset + done) == -1) return failure(what, offset + done);
+    if (op(lease.get(), done, n, offset + done) == -1) return failure(lease.get(), what, offset + done);
     done += n;
   }
   return Status::ok();
@@ -129,7 +133,7 @@ Status NbdDevice::do_write(const void* buf, size_t len, uint64_t offset) {
 Status NbdDevice::do_flush() {
   if (multi_conn_) {
     Lease lease(*this);
-    if (nbd_flush(lease.get(), 0) == -1) return failure("flush", 0);
+    if (nbd_flush(lease.get(), 0) == -1) return failure(lease.get(), "flush", 0);
     return Status::ok();
   }
   // Without multi-conn a flush covers only its own connection's writes, so
@@ -141,7 +145,7 @@ Status NbdDevice::do_flush() {
     idle_.erase(std::find(idle_.begin(), idle_.end(), h));
     l.unlock();
     const int r = nbd_flush(h, 0);
-    Status s = r == -1 ? failure("flush", 0) : Status::ok();
+    Status s = r == -1 ? failure(h, "flush", 0) : Status::ok();
     release(h);
     if (!s.is_ok()) return s;
   }

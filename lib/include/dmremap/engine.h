@@ -135,6 +135,12 @@ class Engine {
   // Flushes and writes a clean checkpoint; the engine refuses I/O after.
   Status close();
 
+ public:
+  // A remap that finds this many slots in a row refusing writes records them
+  // as bad before trying more; if that journal write fails too, the spare is
+  // failing and the write gets EIO.
+  static constexpr size_t kSlotFailuresPerCheck = 8;
+
  private:
   Engine(std::shared_ptr<BlockDevice> main, std::shared_ptr<BlockDevice> spare,
          std::unique_ptr<MetadataStore> store, RemapTable table, const EngineOptions& options);

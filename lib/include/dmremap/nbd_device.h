@@ -44,7 +44,7 @@ class NbdDevice final : public BlockDevice {
   class Lease;
   nbd_handle* acquire();
   void release(nbd_handle* h);
-  Status failure(const char* what, uint64_t offset) const;
+  Status failure(nbd_handle* h, const char* what, uint64_t offset) const;
   template <class F>
   Status chunked(const char* what, size_t len, uint64_t offset, F&& op);
 

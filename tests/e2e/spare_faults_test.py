@@ -1,0 +1,214 @@
+"""When the spare itself fails, through a frontend and a real NBD client.
+
+The spare is reached over NBD (an nbd+unix:// URI), served by nbdkit:
+- its sh plugin, scripted to refuse writes to chosen byte ranges of the spare
+  file (the ranges are read again on every write, so a test can change them
+  while the frontend runs), for failing slot writes and failing journal
+  writes;
+- its file plugin, killed with SIGKILL, for a spare that disappears.
+Main is a plain file whose listed blocks refuse writes (inject=), so the
+client's writes to them need a slot.
+"""
+import errno
+import os
+import signal
+import subprocess
+import time
+import unittest
+
+import nbd
+
+from nbd_harness import BLOCK, DemoSet, Tools, pattern
+
+TOOLS = Tools()
+
+SPARE_SCRIPT = r"""#!/usr/bin/env bash
+# The spare, as an nbdkit sh plugin. $dir/wfail holds "FIRST END" byte
+# ranges (END exclusive) whose writes fail with EIO.
+dir=@DIR@
+img=$dir/spare-backing.img
+case "$1" in
+  get_size) stat -c %s "$img" ;;
+  can_write|can_flush) exit 0 ;;
+  thread_model) echo serialize_requests ;;
+  pread) dd if="$img" skip="$4" count="$3" iflag=skip_bytes,count_bytes status=none ;;
+  pwrite)
+    if [ -f "$dir/wfail" ]; then
+      while read -r lo hi; do
+        if [ "$4" -lt "$hi" ] && [ $(($4 + $3)) -gt "$lo" ]; then
+          echo "EIO spare: write of $3 bytes at $4 refused" >&2
+          exit 1
+        fi
+      done < "$dir/wfail"
+    fi
+    dd of="$img" seek="$4" oflag=seek_bytes conv=notrunc status=none ;;
+  flush) sync "$img" ;;
+  *) exit 2 ;;
+esac
+"""
+
+
+class SpareServer:
+    """nbdkit serving the spare's file on a Unix socket."""
+
+    def __init__(self, workdir, args):
+        self.sock = os.path.join(workdir, "spare.sock")
+        self.args = args
+
+    def start(self):
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        self.proc = subprocess.Popen(
+            ["nbdkit", "--foreground", "--exit-with-parent", "--unix", self.sock, *self.args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"spare nbdkit {self.args} did not start")
+            time.sleep(0.05)
+
+    @property
+    def uri(self):
+        return f"nbd+unix:///?socket={self.sock}"
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+
+class SpareFaultsTest(unittest.TestCase):
+    def setUp(self):
+        self.s = DemoSet(TOOLS, main_size=16 << 20, spare_size=8 << 20)
+        self.addCleanup(self.s.close)
+        self.spare_file = os.path.join(self.s.dir, "spare-backing.img")
+        os.rename(self.s.spare, self.spare_file)
+        self.s.spare = self.spare_file
+        self.layout = self.s.status()["layout"]
+        self.wfail = os.path.join(self.s.dir, "wfail")
+
+    def serve_spare(self, args):
+        server = SpareServer(self.s.dir, args)
+        server.start()
+        self.addCleanup(server.kill)
+        return server
+
+    def scripted_spare(self):
+        script = os.path.join(self.s.dir, "spare.sh")
+        with open(script, "w") as f:
+            f.write(SPARE_SCRIPT.replace("@DIR@", self.s.dir))
+        os.chmod(script, 0o755)
+        return self.serve_spare(["sh", script])
+
+    def refuse_writes(self, ranges):
+        with open(self.wfail, "w") as f:
+            for lo, hi in ranges:
+                f.write(f"{lo} {hi}\n")
+
+    def start_on(self, spare, *params):
+        self.s.spare = spare.uri
+        self.s.start(*params)
+        self.s.spare = self.spare_file  # status and list read the file
+
+    def stop(self):
+        """Stops the frontend; returns its exit code. It must not hang."""
+        return self.s.stop()
+
+    def test_slot_write_failure_marks_the_slot_bad_and_uses_the_next(self):
+        slot0 = self.layout["slot_offset"]
+        self.refuse_writes([(slot0, slot0 + 2 * BLOCK)])  # slots 0 and 1
+        spare = self.scripted_spare()
+        self.start_on(spare, "inject=write:10")
+        h = self.s.connect()
+        h.pwrite(pattern(10), 10 * BLOCK)  # main refuses; slots 0, 1 refuse
+        self.assertEqual(h.pread(BLOCK, 10 * BLOCK), pattern(10))
+        h.flush()
+        h.shutdown()
+        self.assertEqual(self.stop(), 0)
+        st = self.s.status()
+        self.assertEqual((st["remaps"], st["slots_bad"], st["health"]), (1, 2, "ok"), st)
+        remap = self.s.listing()["remaps"][0]
+        self.assertEqual((remap["block"], remap["slot"]), (10, 2))
+        # Restarted on a healthy spare: the data is in slot 2, slots 0-1 stay unused.
+        os.unlink(self.wfail)
+        self.start_on(spare, "inject=write:10,write:11")
+        h = self.s.connect()
+        self.assertEqual(h.pread(BLOCK, 10 * BLOCK), pattern(10))
+        h.pwrite(pattern(11), 11 * BLOCK)
+        h.shutdown()
+        self.assertEqual(self.stop(), 0)
+        slots = {r["block"]: r["slot"] for r in self.s.listing()["remaps"]}
+        self.assertEqual(slots, {10: 2, 11: 3})
+
+    def test_journal_write_failure_refuses_writes_and_reads_go_on(self):
+        spare = self.scripted_spare()
+        self.start_on(spare, "inject=write:10")
+        h = self.s.connect()
+        h.pwrite(pattern(3), 3 * BLOCK)
+        h.flush()  # block 3 is durable on main
+        j = self.layout["journals"]
+        jb = self.layout["journal_bytes"]
+        self.refuse_writes([(j[0], j[0] + jb), (j[1], j[1] + jb)])
+        # The remap cannot be recorded: the write fails, clearly.
+        with self.assertRaises(nbd.Error) as cm:
+            h.pwrite(pattern(10), 10 * BLOCK)
+        self.assertEqual(cm.exception.errnum, errno.EIO)
+        # From now on every write is refused, even to a healthy block...
+        with self.assertRaises(nbd.Error) as cm:
+            h.pwrite(pattern(4), 4 * BLOCK)
+        self.assertEqual(cm.exception.errnum, errno.EIO)
+        # ...and reads go on.
+        self.assertEqual(h.pread(BLOCK, 3 * BLOCK), pattern(3))
+        self.assertNotEqual(h.pread(BLOCK, 10 * BLOCK), pattern(10))
+        h.shutdown()
+        self.stop()  # the exit code may say the spare failed; it must not hang
+        self.assertRegex(self.s.read_log(), r"(?i)journal")
+        # The spare heals; nothing unacknowledged was recorded.
+        os.unlink(self.wfail)
+        self.start_on(spare)
+        h = self.s.connect()
+        self.assertEqual(h.pread(BLOCK, 3 * BLOCK), pattern(3))
+        self.assertEqual(h.pread(BLOCK, 4 * BLOCK), bytes(BLOCK))
+        self.assertEqual(h.pread(BLOCK, 10 * BLOCK), bytes(BLOCK))
+        h.shutdown()
+        self.assertEqual(self.stop(), 0)
+        st = self.s.status()
+        self.assertEqual((st["remaps"], st["pending"], st["health"]), (0, 0, "ok"), st)
+
+    def test_spare_that_disappears_gives_eio_not_a_hang(self):
+        spare = self.serve_spare(["file", self.spare_file])
+        self.start_on(spare, "inject=write:10,write:11")
+        h = self.s.connect()
+        h.pwrite(pattern(10), 10 * BLOCK)
+        h.pwrite(pattern(3), 3 * BLOCK)
+        h.flush()
+        spare.kill()
+        started = time.monotonic()
+        with self.assertRaises(nbd.Error) as cm:
+            h.pread(BLOCK, 10 * BLOCK)  # lives in a slot
+        self.assertEqual(cm.exception.errnum, errno.EIO)
+        with self.assertRaises(nbd.Error) as cm:
+            h.pwrite(pattern(11), 11 * BLOCK)  # needs a slot
+        self.assertEqual(cm.exception.errnum, errno.EIO)
+        with self.assertRaises(nbd.Error) as cm:
+            h.flush()
+        self.assertEqual(cm.exception.errnum, errno.EIO)
+        self.assertEqual(h.pread(BLOCK, 3 * BLOCK), pattern(3))  # main still reads
+        self.assertLess(time.monotonic() - started, 30)
+        h.shutdown()
+        self.stop()
+        # The spare comes back: what was flushed before it went is all there.
+        spare.start()
+        self.start_on(spare)
+        h = self.s.connect()
+        self.assertEqual(h.pread(BLOCK, 10 * BLOCK), pattern(10))
+        self.assertEqual(h.pread(BLOCK, 3 * BLOCK), pattern(3))
+        self.assertEqual(h.pread(BLOCK, 11 * BLOCK), bytes(BLOCK))
+        h.shutdown()
+        self.assertEqual(self.stop(), 0)
+        st = self.s.status()
+        self.assertEqual((st["remaps"], st["pending"]), (1, 0), st)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)

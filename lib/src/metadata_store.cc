@@ -13,6 +13,13 @@ namespace {
 
 constexpr size_t kIoChunk = 1 << 20;  // a multiple of kMetaUnit and kCheckpointEntryBytes
 
+// The I/O buffer for a checkpoint of `entries`: big enough for one chunk of
+// them (and at least one unit, for the header), no bigger.
+size_t checkpoint_chunk(uint64_t entries) {
+  const uint64_t bytes = std::max<uint64_t>(entries * kCheckpointEntryBytes, 1);
+  return std::min<uint64_t>(kIoChunk, (bytes + kMetaUnit - 1) / kMetaUnit * kMetaUnit);
+}
+
 // A heap buffer aligned for O_DIRECT devices.
 struct MetaBuffer {
   explicit MetaBuffer(size_t n) : data(static_cast<char*>(std::aligned_alloc(kMetaUnit, n))) {
@@ -39,7 +46,8 @@ Status write_checkpoint(BlockDevice& spare, const Superblock& sb, uint64_t offse
                                      std::to_string(sb.checkpoint_capacity()) + " entries, " +
                                      std::to_string(total) + " needed");
   }
-  MetaBuffer buf(kIoChunk);
+  const size_t chunk = checkpoint_chunk(total);
+  MetaBuffer buf(chunk);
   size_t used = 0;
   uint64_t pos = offset + kMetaUnit;
   uint32_t crc = 0;
@@ -57,7 +65,7 @@ Status write_checkpoint(BlockDevice& spare, const Superblock& sb, uint64_t offse
     le::put64(buf.data + used, key);
     le::put64(buf.data + used + 8, value);
     used += kCheckpointEntryBytes;
-    if (used == kIoChunk) flush_buf();
+    if (used == chunk) flush_buf();
   };
   table.for_each([&](const RemapTable::Entry& e) { put(e.block, e.value); });
   for (uint64_t s : table.bad_slots()) put(kBadSlotKey, s);
@@ -77,9 +85,12 @@ Status write_checkpoint(BlockDevice& spare, const Superblock& sb, uint64_t offse
 Status read_checkpoint(BlockDevice& spare, const Superblock& sb, RemapTable& table) {
   const uint64_t offset = sb.checkpoint_offset[sb.active_checkpoint];
   const std::string where = spare.name() + ": checkpoint " + std::to_string(sb.active_checkpoint);
-  MetaBuffer buf(kIoChunk);
-  if (auto s = spare.read(buf.data, kMetaUnit, offset); !s.is_ok()) return s;
-  auto h = CheckpointHeader::decode(buf.data);
+  std::optional<CheckpointHeader> h;
+  {
+    MetaBuffer head(kMetaUnit);
+    if (auto s = spare.read(head.data, kMetaUnit, offset); !s.is_ok()) return s;
+    h = CheckpointHeader::decode(head.data);
+  }
   if (!h) return Status::error(EUCLEAN, where + ": header is damaged (bad magic or checksum)");
   if (h->uuid != sb.uuid || h->epoch != sb.epoch) {
     return Status::error(EUCLEAN, where + ": header is from epoch " + std::to_string(h->epoch) +
@@ -90,13 +101,15 @@ Status read_checkpoint(BlockDevice& spare, const Superblock& sb, RemapTable& tab
     return Status::error(EUCLEAN, where + ": header counts are out of range");
   }
   const uint64_t main_blocks = sb.main_size / sb.block_size;
+  const size_t chunk = checkpoint_chunk(h->entries);
+  MetaBuffer buf(chunk);
   uint64_t left = h->entries * kCheckpointEntryBytes;
   uint64_t pos = offset + kMetaUnit;
   uint32_t crc = 0;
   uint64_t prev_block = 0;
   bool first = true;
   while (left > 0) {
-    const size_t n = std::min<uint64_t>(left, kIoChunk);
+    const size_t n = std::min<uint64_t>(left, chunk);
     const size_t padded = (n + kMetaUnit - 1) / kMetaUnit * kMetaUnit;
     if (auto s = spare.read(buf.data, padded, pos); !s.is_ok()) return s;
     crc = crc32c(buf.data, n, crc);

@@ -241,6 +241,7 @@ class BadRequestsTest(ServerCase):
 
     def test_flood_without_reading_replies_keeps_memory_bounded(self):
         c = self.raw()
+        self.addCleanup(c.close)
         rss_before = rss_kib(self.server_pid())
         # 1 GiB of 32 MiB reads, and never a reply read. The server must stop
         # reading this client, not queue a gigabyte of replies.
@@ -261,8 +262,11 @@ class BadRequestsTest(ServerCase):
         grown_mib = (peak - rss_before) / 1024
         print(f"flood: {sent} x 32 MiB reads sent, server RSS grew {grown_mib:.0f} MiB",
               file=sys.stderr)
-        # The cap is 256 MiB in flight per client, plus one request.
-        self.assertLess(grown_mib, 256 + 64 + 32)
+        # The cap is 256 MiB in flight per client, plus one request. Under
+        # ThreadSanitizer (scripts/test sets DMREMAP_SANITIZED) every byte has
+        # shadow bytes, so RSS says nothing about the cap there.
+        if not os.environ.get("DMREMAP_SANITIZED"):
+            self.assertLess(grown_mib, 256 + 64 + 32)
         self.check_witness()
         c.close()
         self.check_witness()

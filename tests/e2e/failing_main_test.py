@@ -5,14 +5,12 @@ ranges from a mapfile), and its sh plugin scripted like dm-dust.
 import errno
 import os
 import random
-import signal
-import subprocess
 import time
 import unittest
 
 import nbd
 
-from nbd_harness import BLOCK, DemoSet, Tools, pattern
+from nbd_harness import BLOCK, DemoSet, NbdkitBackend, Tools, pattern
 
 TOOLS = Tools()
 
@@ -53,30 +51,6 @@ esac
 """
 
 
-class Backend:
-    """An nbdkit serving main's backing file with faults, on a Unix socket."""
-
-    def __init__(self, workdir, name, args):
-        self.sock = os.path.join(workdir, name + ".sock")
-        self.proc = subprocess.Popen(
-            ["nbdkit", "--foreground", "--exit-with-parent", "--unix", self.sock, *args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while not os.path.exists(self.sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"backend nbdkit {args} did not start")
-            time.sleep(0.05)
-
-    @property
-    def uri(self):
-        return f"nbd+unix:///?socket={self.sock}"
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-
 class FailingMainTest(unittest.TestCase):
     def setUp(self):
         self.s = DemoSet(TOOLS, main_size=16 << 20, spare_size=8 << 20)
@@ -84,7 +58,7 @@ class FailingMainTest(unittest.TestCase):
         self.backing = self.s.main  # the file the backend serves
 
     def serve_main(self, name, args):
-        backend = Backend(self.s.dir, name, args)
+        backend = NbdkitBackend(self.s.dir, name, args)
         self.addCleanup(backend.kill)
         self.s.main = backend.uri  # dmremap now reaches main over NBD
         return backend

@@ -144,3 +144,36 @@ class DemoSet:
     def close(self):
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class NbdkitBackend:
+    """An nbdkit serving a device of the set (a failing main, a spare) on a
+    Unix socket, so that dmremap reaches it through an NBD URI. start()
+    again after kill() brings it back on the same socket."""
+
+    def __init__(self, workdir, name, args):
+        self.sock = os.path.join(workdir, name + ".sock")
+        self.args = args
+        self.proc = None
+        self.start()
+
+    def start(self):
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        self.proc = subprocess.Popen(
+            ["nbdkit", "--foreground", "--exit-with-parent", "--unix", self.sock, *self.args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"nbdkit {self.args} did not start")
+            time.sleep(0.05)
+
+    @property
+    def uri(self):
+        return f"nbd+unix:///?socket={self.sock}"
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()

@@ -11,14 +11,12 @@ client's writes to them need a slot.
 """
 import errno
 import os
-import signal
-import subprocess
 import time
 import unittest
 
 import nbd
 
-from nbd_harness import BLOCK, DemoSet, Tools, pattern
+from nbd_harness import BLOCK, DemoSet, NbdkitBackend, Tools, pattern
 
 TOOLS = Tools()
 
@@ -48,35 +46,6 @@ esac
 """
 
 
-class SpareServer:
-    """nbdkit serving the spare's file on a Unix socket."""
-
-    def __init__(self, workdir, args):
-        self.sock = os.path.join(workdir, "spare.sock")
-        self.args = args
-
-    def start(self):
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
-        self.proc = subprocess.Popen(
-            ["nbdkit", "--foreground", "--exit-with-parent", "--unix", self.sock, *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while not os.path.exists(self.sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"spare nbdkit {self.args} did not start")
-            time.sleep(0.05)
-
-    @property
-    def uri(self):
-        return f"nbd+unix:///?socket={self.sock}"
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-
 class SpareFaultsTest(unittest.TestCase):
     def setUp(self):
         self.s = DemoSet(TOOLS, main_size=16 << 20, spare_size=8 << 20)
@@ -88,8 +57,7 @@ class SpareFaultsTest(unittest.TestCase):
         self.wfail = os.path.join(self.s.dir, "wfail")
 
     def serve_spare(self, args):
-        server = SpareServer(self.s.dir, args)
-        server.start()
+        server = NbdkitBackend(self.s.dir, "spare", args)
         self.addCleanup(server.kill)
         return server
 

@@ -73,9 +73,8 @@ def tools_present():
     for tool in ("qemu-system-x86_64", "socat"):
         if not shutil.which(tool):
             return f"{tool} is not installed"
-    for path in ("/bin/busybox",):
-        if not os.path.exists(path):
-            return f"{path} is missing (busybox-static)"
+    if not os.path.exists("/bin/busybox"):
+        return "/bin/busybox is missing (busybox-static)"
     try:
         find_kernel()
     except GuestError as e:

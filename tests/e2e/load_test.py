@@ -16,7 +16,6 @@ cleanly.
 """
 import os
 import random
-import socket
 import struct
 import threading
 import time
@@ -106,6 +105,12 @@ class LoadTest(unittest.TestCase):
         models = [dict() for _ in range(CLIENTS)]
 
         def honest(n):
+            try:
+                run_honest(n)
+            except Exception as e:  # a dead thread must fail the test
+                self.fail_later(f"client {n}: {e!r}")
+
+        def run_honest(n):
             h = nbd.NBD()
             h.connect_uri(self.s.uri)
             r = random.Random(1000 + n)

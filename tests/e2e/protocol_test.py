@@ -6,7 +6,6 @@ would. Every case checks the answer the NBD specification names, and that a
 well-behaved client connected to the same server keeps reading and writing
 its data.
 """
-import errno
 import os
 import signal
 import socket

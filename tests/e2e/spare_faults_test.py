@@ -78,10 +78,6 @@ class SpareFaultsTest(unittest.TestCase):
         self.s.start(*params)
         self.s.spare = self.spare_file  # status and list read the file
 
-    def stop(self):
-        """Stops the frontend; returns its exit code. It must not hang."""
-        return self.s.stop()
-
     def test_slot_write_failure_marks_the_slot_bad_and_uses_the_next(self):
         slot0 = self.layout["slot_offset"]
         self.refuse_writes([(slot0, slot0 + 2 * BLOCK)])  # slots 0 and 1
@@ -92,7 +88,7 @@ class SpareFaultsTest(unittest.TestCase):
         self.assertEqual(h.pread(BLOCK, 10 * BLOCK), pattern(10))
         h.flush()
         h.shutdown()
-        self.assertEqual(self.stop(), 0)
+        self.assertEqual(self.s.stop(), 0)
         st = self.s.status()
         self.assertEqual((st["remaps"], st["slots_bad"], st["health"]), (1, 2, "ok"), st)
         remap = self.s.listing()["remaps"][0]
@@ -104,7 +100,7 @@ class SpareFaultsTest(unittest.TestCase):
         self.assertEqual(h.pread(BLOCK, 10 * BLOCK), pattern(10))
         h.pwrite(pattern(11), 11 * BLOCK)
         h.shutdown()
-        self.assertEqual(self.stop(), 0)
+        self.assertEqual(self.s.stop(), 0)
         slots = {r["block"]: r["slot"] for r in self.s.listing()["remaps"]}
         self.assertEqual(slots, {10: 2, 11: 3})
 
@@ -129,7 +125,7 @@ class SpareFaultsTest(unittest.TestCase):
         self.assertEqual(h.pread(BLOCK, 3 * BLOCK), pattern(3))
         self.assertNotEqual(h.pread(BLOCK, 10 * BLOCK), pattern(10))
         h.shutdown()
-        self.stop()  # the exit code may say the spare failed; it must not hang
+        self.s.stop()  # the exit code may say the spare failed; it must not hang
         self.assertRegex(self.s.read_log(), r"(?i)journal")
         # The spare heals; nothing unacknowledged was recorded.
         os.unlink(self.wfail)
@@ -139,7 +135,7 @@ class SpareFaultsTest(unittest.TestCase):
         self.assertEqual(h.pread(BLOCK, 4 * BLOCK), bytes(BLOCK))
         self.assertEqual(h.pread(BLOCK, 10 * BLOCK), bytes(BLOCK))
         h.shutdown()
-        self.assertEqual(self.stop(), 0)
+        self.assertEqual(self.s.stop(), 0)
         st = self.s.status()
         self.assertEqual((st["remaps"], st["pending"], st["health"]), (0, 0, "ok"), st)
 
@@ -164,7 +160,7 @@ class SpareFaultsTest(unittest.TestCase):
         self.assertEqual(h.pread(BLOCK, 3 * BLOCK), pattern(3))  # main still reads
         self.assertLess(time.monotonic() - started, 30)
         h.shutdown()
-        self.stop()
+        self.s.stop()
         # The spare comes back: what was flushed before it went is all there.
         spare.start()
         self.start_on(spare)
@@ -173,7 +169,7 @@ class SpareFaultsTest(unittest.TestCase):
         self.assertEqual(h.pread(BLOCK, 3 * BLOCK), pattern(3))
         self.assertEqual(h.pread(BLOCK, 11 * BLOCK), bytes(BLOCK))
         h.shutdown()
-        self.assertEqual(self.stop(), 0)
+        self.assertEqual(self.s.stop(), 0)
         st = self.s.status()
         self.assertEqual((st["remaps"], st["pending"]), (1, 0), st)
 

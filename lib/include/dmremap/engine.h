@@ -135,7 +135,6 @@ class Engine {
   // Flushes and writes a clean checkpoint; the engine refuses I/O after.
   Status close();
 
- public:
   // A remap that finds this many slots in a row refusing writes records them
   // as bad before trying more; if that journal write fails too, the spare is
   // failing and the write gets EIO.

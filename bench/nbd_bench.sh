@@ -2,10 +2,13 @@
 # NBD throughput of dmremap's two frontends (the nbdkit plugin and
 # dmremap-server) against their peers, as ../docs/benchmarks.md
 # reports it: fio's nbd engine, QD32, 8 s per case, 1 GiB file in /dev/shm,
-# Unix socket, each server alone, one warm-up run each. The servers take
-# turns for ROUNDS rounds (default 3) and each figure is the median, so that
-# a noisy neighbour hurts every server alike. Prints a markdown table of
-# IOPS, MiB/s and the ratio to `nbdkit file`.
+# Unix socket, each server alone with a warm-up run; fio's psync engine on
+# the file itself is the storage ceiling. In each of ROUNDS rounds (default
+# 3) every case is run by all the servers back to back, and each server's
+# ratio to `nbdkit file` in that round is kept: a noisy neighbour then
+# hurts both sides of a ratio alike. Prints markdown tables of the median
+# IOPS or MiB/s with the median and range of the ratios, and of each
+# server's CPU time per request.
 #
 #   [ROUNDS=3] bench/nbd_bench.sh BUILD_DIR [SECONDS]
 set -euo pipefail
@@ -59,31 +62,47 @@ print("%.0f %.0f %d" % (side["iops"], side["bw_bytes"] / 1048576, side["total_io
 }
 
 cases=("randread 4k" "randwrite 4k" "randread 1M" "randwrite 1M")
-declare -A result  # "label/case" -> "iops mib cpu_us" of each round, ';'-separated
+declare -A result  # "label/case" -> "iops mib cpu_us ratio" of each round, ';'-separated
 # CPU time (user + system) the server process used, in clock ticks.
 server_ticks() { awk '{ print $14 + $15 }' "/proc/$server_pid/stat"; }
 tck=$(getconf CLK_TCK)
-measure() { # label, then the server command
-  local label=$1
-  shift
-  start "$@"
-  run_fio randread 4k 2 >/dev/null  # warm-up
-  for c in "${cases[@]}"; do
-    read -r rw bs <<<"$c"
-    if [[ $label == "nbdkit null" && $rw == randwrite ]]; then result["$label/$c"]="- - -"; continue; fi
-    local t0 t1 iops mib ios
-    t0=$(server_ticks)
-    read -r iops mib ios < <(run_fio "$rw" "$bs" "$secs")
-    t1=$(server_ticks)
-    # The server's CPU per request: steadier than IOPS on a shared machine,
-    # since it does not depend on how much CPU the client got.
-    result["$label/$c"]+="$iops $mib $(awk -v t=$((t1 - t0)) -v k="$tck" -v n="$ios" 'BEGIN { printf "%.1f", t / k * 1e6 / n }');"
-  done
-  stop
+# The storage ceiling: fio reading and writing the file itself, no NBD.
+run_raw() { # rw bs runtime
+  fio --output-format=json --name=bench --ioengine=psync --filename="$main" \
+    --rw="$1" --bs="$2" --time_based --runtime="$3" --size=1G --randrepeat=0 2>/dev/null |
+    /usr/bin/python3 -c '
+import json, sys
+j = json.load(sys.stdin)["jobs"][0]
+side = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
+print("%.0f %.0f" % (side["iops"], side["bw_bytes"] / 1048576))'
 }
-median() { # "iops mib;iops mib;..." field -> the median of that field
-  tr ';' '\n' <<<"$1" | awk -v f="$2" 'NF { print $f }' | sort -n |
+measure() { # label, case, then the server command
+  local label=$1 rw bs iops mib ios t0 t1
+  read -r rw bs <<<"$2"
+  shift 2
+  if [[ $label == "nbdkit null" && $rw == randwrite ]]; then result["$label/$rw $bs"]+="- - - -;"; return; fi
+  if [[ $label == "raw file (fio psync)" ]]; then
+    read -r iops mib < <(run_raw "$rw" "$bs" "$secs")
+    result["$label/$rw $bs"]+="$iops $mib - -;"
+    return
+  fi
+  start "$@"
+  run_fio "$rw" "$bs" 1 >/dev/null  # warm-up
+  t0=$(server_ticks)
+  read -r iops mib ios < <(run_fio "$rw" "$bs" "$secs")
+  t1=$(server_ticks)
+  stop
+  # The server's CPU per request: steadier than IOPS on a shared machine,
+  # since it does not depend on how much CPU the client got.
+  result["$label/$rw $bs"]+="$iops $mib $(awk -v t=$((t1 - t0)) -v k="$tck" -v n="$ios" 'BEGIN { printf "%.1f", t / k * 1e6 / n }') -;"
+}
+median() { # "a b c d;a b c d;..." field -> the median of that field
+  tr ';' '\n' <<<"$1" | awk -v f="$2" 'NF && $f != "-" { print $f }' | sort -g |
     awk '{ v[NR] = $1 } END { print (NR ? v[int((NR + 1) / 2)] : "-") }'
+}
+spread() { # the same -> "min–max" of that field
+  tr ';' '\n' <<<"$1" | awk -v f="$2" 'NF && $f != "-" { print $f }' | sort -g |
+    awk '{ v[NR] = $1 } END { print (NR ? v[1] "–" v[NR] : "-") }'
 }
 
 # 1 % of the blocks remapped, spread out: every 100th block refuses writes,
@@ -104,23 +123,50 @@ PY
 stop
 remaps=$("$cli" status --spare "$spare1" --json | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["remaps"])')
 
+labels=("nbdkit file" "dmremap.so, 0 remaps" "dmremap.so, 1 % remapped"
+  "dmremap-server, 0 remaps" "dmremap-server, 1 % remapped" "nbdkit null" "qemu-nbd"
+  "raw file (fio psync)")
+serve() { # label -> the command that serves it
+  case $1 in
+    "nbdkit file") echo nbdkit -f -U "$sock" file "$main" ;;
+    "dmremap.so, 0 remaps") echo nbdkit -f -U "$sock" "$plugin" main="$main" spare="$spare" ;;
+    "dmremap.so, 1 % remapped") echo nbdkit -f -U "$sock" "$plugin" main="$main" spare="$spare1" ;;
+    "dmremap-server, 0 remaps") echo "$server" --unix "$sock" --main "$main" --spare "$spare" ;;
+    "dmremap-server, 1 % remapped") echo "$server" --unix "$sock" --main "$main" --spare "$spare1" ;;
+    "nbdkit null") echo nbdkit -f -U "$sock" null 1G ;;
+    "qemu-nbd") echo qemu-nbd -t -e 16 -f raw -k "$sock" "$main" ;;
+    *) echo true ;;
+  esac
+}
+# Every case is run by all servers back to back, so that each ratio compares
+# runs a minute apart; the order turns by one server each round, so that
+# no server always follows the same one.
 for round in $(seq "$rounds"); do
   echo "round $round of $rounds" >&2
-  measure "nbdkit file" nbdkit -f -U "$sock" file "$main"
-  measure "dmremap.so, 0 remaps" nbdkit -f -U "$sock" "$plugin" main="$main" spare="$spare"
-  measure "dmremap.so, 1 % remapped" nbdkit -f -U "$sock" "$plugin" main="$main" spare="$spare1"
-  measure "dmremap-server, 0 remaps" "$server" --unix "$sock" --main "$main" --spare "$spare"
-  measure "dmremap-server, 1 % remapped" "$server" --unix "$sock" --main "$main" --spare "$spare1"
-  measure "nbdkit null" nbdkit -f -U "$sock" null 1G
-  measure "qemu-nbd" qemu-nbd -t -e 16 -f raw -k "$sock" "$main"
+  order=("${labels[@]:round-1}" "${labels[@]:0:round-1}")
+  for c in "${cases[@]}"; do
+    for label in "${order[@]}"; do
+      # shellcheck disable=SC2046  # the command's words, none with spaces
+      measure "$label" "$c" $(serve "$label")
+    done
+    # This round's ratio of each server to nbdkit file in this case.
+    base=$(tr ';' '\n' <<<"${result["nbdkit file/$c"]}" | awk 'NF' | tail -1)
+    for label in "${labels[@]}"; do
+      last=$(tr ';' '\n' <<<"${result["$label/$c"]}" | awk 'NF' | tail -1)
+      field=1
+      [[ $c == *1M ]] && field=2
+      ratio=$(awk -v a="$last" -v b="$base" -v f=$field \
+        'BEGIN { split(a, x, " "); split(b, y, " "); print (x[f] == "-" ? "-" : sprintf("%.2f", x[f] / y[f])) }')
+      result["$label/$c"]=$(sed -E "s/[^ ;]+;$/$ratio;/" <<<"${result["$label/$c"]}")
+    done
+  done
 done
 
 echo
-echo "fio nbd engine, QD32, ${secs} s per case, median of $rounds rounds, 1 GiB in /dev/shm; $(nproc) cores; $(date -u +%F)."
-echo "1 % remapped = $remaps remaps spread every 100 blocks."
+echo "fio nbd engine, QD32, ${secs} s per case, $rounds rounds, 1 GiB in /dev/shm; $(nproc) cores; $(date -u +%F)."
+echo "1 % remapped = $remaps remaps spread every 100 blocks. Each cell: the median IOPS (4k) or MiB/s (1M),"
+echo "then the median and range of the round's ratios to nbdkit file in the same case."
 echo
-labels=("nbdkit file" "dmremap.so, 0 remaps" "dmremap.so, 1 % remapped"
-  "dmremap-server, 0 remaps" "dmremap-server, 1 % remapped" "nbdkit null" "qemu-nbd")
 # One markdown row per server; `cell` turns a case's results into its cell.
 table() { # header, cell function
   echo "$1"
@@ -131,13 +177,12 @@ table() { # header, cell function
     echo "$row"
   done
 }
-throughput_cell() { # IOPS at 4k, MiB/s at 1M, with the ratio to nbdkit file
-  local field=1 v b
+throughput_cell() { # IOPS at 4k, MiB/s at 1M, with the ratios to nbdkit file
+  local field=1 v
   [[ $2 == *1M ]] && field=2
   v=$(median "${result["$1/$2"]}" $field)
-  b=$(median "${result["nbdkit file/$2"]}" $field)
   if [[ $v == - ]]; then echo "—"; return; fi
-  echo "$v ($(/usr/bin/python3 -c "print(f'{$v / $b:.2f}')")×)"
+  echo "$v ($(median "${result["$1/$2"]}" 4)×; $(spread "${result["$1/$2"]}" 4))"
 }
 cpu_cell() {
   local v

@@ -51,11 +51,28 @@ def frontend_command(tools, sock, main, spare, params=()):
             tools.plugin, f"main={main}", f"spare={spare}", *params]
 
 
+# What a sanitizer prints when it finds something.
+SANITIZER_REPORTS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:",
+                     "WARNING: ThreadSanitizer")
+
+
+def sanitizer_report(log):
+    """The first line of a sanitizer's report in `log`, or None."""
+    for line in log.splitlines():
+        if any(mark in line for mark in SANITIZER_REPORTS):
+            return line
+    return None
+
+
 def run_frontend(tools, sock, main, spare, params=(), timeout=30):
     """Runs a frontend that is expected to stop at once (bad configuration)."""
-    return subprocess.run(frontend_command(tools, sock, main, spare, params),
-                          capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=_die_with_parent)
+    r = subprocess.run(frontend_command(tools, sock, main, spare, params),
+                       capture_output=True, text=True, timeout=timeout,
+                       preexec_fn=_die_with_parent)
+    found = sanitizer_report(r.stderr)
+    if found:
+        raise AssertionError(f"sanitizer report: {found}\n{r.stderr}")
+    return r
 
 
 def pattern(seed, length=BLOCK):
@@ -127,23 +144,31 @@ class DemoSet:
         return h
 
     def stop(self):
-        """SIGTERM, as a service manager would; nbdkit finishes and cleans up."""
+        """SIGTERM, as a service manager would; nbdkit finishes and cleans up.
+        A sanitizer's report in the log, from this run or an earlier one that
+        a test killed, fails the test."""
+        code = None
         if self.proc is not None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=30)
             self.logf.close()
             code = self.proc.returncode
             self.proc = None
-            return code
-        return None
+        if os.path.exists(self.log):
+            found = sanitizer_report(self.read_log())
+            if found:
+                raise AssertionError(f"sanitizer report: {found}\n{self.read_log()}")
+        return code
 
     def read_log(self):
         with open(self.log) as f:
             return f.read()
 
     def close(self):
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class NbdkitBackend:

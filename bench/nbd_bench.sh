@@ -135,7 +135,7 @@ serve() { # label -> the command that serves it
     "dmremap-server, 1 % remapped") echo "$server" --unix "$sock" --main "$main" --spare "$spare1" ;;
     "nbdkit null") echo nbdkit -f -U "$sock" null 1G ;;
     "qemu-nbd") echo qemu-nbd -t -e 16 -f raw -k "$sock" "$main" ;;
-    *) echo true ;;
+    *) ;;  # the raw file: measure() runs fio on it, no server
   esac
 }
 # Every case is run by all servers back to back, so that each ratio compares
@@ -151,10 +151,10 @@ for round in $(seq "$rounds"); do
     done
     # This round's ratio of each server to nbdkit file in this case.
     base=$(tr ';' '\n' <<<"${result["nbdkit file/$c"]}" | awk 'NF' | tail -1)
+    field=1  # IOPS at 4k, MiB/s at 1M
+    [[ $c == *1M ]] && field=2
     for label in "${labels[@]}"; do
       last=$(tr ';' '\n' <<<"${result["$label/$c"]}" | awk 'NF' | tail -1)
-      field=1
-      [[ $c == *1M ]] && field=2
       ratio=$(awk -v a="$last" -v b="$base" -v f=$field \
         'BEGIN { split(a, x, " "); split(b, y, " "); print (x[f] == "-" ? "-" : sprintf("%.2f", x[f] / y[f])) }')
       result["$label/$c"]=$(sed -E "s/[^ ;]+;$/$ratio;/" <<<"${result["$label/$c"]}")

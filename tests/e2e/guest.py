@@ -52,6 +52,26 @@ Busybox's shell runs its own applets before anything on PATH, so a test
 script calls the programs it asked for by their full path, /sbin/NAME.
 """
 
+# /bin/load-module NAME [PARAM=VALUE...]: loads an extra module after what it
+# depends on (each line of /etc/modules.extra is a name, then the module files
+# in load order, the module itself last).
+LOAD_MODULE = r"""#!/bin/busybox sh
+name=$(echo "$1" | tr - _)
+shift
+paths=$(sed -n "s|^$name ||p" /etc/modules.extra)
+if [ -z "$paths" ]; then
+  echo "load-module: $name is not in the initramfs (Guest(extra_modules=...))" >&2
+  exit 1
+fi
+last=${paths##* }
+for p in $paths; do
+  [ "$p" = "$last" ] && break
+  m=$(basename "$p"); m=$(echo "${m%%.ko*}" | tr - _)
+  [ -d "/sys/module/$m" ] || insmod "$p" || exit 1
+done
+insmod "$last" "$@"
+"""
+
 
 class GuestError(AssertionError):
     pass
@@ -179,11 +199,13 @@ class Cpio:
 class Guest:
     """Builds an initramfs around a test script and boots it."""
 
-    def __init__(self, workdir, programs=(), modules=DEFAULT_MODULES, memory_mib=512):
+    def __init__(self, workdir, programs=(), modules=DEFAULT_MODULES, memory_mib=512,
+                 extra_modules=()):
         self.workdir = workdir
         self.kernel, self.release = find_kernel()
         self.programs = list(programs)
         self.modules = list(modules)
+        self.extra_modules = list(extra_modules)
         self.memory_mib = memory_mib
 
     def build(self, script, files=None, trees=None):
@@ -208,6 +230,19 @@ class Guest:
             a.host_file(f"/lib/modules/{self.release}/{rel}", guest_path)
             order.append(guest_path)
         a.file("etc/modules.order", ("\n".join(order) + "\n").encode())
+        extra = []
+        for name in self.extra_modules:
+            needed = _module_order(self.release, [name])
+            if not needed:
+                raise GuestError(f"module {name} is not in /lib/modules/{self.release}")
+            paths = []
+            for rel in needed:
+                guest_path = f"/lib/modules/{self.release}/{rel}"
+                a.host_file(f"/lib/modules/{self.release}/{rel}", guest_path)
+                paths.append(guest_path)
+            extra.append(" ".join([name.replace("-", "_"), *paths]))
+        a.file("etc/modules.extra", ("\n".join(extra) + "\n").encode())
+        a.file("bin/load-module", LOAD_MODULE.encode(), 0o755)
         a.file("init", INIT.replace("@VERDICT@", VERDICT).encode(), 0o755)
         a.file("test.sh", script.encode(), 0o755)
         for path, body in (files or {}).items():

@@ -118,7 +118,14 @@ int main(int argc, char** argv) {
   app.add_option("--unix", unix_path, "Listen on this Unix socket");
   app.add_option("--name", name, "The export's name (clients may also ask for \"\")");
   app.add_flag("-r,--readonly", set.read_only, "Serve read-only; nothing is remapped");
-  app.add_flag("--direct", set.direct, "O_DIRECT on main and spare");
+  std::string io_mode = "auto";
+  app.add_option("--io", io_mode,
+                 "How main and spare are opened: direct (O_DIRECT: a write error is seen by the "
+                 "write that caused it), buffered (the page cache), or auto: direct on block "
+                 "devices, buffered on image files")
+      ->check(CLI::IsMember({"auto", "direct", "buffered"}))
+      ->capture_default_str();
+  app.add_flag_callback("--direct", [&] { io_mode = "direct"; }, "Same as --io direct");
   app.add_option("--retries", set.engine.read_retries, "Extra reads of a failing block")
       ->capture_default_str();
   std::string unreadable = "error";
@@ -156,6 +163,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("-V,--version", "dmremap-server " DMREMAP_VERSION);
   CLI11_PARSE(app, argc, argv);
   set.engine.unreadable_zero = unreadable == "zero";
+  (void)dmremap::parse_io_mode(io_mode, set.io);
   dmremap::set_log_debug(verbose);
   dmremap::set_log_sink([](dmremap::LogLevel level, const std::string& line) {
     static const char* const kTag[] = {"debug: ", "", "warning: ", "error: "};

@@ -789,7 +789,7 @@ void chunk_head(std::vector<char>& meta, uint64_t cookie, uint16_t flags, uint16
 // and each unreadable block gets an ERROR_OFFSET chunk naming its first byte,
 // so a client such as ddrescue-over-NBD learns exactly what is lost. With the
 // DF flag the client wants no fragments: then only the first error is sent.
-// Other errors (a spare that fails) send the good bytes before the failure.
+// Other errors (main offline) send the good bytes before the failure.
 template <class Socket>
 Reply Session<Socket>::read_reply(const Request& r, Buffer data, const Status& s,
                                   const std::vector<uint64_t>& unreadable) const {
@@ -857,7 +857,7 @@ Reply Session<Socket>::read_reply(const Request& r, Buffer data, const Status& s
     const bool last = i + 1 == unreadable.size() && hi >= end;
     const Status e = i == 0 ? s
                             : Status::error(EIO, "block " + std::to_string(unreadable[i]) +
-                                                     " cannot be read and has no copy (pending)");
+                                                     " cannot be read");
     error_chunk(e, lo, last ? nbd::kReplyFlagDone : 0);
     pos = hi;
   }

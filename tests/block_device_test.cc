@@ -124,7 +124,7 @@ TEST_CASE("conformance: FileDevice on a regular file", "[device]") {
 TEST_CASE("conformance: FileDevice with O_DIRECT", "[device]") {
   TempFile f(kSize);
   OpenOptions o;
-  o.direct = true;
+  o.io = IoMode::kDirect;
   auto dev = FileDevice::open(f.path, "file", o);
   if (!dev.is_ok() && dev.status().code() == EINVAL) {
     WARN("filesystem has no O_DIRECT here: " << dev.status().to_string());

@@ -357,7 +357,7 @@ int run_list(const ListOptions& o) {
 
 int run_remap(const RemapOptions& o) {
   OpenOptions oo;
-  oo.direct = o.direct;
+  oo.io = o.io;
   auto main = open_device(o.main, "main", oo);
   if (!main.is_ok()) return fail(main.status());
   auto spare = open_device(o.spare, "spare", oo);

@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "dmremap/block_device.h"
+
 namespace dmremap::cli {
 
 inline constexpr int kExitOk = 0;
@@ -43,7 +45,7 @@ struct RemapOptions {
   std::string spare;
   std::vector<uint64_t> blocks;
   std::vector<uint64_t> sectors;  // 512-byte LBAs, as SMART and the kernel log name them
-  bool direct = false;
+  IoMode io = IoMode::kAuto;
   unsigned retries = 3;
 };
 int run_remap(const RemapOptions& o);

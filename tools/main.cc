@@ -18,6 +18,10 @@ constexpr const char* kDescription =
     "spare device, recorded in a crash-safe journal on the spare. This tool formats a spare and "
     "inspects or changes a set. Serve a set with: nbdkit dmremap main=DISK spare=SPARE";
 
+constexpr const char* kIoHelp =
+    "How main is opened: direct (O_DIRECT), buffered (the page cache), or auto: direct on "
+    "block devices, buffered on image files";
+
 constexpr const char* kFooter =
     "Exit status: 0 success, 1 failure or problems found, 2 bad usage.\n"
     "Each command has its own --help, e.g. dmremap format --help.";
@@ -101,13 +105,18 @@ int main(int argc, char** argv) {
   remap->add_option("block", ro.blocks, "Block numbers (in the set's block size)");
   remap->add_option("--lba", ro.sectors,
                     "512-byte sector numbers, as SMART and the kernel log report them");
-  remap->add_flag("--direct", ro.direct, "Read main with O_DIRECT");
+  std::string remap_io = "auto";
+  remap->add_option("--io", remap_io, kIoHelp)
+      ->check(CLI::IsMember({"auto", "direct", "buffered"}))
+      ->capture_default_str();
+  remap->add_flag_callback("--direct", [&] { remap_io = "direct"; }, "Same as --io direct");
   remap->add_option("--retries", ro.retries, "Extra reads of a failing block")
       ->capture_default_str();
   remap->callback([&] {
     if (ro.blocks.empty() && ro.sectors.empty()) {
       throw CLI::ValidationError("remap", "name at least one BLOCK or --lba SECTOR");
     }
+    (void)dmremap::parse_io_mode(remap_io, ro.io);
     rc = run_remap(ro);
   });
 

@@ -34,21 +34,39 @@ Status BlockDevice::write(const void* buf, size_t len, uint64_t offset) {
   if (auto s = check_range("write", len, offset); !s.is_ok()) return s;
   if (auto s = check_writable("write", offset); !s.is_ok()) return s;
   if (len == 0) return Status::ok();
-  return do_write(buf, len, offset);
+  Status s = do_write(buf, len, offset);
+  if (s.is_ok()) note_change();
+  return s;
+}
+
+Status BlockDevice::flush() {
+  // Taken before the flush: a write that completes during it may not be
+  // covered, so it leaves the device with unflushed writes.
+  const uint64_t changed = changed_.load();
+  Status s = do_flush();
+  if (!s.is_ok()) return s;
+  uint64_t seen = flushed_.load();
+  while (seen < changed && !flushed_.compare_exchange_weak(seen, changed)) {
+  }
+  return s;
 }
 
 Status BlockDevice::trim(size_t len, uint64_t offset) {
   if (auto s = check_range("trim", len, offset); !s.is_ok()) return s;
   if (auto s = check_writable("trim", offset); !s.is_ok()) return s;
   if (len == 0) return Status::ok();
-  return do_trim(len, offset);
+  Status s = do_trim(len, offset);
+  if (s.is_ok()) note_change();
+  return s;
 }
 
 Status BlockDevice::write_zeroes(size_t len, uint64_t offset) {
   if (auto s = check_range("write zeroes", len, offset); !s.is_ok()) return s;
   if (auto s = check_writable("write zeroes", offset); !s.is_ok()) return s;
   if (len == 0) return Status::ok();
-  return do_write_zeroes(len, offset);
+  Status s = do_write_zeroes(len, offset);
+  if (s.is_ok()) note_change();
+  return s;
 }
 
 Status BlockDevice::do_write_zeroes(size_t len, uint64_t offset) {
@@ -61,6 +79,33 @@ Status BlockDevice::do_write_zeroes(size_t len, uint64_t offset) {
     offset += n;
   }
   return Status::ok();
+}
+
+FailureKind classify_failure(int err) {
+  switch (err) {
+    case ENODATA: case EILSEQ: case EBADMSG:
+      return FailureKind::kMedia;
+    case ENODEV: case ENXIO: case ENOLINK: case ETIMEDOUT: case ESHUTDOWN: case ENOTCONN:
+    case ECONNRESET: case ECONNREFUSED: case ECONNABORTED: case EPIPE: case EHOSTUNREACH:
+    case ENETDOWN: case ENETUNREACH: case ENOMEDIUM: case EROFS: case EPERM: case ENOMEM:
+    case EBADF:
+      return FailureKind::kDevice;
+    default:
+      return FailureKind::kUnknown;
+  }
+}
+
+bool parse_io_mode(const std::string& text, IoMode& out) {
+  if (text == "auto") {
+    out = IoMode::kAuto;
+  } else if (text == "direct") {
+    out = IoMode::kDirect;
+  } else if (text == "buffered") {
+    out = IoMode::kBuffered;
+  } else {
+    return false;
+  }
+  return true;
 }
 
 }  // namespace dmremap

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <ctime>
 #include <mutex>
 #include <shared_mutex>
 
@@ -27,6 +28,15 @@ std::string block_name(uint64_t block, uint32_t bs) {
 
 }  // namespace
 
+std::string utc_time(int64_t seconds) {
+  const time_t t = static_cast<time_t>(seconds);
+  struct tm tm {};
+  gmtime_r(&t, &tm);
+  char out[32];
+  std::strftime(out, sizeof out, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return out;
+}
+
 const char* health_name(Health h) {
   switch (h) {
     case Health::kOk: return "ok";
@@ -37,7 +47,17 @@ const char* health_name(Health h) {
 }
 
 void assess_health(EngineStats& s, unsigned warn_percent) {
-  if (s.journal_broken) {
+  if (s.main_offline_since != 0) {
+    s.health = Health::kFailing;
+    s.health_reason = "main offline since " + utc_time(s.main_offline_since) + " (" +
+                      s.main_offline_reason +
+                      "): requests that need main fail with EIO; remapped blocks are served";
+  } else if (!s.flush_failure.empty()) {
+    s.health = Health::kFailing;
+    s.health_reason = "a flush failed (" + s.flush_failure +
+                      "): writes acknowledged before it may be lost; FLUSH and FUA fail "
+                      "until restart";
+  } else if (s.journal_broken) {
     s.health = Health::kFailing;
     s.health_reason = "the journal on the spare cannot be written: writes are refused";
   } else if (s.slots_free == 0) {
@@ -103,6 +123,17 @@ Result<std::unique_ptr<Engine>> Engine::open(std::shared_ptr<BlockDevice> main,
                                      " was formatted for \"" + sb.main_identity + "\" (set " +
                                      uuid_string(sb.uuid) + "). Use the main it belongs to");
   }
+  for (const BlockDevice* dev : {main.get(), spare.get()}) {
+    if (dev->alignment() > sb.block_size) {
+      return Status::error(EINVAL,
+                           dev->name() + " needs writes of " + std::to_string(dev->alignment()) +
+                               " bytes under direct I/O, more than the set's block size of " +
+                               std::to_string(sb.block_size) +
+                               ": one block's write would rewrite its neighbours. Use buffered "
+                               "I/O, or format a spare with --block-size " +
+                               std::to_string(dev->alignment()));
+    }
+  }
   if (!options.read_only && (spare->read_only() || main->read_only())) {
     return Status::error(EPERM, "main or spare was opened read-only: use read-only mode");
   }
@@ -133,6 +164,14 @@ Engine::Engine(std::shared_ptr<BlockDevice> main, std::shared_ptr<BlockDevice> s
       block_(store_->superblock().block_size),
       counters_(std::make_unique<Counters>()) {
   table_.enable_filter(size_ / block_);
+  // A first block to compare with, should main fail before any read.
+  std::vector<char> probe(block_);
+  for (uint64_t b = 0; b < std::min<uint64_t>(size_ / block_, 4); ++b) {
+    if (!table_.find(b) && main_->read(probe.data(), block_, b * block_).is_ok()) {
+      note_good(b);
+      break;
+    }
+  }
 }
 
 Engine::~Engine() = default;
@@ -161,38 +200,54 @@ Status Engine::read(void* out, uint64_t len, uint64_t offset, std::vector<uint64
   counters_->reads.fetch_add(1, std::memory_order_relaxed);
   counters_->bytes_read.fetch_add(len, std::memory_order_relaxed);
   char* buf = static_cast<char*>(out);
-  std::vector<uint64_t> failed;
-  std::vector<uint64_t> unreadable;
+  ReadFindings f;
   {
     SharedGuard g(gate_);
-    if (auto s = read_shared(buf, len, offset, failed, unreadable); !s.is_ok()) return s;
+    read_shared(buf, len, offset, f);
   }
-  if (!failed.empty()) {
+  if (!f.failed.empty()) {
     ExclusiveGuard g(gate_);
-    recover_reads(buf, len, offset, failed, unreadable);
+    recover_reads(buf, len, offset, f);
   }
-  if (unreadable.empty()) return Status::ok();
-  std::sort(unreadable.begin(), unreadable.end());
+  return finish_read(buf, len, offset, f, unreadable_out);
+}
+
+Status Engine::finish_read(char* buf, uint64_t len, uint64_t offset, ReadFindings& f,
+                           std::vector<uint64_t>* unreadable_out) {
+  auto& bad = f.unreadable;
+  // Past the point main went offline nothing was read, good or bad.
+  std::erase_if(bad, [&](uint64_t b) { return std::max(offset, b * block_) >= f.offline_from; });
+  if (bad.empty() && f.offline_from == UINT64_MAX) return Status::ok();
+  std::sort(bad.begin(), bad.end());
   if (options_.unreadable_zero) {
-    for (uint64_t b : unreadable) {
+    for (uint64_t b : bad) {
       const uint64_t lo = std::max(offset, b * block_);
       const uint64_t hi = std::min(offset + len, (b + 1) * block_);
       std::memset(buf + (lo - offset), 0, hi - lo);
       log(LogLevel::kWarning, "unreadable=zero: returned zeros for unreadable " +
                                   block_name(b, block_) + " (salvage mode)");
     }
-    return Status::ok();
+    bad.clear();
+    if (f.offline_from == UINT64_MAX) return Status::ok();
   }
-  counters_->unreadable_reads.fetch_add(1, std::memory_order_relaxed);
-  const uint64_t first_bad = std::max(offset, unreadable.front() * block_);
-  if (unreadable_out != nullptr) *unreadable_out = unreadable;
-  return Status::error(EIO, block_name(unreadable.front(), block_) +
-                                " cannot be read from main and has no copy (pending)")
+  if (!bad.empty()) counters_->unreadable_reads.fetch_add(1, std::memory_order_relaxed);
+  const uint64_t first_bad = bad.empty() ? UINT64_MAX : std::max(offset, bad.front() * block_);
+  if (f.offline_from < first_bad) {
+    // Only the bytes before it are good: no list, so a frontend sends those
+    // and one error.
+    return offline_error().with_offset(f.offline_from);
+  }
+  if (unreadable_out != nullptr && f.offline_from == UINT64_MAX) *unreadable_out = bad;
+  const uint64_t b = bad.front();
+  const bool slot = std::find(f.bad_slot_reads.begin(), f.bad_slot_reads.end(), b) !=
+                    f.bad_slot_reads.end();
+  return Status::error(EIO, block_name(b, block_) +
+                                (slot ? ": its copy on the spare cannot be read"
+                                      : " cannot be read from main and has no copy (pending)"))
       .with_offset(first_bad);
 }
 
-Status Engine::read_shared(char* buf, uint64_t len, uint64_t offset,
-                           std::vector<uint64_t>& failed, std::vector<uint64_t>& unreadable) {
+void Engine::read_shared(char* buf, uint64_t len, uint64_t offset, ReadFindings& f) {
   const uint64_t first = offset / block_;
   const uint64_t end = (offset + len - 1) / block_ + 1;
   auto clip = [&](uint64_t a, uint64_t b) {
@@ -200,65 +255,93 @@ Status Engine::read_shared(char* buf, uint64_t len, uint64_t offset,
   };
   auto from_main = [&](uint64_t a, uint64_t b) {
     const auto [lo, hi] = clip(a, b);
-    if (!main_->read(buf + (lo - offset), hi - lo, lo).is_ok()) {
-      counters_->main_read_errors.fetch_add(1, std::memory_order_relaxed);
-      read_main_narrowing(buf, offset, len, a, b, failed);
+    if (lo >= f.offline_from) return;
+    if (!main_available()) {
+      f.offline_from = lo;
+      return;
+    }
+    const Status s = main_->read(buf + (lo - offset), hi - lo, lo);
+    if (s.is_ok()) {
+      note_good(a);
+      return;
+    }
+    counters_->main_read_errors.fetch_add(1, std::memory_order_relaxed);
+    if (!failure_is_media(s, a, b)) {
+      f.offline_from = lo;
+    } else if (b - a == 1) {
+      f.failed.push_back(a);  // that read was the block's first attempt
+    } else {
+      read_main_narrowing(buf, offset, len, a, b, f);
     }
   };
-  Status status;
   uint64_t cursor = first;
   table_.for_range(first, end, [&](const RemapTable::Entry& e) {
-    if (!status.is_ok()) return;
     if (cursor < e.block) from_main(cursor, e.block);
     cursor = e.block + 1;
     if (RemapTable::is_pending(e.value)) {
-      unreadable.push_back(e.block);
+      f.unreadable.push_back(e.block);
       return;
     }
     const auto [lo, hi] = clip(e.block, e.block + 1);
+    if (lo >= f.offline_from) return;
     const uint64_t slot = RemapTable::slot_of(e.value);
-    status = spare_->read(buf + (lo - offset), hi - lo, slot_offset(slot) + (lo - e.block * block_));
-    if (!status.is_ok()) {
-      status = std::move(status)
-                   .with_context("slot " + std::to_string(slot) + " of " + block_name(e.block, block_))
-                   .with_offset(lo);
+    const Status s =
+        spare_->read(buf + (lo - offset), hi - lo, slot_offset(slot) + (lo - e.block * block_));
+    if (!s.is_ok()) {
+      // Nothing else holds this block's data: it is unreadable, and the
+      // rest of the request is still served.
+      log(LogLevel::kError, "slot " + std::to_string(slot) + " of " + block_name(e.block, block_) +
+                                " cannot be read: " + s.to_string());
+      f.unreadable.push_back(e.block);
+      f.bad_slot_reads.push_back(e.block);
     }
   });
-  if (status.is_ok() && cursor < end) from_main(cursor, end);
-  return status;
+  if (cursor < end) from_main(cursor, end);
 }
 
 void Engine::read_main_narrowing(char* buf, uint64_t req_off, uint64_t req_len, uint64_t first,
-                                 uint64_t last, std::vector<uint64_t>& failed) {
+                                 uint64_t last, ReadFindings& f) {
   // One read per block, not bisection: each read that includes a bad sector
   // may cost a failing disk seconds of internal retries, and a weak block
   // must not use up its failures on intermediate ranges before it is named.
-  const size_t before = failed.size();
+  const size_t before = f.failed.size();
   for (uint64_t b = first; b < last; ++b) {
     const uint64_t lo = std::max(req_off, b * block_);
     const uint64_t hi = std::min(req_off + req_len, (b + 1) * block_);
-    if (!main_->read(buf + (lo - req_off), hi - lo, lo).is_ok()) {
-      counters_->main_read_errors.fetch_add(1, std::memory_order_relaxed);
-      failed.push_back(b);
+    const Status s = main_->read(buf + (lo - req_off), hi - lo, lo);
+    if (s.is_ok()) {
+      note_good(b);
+      continue;
     }
+    counters_->main_read_errors.fetch_add(1, std::memory_order_relaxed);
+    if (classify_failure(s.code()) == FailureKind::kDevice) {
+      set_main_offline(s);
+      f.offline_from = lo;
+      return;
+    }
+    f.failed.push_back(b);
   }
-  if (failed.size() == before && last - first > 1) {
+  if (f.failed.size() == before) {
     log(LogLevel::kWarning, main_->name() + ": a read of blocks " + std::to_string(first) + "-" +
                                 std::to_string(last - 1) +
                                 " failed once, then every block read: a transient error");
   }
 }
 
-void Engine::recover_reads(char* buf, uint64_t len, uint64_t offset,
-                           const std::vector<uint64_t>& failed, std::vector<uint64_t>& unreadable) {
+void Engine::recover_reads(char* buf, uint64_t len, uint64_t offset, ReadFindings& f) {
   std::vector<char> data(block_);
-  for (uint64_t b : failed) {
-    // Already failed once in the fast path: only the retries are left.
+  for (uint64_t b : f.failed) {
+    const uint64_t lo = std::max(offset, b * block_);
+    if (lo >= f.offline_from) break;
+    // Already failed once: only the retries are left.
     if (!read_block_exclusive(b, data.data(), /*already_failed=*/true).is_ok()) {
-      unreadable.push_back(b);
+      if (offline_since_.load() != 0) {
+        f.offline_from = lo;
+        break;
+      }
+      f.unreadable.push_back(b);
       continue;
     }
-    const uint64_t lo = std::max(offset, b * block_);
     const uint64_t hi = std::min(offset + len, (b + 1) * block_);
     std::memcpy(buf + (lo - offset), data.data() + (lo - b * block_), hi - lo);
   }
@@ -271,6 +354,7 @@ Status Engine::read_block_exclusive(uint64_t block, char* out, bool already_fail
     }
     return spare_->read(out, block_, slot_offset(RemapTable::slot_of(*v)));
   }
+  if (!main_available()) return offline_error();
   const unsigned attempts = options_.read_retries + (already_failed ? 0 : 1);
   bool failed_once = already_failed;
   Status last = Status::error(EIO, main_->name() + ": " + block_name(block, block_) +
@@ -280,8 +364,13 @@ Status Engine::read_block_exclusive(uint64_t block, char* out, bool already_fail
     if (last.is_ok()) break;
     counters_->main_read_errors.fetch_add(1, std::memory_order_relaxed);
     failed_once = true;
+    if (classify_failure(last.code()) == FailureKind::kDevice) {
+      set_main_offline(last);
+      return offline_error();
+    }
   }
   if (last.is_ok()) {
+    note_good(block);
     if (!failed_once) return last;
     counters_->retry_successes.fetch_add(1, std::memory_order_relaxed);
     if (options_.read_only) {
@@ -290,17 +379,119 @@ Status Engine::read_block_exclusive(uint64_t block, char* out, bool already_fail
       return last;
     }
     // A weak block: copy it now, while it still reads.
+    log(LogLevel::kWarning, block_name(block, block_) + " failed, then read on a retry (weak): "
+                            "rescuing it to the spare");
     if (auto s = commit_remap(block, out, Cause::kRescue); !s.is_ok()) {
       log(LogLevel::kError, block_name(block, block_) + " is weak but could not be rescued: " +
                                 s.to_string());
     }
     return Status::ok();
   }
+  // Before the block is declared lost: is it the block, or main as a whole?
+  if (!failure_is_media(last, block, block + 1)) return offline_error();
   log(LogLevel::kError, block_name(block, block_) + " is unreadable after " +
                             std::to_string(options_.read_retries) + " retries: " +
                             last.to_string());
   if (!options_.read_only) (void)mark_pending(block);
   return last;
+}
+
+// ------------------------------------------------------------ main offline
+
+bool Engine::main_available() {
+  if (offline_since_.load(std::memory_order_acquire) == 0) return true;
+  std::unique_lock l(state_mu_, std::try_to_lock);
+  if (!l.owns_lock()) return false;
+  if (offline_since_.load() == 0) return true;
+  const auto now = std::chrono::steady_clock::now();
+  if (now < retry_at_) return false;
+  Status s = main_->reconnect();
+  if (s.is_ok()) s = probe_main(0, 0);
+  if (!s.is_ok()) {
+    backoff_ = std::min(backoff_ * 2, options_.reconnect_max);
+    retry_at_ = now + backoff_;
+    log(LogLevel::kDebug, "main still offline: " + s.to_string());
+    return false;
+  }
+  const int64_t since = offline_since_.exchange(0);
+  log(LogLevel::kWarning, main_->name() + " back online after " +
+                              std::to_string(std::time(nullptr) - since) +
+                              " s offline; serving from it again");
+  return true;
+}
+
+bool Engine::failure_is_media(const Status& failure, uint64_t first, uint64_t last) {
+  switch (classify_failure(failure.code())) {
+    case FailureKind::kMedia: return true;
+    case FailureKind::kDevice: set_main_offline(failure); return false;
+    case FailureKind::kUnknown: break;
+  }
+  Status probe = probe_main(first, last);
+  if (probe.is_ok()) return true;
+  set_main_offline(Status::error(failure.code(), failure.message() + "; and a block that read "
+                                                     "before fails too: " + probe.message()));
+  return false;
+}
+
+Status Engine::probe_main(uint64_t first, uint64_t last) {
+  // Blocks main read or wrote lately, and one fixed block, none known bad.
+  // A block that read once may have gone bad since (the disk is failing):
+  // main is alive when any of them reads, and those that failed are then
+  // forgotten. A link that drops one request in a while must not look
+  // dead, so each gets a second chance; when none reads they are kept, to
+  // try again after the outage.
+  const uint64_t blocks = size_ / block_;
+  const uint64_t candidates[3] = {good_[0].load(std::memory_order_relaxed),
+                                  good_[1].load(std::memory_order_relaxed), blocks / 2};
+  std::vector<char> data(block_);
+  Status last_failure;
+  bool failed[2] = {false, false};
+  for (int round = 0; round < 2; ++round) {
+    for (size_t i = 0; i < 3; ++i) {
+      const uint64_t b = candidates[i];
+      if (b >= blocks || (b >= first && b < last) || table_.find(b)) continue;
+      if (i == 2 && (b == candidates[0] || b == candidates[1])) continue;
+      Status s = main_->read(data.data(), block_, b * block_);
+      if (s.is_ok()) {
+        for (size_t j = 0; j < 2; ++j) {
+          uint64_t expected = candidates[j];
+          if (failed[j]) good_[j].compare_exchange_strong(expected, UINT64_MAX);
+        }
+        return s;
+      }
+      if (i < 2 && round == 1) failed[i] = true;
+      last_failure = std::move(s);
+    }
+  }
+  return last_failure;  // ok when there was nothing to compare with
+}
+
+void Engine::set_main_offline(const Status& why) {
+  int64_t expected = 0;
+  const int64_t now = std::time(nullptr);
+  if (!offline_since_.compare_exchange_strong(expected, now)) return;
+  {
+    std::lock_guard l(state_mu_);
+    offline_reason_ = why.to_string();
+    backoff_ = options_.reconnect_first;
+    retry_at_ = std::chrono::steady_clock::now() + backoff_;
+  }
+  log(LogLevel::kError, main_->name() + " offline since " + utc_time(now) + ": " +
+                            why.to_string() +
+                            ". This is not a bad block: nothing is marked or remapped. Requests "
+                            "that need main fail with EIO until it is back; blocks on the spare "
+                            "are still served; main is tried again with backoff");
+}
+
+Status Engine::offline_error() {
+  const int64_t since = offline_since_.load();
+  if (since == 0) return Status::error(EIO, "main was offline during the request");
+  std::string reason;
+  {
+    std::lock_guard l(state_mu_);
+    reason = offline_reason_;
+  }
+  return Status::error(EIO, "main offline since " + utc_time(since) + " (" + reason + ")");
 }
 
 // ---------------------------------------------------------------- writes
@@ -334,16 +525,29 @@ Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offse
   if ((offset + len) % block_ != 0 && (slow.empty() || (offset + len - 1) / block_ != slow[0])) {
     slow.push_back((offset + len - 1) / block_);
   }
+  bool main_down = false;
   {
     SharedGuard g(gate_);
     auto to_main = [&](uint64_t a, uint64_t b) {
+      if (main_down) return;
+      if (!main_available()) {
+        main_down = true;
+        return;
+      }
       const uint64_t n = (b - a) * block_;
       const Status s = zero ? main_->write_zeroes(n, a * block_)
                             : main_->write(src + (a * block_ - offset), n, a * block_);
-      if (!s.is_ok()) {
-        counters_->main_write_errors.fetch_add(1, std::memory_order_relaxed);
-        for (uint64_t b2 = a; b2 < b; ++b2) slow.push_back(b2);
+      if (s.is_ok()) {
+        note_good(a);
+        return;
       }
+      counters_->main_write_errors.fetch_add(1, std::memory_order_relaxed);
+      // Main as a whole failing is no reason to remap anything.
+      if (!failure_is_media(s, a, b)) {
+        main_down = true;
+        return;
+      }
+      for (uint64_t b2 = a; b2 < b; ++b2) slow.push_back(b2);
     };
     uint64_t cursor = full_first;
     table_.for_range(full_first, full_end, [&](const RemapTable::Entry& e) {
@@ -360,6 +564,7 @@ Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offse
     });
     if (cursor < full_end) to_main(cursor, full_end);
   }
+  if (main_down) return offline_error();
   Status result;
   if (!slow.empty()) {
     ExclusiveGuard g(gate_);
@@ -371,7 +576,9 @@ Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offse
       if (hi - lo < block_) {
         // Read-modify-write: the rest of the block must be real data.
         s = read_block_exclusive(b, data.data(), false);
-        if (!s.is_ok()) {
+        if (!s.is_ok() && offline_since_.load() != 0) {
+          s = offline_error();
+        } else if (!s.is_ok()) {
           s = Status::error(EIO, "write to part of " + block_name(b, block_) +
                                      ": the rest of the block cannot be read");
         }
@@ -406,9 +613,11 @@ Status Engine::write_block_exclusive(uint64_t block, const char* data) {
     // The old slot is recorded bad in the same journal append as the move.
     return commit_remap(block, data, RemapTable::cause_of(*v), slot);
   }
+  if (!main_available()) return offline_error();
   Status s = main_->write(data, block_, block * block_);
   if (s.is_ok()) return s;
   counters_->main_write_errors.fetch_add(1, std::memory_order_relaxed);
+  if (!failure_is_media(s, block, block + 1)) return offline_error();
   log(LogLevel::kWarning, main_->name() + ": " + block_name(block, block_) +
                               " failed to write (" + s.to_string() + "); remapping it");
   return commit_remap(block, data, Cause::kWriteError);
@@ -516,6 +725,8 @@ Status Engine::trim(uint64_t len, uint64_t offset, bool fua) {
     // Only whole unmapped blocks reach main; remapped and pending blocks keep
     // their state, so a trim never exposes stale main data.
     auto to_main = [&](uint64_t a, uint64_t b) {
+      // A trim is advice: one that main cannot take now is simply dropped.
+      if (offline_since_.load() != 0) return;
       if (auto s = main_->trim((b - a) * block_, a * block_); !s.is_ok()) {
         log(LogLevel::kDebug, "trim ignored: " + s.to_string());
       }
@@ -533,10 +744,36 @@ Status Engine::trim(uint64_t len, uint64_t offset, bool fua) {
 Status Engine::flush() {
   if (closed_.load()) return Status::error(EIO, "the device is closed");
   counters_->flushes.fetch_add(1, std::memory_order_relaxed);
-  Status m = main_->flush();
-  Status s = spare_->flush();
+  Status m = flush_device(*main_);
+  Status s = flush_device(*spare_);
   if (!m.is_ok()) return m;
   return s;
+}
+
+Status Engine::flush_device(BlockDevice& dev) {
+  if (flush_failed_.load()) {
+    std::lock_guard l(state_mu_);
+    return Status::error(EIO, "an earlier flush failed (" + flush_failure_ +
+                                  "): writes acknowledged before it may be lost; every flush "
+                                  "fails until dmremap is restarted");
+  }
+  // Nothing written since the last flush that worked: nothing can be lost,
+  // and a device that is offline meanwhile does not fail the flush.
+  if (!dev.has_unflushed_writes()) return Status::ok();
+  Status s = dev.flush();
+  if (s.is_ok()) return s;
+  // The kernel reports a writeback error to one fsync only, and a dead NBD
+  // server's cache is gone: retrying cannot tell whether the writes
+  // survived, so no later flush may claim they did ("fsyncgate").
+  {
+    std::lock_guard l(state_mu_);
+    if (flush_failure_.empty()) flush_failure_ = s.to_string();
+  }
+  flush_failed_.store(true);
+  log(LogLevel::kError, dev.name() + ": flush failed (" + s.to_string() +
+                            "): writes acknowledged before it may be lost. Every FLUSH and FUA "
+                            "fails from now on; check the disk, then restart dmremap");
+  return Status::error(EIO, dev.name() + ": flush failed: " + s.to_string());
 }
 
 Status Engine::extents(uint64_t len, uint64_t offset,
@@ -621,6 +858,12 @@ EngineStats Engine::stats() {
   s.unreadable_reads = c.unreadable_reads;
   s.slot_write_errors = c.slot_write_errors;
   s.journal_broken = journal_broken_.load();
+  s.main_offline_since = offline_since_.load();
+  {
+    std::lock_guard l(state_mu_);
+    if (s.main_offline_since != 0) s.main_offline_reason = offline_reason_;
+    if (flush_failed_.load()) s.flush_failure = flush_failure_;
+  }
   SharedGuard g(gate_);
   fill_table_stats(s, table_, store_->superblock(), options_.warn_percent);
   return s;
@@ -630,8 +873,8 @@ Status Engine::close() {
   ExclusiveGuard g(gate_);
   if (closed_.exchange(true)) return Status::ok();
   if (options_.read_only) return Status::ok();
-  Status m = main_->flush();
-  Status sp = spare_->flush();
+  Status m = flush_device(*main_);
+  Status sp = flush_device(*spare_);
   if (!m.is_ok()) return m;
   if (!sp.is_ok()) return sp;
   if (journal_broken_.load()) {

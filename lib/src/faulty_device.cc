@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <random>
+#include <thread>
+#include <utility>
 
 namespace dmremap {
 
@@ -64,7 +66,34 @@ size_t FaultyDevice::unflushed_writes() const {
   return undo_.size();
 }
 
+Status FaultyDevice::enter(const char* what, uint64_t offset) const {
+  if (const int64_t us = delay_us_.load(); us > 0) {
+    std::this_thread::sleep_for(std::chrono::microseconds(us));
+  }
+  if (const int err = gone_.load(); err != 0) {
+    return Status::error(err, where(what, offset) + ": the device is gone");
+  }
+  return Status::ok();
+}
+
+void FaultyDevice::set_errors_at_flush(bool on) {
+  std::lock_guard lock(mu_);
+  errors_at_flush_ = on;
+}
+
+Status FaultyDevice::reconnect() {
+  reconnects_.fetch_add(1);
+  if (const int err = gone_.load(); err != 0) {
+    return Status::error(ENODEV, name() + ": not back yet");
+  }
+  return inner_->reconnect();
+}
+
 Status FaultyDevice::do_read(void* buf, size_t len, uint64_t offset) {
+  if (auto s = enter("read", offset); !s.is_ok()) {
+    failed_reads_.fetch_add(1);
+    return s;
+  }
   {
     std::lock_guard lock(mu_);
     if (power_ && power_->is_off()) {
@@ -106,6 +135,10 @@ Status FaultyDevice::save_undo(size_t len, uint64_t offset) {
 
 template <class Apply>
 Status FaultyDevice::mutate(const char* what, size_t len, uint64_t offset, Apply apply) {
+  if (auto s = enter(what, offset); !s.is_ok()) {
+    failed_writes_.fetch_add(1);
+    return s;
+  }
   std::lock_guard lock(mu_);
   bool cut_now = false;
   if (power_) {
@@ -139,6 +172,11 @@ Status FaultyDevice::mutate(const char* what, size_t len, uint64_t offset, Apply
     failed_writes_.fetch_add(1);
     return Status::error(EIO, where(what, offset) + ": power cut");
   }
+  if (apply_len < len && errors_at_flush_) {
+    // Accepted now; the loss shows at the next flush.
+    writeback_error_ = true;
+    return Status::ok();
+  }
   if (apply_len < len) {
     failed_writes_.fetch_add(1);
     return Status::error(EIO, where(what, *bad * fault_block_) + ": injected write error");
@@ -163,7 +201,12 @@ Status FaultyDevice::do_write_zeroes(size_t len, uint64_t offset) {
 }
 
 Status FaultyDevice::do_flush() {
+  if (auto s = enter("flush", 0); !s.is_ok()) return s;
   std::lock_guard lock(mu_);
+  if (std::exchange(writeback_error_, false)) {
+    failed_writes_.fetch_add(1);
+    return Status::error(EIO, name() + ": flush: a write failed at writeback");
+  }
   if (power_) {
     const auto t = power_->tick();
     if (t != PowerSwitch::Tick::kOn) {

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <dirent.h>
 #include <sys/file.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
@@ -50,59 +51,134 @@ uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 
 }  // namespace
 
-Result<std::shared_ptr<FileDevice>> FileDevice::open(const std::string& path,
-                                                     const std::string& role,
-                                                     const OpenOptions& options) {
-  const std::string who = role + " (" + path + ")";
+namespace {
+
+// What open() found at a path: an fd and what it is.
+struct Opened {
+  int fd = -1;
   struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) return Status::from_errno(who + ": cannot open");
-  const bool is_block = S_ISBLK(st.st_mode);
-  if (!is_block && !S_ISREG(st.st_mode)) {
+  uint64_t size = 0;
+  size_t align = 1;
+};
+
+Result<Opened> open_path(const std::string& path, const std::string& who,
+                         const OpenOptions& options) {
+  Opened o;
+  if (::stat(path.c_str(), &o.st) != 0) return Status::from_errno(who + ": cannot open");
+  const bool is_block = S_ISBLK(o.st.st_mode);
+  if (!is_block && !S_ISREG(o.st.st_mode)) {
     return Status::error(EINVAL, who + ": not a regular file or a block device");
   }
+  const bool direct =
+      options.io == IoMode::kDirect || (options.io == IoMode::kAuto && is_block);
   int flags = (options.read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
-  if (options.direct) flags |= O_DIRECT;
+  if (direct) flags |= O_DIRECT;
   if (is_block && options.exclusive) flags |= O_EXCL;
   const int fd = ::open(path.c_str(), flags);
   if (fd < 0) {
     if (errno == EBUSY) {
       return Status::error(EBUSY, who + ": in use (mounted, or opened by another dmremap)");
     }
+    if (errno == EINVAL && direct) {
+      return Status::error(EINVAL, who + ": cannot open with direct I/O (O_DIRECT); this "
+                                         "filesystem does not support it: use buffered I/O");
+    }
     return Status::from_errno(who + ": cannot open");
   }
+  o.fd = fd;
+  auto fail = [&](Status s) {
+    ::close(fd);
+    return s;
+  };
   if (!is_block && options.exclusive && ::flock(fd, LOCK_EX | LOCK_NB) != 0) {
     const int err = errno;
-    ::close(fd);
     if (err == EWOULDBLOCK) {
-      return Status::error(EBUSY, who + ": locked by another process (is a dmremap server using it?)");
+      return fail(Status::error(EBUSY, who + ": locked by another process (is a dmremap server "
+                                             "using it?)"));
     }
-    return Status::error(err, who + ": cannot lock");
+    return fail(Status::error(err, who + ": cannot lock"));
   }
-  uint64_t size = static_cast<uint64_t>(st.st_size);
-  size_t align = 1;
-  if (is_block) {
-    if (::ioctl(fd, BLKGETSIZE64, &size) != 0) {
-      const int err = errno;
-      ::close(fd);
-      return Status::error(err, who + ": cannot read the size of the block device");
-    }
+  o.size = static_cast<uint64_t>(o.st.st_size);
+  if (is_block && ::ioctl(fd, BLKGETSIZE64, &o.size) != 0) {
+    return fail(Status::from_errno(who + ": cannot read the size of the block device"));
   }
-  if (options.direct) {
+  if (direct) {
     int sector = 512;
     if (is_block) ::ioctl(fd, BLKSSZGET, &sector);
     // Regular files: 4096 is safe on every common filesystem.
-    align = is_block ? static_cast<size_t>(std::max(sector, 512)) : 4096;
-    if (size % align != 0) {
-      ::close(fd);
-      return Status::error(EINVAL, who + ": size " + std::to_string(size) +
-                                       " is not a multiple of " + std::to_string(align) +
-                                       " bytes, which direct I/O needs");
+    o.align = is_block ? static_cast<size_t>(std::max(sector, 512)) : 4096;
+    if (o.size % o.align != 0) {
+      return fail(Status::error(EINVAL, who + ": size " + std::to_string(o.size) +
+                                            " is not a multiple of " + std::to_string(o.align) +
+                                            " bytes, which direct I/O needs"));
     }
   }
+  return o;
+}
+
+}  // namespace
+
+Result<std::shared_ptr<FileDevice>> FileDevice::open(const std::string& path,
+                                                     const std::string& role,
+                                                     const OpenOptions& options) {
+  auto o = open_path(path, role + " (" + path + ")", options);
+  if (!o.is_ok()) return o.take_status();
+  const bool is_block = S_ISBLK(o->st.st_mode);
   auto dev = std::shared_ptr<FileDevice>(
-      new FileDevice(role, path, fd, size, is_block, options.read_only, align));
-  if (is_block) dev->identity_ = sysfs_identity(st.st_rdev);
+      new FileDevice(role, path, o->fd, o->size, is_block, options.read_only, o->align));
+  dev->options_ = options;
+  dev->rdev_ = o->st.st_rdev;
+  if (is_block) dev->identity_ = sysfs_identity(o->st.st_rdev);
   return dev;
+}
+
+std::vector<std::string> FileDevice::candidates() const {
+  std::vector<std::string> out{path_};
+  if (identity_.empty()) return out;
+  // A disk that left the bus and came back may have a new name (sdb for
+  // sda, while the old one is still held open): look for its serial.
+  DIR* d = ::opendir("/sys/class/block");
+  if (!d) return out;
+  while (const dirent* e = ::readdir(d)) {
+    if (e->d_name[0] == '.') continue;
+    struct stat st {};
+    const std::string dev = std::string("/dev/") + e->d_name;
+    if (::stat(dev.c_str(), &st) != 0 || !S_ISBLK(st.st_mode)) continue;
+    if (sysfs_identity(st.st_rdev) == identity_ && dev != path_) out.push_back(dev);
+  }
+  ::closedir(d);
+  return out;
+}
+
+Status FileDevice::reconnect() {
+  if (!is_block_) return Status::ok();
+  std::string why = "not found";
+  for (const std::string& path : candidates()) {
+    struct stat st {};
+    // Still the node we have open: nothing to reopen; a read will tell.
+    if (::stat(path.c_str(), &st) == 0 && st.st_rdev == rdev_ && S_ISBLK(st.st_mode)) {
+      return Status::ok();
+    }
+    auto o = open_path(path, name() + " (" + path + ")", options_);
+    if (!o.is_ok()) {
+      why = o.status().to_string();
+      continue;
+    }
+    const std::string id = sysfs_identity(o->st.st_rdev);
+    if (o->size != size_ || o->align != align_ || id != identity_) {
+      why = path + " is another disk (" + std::to_string(o->size) + " bytes, \"" + id + "\")";
+      ::close(o->fd);
+      continue;
+    }
+    // In place, so requests never see a closed descriptor.
+    const int r = ::dup3(o->fd, fd_, O_CLOEXEC);
+    const int err = errno;
+    ::close(o->fd);
+    if (r < 0) return Status::error(err, where("reopen", 0));
+    rdev_ = o->st.st_rdev;
+    return Status::ok();
+  }
+  return Status::error(ENODEV, name() + " (" + path_ + ") is gone: " + why);
 }
 
 FileDevice::FileDevice(std::string name, std::string path, int fd, uint64_t size, bool is_block,

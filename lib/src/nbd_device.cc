@@ -2,6 +2,8 @@
 
 #include <libnbd.h>
 
+#include <poll.h>
+
 #include <algorithm>
 #include <cstring>
 
@@ -23,15 +25,39 @@ class NbdDevice::Lease {
 
 namespace {
 
-// Connection-level failures say nothing about the data: the caller sees EIO.
+// The server's errno where it says something about the request or the
+// data; a failure of the connection keeps an errno that says so
+// (classify_failure() calls it a device failure); anything else is EIO.
 int data_errno(int err) {
   switch (err) {
     case EINVAL: case ENOSPC: case EPERM: case EROFS: case ENOMEM: case EOVERFLOW:
     case ENOTSUP: case EIO:
       return err;
     default:
-      return EIO;
+      return classify_failure(err) == FailureKind::kDevice ? err : EIO;
   }
+}
+
+// A connected handle whose server has gone: with no request in flight a
+// server sends nothing, so a readable socket means end of file or an error.
+bool looks_gone(nbd_handle* h) {
+  if (nbd_aio_is_dead(h) == 1 || nbd_aio_is_closed(h) == 1) return true;
+  const int fd = nbd_aio_get_fd(h);
+  if (fd < 0) return true;
+  pollfd p{fd, POLLIN, 0};
+  return ::poll(&p, 1, 0) != 0;
+}
+
+Result<nbd_handle*> connect(const std::string& uri, const std::string& who) {
+  nbd_handle* h = nbd_create();
+  if (!h) return Status::error(ENOMEM, who + ": " + nbd_get_error());
+  if (nbd_connect_uri(h, uri.c_str()) == -1) {
+    const int err = nbd_get_errno();
+    const std::string msg = nbd_get_error() ? nbd_get_error() : "cannot connect";
+    nbd_close(h);
+    return Status::error(err ? err : ECONNREFUSED, who + ": " + msg);
+  }
+  return h;
 }
 
 }  // namespace
@@ -52,30 +78,54 @@ Result<std::shared_ptr<NbdDevice>> NbdDevice::open(const std::string& uri,
                                                    unsigned connections) {
   std::shared_ptr<NbdDevice> dev(new NbdDevice(role, uri));
   const std::string who = role + " (" + uri + ")";
-  for (unsigned i = 0; i < std::max(1u, connections); ++i) {
-    nbd_handle* h = nbd_create();
-    if (!h) return Status::error(ENOMEM, who + ": " + nbd_get_error());
-    if (nbd_connect_uri(h, uri.c_str()) == -1) {
-      const int err = nbd_get_errno();
-      const std::string msg = nbd_get_error() ? nbd_get_error() : "cannot connect";
-      nbd_close(h);
-      return Status::error(err ? err : ECONNREFUSED, who + ": " + msg);
-    }
-    dev->all_.push_back(h);
-    if (i == 0) {
-      const int64_t size = nbd_get_size(h);
-      if (size < 0) return Status::error(EIO, who + ": " + nbd_get_error());
-      dev->size_ = static_cast<uint64_t>(size);
-      dev->read_only_ = options.read_only || nbd_is_read_only(h) == 1;
-      dev->can_trim_ = nbd_can_trim(h) == 1;
-      dev->can_zero_ = nbd_can_zero(h) == 1;
-      dev->multi_conn_ = nbd_can_multi_conn(h) == 1;
-      const int64_t max = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
-      if (max > 0) dev->max_request_ = std::min<uint64_t>(dev->max_request_, max);
-    }
+  auto first = connect(uri, who);
+  if (!first.is_ok()) return first.take_status();
+  nbd_handle* h = first.value();
+  dev->all_.push_back(h);
+  const int64_t size = nbd_get_size(h);
+  if (size < 0) return Status::error(EIO, who + ": " + nbd_get_error());
+  dev->size_ = static_cast<uint64_t>(size);
+  dev->read_only_ = options.read_only || nbd_is_read_only(h) == 1;
+  dev->can_trim_ = nbd_can_trim(h) == 1;
+  dev->can_zero_ = nbd_can_zero(h) == 1;
+  dev->multi_conn_ = nbd_can_multi_conn(h) == 1;
+  const int64_t max = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
+  if (max > 0) dev->max_request_ = std::min<uint64_t>(dev->max_request_, max);
+  // Without multi-conn the server does not promise that connections see
+  // each other's writes (and may take only one client, as qemu-nbd does by
+  // default): one connection, requests in turn.
+  const unsigned wanted = dev->multi_conn_ ? std::max(1u, connections) : 1;
+  for (unsigned i = 1; i < wanted; ++i) {
+    auto more = connect(uri, who);
+    if (!more.is_ok()) return more.take_status();
+    dev->all_.push_back(more.value());
   }
   dev->idle_ = dev->all_;
   return dev;
+}
+
+Status NbdDevice::reconnect() {
+  const std::string who = name() + " (" + uri_ + ")";
+  for (nbd_handle*& h : all_) {
+    // Every connection in turn, once no request holds it.
+    std::unique_lock l(mu_);
+    cv_.wait(l, [&] { return std::find(idle_.begin(), idle_.end(), h) != idle_.end(); });
+    const auto slot = std::find(idle_.begin(), idle_.end(), h);
+    if (!looks_gone(h)) continue;
+    auto fresh = connect(uri_, who);
+    if (!fresh.is_ok()) return fresh.take_status();
+    const int64_t size = nbd_get_size(fresh.value());
+    if (size < 0 || static_cast<uint64_t>(size) != size_) {
+      nbd_close(fresh.value());
+      return Status::error(ENODEV, who + ": the export now has " + std::to_string(size) +
+                                       " bytes, not " + std::to_string(size_) +
+                                       ": not the same disk");
+    }
+    nbd_close(h);
+    h = fresh.value();
+    *slot = h;
+  }
+  return Status::ok();
 }
 
 nbd_handle* NbdDevice::acquire() {
@@ -99,8 +149,8 @@ Status NbdDevice::failure(nbd_handle* h, const char* what, uint64_t offset) cons
   const char* msg = nbd_get_error();
   // A connection that is gone makes libnbd refuse the call locally (EINVAL
   // or ENOTCONN for "the handle must be connected"): to the caller that is a
-  // device that no longer answers, EIO, not a bad request.
-  if (nbd_aio_is_dead(h) || nbd_aio_is_closed(h)) err = EIO;
+  // device that no longer answers, not a bad request.
+  if (nbd_aio_is_dead(h) == 1 || nbd_aio_is_closed(h) == 1) err = ENOTCONN;
   return Status::error(data_errno(err), where(what, offset) + (msg ? std::string(": ") + msg : ""));
 }
 

@@ -10,7 +10,7 @@ namespace dmremap {
 Result<std::unique_ptr<Engine>> open_set(const SetConfig& config) {
   OpenOptions o;
   o.read_only = config.read_only;
-  o.direct = config.direct;
+  o.io = config.io;
   auto spare = open_device(config.spare, "spare", o);
   if (!spare.is_ok()) return spare.take_status();
   auto main = open_device(config.main, "main", o);

@@ -1,6 +1,7 @@
 // The one interface through which dmremap touches storage.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -38,6 +39,9 @@ class BlockDevice {
   virtual bool can_fast_zero() const { return false; }
   // True when trim() really discards (reads afterwards may return zeros).
   virtual bool can_trim() const { return false; }
+  // The smallest unit the device writes without reading and rewriting what
+  // is around it (the logical sector under direct I/O); 1 when any size is.
+  virtual size_t alignment() const { return 1; }
 
   // The first offset at or after `offset` that may hold data: the device
   // reads zeros before it. size() when only a hole follows. Devices that
@@ -50,7 +54,18 @@ class BlockDevice {
   Status read(void* buf, size_t len, uint64_t offset);
   Status write(const void* buf, size_t len, uint64_t offset);
   // Makes every completed write durable.
-  Status flush() { return do_flush(); }
+  Status flush();
+  // True when a write, trim or write-zeroes has completed since the start of
+  // the last flush that succeeded: a flush that fails now may lose data.
+  bool has_unflushed_writes() const { return changed_.load() != flushed_.load(); }
+
+  // Re-establishes a device that stopped answering as a whole: a dropped
+  // NBD connection, a disk that left the bus and came back under its path or
+  // another name. The device found must be the same one (same size; the same
+  // serial or WWID where there is one). Ok when it may be used again; a
+  // device that cannot tell (a regular file) returns ok and lets the next
+  // read decide. Call it only while no other request uses the device.
+  virtual Status reconnect() { return Status::ok(); }
   // Tells the device the range is no longer needed. Never fails because the
   // device cannot discard: that is a no-op.
   Status trim(size_t len, uint64_t offset);
@@ -71,15 +86,38 @@ class BlockDevice {
  private:
   Status check_range(const char* what, size_t len, uint64_t offset) const;
   Status check_writable(const char* what, uint64_t offset) const;
+  void note_change() { changed_.fetch_add(1, std::memory_order_relaxed); }
   std::string name_;
+  std::atomic<uint64_t> changed_{0};
+  std::atomic<uint64_t> flushed_{0};
 };
+
+// What a failed request says about a device, from its errno.
+enum class FailureKind {
+  kMedia,    // the sectors touched (ENODATA, EILSEQ, EBADMSG): the data there is bad
+  kDevice,   // the device or the link to it as a whole (ENODEV, ENXIO, ENOTCONN, ...)
+  kUnknown,  // plain EIO and the rest: only a look at a block known to be good tells
+};
+FailureKind classify_failure(int err);
+
+// How a path is opened: O_DIRECT or through the page cache.
+enum class IoMode {
+  // Direct on block devices, where the kernel reports a write error only at
+  // writeback otherwise (and to one fsync only); buffered on image files.
+  kAuto,
+  kDirect,
+  kBuffered,
+};
+// "auto", "direct", "buffered"; false for anything else.
+bool parse_io_mode(const std::string& text, IoMode& out);
 
 // How open_device() opens a path or URI.
 struct OpenOptions {
   bool read_only = false;
-  // O_DIRECT with aligned bounce buffers, so that the page cache and
-  // read-ahead do not hide which sector of a failing disk fails.
-  bool direct = false;
+  // O_DIRECT (with aligned bounce buffers), so that the page cache and
+  // read-ahead do not hide which sector of a failing disk fails, and a
+  // write error is seen by the write that caused it.
+  IoMode io = IoMode::kAuto;
   // Take an exclusive lock (flock for files, O_EXCL for block devices) so
   // that two processes can never write the same device. Off only for
   // read-only inspection of a device another process is using.

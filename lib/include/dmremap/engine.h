@@ -4,9 +4,11 @@
 #include <pthread.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -27,9 +29,15 @@ struct EngineOptions {
   bool unreadable_zero = false;
   // Health turns to "warning" when this share of the pool is used.
   unsigned warn_percent = 80;
+  // While main is offline it is tried again after this wait, doubled after
+  // each failed attempt up to `reconnect_max`.
+  std::chrono::milliseconds reconnect_first{500};
+  std::chrono::milliseconds reconnect_max{8000};
 };
 
 enum class Health { kOk, kWarning, kFailing };
+// "2026-11-30T16:19:06Z" for seconds since the epoch.
+std::string utc_time(int64_t seconds);
 const char* health_name(Health h);
 
 // Counters for `dmremap status` and the frontends. Remap, pending and slot
@@ -44,6 +52,12 @@ struct EngineStats {
   uint64_t slots_total = 0, slots_used = 0, slots_bad = 0, slots_free = 0;
   uint64_t pending_capacity = 0;
   bool journal_broken = false;
+  // Main as a whole stopped answering (reads rule 7): since when (seconds
+  // since the epoch, 0 while online) and why.
+  int64_t main_offline_since = 0;
+  std::string main_offline_reason;
+  // A flush failed with writes outstanding: FLUSH and FUA fail until restart.
+  std::string flush_failure;
   Health health = Health::kOk;
   std::string health_reason;
 };
@@ -79,6 +93,13 @@ class GateLock {
 // mark, read-modify-write of a partial block) runs with the gate held
 // exclusively, so no write to main can slip between the read of a block's
 // data and the moment its remap becomes visible.
+//
+// A failure of main is judged on evidence about the block: a media errno
+// (ENODATA, EILSEQ, EBADMSG) is, a device errno (ENODEV, ENOTCONN, ...) is
+// not, and a plain EIO is only when main still reads a block that read
+// before. Otherwise main is offline: requests that need it fail with EIO at
+// once, nothing is journaled, blocks on the spare are still served, and main
+// is reconnected (BlockDevice::reconnect) with backoff.
 class Engine {
  public:
   // Opens the set. Refuses a spare formatted for another main (size or
@@ -114,7 +135,10 @@ class Engine {
   // Passed to main for unmapped blocks; remapped and pending blocks keep
   // their state.
   Status trim(uint64_t len, uint64_t offset, bool fua);
-  // Makes every write that has completed durable on main and spare.
+  // Makes every write that has completed durable on main and spare. A
+  // flush that fails while writes are outstanding is sticky: this and every
+  // later flush (and FUA) fail with EIO until restart, since the kernel
+  // reports a lost buffered write to one fsync only.
   Status flush();
 
   // `dmremap remap BLOCK`: moves a block to a slot, with its data when it
@@ -149,15 +173,43 @@ class Engine {
   uint64_t slot_offset(uint64_t slot) const;
   // Fast-path reads of [offset, offset+len) with the gate shared. Blocks
   // main fails on go to `failed`, pending ones to `unreadable`.
-  Status read_shared(char* buf, uint64_t len, uint64_t offset, std::vector<uint64_t>& failed,
-                     std::vector<uint64_t>& unreadable);
+  // What a read found on its way: blocks main failed on (to retry),
+  // blocks that cannot be read (pending, or a slot the spare fails on), and
+  // the first byte not served because main is offline.
+  struct ReadFindings {
+    std::vector<uint64_t> failed;
+    std::vector<uint64_t> unreadable;
+    std::vector<uint64_t> bad_slot_reads;
+    uint64_t offline_from = UINT64_MAX;
+  };
+  void read_shared(char* buf, uint64_t len, uint64_t offset, ReadFindings& f);
   // After a failed read of main's blocks [first, last): reads them one by
   // one (clipped to the request) to name the blocks that fail.
   void read_main_narrowing(char* buf, uint64_t req_off, uint64_t req_len, uint64_t first,
-                           uint64_t last, std::vector<uint64_t>& failed);
+                           uint64_t last, ReadFindings& f);
   // With the gate exclusive: retries, rescues and pending marks.
-  void recover_reads(char* buf, uint64_t len, uint64_t offset, const std::vector<uint64_t>& failed,
-                     std::vector<uint64_t>& unreadable);
+  void recover_reads(char* buf, uint64_t len, uint64_t offset, ReadFindings& f);
+  // The read's result from its findings.
+  Status finish_read(char* buf, uint64_t len, uint64_t offset, ReadFindings& f,
+                     std::vector<uint64_t>* unreadable_out);
+
+  // Main as a whole (reads rule 7). True when main may be used now; while
+  // it is offline, one caller at a time tries to bring it back once the
+  // backoff has passed, and the others get false at once.
+  bool main_available();
+  // After main failed on blocks [first, last): true when the failure is
+  // about those blocks; false when main as a whole failed (it is offline).
+  bool failure_is_media(const Status& failure, uint64_t first, uint64_t last);
+  void set_main_offline(const Status& why);
+  // EIO for a request that needs main while it is offline.
+  Status offline_error();
+  // Remembers blocks main read or wrote, to probe it with after an
+  // ambiguous error.
+  void note_good(uint64_t block) { good_[block & 1].store(block, std::memory_order_relaxed); }
+  // Reads a remembered good block outside [first, last); ok when there is none.
+  Status probe_main(uint64_t first, uint64_t last);
+  // Flushes one device; a failure with writes outstanding is sticky.
+  Status flush_device(BlockDevice& dev);
   // With the gate exclusive: the whole block's current data, or EIO.
   // Retries main (`already_failed`: the first attempt was made already);
   // rescues a weak block, marks a dead one pending.
@@ -183,6 +235,15 @@ class Engine {
   GateLock gate_;
   std::atomic<bool> journal_broken_{false};
   std::atomic<bool> closed_{false};
+  std::atomic<bool> flush_failed_{false};
+  std::atomic<int64_t> offline_since_{0};
+  std::atomic<uint64_t> good_[2] = {UINT64_MAX, UINT64_MAX};
+  // Guards what follows, and the attempt to bring main back.
+  std::mutex state_mu_;
+  std::string offline_reason_;
+  std::string flush_failure_;
+  std::chrono::steady_clock::time_point retry_at_;
+  std::chrono::milliseconds backoff_{0};
   struct Counters;
   std::unique_ptr<Counters> counters_;
 };

@@ -2,6 +2,8 @@
 #pragma once
 
 #include <atomic>
+#include <cerrno>
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -52,7 +54,14 @@ class PowerSwitch {
 //  - write errors: writes touching the block fail with EIO forever; the part
 //    of the write before the bad block is written, as on a real disk. Reads of
 //    the block still return its old contents;
-//  - weak blocks: the next N reads touching the block fail, then reads work.
+//  - weak blocks: the next N reads touching the block fail, then reads work;
+//  - the whole device gone (set_gone): every operation fails with one errno,
+//    as a disk that dropped off the bus or an NBD server that died, until
+//    set_back(); reconnect() fails while it is gone;
+//  - write errors at writeback (set_errors_at_flush): a write to a bad block
+//    "succeeds" without storing the bad part, and the next flush fails once,
+//    as the kernel reports a buffered write's error to one fsync only;
+//  - slow operations (set_delay): every read, write and flush first sleeps.
 // With a PowerSwitch attached it remembers every write not yet flushed, and
 // power_cut() then drops them, or tears them (each 512-byte sector
 // independently kept or lost); a read error that an undone write had cleared
@@ -66,6 +75,7 @@ class FaultyDevice final : public BlockDevice {
   bool read_only() const override { return inner_->read_only(); }
   bool can_trim() const override { return inner_->can_trim(); }
   bool can_fast_zero() const override { return inner_->can_fast_zero(); }
+  size_t alignment() const override { return inner_->alignment(); }
   uint64_t next_data(uint64_t offset) const override { return inner_->next_data(offset); }
   uint64_t next_hole(uint64_t offset) const override { return inner_->next_hole(offset); }
   const std::shared_ptr<BlockDevice>& inner() const { return inner_; }
@@ -76,6 +86,12 @@ class FaultyDevice final : public BlockDevice {
   void add_weak_block(uint64_t block, unsigned failures);
   void clear_faults();
   bool has_read_error(uint64_t block) const;
+  void set_gone(int err = EIO) { gone_.store(err); }
+  void set_back() { gone_.store(0); }
+  void set_errors_at_flush(bool on);
+  void set_delay(std::chrono::microseconds delay) { delay_us_.store(delay.count()); }
+  Status reconnect() override;
+  uint64_t reconnects() const { return reconnects_.load(); }
 
   void attach(std::shared_ptr<PowerSwitch> power);
   enum class CutMode { kDrop, kTear };
@@ -117,6 +133,13 @@ class FaultyDevice final : public BlockDevice {
   std::vector<Undo> undo_;
   std::atomic<uint64_t> failed_reads_{0};
   std::atomic<uint64_t> failed_writes_{0};
+  std::atomic<int> gone_{0};
+  std::atomic<int64_t> delay_us_{0};
+  std::atomic<uint64_t> reconnects_{0};
+  bool errors_at_flush_ = false;
+  bool writeback_error_ = false;
+  // Fails with the gone errno, after the delay.
+  Status enter(const char* what, uint64_t offset) const;
 };
 
 }  // namespace dmremap

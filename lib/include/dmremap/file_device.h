@@ -3,13 +3,17 @@
 
 #include <memory>
 #include <string>
+#include <vector>
+
+#include <sys/types.h>
 
 #include "dmremap/block_device.h"
 
 namespace dmremap {
 
 // Reads and writes with pread/pwrite. The size of a block device comes from
-// the kernel (BLKGETSIZE64). With `direct`, the file is opened O_DIRECT and
+// the kernel (BLKGETSIZE64). With direct I/O (the default on block devices;
+// see IoMode), the file is opened O_DIRECT and
 // requests that are not aligned to the device's logical sector are bounced
 // through aligned buffers. With `exclusive`, a regular file is flock()ed and
 // a block device is opened O_EXCL; a second opener gets EBUSY with a message
@@ -30,8 +34,12 @@ class FileDevice final : public BlockDevice {
   std::string identity() const override { return identity_; }
   bool is_block_device() const { return is_block_; }
   // The alignment O_DIRECT needs (1 without direct I/O).
-  size_t alignment() const { return align_; }
+  size_t alignment() const override { return align_; }
   const std::string& path() const { return path_; }
+  // A block device that vanished is looked for under its path, then by its
+  // serial or WWID under any name, and reopened in place when its size and
+  // identity match.
+  Status reconnect() override;
 
  protected:
   Status do_read(void* buf, size_t len, uint64_t offset) override;
@@ -48,6 +56,8 @@ class FileDevice final : public BlockDevice {
   Status bounced_write(const void* buf, size_t len, uint64_t offset);
   Status raw_read(void* buf, size_t len, uint64_t offset);
   Status raw_write(const void* buf, size_t len, uint64_t offset);
+  // Where the device may be now: its path, then block devices with its identity.
+  std::vector<std::string> candidates() const;
 
   std::string path_;
   int fd_;
@@ -56,6 +66,8 @@ class FileDevice final : public BlockDevice {
   bool read_only_;
   size_t align_;
   std::string identity_;
+  OpenOptions options_;
+  dev_t rdev_ = 0;
 };
 
 }  // namespace dmremap

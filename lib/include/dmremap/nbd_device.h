@@ -14,12 +14,13 @@ struct nbd_handle;
 namespace dmremap {
 
 // Opens `connections` connections to the URI (nbd://, nbd+unix://, nbds://)
-// and hands one to each request, so requests run in parallel. Errors keep
-// the server's errno; a server that goes away gives EIO, not a hang or a
-// crash (libnbd fails every call on a dead connection at once). FLUSH goes
-// to one connection when the server advertises multi-conn and to every
-// connection otherwise, so it always covers every completed write.
-// Thread-safe.
+// when the server advertises multi-conn, one otherwise, and hands one to
+// each request, so requests run in parallel. Errors keep the server's errno;
+// a server that goes away gives ENOTCONN (a device failure, not a hang or a
+// crash: libnbd fails every call on a dead connection at once), and
+// reconnect() replaces the connections that are gone. FLUSH goes to one
+// connection when the server advertises multi-conn and to every connection
+// otherwise, so it always covers every completed write. Thread-safe.
 class NbdDevice final : public BlockDevice {
  public:
   static Result<std::shared_ptr<NbdDevice>> open(const std::string& uri, const std::string& role,
@@ -31,6 +32,9 @@ class NbdDevice final : public BlockDevice {
   bool read_only() const override { return read_only_; }
   bool can_trim() const override { return can_trim_; }
   const std::string& uri() const { return uri_; }
+  // Replaces every connection whose server has gone; the export must have
+  // the same size.
+  Status reconnect() override;
 
  protected:
   Status do_read(void* buf, size_t len, uint64_t offset) override;

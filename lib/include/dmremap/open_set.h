@@ -13,7 +13,7 @@ struct SetConfig {
   std::string main;   // path or NBD URI
   std::string spare;  // path or NBD URI
   bool read_only = false;
-  bool direct = false;
+  IoMode io = IoMode::kAuto;
   // Testing and demos: faults injected into main (see fault_spec.h).
   std::string inject;
   EngineOptions engine;

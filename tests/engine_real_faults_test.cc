@@ -1,0 +1,289 @@
+// semantics.md reads rule 7 (a device failure is not a bad block), writes
+// rule 5 (no write error is lost) and the faults of issue "real failing
+// disks": main gone and back, weak blocks that fail once, a spare slot that
+// fails inside a read, errors reported only at writeback.
+#include <catch2/catch.hpp>
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+
+#include "dmremap/file_device.h"
+#include "dmremap/metadata_store.h"
+#include "test_util.h"
+
+using namespace dmremap;
+
+namespace {
+constexpr uint32_t B = 4096;
+
+// Tests try main again at once instead of after a real backoff.
+EngineOptions quick_reconnect() {
+  EngineOptions o;
+  o.reconnect_first = std::chrono::milliseconds(0);
+  o.reconnect_max = std::chrono::milliseconds(0);
+  return o;
+}
+
+test::Set set_with_remap(const EngineOptions& o, uint64_t remapped_block,
+                         const std::vector<char>& data) {
+  test::SetParams p;
+  p.options = o;
+  auto s = test::make_set(p);
+  s.main->add_write_error(remapped_block);
+  REQUIRE(s.engine->write(data.data(), B, remapped_block * B, false).is_ok());
+  s.main->clear_faults();
+  REQUIRE(s.engine->stats().remaps == 1);
+  return s;
+}
+}  // namespace
+
+TEST_CASE("reads 7: main gone (plain EIO) is a device failure: nothing marked, spare still served",
+          "[engine][offline]") {
+  const auto kept = test::pattern(B, 7);
+  auto s = set_with_remap(quick_reconnect(), 3, kept);
+  const auto before = test::pattern(B, 8);
+  REQUIRE(s.engine->write(before.data(), B, 10 * B, false).is_ok());
+  std::vector<char> buf(B);
+  REQUIRE(s.engine->read(buf.data(), B, 10 * B).is_ok());  // main is known to read
+
+  s.main->set_gone(EIO);
+  // 10 reads and 20 writes, as a client that goes on during an outage.
+  for (uint64_t b = 20; b < 30; ++b) {
+    const Status r = s.engine->read(buf.data(), B, b * B);
+    CHECK(r.code() == EIO);
+    CHECK_THAT(r.message(), Catch::Contains("main offline"));
+  }
+  for (uint64_t b = 40; b < 60; ++b) {
+    const auto d = test::pattern(B, b);
+    CHECK(s.engine->write(d.data(), B, b * B, false).code() == EIO);
+  }
+  auto st = s.engine->stats();
+  CHECK(st.pending == 0);
+  CHECK(st.remaps == 1);
+  CHECK(st.main_offline_since != 0);
+  CHECK(st.health == Health::kFailing);
+  CHECK_THAT(st.health_reason, Catch::Contains("main offline since"));
+  // The remapped block lives on the spare: still served.
+  REQUIRE(s.engine->read(buf.data(), B, 3 * B).is_ok());
+  CHECK(buf == kept);
+  // A write to it goes to its slot.
+  const auto newer = test::pattern(B, 9);
+  CHECK(s.engine->write(newer.data(), B, 3 * B, false).is_ok());
+
+  s.main->set_back();
+  REQUIRE(s.engine->read(buf.data(), B, 10 * B).is_ok());
+  CHECK(buf == before);
+  CHECK(s.main->reconnects() >= 1);
+  st = s.engine->stats();
+  CHECK(st.main_offline_since == 0);
+  CHECK(st.health == Health::kOk);
+  CHECK(st.pending == 0);
+  const auto after = test::pattern(B, 10);
+  REQUIRE(s.engine->write(after.data(), B, 41 * B, false).is_ok());
+  REQUIRE(s.engine->read(buf.data(), B, 41 * B).is_ok());
+  CHECK(buf == after);
+  REQUIRE(s.engine->read(buf.data(), B, 3 * B).is_ok());
+  CHECK(buf == newer);
+  CHECK(s.engine->stats().remaps == 1);
+}
+
+TEST_CASE("reads 7: a device errno (ENOTCONN) puts main offline without a probe",
+          "[engine][offline]") {
+  test::SetParams p;
+  p.options = quick_reconnect();
+  auto s = test::make_set(p);
+  s.main->set_gone(ENOTCONN);
+  std::vector<char> buf(2 * B);
+  const Status r = s.engine->read(buf.data(), 2 * B, 30 * B);
+  CHECK(r.code() == EIO);  // never the transport's errno
+  const auto d = test::pattern(B, 1);
+  CHECK(s.engine->write(d.data(), B, 31 * B, false).code() == EIO);
+  CHECK(s.engine->stats().pending == 0);
+  CHECK(s.engine->stats().remaps == 0);
+  CHECK(s.engine->stats().main_offline_since != 0);
+}
+
+TEST_CASE("reads 7: while main is offline it is tried again only after the backoff",
+          "[engine][offline]") {
+  EngineOptions o;
+  o.reconnect_first = std::chrono::milliseconds(60000);
+  test::SetParams p;
+  p.options = o;
+  auto s = test::make_set(p);
+  s.main->set_gone(ENOTCONN);
+  std::vector<char> buf(B);
+  CHECK(s.engine->read(buf.data(), B, 5 * B).code() == EIO);
+  s.main->set_back();
+  // Not yet: fails at once, without touching main.
+  const uint64_t failed = s.main->failed_reads();
+  CHECK(s.engine->read(buf.data(), B, 5 * B).code() == EIO);
+  CHECK(s.main->failed_reads() == failed);
+  CHECK(s.main->reconnects() == 0);
+}
+
+TEST_CASE("reads 7: a read that needs main while it is offline serves the spare's bytes before it",
+          "[engine][offline]") {
+  const auto kept = test::pattern(B, 7);
+  auto s = set_with_remap(quick_reconnect(), 4, kept);
+  std::vector<char> buf(3 * B);
+  REQUIRE(s.engine->read(buf.data(), B, 0).is_ok());
+  s.main->set_gone(EIO);
+  std::vector<uint64_t> unreadable;
+  const Status r = s.engine->read(buf.data(), 3 * B, 4 * B, &unreadable);
+  CHECK(r.code() == EIO);
+  REQUIRE(r.error_offset());
+  CHECK(*r.error_offset() == 5 * B);
+  CHECK(unreadable.empty());  // not unreadable: unknown
+  CHECK(std::memcmp(buf.data(), kept.data(), B) == 0);
+  CHECK(s.engine->stats().pending == 0);
+}
+
+TEST_CASE("reads 3-5: a block that fails once is rescued; retries=3 means four reads",
+          "[engine][reads]") {
+  auto s = test::make_set();
+  const auto d = test::pattern(B, 3);
+  REQUIRE(s.engine->write(d.data(), B, 6 * B, false).is_ok());
+  s.main->add_weak_block(6, 1);
+  std::vector<char> buf(B);
+  REQUIRE(s.engine->read(buf.data(), B, 6 * B).is_ok());
+  CHECK(buf == d);
+  auto st = s.engine->stats();
+  CHECK(st.remaps_by_cause[static_cast<int>(Cause::kRescue)] == 1);
+  CHECK(st.retry_successes == 1);
+
+  // A dead block: exactly 1 + 3 reads of it, then pending.
+  s.main->add_read_error(9);
+  const uint64_t failed = s.main->failed_reads();
+  CHECK(s.engine->read(buf.data(), B, 9 * B).code() == EIO);
+  CHECK(s.main->failed_reads() - failed == 4);
+  CHECK(s.engine->stats().pending == 1);
+}
+
+TEST_CASE("reads 5-6: a failed slot read and a failed main read in one request are both reported",
+          "[engine][reads][spare]") {
+  auto s = test::make_set();
+  const Superblock sb = s.engine->superblock();
+  std::vector<char> all(8 * B);
+  for (uint64_t b = 0; b < 8; ++b) {
+    const auto d = test::pattern(B, 100 + b);
+    std::memcpy(all.data() + b * B, d.data(), B);
+  }
+  s.main->add_write_error(5);
+  REQUIRE(s.engine->write(all.data(), 8 * B, 0, false).is_ok());  // block 5 -> slot 0
+  s.main->clear_faults();
+  s.main->add_read_error(2);
+  s.spare->add_read_error(sb.slot_offset / 512 + 1);  // inside slot 0
+  std::vector<char> buf(8 * B, 'x');
+  std::vector<uint64_t> unreadable;
+  const Status r = s.engine->read(buf.data(), 8 * B, 0, &unreadable);
+  CHECK(r.code() == EIO);
+  CHECK(unreadable == std::vector<uint64_t>{2, 5});
+  REQUIRE(r.error_offset());
+  CHECK(*r.error_offset() == 2 * B);
+  // Every other block holds its real data.
+  for (uint64_t b : {0, 1, 3, 4, 6, 7}) {
+    CHECK(std::memcmp(buf.data() + b * B, all.data() + b * B, B) == 0);
+  }
+  // The slot's failure marks nothing: block 5's data may still read later.
+  CHECK(s.engine->stats().pending == 1);
+}
+
+TEST_CASE("writes 5: a flush that fails with writes outstanding is sticky (fsyncgate)",
+          "[engine][durability]") {
+  auto s = test::make_set();
+  s.main->set_errors_at_flush(true);
+  s.main->add_write_error(7);
+  const auto d = test::pattern(B, 1);
+  // Accepted now, as the page cache accepts it; lost at writeback.
+  REQUIRE(s.engine->write(d.data(), B, 7 * B, false).is_ok());
+  CHECK(s.engine->flush().code() == EIO);
+  // The device's next flush would succeed (the kernel reports the error
+  // once): dmremap must not.
+  CHECK(s.engine->flush().code() == EIO);
+  CHECK(s.engine->write(d.data(), B, 8 * B, /*fua=*/true).code() == EIO);
+  const auto st = s.engine->stats();
+  CHECK(st.health == Health::kFailing);
+  CHECK_THAT(st.health_reason, Catch::Contains("a flush failed"));
+}
+
+TEST_CASE("writes 5: a flush while main is offline fails only when writes are outstanding",
+          "[engine][durability][offline]") {
+  SECTION("nothing written since the last flush: nothing can be lost") {
+    auto s = test::make_set();
+    const auto d = test::pattern(B, 1);
+    REQUIRE(s.engine->write(d.data(), B, 7 * B, false).is_ok());
+    REQUIRE(s.engine->flush().is_ok());
+    s.main->set_gone(ENOTCONN);
+    CHECK(s.engine->flush().is_ok());
+  }
+  SECTION("an acknowledged write not yet flushed") {
+    auto s = test::make_set();
+    const auto d = test::pattern(B, 1);
+    REQUIRE(s.engine->write(d.data(), B, 7 * B, false).is_ok());
+    s.main->set_gone(ENOTCONN);
+    CHECK(s.engine->flush().code() == EIO);
+    s.main->set_back();
+    CHECK(s.engine->flush().code() == EIO);
+  }
+}
+
+TEST_CASE("writes 5: under direct I/O a block smaller than the device's sector is refused",
+          "[engine][device]") {
+  char tmpl[] = "/tmp/dmremap-align-XXXXXX";
+  const int fd = ::mkstemp(tmpl);
+  REQUIRE(fd >= 0);
+  REQUIRE(::ftruncate(fd, 1 << 20) == 0);
+  ::close(fd);
+  const std::string path = tmpl;
+  auto spare = std::make_shared<MemoryDevice>(1 << 20, "spare");
+  LayoutParams lp;
+  lp.main_size = 1 << 20;
+  lp.block_size = 512;
+  REQUIRE(MetadataStore::format(*spare, lp, "").is_ok());
+  OpenOptions o;
+  o.io = IoMode::kDirect;
+  auto main = FileDevice::open(path, "main", o);
+  if (!main.is_ok()) {
+    WARN("no O_DIRECT on this filesystem: " << main.status().to_string());
+  } else {
+    auto e = Engine::open(main.value(), spare, EngineOptions{});
+    CHECK(e.status().code() == EINVAL);
+    CHECK_THAT(e.status().message(), Catch::Contains("--block-size 4096"));
+    main.value().reset();  // its lock
+  }
+  o.io = IoMode::kBuffered;
+  auto buffered = FileDevice::open(path, "main", o);
+  REQUIRE(buffered.is_ok());
+  CHECK(Engine::open(buffered.value(), spare, EngineOptions{}).is_ok());
+  std::remove(path.c_str());
+}
+
+TEST_CASE("io=auto: direct on block devices, buffered on image files", "[device]") {
+  char tmpl[] = "/tmp/dmremap-io-XXXXXX";
+  const int fd = ::mkstemp(tmpl);
+  REQUIRE(fd >= 0);
+  REQUIRE(::ftruncate(fd, 1 << 20) == 0);
+  ::close(fd);
+  auto dev = FileDevice::open(tmpl, "main", OpenOptions{});
+  REQUIRE(dev.is_ok());
+  CHECK(dev.value()->alignment() == 1);
+  std::remove(tmpl);
+  IoMode m = IoMode::kDirect;
+  CHECK(parse_io_mode("auto", m));
+  CHECK(m == IoMode::kAuto);
+  CHECK(parse_io_mode("buffered", m));
+  CHECK(m == IoMode::kBuffered);
+  CHECK_FALSE(parse_io_mode("fast", m));
+  // Block devices (loop devices as root) are covered by tests/cli_test.sh.
+}
+
+TEST_CASE("failures are classified by errno", "[device]") {
+  for (int e : {ENODATA, EILSEQ, EBADMSG}) CHECK(classify_failure(e) == FailureKind::kMedia);
+  for (int e : {ENODEV, ENXIO, ENOLINK, ETIMEDOUT, ESHUTDOWN, ENOTCONN, ECONNRESET, EPIPE}) {
+    CHECK(classify_failure(e) == FailureKind::kDevice);
+  }
+  CHECK(classify_failure(EIO) == FailureKind::kUnknown);
+}

@@ -29,7 +29,7 @@ struct Config {
   std::string main;
   std::string spare;
   bool read_only = false;
-  bool direct = false;
+  dmremap::IoMode io = dmremap::IoMode::kAuto;
   std::string inject;
   dmremap::EngineOptions engine;
 };
@@ -81,8 +81,15 @@ int dmremap_config(const char* key, const char* value) {
     (k == "main" ? g_config.main : g_config.spare) = v;
   } else if (k == "readonly") {
     if (!parse_bool(key, value, g_config.read_only)) return -1;
+  } else if (k == "io") {
+    if (!dmremap::parse_io_mode(value, g_config.io)) {
+      nbdkit_error("io=%s: use io=auto (default), io=direct or io=buffered", value);
+      return -1;
+    }
   } else if (k == "direct") {
-    if (!parse_bool(key, value, g_config.direct)) return -1;
+    bool direct = false;
+    if (!parse_bool(key, value, direct)) return -1;
+    g_config.io = direct ? dmremap::IoMode::kDirect : dmremap::IoMode::kBuffered;
   } else if (k == "retries") {
     unsigned n = 0;
     if (nbdkit_parse_unsigned(key, value, &n) == -1) return -1;
@@ -118,38 +125,52 @@ int dmremap_config_complete() {
   return 0;
 }
 
+// Every line goes through nbdkit, which writes it to stderr in the
+// foreground and to syslog in the background (where stderr is gone).
+// nbdkit has no warning or info level: those lines go out as errors, with
+// their own level word, and debug lines only with -v.
 void route_logs() {
   dmremap::set_log_sink([](dmremap::LogLevel level, const std::string& msg) {
     switch (level) {
       case dmremap::LogLevel::kError: nbdkit_error("%s", msg.c_str()); break;
-      case dmremap::LogLevel::kWarning:
-        std::fprintf(stderr, "nbdkit: dmremap: warning: %s\n", msg.c_str());
-        break;
-      case dmremap::LogLevel::kInfo:
-        std::fprintf(stderr, "nbdkit: dmremap: %s\n", msg.c_str());
-        break;
+      case dmremap::LogLevel::kWarning: nbdkit_error("warning: %s", msg.c_str()); break;
+      case dmremap::LogLevel::kInfo: nbdkit_error("info: %s", msg.c_str()); break;
       case dmremap::LogLevel::kDebug: nbdkit_debug("%s", msg.c_str()); break;
     }
   });
 }
 
-// Opens the devices and the engine before nbdkit accepts clients, so that a
-// bad configuration stops start-up with one line.
+dmremap::Status open_engine() {
+  dmremap::SetConfig c;
+  c.main = g_config.main;
+  c.spare = g_config.spare;
+  c.read_only = g_config.read_only;
+  c.io = g_config.io;
+  c.inject = g_config.inject;
+  c.engine = g_config.engine;
+  auto engine = dmremap::open_set(c);
+  if (!engine.is_ok()) return engine.take_status();
+  g_engine = std::move(engine.value());
+  return dmremap::Status::ok();
+}
+
+// A connection made by libnbd (an NBD URI backend) does not survive the fork
+// into the background, so such a set is opened after it (.after_fork).
+// Local devices are opened before, so that a bad configuration stops
+// start-up with one line on the terminal, not in syslog.
+bool opens_after_fork() {
+  return dmremap::is_nbd_uri(g_config.main) || dmremap::is_nbd_uri(g_config.spare);
+}
+
 int dmremap_get_ready() {
   route_logs();
-  return guarded("dmremap", []() -> dmremap::Status {
-    dmremap::SetConfig c;
-    c.main = g_config.main;
-    c.spare = g_config.spare;
-    c.read_only = g_config.read_only;
-    c.direct = g_config.direct;
-    c.inject = g_config.inject;
-    c.engine = g_config.engine;
-    auto engine = dmremap::open_set(c);
-    if (!engine.is_ok()) return engine.take_status();
-    g_engine = std::move(engine.value());
-    return dmremap::Status::ok();
-  });
+  if (opens_after_fork()) return 0;
+  return guarded("dmremap", open_engine);
+}
+
+int dmremap_after_fork() {
+  if (!opens_after_fork()) return 0;
+  return guarded("dmremap", open_engine);
 }
 
 // Shutdown: nbdkit has finished every request; flush and leave clean metadata.
@@ -273,13 +294,16 @@ nbdkit_plugin make_plugin() {
       "spare=SPARE           (required) the spare (file, block device or NBD URI),\n"
       "                      formatted by `dmremap format`\n"
       "readonly=BOOL         open both read-only; nothing is remapped (default false)\n"
-      "direct=BOOL           O_DIRECT: no page cache between dmremap and the disk\n"
+      "io=auto|direct|buffered  direct (O_DIRECT) sees each write error at its write;\n"
+      "                      auto (default): direct on block devices, buffered on files\n"
+      "direct=BOOL           the same as io=direct (true) or io=buffered (false)\n"
       "retries=N             extra reads of a failing block before it is unreadable (3)\n"
       "unreadable=error|zero salvage: zero = unreadable blocks read as zeros, logged (error)\n"
       "warn=PERCENT          health warns when this much of the pool is used (80)\n"
       "inject=FAULTS         testing only: read:N[-M],write:N[-M],weak:N[-M]xK on main";
   p.magic_config_key = "main";
   p.get_ready = dmremap_get_ready;
+  p.after_fork = dmremap_after_fork;
   p.cleanup = dmremap_cleanup;
   p.open = dmremap_open;
   p.get_size = dmremap_get_size;

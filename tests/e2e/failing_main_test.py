@@ -158,6 +158,51 @@ class FailingMainTest(unittest.TestCase):
         self.assertEqual(cm.exception.errnum, errno.EIO)
         self.assertLess(time.monotonic() - start, 30)
 
+    def test_main_server_gone_and_back_marks_nothing(self):
+        # reads rule 7: a main that goes away is not media damage. The
+        # client goes on reading and writing through the outage, as a
+        # rescue copy or a VM would.
+        backend = self.serve_main("mem", ["file", self.backing])
+        self.s.start()
+        h = self.s.connect()
+        for b in range(40):
+            h.pwrite(pattern(b), b * BLOCK)
+        h.flush()
+        backend.kill()
+        for b in range(10):
+            with self.assertRaises(nbd.Error) as cm:
+                h.pread(BLOCK, b * BLOCK)
+            self.assertEqual(cm.exception.errnum, errno.EIO)
+        for b in range(20, 40):
+            with self.assertRaises(nbd.Error) as cm:
+                h.pwrite(pattern(1000 + b), b * BLOCK)
+            self.assertEqual(cm.exception.errnum, errno.EIO)
+        backend.start()
+        # Back without a restart, after the reconnect backoff.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                first = h.pread(BLOCK, 0)
+                break
+            except nbd.Error:
+                self.assertLess(time.monotonic(), deadline, "main never came back")
+                time.sleep(0.2)
+        self.assertEqual(first, pattern(0))
+        for b in range(40):
+            self.assertEqual(h.pread(BLOCK, b * BLOCK), pattern(b), f"block {b}")
+        h.pwrite(pattern(77), 25 * BLOCK)
+        h.flush()
+        self.assertEqual(h.pread(BLOCK, 25 * BLOCK), pattern(77))
+        h.shutdown()
+        self.assertEqual(self.s.stop(), 0)
+        st = self.s.status()
+        self.assertEqual((st["remaps"], st["pending"], st["health"], st["clean"]),
+                         (0, 0, "ok", True), st)
+        if not TOOLS.background:
+            log = self.s.read_log()
+            self.assertIn("offline since", log)
+            self.assertIn("back online", log)
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

@@ -2,7 +2,9 @@
 
 DMREMAP_FRONTEND picks the frontend: "plugin" (nbdkit with dmremap.so, the
 default) or "server" (dmremap-server). Every test is written once and runs
-against both. Run with Debian's /usr/bin/python3, which has the libnbd
+against both. DMREMAP_PLUGIN_MODE=background runs nbdkit as users do by
+default: it forks into the background (no -f), logs to syslog, and is
+stopped with SIGTERM through its pid file. Run with Debian's /usr/bin/python3, which has the libnbd
 bindings (python3-libnbd).
 """
 import ctypes
@@ -27,6 +29,8 @@ class Tools:
         self.cli = os.environ["DMREMAP_CLI"]
         self.server = os.environ.get("DMREMAP_SERVER", "")
         self.frontend = os.environ.get("DMREMAP_FRONTEND", "plugin")
+        self.background = (self.frontend == "plugin"
+                           and os.environ.get("DMREMAP_PLUGIN_MODE") == "background")
 
 
 def _die_with_parent():
@@ -47,6 +51,13 @@ def frontend_command(tools, sock, main, spare, params=()):
             else:
                 cmd += ["--" + key, value]
         return cmd
+    if tools.background:
+        # No -f: nbdkit forks, and its parent exits once the socket is ready.
+        # The filter only makes sure it goes when the test does (it acts
+        # when no client is connected).
+        return ["nbdkit", "-P", sock + ".pid", "--unix", sock,
+                "--filter=exitwhen", tools.plugin, f"main={main}", f"spare={spare}", *params,
+                f"exit-when-process-exits={os.getpid()}", "exit-when-poll=1"]
     return ["nbdkit", "--foreground", "--exit-with-parent", "--unix", sock,
             tools.plugin, f"main={main}", f"spare={spare}", *params]
 
@@ -62,6 +73,31 @@ def sanitizer_report(log):
         if any(mark in line for mark in SANITIZER_REPORTS):
             return line
     return None
+
+
+def _read_pid(path):
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _stop_daemon(pid, timeout=30):
+    """SIGTERM to a process that is not our child; 0 once it has gone."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return 0
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError(f"nbdkit (pid {pid}) did not stop on SIGTERM in {timeout} s")
 
 
 def run_frontend(tools, sock, main, spare, params=(), timeout=30):
@@ -122,15 +158,27 @@ class DemoSet:
     def start(self, *params):
         """Starts the frontend; params are plugin-style key=value strings."""
         self.stop()
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
+        for stale in (self.sock, self.sock + ".pid"):
+            if os.path.exists(stale):
+                os.unlink(stale)
         self.logf = open(self.log, "a")
         self.proc = subprocess.Popen(
             frontend_command(self.tools, self.sock, self.main, self.spare, params),
             stdout=self.logf, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + 20
+        if self.tools.background:
+            # The parent returns once the daemon is ready, or fails.
+            if self.proc.wait(timeout=20) != 0:
+                raise AssertionError(f"nbdkit failed to start: {self.read_log()}")
+            self.proc = None
+            # The daemon writes its pid file after the parent has gone.
+            while not _read_pid(self.sock + ".pid"):
+                if time.monotonic() > deadline:
+                    raise AssertionError("nbdkit wrote no pid file")
+                time.sleep(0.02)
+            self.daemon_pid = _read_pid(self.sock + ".pid")
         while not os.path.exists(self.sock):
-            if self.proc.poll() is not None:
+            if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"{self.tools.frontend} exited: {self.read_log()}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"{self.tools.frontend} did not start")
@@ -148,6 +196,10 @@ class DemoSet:
         A sanitizer's report in the log, from this run or an earlier one that
         a test killed, fails the test."""
         code = None
+        if getattr(self, "daemon_pid", None):
+            code = _stop_daemon(self.daemon_pid)
+            self.daemon_pid = None
+            self.logf.close()
         if self.proc is not None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=30)

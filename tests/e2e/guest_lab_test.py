@@ -21,6 +21,7 @@ can fail on its own:
    remapped, and all data intact;
 3. a deleted and re-added scsi_debug disk: "main offline", then back online
    without a restart (main named /dev/sda, and by a /dev/disk/by-id link);
+   and a disk deleted and re-added between two requests;
 4. a write error from the dm error target becomes a remap and the data reads
    back, with --direct and with the server's default I/O mode.
 """
@@ -115,7 +116,7 @@ disk_with_wwid() {
 
 SCEN=setup
 load-module scsi_debug dev_size_mb=32 opts=0 || fact "setup-error scsi_debug did not load"
-load-module brd rd_nr=6 rd_size=8192 || fact "setup-error brd did not load"
+load-module brd rd_nr=7 rd_size=8192 || fact "setup-error brd did not load"
 n=0; while [ ! -b /dev/sda ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
 WWID=$(cat /sys/block/sda/device/wwid)
 HOST=$(ls /sys/class/scsi_host | head -1)
@@ -172,9 +173,10 @@ writer() { # rewrites blocks 1000-1063 in turn; a failed write is retried until 
       [ -e /tmp/giveup ] && { echo "gave-up $b" >> /tmp/writer.errors; break 2; }
       sleep 0.2
     done
-    i=$((i+1)); echo "$i $fails" > /tmp/writer.progress
+    i=$((i+1)); echo "$i $fails" > /tmp/writer.new; mv /tmp/writer.new /tmp/writer.progress
   done
 }
+writes() { w=$(cut -d' ' -f1 /tmp/writer.progress); echo ${w:-0}; }
 if /sbin/dmsetup create lab2 --table "0 $SECTORS linear /dev/sda 0" && format /dev/mapper/lab2 /dev/ram1 &&
    serve /dev/mapper/lab2 /dev/ram1 --direct; then
   for b in $(seq 900 915); do mkdata $b; wr $b || fact "setup-error write $b: $(ddmsg)"; done
@@ -182,7 +184,7 @@ if /sbin/dmsetup create lab2 --table "0 $SECTORS linear /dev/sda 0" && format /d
   writer &
   WRITER=$!
   sleep 2
-  fact "before-outage writes $(cut -d' ' -f1 /tmp/writer.progress)"
+  fact "before-outage writes $(writes)"
   /sbin/dmsetup suspend lab2
   /sbin/dmsetup load lab2 --table "0 $SECTORS flakey /dev/sda 0 0 1"
   /sbin/dmsetup resume lab2
@@ -192,12 +194,12 @@ if /sbin/dmsetup create lab2 --table "0 $SECTORS linear /dev/sda 0" && format /d
   /sbin/dmsetup suspend lab2
   /sbin/dmsetup load lab2 --table "0 $SECTORS linear /dev/sda 0"
   /sbin/dmsetup resume lab2
-  at_end=$(cut -d' ' -f1 /tmp/writer.progress)
+  at_end=$(writes)
   fact "outage-end writes $at_end"
   # Wait for 20 more writes after the outage (30 s at most).
   n=0
-  while [ $(cut -d' ' -f1 /tmp/writer.progress) -lt $((at_end + 20)) ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done
-  fact "writes-after-outage $(( $(cut -d' ' -f1 /tmp/writer.progress) - at_end )) in $((n / 10)) s"
+  while [ $(writes) -lt $((at_end + 20)) ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done
+  fact "writes-after-outage $(( $(writes) - at_end )) in $((n / 10)) s"
   touch /tmp/stop /tmp/giveup
   wait $WRITER
   fact "writer $(cat /tmp/writer.progress)"
@@ -263,6 +265,34 @@ gone gone-sda /dev/sda /dev/ram2 ""
 report /dev/ram2
 gone gone-byid /dev/disk/by-id/wwn-0x${WWID#naa.} /dev/ram3 byid
 report /dev/ram3
+
+# 3c. The disk leaves and comes back while no request runs (a link reset):
+# the server finds out at the next request.
+quiet() {
+  SCEN=gone-quiet; spare=/dev/ram6
+  disk=$(disk_with_wwid $WWID); main=/dev/$disk
+  fact "disk-before $disk"
+  for b in 40 41; do mkdata $b; done
+  cat /data/$SCEN.40 /data/$SCEN.41 > /tmp/two
+  dd if=/tmp/two of=$main bs=$BS seek=40 oflag=direct conv=notrunc 2>/dev/null
+  format $main $spare || return
+  serve $main $spare --direct || return
+  pid=$SERVER
+  fact "before 40 $(check 40)"
+  echo 1 > /sys/block/$disk/device/delete
+  echo '- - -' > /sys/class/scsi_host/$HOST/scan
+  n=0; back=""
+  while [ -z "$back" ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); back=$(disk_with_wwid $WWID); done
+  fact "readded-as ${back:-nothing}"
+  t0=$(now); n=0; r=$(check 41)
+  while [ "$r" != ok ] && [ $n -lt 50 ]; do sleep 0.5; n=$((n+1)); r=$(check 41); done
+  fact "back-read-main 41 $r seconds $t0 $(now) tries $((n+1))"
+  fact "back-read-main 40 $(check 40)"
+  if kill -0 $pid 2>/dev/null; then fact "server-alive yes"; else fact "server-alive no"; fi
+  unserve
+}
+quiet
+report /dev/ram6
 
 ########## 4. write errors from the dm error target
 DISK=$(disk_with_wwid $WWID)
@@ -535,6 +565,20 @@ class GuestLabTest(unittest.TestCase):
         """main is a /dev/disk/by-id link (made as udev would), which follows
         the disk to whatever name it comes back under."""
         self.gone("gone-byid")
+
+    def test_3c_disk_replugged_between_requests(self):
+        """The disk is deleted and found again while no request runs: the
+        next requests find it (under its new name) with no restart."""
+        n = "gone-quiet"
+        self.scenario(n)
+        self.assertFact(n, "before 40", "ok")
+        self.assertFactStarts(n, "back-read-main 41", "ok", "reads must work again, no restart")
+        self.assertFact(n, "back-read-main 40", "ok")
+        self.assertFact(n, "server-alive", "yes")
+        self.assertFact(n, "server-exit", "0")
+        remaps, pending = self.listing(n)
+        self.assertEqual(pending, [], "a replugged disk must mark nothing pending" + self.log_tail(n))
+        self.assertEqual(remaps, {}, "a replugged disk must remap nothing" + self.log_tail(n))
 
     def werr(self, n, first):
         self.assertIsNone(self.lab.fact("werr-setup", "setup-error"))

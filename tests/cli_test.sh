@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The dmremap CLI on regular files, on loop devices (as root) and on an NBD
-# URI: format (and its refusals), status --json, list, remap, check.
+# URI: format (and its refusals), status --json, list, remap, forget-pending,
+# check.
 #   tests/cli_test.sh DMREMAP_CLI DMREMAP_PLUGIN
 set -uo pipefail
 export PATH=/usr/bin:/usr/sbin:/bin:/sbin:$PATH
@@ -43,7 +44,7 @@ block_sum() { dd if="$1" bs=4096 skip="$2" count=1 status=none | sha256sum | cut
 bytes_sum() { dd if="$1" bs=1 skip="$2" count=4096 status=none iflag=skip_bytes | sha256sum | cut -d' ' -f1; }
 
 # --- help and usage ---------------------------------------------------------
-for cmd in "" format status list remap check; do
+for cmd in "" format status list remap forget-pending check; do
   expect "help ${cmd:-top}" 0 "$cli" $cmd --help
   contains "help ${cmd:-top} has usage" "Usage: dmremap"
 done
@@ -181,12 +182,28 @@ if command -v nbdkit >/dev/null; then
   expect "status after nbdkit stops" 0 "$cli" status --spare spare.img --json
   equals "clean after SIGTERM" "$(json 'j["clean"]')" True
 
-  # An NBD URI as main whose reads all fail: remap marks the block pending.
+  # An NBD URI as main whose reads all fail: that is main as a whole failing,
+  # not a bad block (reads rule 7). remap says so and marks nothing.
   nbdkit --foreground --exit-with-parent --unix "$work/bad.sock" --filter=error \
     file "$work/main.img" error-pread=EIO error-pread-rate=100% 2>bad.log &
   pids+=($!)
   for _ in $(seq 100); do [[ -S bad.sock ]] && break; sleep 0.1; done
-  expect "remap of an unreadable block" 0 "$cli" remap --main "nbd+unix:///?socket=$work/bad.sock" \
+  expect "remap while every read of main fails" 1 "$cli" remap \
+    --main "nbd+unix:///?socket=$work/bad.sock" --spare spare.img --retries 1 20
+  contains "main as a whole is offline, not a bad block" "main offline"
+  expect "status after the failed remap" 0 "$cli" status --spare spare.img --json
+  equals "nothing marked pending" "$(json 'j["pending"]')" 0
+  kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null
+
+  # One bad block (a ddrescue mapfile): remap marks exactly it pending.
+  printf '0 +\n0x0 0x14000 +\n0x14000 0x1000 -\n0x15000 0x3FEB000 +\n' > bad.map
+  # (ddrescue exports read-only; cow on top takes the writes)
+  nbdkit --foreground --exit-with-parent --unix "$work/map.sock" --filter=cow --filter=ddrescue \
+    file "$work/main.img" ddrescue-mapfile="$work/bad.map" 2>map.log &
+  pids+=($!)
+  for _ in $(seq 100); do [[ -S map.sock ]] && break; sleep 0.1; done
+  mapped="nbd+unix:///?socket=$work/map.sock"
+  expect "remap of an unreadable block" 0 "$cli" remap --main "$mapped" \
     --spare spare.img --retries 1 20
   contains "unreadable block marked pending" "marked pending"
   expect "list --pending" 0 "$cli" list --spare spare.img --pending --json
@@ -194,7 +211,20 @@ if command -v nbdkit >/dev/null; then
   expect "status counts pending" 0 "$cli" status --spare spare.img --json
   equals "one pending" "$(json 'j["pending"]')" 1
   equals "pending gives a warning" "$(json 'j["health"]')" warning
+  # forget-pending keeps a mark while the block still fails...
+  expect "forget-pending of a block still bad" 1 "$cli" forget-pending --main "$mapped" \
+    --spare spare.img 20
+  contains "still bad: kept" "block 20: still unreadable; kept pending"
+  expect "forget-pending of a block that is not pending" 1 "$cli" forget-pending \
+    --main "$mapped" --spare spare.img 21
+  contains "not pending: refused" "block 21 is not pending"
   kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null
+  # ...and clears it once main reads the block.
+  expect "forget-pending --all once main reads" 0 "$cli" forget-pending --main main.img \
+    --spare spare.img --all
+  contains "mark cleared" "block 20: reads now; pending mark cleared"
+  expect "status after forget-pending" 0 "$cli" status --spare spare.img --json
+  equals "nothing pending any more" "$(json 'j["pending"]')" 0
 else
   flunk "nbdkit is not installed (scripts/setup-deps installs it)"
 fi

@@ -287,3 +287,32 @@ TEST_CASE("failures are classified by errno", "[device]") {
   }
   CHECK(classify_failure(EIO) == FailureKind::kUnknown);
 }
+
+TEST_CASE("forget-pending clears a mark only when main reads the block now", "[engine][admin]") {
+  auto s = test::make_set();
+  const auto d = test::pattern(B, 4);
+  REQUIRE(s.engine->write(d.data(), B, 12 * B, false).is_ok());
+  s.main->add_read_error(12);
+  s.main->add_read_error(13);
+  std::vector<char> buf(B);
+  CHECK(s.engine->read(buf.data(), B, 12 * B).code() == EIO);
+  CHECK(s.engine->read(buf.data(), B, 13 * B).code() == EIO);
+  REQUIRE(s.engine->stats().pending == 2);
+
+  std::vector<uint64_t> cleared, kept;
+  CHECK(s.engine->forget_pending({12, 14}, cleared, kept).code() == EINVAL);  // 14 is not pending
+  CHECK(cleared.empty());
+  s.main->clear_faults();  // 12 reads again (main was away); 13 is still bad
+  s.main->add_read_error(13);
+  REQUIRE(s.engine->forget_pending({12, 13}, cleared, kept).is_ok());
+  CHECK(cleared == std::vector<uint64_t>{12});
+  CHECK(kept == std::vector<uint64_t>{13});
+  REQUIRE(s.engine->read(buf.data(), B, 12 * B).is_ok());
+  CHECK(buf == d);
+  CHECK(s.engine->stats().pending == 1);
+  // Recorded: a crash and a reopen keep it.
+  test::reopen(s);
+  CHECK(s.engine->stats().pending == 1);
+  REQUIRE(s.engine->read(buf.data(), B, 12 * B).is_ok());
+  CHECK(buf == d);
+}

@@ -396,6 +396,33 @@ int run_remap(const RemapOptions& o) {
   return rc;
 }
 
+int run_forget_pending(const ForgetPendingOptions& o) {
+  OpenOptions oo;
+  oo.io = o.io;
+  auto main = open_device(o.main, "main", oo);
+  if (!main.is_ok()) return fail(main.status());
+  auto spare = open_device(o.spare, "spare", oo);
+  if (!spare.is_ok()) return fail(spare.status());
+  auto engine = Engine::open(main.value(), spare.value(), EngineOptions{});
+  if (!engine.is_ok()) return fail(engine.status());
+  Engine& e = *engine.value();
+  std::vector<uint64_t> blocks = o.blocks;
+  if (o.all) {
+    e.for_each_entry(0, ~uint64_t{0}, [&](const RemapTable::Entry& en) {
+      if (RemapTable::is_pending(en.value)) blocks.push_back(en.block);
+    });
+  }
+  std::vector<uint64_t> cleared, kept;
+  const Status s = e.forget_pending(blocks, cleared, kept);
+  for (uint64_t b : cleared) fmt::print("block {}: reads now; pending mark cleared\n", b);
+  for (uint64_t b : kept) fmt::print("block {}: still unreadable; kept pending\n", b);
+  if (o.all && blocks.empty()) fmt::print("no pending blocks\n");
+  const Status c = e.close();
+  if (!s.is_ok()) return fail(s);
+  if (!c.is_ok()) return fail(c);
+  return kept.empty() ? kExitOk : kExitFailed;
+}
+
 int run_check(const CheckOptions& o) {
   auto spare = open_for_inspection(o.spare, "spare");
   if (!spare.is_ok()) return fail(spare.status());

@@ -50,6 +50,15 @@ struct RemapOptions {
 };
 int run_remap(const RemapOptions& o);
 
+struct ForgetPendingOptions {
+  std::string main;
+  std::string spare;
+  std::vector<uint64_t> blocks;
+  bool all = false;
+  IoMode io = IoMode::kAuto;
+};
+int run_forget_pending(const ForgetPendingOptions& o);
+
 struct CheckOptions {
   std::string spare;
   std::string main;

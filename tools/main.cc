@@ -120,6 +120,29 @@ int main(int argc, char** argv) {
     rc = run_remap(ro);
   });
 
+  ForgetPendingOptions fpo;
+  CLI::App* forget = app.add_subcommand(
+      "forget-pending",
+      "Clear wrong pending marks: each named block (or --all) that main reads now stops being "
+      "pending and is served from main again; a block that still fails keeps its mark. For "
+      "marks left by an outage that older versions took for bad sectors, or sectors that "
+      "recovered. Needs the set not to be served. Exit 1 when a block is still unreadable.");
+  forget->add_option("-m,--main", fpo.main, "The set's main")->required();
+  add_spare(forget, fpo.spare);
+  forget->add_option("block", fpo.blocks, "Pending block numbers (in the set's block size)");
+  forget->add_flag("--all", fpo.all, "Every pending block");
+  std::string forget_io = "auto";
+  forget->add_option("--io", forget_io, kIoHelp)
+      ->check(CLI::IsMember({"auto", "direct", "buffered"}))
+      ->capture_default_str();
+  forget->callback([&] {
+    if (fpo.blocks.empty() && !fpo.all) {
+      throw CLI::ValidationError("forget-pending", "name at least one BLOCK, or --all");
+    }
+    (void)dmremap::parse_io_mode(forget_io, fpo.io);
+    rc = run_forget_pending(fpo);
+  });
+
   CheckOptions co;
   CLI::App* check = app.add_subcommand(
       "check",

@@ -836,6 +836,43 @@ Status Engine::remap_block(uint64_t block) {
   return commit_remap(block, data.data(), Cause::kManual);
 }
 
+Status Engine::forget_pending(const std::vector<uint64_t>& blocks, std::vector<uint64_t>& cleared,
+                              std::vector<uint64_t>& kept) {
+  if (options_.read_only) return Status::error(EPERM, "the device is read-only");
+  if (auto s = refuse_writes_if_broken(); !s.is_ok()) return s;
+  ExclusiveGuard g(gate_);
+  for (uint64_t b : blocks) {
+    const auto v = table_.find(b);
+    if (b >= size_ / block_ || !v || !RemapTable::is_pending(*v)) {
+      return Status::error(EINVAL, "block " + std::to_string(b) + " is not pending");
+    }
+  }
+  if (!main_available()) return offline_error();
+  std::vector<char> data(block_);
+  for (uint64_t b : blocks) {
+    // One read, with no retries: a mark is cleared only on clear evidence.
+    if (main_->read(data.data(), block_, b * block_).is_ok()) {
+      cleared.push_back(b);
+    } else {
+      kept.push_back(b);
+    }
+  }
+  if (cleared.empty()) return Status::ok();
+  for (uint64_t b : cleared) table_.erase_pending(b);
+  if (Status s = store_->checkpoint(table_); !s.is_ok()) {
+    for (uint64_t b : cleared) table_.apply(Record{Record::kPending, Cause::kManual, b, 0});
+    journal_broken_.store(true);
+    kept.insert(kept.end(), cleared.begin(), cleared.end());
+    cleared.clear();
+    return Status::error(EIO, "the cleared marks could not be recorded: " + s.to_string());
+  }
+  for (uint64_t b : cleared) {
+    log(LogLevel::kWarning, block_name(b, block_) +
+                                ": pending mark cleared, main reads it now (dmremap forget-pending)");
+  }
+  return Status::ok();
+}
+
 void Engine::for_each_entry(uint64_t first, uint64_t last,
                             const std::function<void(const RemapTable::Entry&)>& fn) {
   SharedGuard g(gate_);

@@ -47,6 +47,18 @@ void RemapTable::apply(const Record& r) {
   }
 }
 
+bool RemapTable::erase_pending(uint64_t block) {
+  for (std::vector<Entry>* v : {&delta_, &base_}) {
+    auto it = std::lower_bound(v->begin(), v->end(), block, less_block);
+    if (it == v->end() || it->block != block) continue;
+    if (!is_pending(it->value)) return false;
+    count(it->value, -1);
+    v->erase(it);  // the filter keeps its bit: it only ever says "maybe"
+    return true;
+  }
+  return false;
+}
+
 void RemapTable::insert(uint64_t block, uint64_t value) {
   Entry* e = find_in(base_, block);
   if (!e) e = find_in(delta_, block);

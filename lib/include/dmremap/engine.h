@@ -145,6 +145,14 @@ class Engine {
   // reads; an unreadable block is marked pending (EIO). EEXIST if already
   // remapped.
   Status remap_block(uint64_t block);
+  // `dmremap forget-pending`: clears the pending mark of each listed block
+  // that main reads now (the mark was wrong, or the sector recovered), with
+  // one checkpoint for all of them; a block that still fails keeps its mark.
+  // `cleared` and `kept` say which is which. EPERM read-only; EINVAL for a
+  // block past the end or not pending (nothing is changed then); EIO when
+  // the checkpoint cannot be written (the marks stay).
+  Status forget_pending(const std::vector<uint64_t>& blocks, std::vector<uint64_t>& cleared,
+                        std::vector<uint64_t>& kept);
   // Describes [offset, offset+len) as runs of data and holes, in order and
   // without gaps: fn(offset, length, hole). A hole reads as zeros. Remapped
   // and pending blocks are always data; elsewhere main says (a file's

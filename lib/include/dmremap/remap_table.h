@@ -45,6 +45,9 @@ class RemapTable {
 
   // Applies one record: a remap replaces a pending entry of the same block.
   void apply(const Record& r);
+  // Drops the pending entry of `block`; false when it has none. There is no
+  // journal record for this: the caller writes a checkpoint.
+  bool erase_pending(uint64_t block);
 
   std::optional<uint64_t> find(uint64_t block) const;
   // Calls fn(const Entry&) for each entry with first <= block < last, in

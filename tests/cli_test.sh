@@ -225,6 +225,17 @@ if command -v nbdkit >/dev/null; then
   contains "mark cleared" "block 20: reads now; pending mark cleared"
   expect "status after forget-pending" 0 "$cli" status --spare spare.img --json
   equals "nothing pending any more" "$(json 'j["pending"]')" 0
+
+  # qemu-nbd by default takes one client and no multi-conn: dmremap must use
+  # one connection, not wait for a second that never comes.
+  truncate -s 16M qspare.img
+  qemu-nbd -k "$work/q.sock" -f raw qspare.img 2>qemu-nbd.log &
+  pids+=($!)
+  for _ in $(seq 100); do [[ -S q.sock ]] && break; sleep 0.1; done
+  expect "format a spare on qemu-nbd (one client)" 0 timeout 60 "$cli" format --main main.img \
+    --spare "nbd+unix:///?socket=$work/q.sock" --force
+  contains "formatted over qemu-nbd" "Formatted nbd+unix"
+  wait "${pids[-1]}" 2>/dev/null
 else
   flunk "nbdkit is not installed (scripts/setup-deps installs it)"
 fi

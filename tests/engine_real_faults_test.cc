@@ -9,9 +9,11 @@
 
 #include <cstdio>
 #include <cstring>
+#include <thread>
 
 #include "dmremap/file_device.h"
 #include "dmremap/metadata_store.h"
+#include "recording_device.h"
 #include "test_util.h"
 
 using namespace dmremap;
@@ -315,4 +317,56 @@ TEST_CASE("forget-pending clears a mark only when main reads the block now", "[e
   CHECK(s.engine->stats().pending == 1);
   REQUIRE(s.engine->read(buf.data(), B, 12 * B).is_ok());
   CHECK(buf == d);
+}
+
+TEST_CASE("safety 3: a spare that cannot be locked (NBD) is leased: a second opener is refused",
+          "[engine][lease]") {
+  auto main = std::make_shared<MemoryDevice>(1 << 20, "main");
+  auto spare_mem = std::make_shared<MemoryDevice>(1 << 20, "spare");
+  auto spare = std::make_shared<test::RecordingDevice>(spare_mem);
+  spare->set_locked(false);
+  LayoutParams lp;
+  lp.main_size = 1 << 20;
+  REQUIRE(MetadataStore::format(*spare, lp, "").is_ok());
+  EngineOptions o;
+  o.lease_interval = std::chrono::milliseconds(50);
+
+  auto first = Engine::open(main, spare, o);
+  REQUIRE(first.is_ok());
+  // The first server renews its lease while the second watches: refused.
+  auto second = Engine::open(main, spare, o);
+  CHECK(second.status().code() == EBUSY);
+  CHECK_THAT(second.status().message(), Catch::Contains("in use by another dmremap"));
+  // The first keeps working.
+  const auto d = test::pattern(B, 1);
+  REQUIRE(first.value()->write(d.data(), B, 0, true).is_ok());
+
+  SECTION("after a crash (no renewals) the set is taken over") {
+    first.value().reset();  // no close: the process is gone
+    auto again = Engine::open(main, spare, o);
+    REQUIRE(again.is_ok());
+    std::vector<char> buf(B);
+    REQUIRE(again.value()->read(buf.data(), B, 0).is_ok());
+    CHECK(buf == d);
+    REQUIRE(again.value()->close().is_ok());
+  }
+  SECTION("another program that writes the superblock anyway stops the first one's writes") {
+    RemapTable table;
+    auto intruder = MetadataStore::open(spare, table, /*writable=*/true);
+    REQUIRE(intruder.is_ok());
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    // Its next heartbeat found a generation it did not write.
+    CHECK(first.value()->stats().journal_broken);
+    CHECK(first.value()->write(d.data(), B, 4 * B, false).code() == EIO);
+  }
+  SECTION("a clean close needs no wait and no lease check") {
+    REQUIRE(first.value()->close().is_ok());
+    first.value().reset();
+    const auto t0 = std::chrono::steady_clock::now();
+    auto again = Engine::open(main, spare, o);
+    REQUIRE(again.is_ok());
+    // Watching takes two intervals and more (300 ms here).
+    CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(250));
+    REQUIRE(again.value()->close().is_ok());
+  }
 }

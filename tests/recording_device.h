@@ -21,6 +21,9 @@ class RecordingDevice final : public BlockDevice {
       : BlockDevice(inner->name()), inner_(std::move(inner)) {}
   uint64_t size() const override { return inner_->size(); }
   bool can_trim() const override { return inner_->can_trim(); }
+  // As an NBD export when false: nothing locks it against a second opener.
+  bool locked() const override { return locked_; }
+  void set_locked(bool locked) { locked_ = locked; }
 
   std::vector<Op> ops() const {
     std::lock_guard l(mu_);
@@ -60,6 +63,7 @@ class RecordingDevice final : public BlockDevice {
   std::shared_ptr<BlockDevice> inner_;
   mutable std::mutex mu_;
   std::vector<Op> ops_;
+  bool locked_ = true;
 };
 
 }  // namespace dmremap::test

@@ -137,6 +137,23 @@ Result<std::unique_ptr<Engine>> Engine::open(std::shared_ptr<BlockDevice> main,
   if (!options.read_only && (spare->read_only() || main->read_only())) {
     return Status::error(EPERM, "main or spare was opened read-only: use read-only mode");
   }
+  if (!options.read_only && !spare->locked() && !sb.clean()) {
+    // In use, or a crash left it so. Another live owner rewrites the
+    // superblock every interval: watch for that before taking it over.
+    log(LogLevel::kInfo, spare->name() + " was not closed cleanly; checking for " +
+                             std::to_string(2 * options.lease_interval.count() / 1000.0)
+                                 .substr(0, 3) +
+                             " s that no other dmremap is using it");
+    std::this_thread::sleep_for(2 * options.lease_interval + std::chrono::milliseconds(200));
+    auto again = read_superblock(*spare);
+    if (!again.is_ok()) return again.take_status();
+    if (again->sb.generation != sb.generation) {
+      return Status::error(EBUSY, spare->name() + " is in use by another dmremap (set " +
+                                      uuid_string(sb.uuid) +
+                                      "; its lease was renewed while we watched). Stop that "
+                                      "server first");
+    }
+  }
   RemapTable table;
   auto store = MetadataStore::open(spare, table, !options.read_only, report);
   if (!store.is_ok()) return store.take_status();
@@ -149,6 +166,7 @@ Result<std::unique_ptr<Engine>> Engine::open(std::shared_ptr<BlockDevice> main,
                            std::to_string(st.slots_total) + " slots free" +
                            (options.read_only ? " (read-only)" : ""));
   if (st.health != Health::kOk) log(LogLevel::kWarning, "health: " + st.health_reason);
+  if (!options.read_only && !e->spare_->locked()) e->start_lease();
   return e;
 }
 
@@ -174,7 +192,35 @@ Engine::Engine(std::shared_ptr<BlockDevice> main, std::shared_ptr<BlockDevice> s
   }
 }
 
-Engine::~Engine() = default;
+Engine::~Engine() { stop_lease(); }
+
+void Engine::start_lease() {
+  lease_thread_ = std::thread([this] { lease_loop(); });
+}
+
+void Engine::stop_lease() {
+  {
+    std::lock_guard l(store_mu_);
+    lease_stop_ = true;
+  }
+  lease_cv_.notify_all();
+  if (lease_thread_.joinable()) lease_thread_.join();
+}
+
+void Engine::lease_loop() {
+  std::unique_lock l(store_mu_);
+  while (!lease_cv_.wait_for(l, options_.lease_interval, [&] { return lease_stop_; })) {
+    if (journal_broken_.load()) continue;
+    const Status s = store_->heartbeat();
+    if (s.code() == EBUSY) {
+      journal_broken_.store(true);
+      log(LogLevel::kError, s.to_string() + ". Writes are refused from now on; stop the other "
+                                           "server, then restart this one");
+    } else if (!s.is_ok()) {
+      log(LogLevel::kWarning, "lease on " + spare_->name() + " not renewed: " + s.to_string());
+    }
+  }
+}
 
 uint64_t Engine::slot_offset(uint64_t slot) const {
   return store_->superblock().slot_offset + slot * block_;
@@ -626,7 +672,11 @@ Status Engine::write_block_exclusive(uint64_t block, const char* data) {
 // ------------------------------------------------------- remap machinery
 
 Status Engine::journal(const std::vector<Record>& records) {
-  Status s = store_->append(records, table_);
+  Status s;
+  {
+    std::lock_guard l(store_mu_);
+    s = store_->append(records, table_);
+  }
   if (s.is_ok()) return s;
   journal_broken_.store(true);
   log(LogLevel::kError, "journal write failed (" + s.to_string() +
@@ -859,7 +909,12 @@ Status Engine::forget_pending(const std::vector<uint64_t>& blocks, std::vector<u
   }
   if (cleared.empty()) return Status::ok();
   for (uint64_t b : cleared) table_.erase_pending(b);
-  if (Status s = store_->checkpoint(table_); !s.is_ok()) {
+  Status written;
+  {
+    std::lock_guard l(store_mu_);
+    written = store_->checkpoint(table_);
+  }
+  if (Status s = std::move(written); !s.is_ok()) {
     for (uint64_t b : cleared) table_.apply(Record{Record::kPending, Cause::kManual, b, 0});
     journal_broken_.store(true);
     kept.insert(kept.end(), cleared.begin(), cleared.end());
@@ -909,6 +964,7 @@ EngineStats Engine::stats() {
 Status Engine::close() {
   ExclusiveGuard g(gate_);
   if (closed_.exchange(true)) return Status::ok();
+  stop_lease();
   if (options_.read_only) return Status::ok();
   Status m = flush_device(*main_);
   Status sp = flush_device(*spare_);
@@ -917,6 +973,7 @@ Status Engine::close() {
   if (journal_broken_.load()) {
     return Status::error(EIO, "closed without a clean checkpoint: the journal is broken");
   }
+  std::lock_guard l(store_mu_);
   return store_->checkpoint(table_, /*clean=*/true);
 }
 

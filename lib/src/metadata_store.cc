@@ -315,12 +315,41 @@ Result<std::unique_ptr<MetadataStore>> MetadataStore::open(std::shared_ptr<Block
 
 Status MetadataStore::write_superblock(Superblock next) {
   next.generation = sb_.generation + 1;
+  tried_generation_ = std::max(tried_generation_, next.generation);
   const int copy = 1 - sb_copy_;
   MetaBuffer buf(kMetaUnit);
   next.encode(buf.data);
   if (auto s = spare_->write(buf.data, kMetaUnit, kSuperblockOffset[copy]); !s.is_ok()) return s;
   if (auto s = spare_->flush(); !s.is_ok()) return s;
   sb_ = std::move(next);
+  sb_copy_ = copy;
+  return Status::ok();
+}
+
+Status MetadataStore::heartbeat() {
+  if (failed_) return refused();
+  auto found = read_superblock(*spare_);
+  if (!found.is_ok()) return found.take_status();
+  if (found->sb.uuid != sb_.uuid ||
+      found->sb.generation > std::max(sb_.generation, tried_generation_)) {
+    failed_ = true;
+    return Status::error(EBUSY, spare_->name() + ": another program has written this set's "
+                                                 "superblock (generation " +
+                                    std::to_string(found->sb.generation) + ", ours " +
+                                    std::to_string(sb_.generation) +
+                                    "): two servers are using one spare");
+  }
+  const uint64_t generation = sb_.generation + 1;
+  tried_generation_ = std::max(tried_generation_, generation);
+  const int copy = 1 - sb_copy_;
+  Superblock next = sb_;
+  next.generation = generation;
+  MetaBuffer buf(kMetaUnit);
+  next.encode(buf.data);
+  // A failed heartbeat leaves the other copy valid; the next one tries again.
+  if (auto s = spare_->write(buf.data, kMetaUnit, kSuperblockOffset[copy]); !s.is_ok()) return s;
+  if (auto s = spare_->flush(); !s.is_ok()) return s;
+  sb_.generation = generation;
   sb_copy_ = copy;
   return Status::ok();
 }

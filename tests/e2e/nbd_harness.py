@@ -75,7 +75,7 @@ def sanitizer_report(log):
     return None
 
 
-def _read_pid(path):
+def read_pid(path):
     try:
         with open(path) as f:
             return int(f.read())
@@ -172,11 +172,11 @@ class DemoSet:
                 raise AssertionError(f"nbdkit failed to start: {self.read_log()}")
             self.proc = None
             # The daemon writes its pid file after the parent has gone.
-            while not _read_pid(self.sock + ".pid"):
+            while not read_pid(self.sock + ".pid"):
                 if time.monotonic() > deadline:
                     raise AssertionError("nbdkit wrote no pid file")
                 time.sleep(0.02)
-            self.daemon_pid = _read_pid(self.sock + ".pid")
+            self.daemon_pid = read_pid(self.sock + ".pid")
         while not os.path.exists(self.sock):
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"{self.tools.frontend} exited: {self.read_log()}")

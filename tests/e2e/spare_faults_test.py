@@ -11,12 +11,13 @@ client's writes to them need a slot.
 """
 import errno
 import os
+import shutil
 import time
 import unittest
 
 import nbd
 
-from nbd_harness import BLOCK, DemoSet, NbdkitBackend, Tools, pattern
+from nbd_harness import BLOCK, DemoSet, NbdkitBackend, Tools, pattern, read_pid, run_frontend
 
 TOOLS = Tools()
 
@@ -173,6 +174,40 @@ class SpareFaultsTest(unittest.TestCase):
         self.assertEqual(self.s.stop(), 0)
         st = self.s.status()
         self.assertEqual((st["remaps"], st["pending"]), (1, 0), st)
+
+    def test_two_servers_cannot_share_a_spare(self):
+        # safety 3: an NBD export has no flock, so the set holds a lease in
+        # its superblock. A second frontend on the same spare (and on a copy
+        # of main, which it can lock) watches the lease, sees it renewed and
+        # stops with a message.
+        spare = self.serve_spare(["file", self.spare_file])
+        self.start_on(spare)
+        h = self.s.connect()
+        h.pwrite(pattern(5), 5 * BLOCK)
+        other_main = os.path.join(self.s.dir, "main-copy.img")
+        shutil.copyfile(self.s.main, other_main)
+        other_sock = os.path.join(self.s.dir, "other.sock")
+        r = run_frontend(TOOLS, other_sock, other_main, spare.uri)
+        if TOOLS.background:
+            # The daemon fails after the fork; it must be gone, not serving.
+            deadline = time.monotonic() + 20
+            while True:
+                pid = read_pid(other_sock + ".pid")
+                if pid is not None and not os.path.exists(f"/proc/{pid}"):
+                    break
+                self.assertLess(time.monotonic(), deadline, "the second nbdkit is still running")
+                time.sleep(0.1)
+        else:
+            self.assertNotEqual(r.returncode, 0)
+            self.assertIn("in use by another dmremap", r.stdout + r.stderr)
+        # The first one was not disturbed.
+        self.assertEqual(h.pread(BLOCK, 5 * BLOCK), pattern(5))
+        h.pwrite(pattern(6), 6 * BLOCK)
+        h.flush()
+        h.shutdown()
+        self.assertEqual(self.s.stop(), 0)
+        st = self.s.status()
+        self.assertEqual((st["health"], st["clean"]), ("ok", True), st)
 
 
 if __name__ == "__main__":

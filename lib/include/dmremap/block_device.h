@@ -39,6 +39,10 @@ class BlockDevice {
   virtual bool can_fast_zero() const { return false; }
   // True when trim() really discards (reads afterwards may return zeros).
   virtual bool can_trim() const { return false; }
+  // True when open_device() locked the device against a second opener (a
+  // file's flock, a block device's O_EXCL) or nobody else can reach it;
+  // false for an NBD export, which any client may open.
+  virtual bool locked() const { return true; }
   // The smallest unit the device writes without reading and rewriting what
   // is around it (the logical sector under direct I/O); 1 when any size is.
   virtual size_t alignment() const { return 1; }

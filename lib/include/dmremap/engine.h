@@ -5,12 +5,14 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "dmremap/block_device.h"
@@ -33,6 +35,10 @@ struct EngineOptions {
   // each failed attempt up to `reconnect_max`.
   std::chrono::milliseconds reconnect_first{500};
   std::chrono::milliseconds reconnect_max{8000};
+  // A spare that cannot be locked (an NBD export) is leased instead: the
+  // superblock is rewritten at this interval, and opening a set that is in
+  // use first watches it for two intervals (see MetadataStore::heartbeat).
+  std::chrono::milliseconds lease_interval{2000};
 };
 
 enum class Health { kOk, kWarning, kFailing };
@@ -218,6 +224,10 @@ class Engine {
   Status probe_main(uint64_t first, uint64_t last);
   // Flushes one device; a failure with writes outstanding is sticky.
   Status flush_device(BlockDevice& dev);
+  // The lease's heartbeat thread (spares that cannot be locked).
+  void start_lease();
+  void stop_lease();
+  void lease_loop();
   // With the gate exclusive: the whole block's current data, or EIO.
   // Retries main (`already_failed`: the first attempt was made already);
   // rescues a weak block, marks a dead one pending.
@@ -252,6 +262,12 @@ class Engine {
   std::string flush_failure_;
   std::chrono::steady_clock::time_point retry_at_;
   std::chrono::milliseconds backoff_{0};
+  // Serialises the metadata store between the request paths (which also
+  // hold the gate exclusively) and the lease's heartbeat (which does not).
+  std::mutex store_mu_;
+  std::thread lease_thread_;
+  std::condition_variable lease_cv_;
+  bool lease_stop_ = false;  // guarded by store_mu_
   struct Counters;
   std::unique_ptr<Counters> counters_;
 };

@@ -76,6 +76,7 @@ class FaultyDevice final : public BlockDevice {
   bool can_trim() const override { return inner_->can_trim(); }
   bool can_fast_zero() const override { return inner_->can_fast_zero(); }
   size_t alignment() const override { return inner_->alignment(); }
+  bool locked() const override { return inner_->locked(); }
   uint64_t next_data(uint64_t offset) const override { return inner_->next_data(offset); }
   uint64_t next_hole(uint64_t offset) const override { return inner_->next_hole(offset); }
   const std::shared_ptr<BlockDevice>& inner() const { return inner_; }

@@ -59,6 +59,13 @@ class MetadataStore {
   // is no longer known (a checkpoint may be complete on disk while the
   // superblock is not), and only a reopen finds out.
   Status append(const std::vector<Record>& records, const RemapTable& table);
+  // The lease on a spare that cannot be locked (an NBD export), in the way
+  // of ext4's multi-mount protection: the owner rewrites the superblock
+  // every few seconds (a new generation, nothing else changes), and stops
+  // with EBUSY when the spare holds a generation it did not write: another
+  // program has opened the set. Changes only the superblock's generation,
+  // which nothing reads concurrently.
+  Status heartbeat();
   // Writes `table` as the new checkpoint and empties the journal. With
   // `clean`, the superblock says the set was closed cleanly.
   Status checkpoint(const RemapTable& table, bool clean = false);
@@ -77,6 +84,9 @@ class MetadataStore {
   int sb_copy_;  // the copy that holds sb_
   uint64_t journal_next_ = 0;
   bool failed_ = false;
+  // The highest generation this store tried to write; one that may or may
+  // not have reached the spare.
+  uint64_t tried_generation_ = 0;
 };
 
 // Reads both superblocks and returns the newest valid one and its copy.

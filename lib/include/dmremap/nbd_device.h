@@ -31,6 +31,7 @@ class NbdDevice final : public BlockDevice {
   uint64_t size() const override { return size_; }
   bool read_only() const override { return read_only_; }
   bool can_trim() const override { return can_trim_; }
+  bool locked() const override { return false; }
   const std::string& uri() const { return uri_; }
   // Replaces every connection whose server has gone; the export must have
   // the same size.

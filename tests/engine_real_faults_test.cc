@@ -29,6 +29,15 @@ EngineOptions quick_reconnect() {
   return o;
 }
 
+// Main comes back through the engine's own thread: wait for it.
+void wait_online(Engine& e) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (e.stats().main_offline_since != 0) {
+    REQUIRE(std::chrono::steady_clock::now() < deadline);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
 test::Set set_with_remap(const EngineOptions& o, uint64_t remapped_block,
                          const std::vector<char>& data) {
   test::SetParams p;
@@ -48,8 +57,8 @@ TEST_CASE("reads 7: main gone (plain EIO) is a device failure: nothing marked, s
   auto s = set_with_remap(quick_reconnect(), 3, kept);
   const auto before = test::pattern(B, 8);
   REQUIRE(s.engine->write(before.data(), B, 10 * B, false).is_ok());
+  REQUIRE(s.engine->flush().is_ok());  // nothing unflushed when main goes
   std::vector<char> buf(B);
-  REQUIRE(s.engine->read(buf.data(), B, 10 * B).is_ok());  // main is known to read
 
   s.main->set_gone(EIO);
   // 10 reads and 20 writes, as a client that goes on during an outage.
@@ -76,6 +85,7 @@ TEST_CASE("reads 7: main gone (plain EIO) is a device failure: nothing marked, s
   CHECK(s.engine->write(newer.data(), B, 3 * B, false).is_ok());
 
   s.main->set_back();
+  wait_online(*s.engine);
   REQUIRE(s.engine->read(buf.data(), B, 10 * B).is_ok());
   CHECK(buf == before);
   CHECK(s.main->reconnects() >= 1);
@@ -106,6 +116,9 @@ TEST_CASE("reads 7: a device errno (ENOTCONN) puts main offline without a probe"
   CHECK(s.engine->stats().pending == 0);
   CHECK(s.engine->stats().remaps == 0);
   CHECK(s.engine->stats().main_offline_since != 0);
+  // One failed read, no probe of other blocks, nothing more while offline.
+  CHECK(s.main->failed_reads() == 1);
+  CHECK(s.main->failed_writes() == 0);
 }
 
 TEST_CASE("reads 7: while main is offline it is tried again only after the backoff",
@@ -118,11 +131,13 @@ TEST_CASE("reads 7: while main is offline it is tried again only after the backo
   s.main->set_gone(ENOTCONN);
   std::vector<char> buf(B);
   CHECK(s.engine->read(buf.data(), B, 5 * B).code() == EIO);
-  s.main->set_back();
-  // Not yet: fails at once, without touching main.
+  // Offline: requests fail at once, without touching main.
   const uint64_t failed = s.main->failed_reads();
-  CHECK(s.engine->read(buf.data(), B, 5 * B).code() == EIO);
+  CHECK(s.engine->read(buf.data(), B, 6 * B).code() == EIO);
   CHECK(s.main->failed_reads() == failed);
+  // Back, but not tried yet: still offline until the backoff has passed.
+  s.main->set_back();
+  CHECK(s.engine->read(buf.data(), B, 5 * B).code() == EIO);
   CHECK(s.main->reconnects() == 0);
 }
 
@@ -230,6 +245,56 @@ TEST_CASE("writes 5: a flush while main is offline fails only when writes are ou
     s.main->set_back();
     CHECK(s.engine->flush().code() == EIO);
   }
+  SECTION("main went away under an unflushed write and came back as a new device") {
+    test::SetParams p;
+    p.options = quick_reconnect();
+    auto s = test::make_set(p);
+    const auto d = test::pattern(B, 1);
+    REQUIRE(s.engine->write(d.data(), B, 7 * B, false).is_ok());
+    s.main->set_gone(ENOTCONN);
+    std::vector<char> buf(B);
+    CHECK(s.engine->read(buf.data(), B, 7 * B).code() == EIO);
+    s.main->set_back(/*new_device=*/true);
+    wait_online(*s.engine);
+    REQUIRE(s.engine->read(buf.data(), B, 7 * B).is_ok());
+    // Its cache may have gone with the old connection: no flush may claim
+    // that write.
+    CHECK(s.engine->flush().code() == EIO);
+    CHECK_THAT(s.engine->stats().health_reason, Catch::Contains("a flush failed"));
+  }
+  SECTION("the same device answering again (an outage, a link reset) keeps its writes") {
+    test::SetParams p;
+    p.options = quick_reconnect();
+    auto s = test::make_set(p);
+    const auto d = test::pattern(B, 1);
+    REQUIRE(s.engine->write(d.data(), B, 7 * B, false).is_ok());
+    s.main->set_gone(EIO);
+    std::vector<char> buf(B);
+    CHECK(s.engine->read(buf.data(), B, 9 * B).code() == EIO);
+    s.main->set_back();
+    wait_online(*s.engine);
+    CHECK(s.engine->flush().is_ok());
+    CHECK(s.engine->stats().health == Health::kOk);
+  }
+}
+
+TEST_CASE("writes 5: a writeback error consumed by a remap's own flush still fails FLUSH",
+          "[engine][durability][spare]") {
+  auto s = test::make_set();
+  const Superblock sb = s.engine->superblock();
+  const auto d = test::pattern(B, 1);
+  s.main->add_write_error(2);
+  REQUIRE(s.engine->write(d.data(), B, 2 * B, false).is_ok());  // block 2 -> slot 0
+  REQUIRE(s.engine->flush().is_ok());
+  // The spare is buffered: a write to slot 0 is accepted and lost at writeback.
+  s.spare->set_errors_at_flush(true);
+  s.spare->add_write_error(sb.slot_offset / 512);
+  REQUIRE(s.engine->write(d.data(), B, 2 * B, false).is_ok());
+  // The next remap's own flush of the spare meets that error...
+  s.main->add_write_error(3);
+  CHECK(s.engine->write(d.data(), B, 3 * B, false).code() == EIO);
+  // ...and the client's FLUSH must not succeed afterwards.
+  CHECK(s.engine->flush().code() == EIO);
 }
 
 TEST_CASE("writes 5: under direct I/O a block smaller than the device's sector is refused",

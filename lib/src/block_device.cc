@@ -40,11 +40,18 @@ Status BlockDevice::write(const void* buf, size_t len, uint64_t offset) {
 }
 
 Status BlockDevice::flush() {
+  if (lost_.load()) {
+    return Status::error(EIO, name_ + ": flush refused: an earlier flush failed, or the device "
+                                      "went away, with writes not yet flushed; they may be lost");
+  }
   // Taken before the flush: a write that completes during it may not be
   // covered, so it leaves the device with unflushed writes.
   const uint64_t changed = changed_.load();
   Status s = do_flush();
-  if (!s.is_ok()) return s;
+  if (!s.is_ok()) {
+    if (changed != flushed_.load()) lost_.store(true);
+    return s;
+  }
   uint64_t seen = flushed_.load();
   while (seen < changed && !flushed_.compare_exchange_weak(seen, changed)) {
   }
@@ -81,14 +88,19 @@ Status BlockDevice::do_write_zeroes(size_t len, uint64_t offset) {
   return Status::ok();
 }
 
+bool BlockDevice::forfeit_unflushed() {
+  if (!has_unflushed_writes()) return false;
+  lost_.store(true);
+  return true;
+}
+
 FailureKind classify_failure(int err) {
   switch (err) {
     case ENODATA: case EILSEQ: case EBADMSG:
       return FailureKind::kMedia;
     case ENODEV: case ENXIO: case ENOLINK: case ETIMEDOUT: case ESHUTDOWN: case ENOTCONN:
     case ECONNRESET: case ECONNREFUSED: case ECONNABORTED: case EPIPE: case EHOSTUNREACH:
-    case ENETDOWN: case ENETUNREACH: case ENOMEDIUM: case EROFS: case EPERM: case ENOMEM:
-    case EBADF:
+    case ENETDOWN: case ENETUNREACH: case ENOMEDIUM:
       return FailureKind::kDevice;
     default:
       return FailureKind::kUnknown;

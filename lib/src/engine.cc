@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <ctime>
+#include <random>
 #include <mutex>
 #include <shared_mutex>
 
@@ -182,17 +183,12 @@ Engine::Engine(std::shared_ptr<BlockDevice> main, std::shared_ptr<BlockDevice> s
       block_(store_->superblock().block_size),
       counters_(std::make_unique<Counters>()) {
   table_.enable_filter(size_ / block_);
-  // A first block to compare with, should main fail before any read.
-  std::vector<char> probe(block_);
-  for (uint64_t b = 0; b < std::min<uint64_t>(size_ / block_, 4); ++b) {
-    if (!table_.find(b) && main_->read(probe.data(), block_, b * block_).is_ok()) {
-      note_good(b);
-      break;
-    }
-  }
 }
 
-Engine::~Engine() { stop_lease(); }
+Engine::~Engine() {
+  stop_lease();
+  stop_watch();
+}
 
 void Engine::start_lease() {
   lease_thread_ = std::thread([this] { lease_loop(); });
@@ -302,15 +298,12 @@ void Engine::read_shared(char* buf, uint64_t len, uint64_t offset, ReadFindings&
   auto from_main = [&](uint64_t a, uint64_t b) {
     const auto [lo, hi] = clip(a, b);
     if (lo >= f.offline_from) return;
-    if (!main_available()) {
+    if (!main_online()) {
       f.offline_from = lo;
       return;
     }
     const Status s = main_->read(buf + (lo - offset), hi - lo, lo);
-    if (s.is_ok()) {
-      note_good(a);
-      return;
-    }
+    if (s.is_ok()) return;
     counters_->main_read_errors.fetch_add(1, std::memory_order_relaxed);
     if (!failure_is_media(s, a, b)) {
       f.offline_from = lo;
@@ -355,10 +348,7 @@ void Engine::read_main_narrowing(char* buf, uint64_t req_off, uint64_t req_len, 
     const uint64_t lo = std::max(req_off, b * block_);
     const uint64_t hi = std::min(req_off + req_len, (b + 1) * block_);
     const Status s = main_->read(buf + (lo - req_off), hi - lo, lo);
-    if (s.is_ok()) {
-      note_good(b);
-      continue;
-    }
+    if (s.is_ok()) continue;
     counters_->main_read_errors.fetch_add(1, std::memory_order_relaxed);
     if (classify_failure(s.code()) == FailureKind::kDevice) {
       set_main_offline(s);
@@ -400,7 +390,7 @@ Status Engine::read_block_exclusive(uint64_t block, char* out, bool already_fail
     }
     return spare_->read(out, block_, slot_offset(RemapTable::slot_of(*v)));
   }
-  if (!main_available()) return offline_error();
+  if (!main_online()) return offline_error();
   const unsigned attempts = options_.read_retries + (already_failed ? 0 : 1);
   bool failed_once = already_failed;
   Status last = Status::error(EIO, main_->name() + ": " + block_name(block, block_) +
@@ -416,7 +406,6 @@ Status Engine::read_block_exclusive(uint64_t block, char* out, bool already_fail
     }
   }
   if (last.is_ok()) {
-    note_good(block);
     if (!failed_once) return last;
     counters_->retry_successes.fetch_add(1, std::memory_order_relaxed);
     if (options_.read_only) {
@@ -444,68 +433,43 @@ Status Engine::read_block_exclusive(uint64_t block, char* out, bool already_fail
 
 // ------------------------------------------------------------ main offline
 
-bool Engine::main_available() {
-  if (offline_since_.load(std::memory_order_acquire) == 0) return true;
-  std::unique_lock l(state_mu_, std::try_to_lock);
-  if (!l.owns_lock()) return false;
-  if (offline_since_.load() == 0) return true;
-  const auto now = std::chrono::steady_clock::now();
-  if (now < retry_at_) return false;
-  Status s = main_->reconnect();
-  if (s.is_ok()) s = probe_main(0, 0);
-  if (!s.is_ok()) {
-    backoff_ = std::min(backoff_ * 2, options_.reconnect_max);
-    retry_at_ = now + backoff_;
-    log(LogLevel::kDebug, "main still offline: " + s.to_string());
-    return false;
-  }
-  const int64_t since = offline_since_.exchange(0);
-  log(LogLevel::kWarning, main_->name() + " back online after " +
-                              std::to_string(std::time(nullptr) - since) +
-                              " s offline; serving from it again");
-  return true;
-}
-
 bool Engine::failure_is_media(const Status& failure, uint64_t first, uint64_t last) {
   switch (classify_failure(failure.code())) {
     case FailureKind::kMedia: return true;
     case FailureKind::kDevice: set_main_offline(failure); return false;
     case FailureKind::kUnknown: break;
   }
-  Status probe = probe_main(first, last);
+  const std::vector<uint64_t> candidates = probe_candidates(first, last);
+  Status probe = probe_main(candidates);
   if (probe.is_ok()) return true;
-  set_main_offline(Status::error(failure.code(), failure.message() + "; and a block that read "
-                                                     "before fails too: " + probe.message()));
+  set_main_offline(Status::error(failure.code(), failure.message() + "; and other blocks of "
+                                                     "main fail too: " + probe.message()));
   return false;
 }
 
-Status Engine::probe_main(uint64_t first, uint64_t last) {
-  // Blocks main read or wrote lately, and one fixed block, none known bad.
-  // A block that read once may have gone bad since (the disk is failing):
-  // main is alive when any of them reads, and those that failed are then
-  // forgotten. A link that drops one request in a while must not look
-  // dead, so each gets a second chance; when none reads they are kept, to
-  // try again after the outage.
+std::vector<uint64_t> Engine::probe_candidates(uint64_t first, uint64_t last) {
+  // Blocks picked at random, so that a cache in front of a dead disk (an
+  // NBD server's page cache) is unlikely to hold them, and none known bad.
   const uint64_t blocks = size_ / block_;
-  const uint64_t candidates[3] = {good_[0].load(std::memory_order_relaxed),
-                                  good_[1].load(std::memory_order_relaxed), blocks / 2};
+  std::vector<uint64_t> out;
+  std::lock_guard l(rng_mu_);
+  for (int draw = 0; draw < 16 && out.size() < 3; ++draw) {
+    const uint64_t b = std::uniform_int_distribution<uint64_t>(0, blocks - 1)(rng_);
+    if ((b >= first && b < last) || table_.find(b)) continue;
+    if (std::find(out.begin(), out.end(), b) == out.end()) out.push_back(b);
+  }
+  return out;
+}
+
+Status Engine::probe_main(const std::vector<uint64_t>& candidates) {
+  // Main is alive when any of them reads. A link that drops one request in
+  // a while must not look dead, so each gets a second chance.
   std::vector<char> data(block_);
   Status last_failure;
-  bool failed[2] = {false, false};
   for (int round = 0; round < 2; ++round) {
-    for (size_t i = 0; i < 3; ++i) {
-      const uint64_t b = candidates[i];
-      if (b >= blocks || (b >= first && b < last) || table_.find(b)) continue;
-      if (i == 2 && (b == candidates[0] || b == candidates[1])) continue;
+    for (uint64_t b : candidates) {
       Status s = main_->read(data.data(), block_, b * block_);
-      if (s.is_ok()) {
-        for (size_t j = 0; j < 2; ++j) {
-          uint64_t expected = candidates[j];
-          if (failed[j]) good_[j].compare_exchange_strong(expected, UINT64_MAX);
-        }
-        return s;
-      }
-      if (i < 2 && round == 1) failed[i] = true;
+      if (s.is_ok()) return s;
       last_failure = std::move(s);
     }
   }
@@ -517,16 +481,73 @@ void Engine::set_main_offline(const Status& why) {
   const int64_t now = std::time(nullptr);
   if (!offline_since_.compare_exchange_strong(expected, now)) return;
   {
-    std::lock_guard l(state_mu_);
+    std::lock_guard l(reason_mu_);
     offline_reason_ = why.to_string();
-    backoff_ = options_.reconnect_first;
-    retry_at_ = std::chrono::steady_clock::now() + backoff_;
   }
   log(LogLevel::kError, main_->name() + " offline since " + utc_time(now) + ": " +
                             why.to_string() +
                             ". This is not a bad block: nothing is marked or remapped. Requests "
                             "that need main fail with EIO until it is back; blocks on the spare "
                             "are still served; main is tried again with backoff");
+  {
+    std::lock_guard l(watch_mu_);
+    if (!watch_stop_ && !watch_thread_.joinable()) {
+      watch_thread_ = std::thread([this] { watch_main(); });
+    }
+  }
+  watch_cv_.notify_all();
+}
+
+void Engine::watch_main() {
+  // Brings main back without holding the gate, so requests keep failing at
+  // once (or being served from the spare) while a reconnect takes its time.
+  std::unique_lock l(watch_mu_);
+  while (!watch_stop_) {
+    if (offline_since_.load() == 0) {
+      watch_cv_.wait(l, [&] { return watch_stop_ || offline_since_.load() != 0; });
+      continue;
+    }
+    auto backoff = std::max(options_.reconnect_first, std::chrono::milliseconds(1));
+    while (!watch_stop_ && offline_since_.load() != 0) {
+      if (watch_cv_.wait_for(l, backoff, [&] { return watch_stop_; })) break;
+      l.unlock();
+      Status s = main_->reconnect();
+      if (s.is_ok()) {
+        std::vector<uint64_t> candidates;
+        {
+          SharedGuard g(gate_);
+          candidates = probe_candidates(0, 0);
+        }
+        s = probe_main(candidates);
+      }
+      l.lock();
+      if (s.is_ok()) {
+        const int64_t since = offline_since_.exchange(0);
+        log(LogLevel::kWarning, main_->name() + " back online after " +
+                                    std::to_string(std::time(nullptr) - since) +
+                                    " s offline; serving from it again");
+        if (main_->lost_writes()) {
+          log(LogLevel::kError, main_->name() + " came back as a new connection or device "
+                                                "while writes were not yet flushed: they may "
+                                                "be lost, so every FLUSH and FUA fails until "
+                                                "restart");
+        }
+        break;
+      }
+      log(LogLevel::kDebug, "main still offline: " + s.to_string());
+      backoff = std::min(backoff * 2, std::max(options_.reconnect_max,
+                                                std::chrono::milliseconds(1)));
+    }
+  }
+}
+
+void Engine::stop_watch() {
+  {
+    std::lock_guard l(watch_mu_);
+    watch_stop_ = true;
+  }
+  watch_cv_.notify_all();
+  if (watch_thread_.joinable()) watch_thread_.join();
 }
 
 Status Engine::offline_error() {
@@ -534,7 +555,7 @@ Status Engine::offline_error() {
   if (since == 0) return Status::error(EIO, "main was offline during the request");
   std::string reason;
   {
-    std::lock_guard l(state_mu_);
+    std::lock_guard l(reason_mu_);
     reason = offline_reason_;
   }
   return Status::error(EIO, "main offline since " + utc_time(since) + " (" + reason + ")");
@@ -576,17 +597,14 @@ Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offse
     SharedGuard g(gate_);
     auto to_main = [&](uint64_t a, uint64_t b) {
       if (main_down) return;
-      if (!main_available()) {
+      if (!main_online()) {
         main_down = true;
         return;
       }
       const uint64_t n = (b - a) * block_;
       const Status s = zero ? main_->write_zeroes(n, a * block_)
                             : main_->write(src + (a * block_ - offset), n, a * block_);
-      if (s.is_ok()) {
-        note_good(a);
-        return;
-      }
+      if (s.is_ok()) return;
       counters_->main_write_errors.fetch_add(1, std::memory_order_relaxed);
       // Main as a whole failing is no reason to remap anything.
       if (!failure_is_media(s, a, b)) {
@@ -659,7 +677,7 @@ Status Engine::write_block_exclusive(uint64_t block, const char* data) {
     // The old slot is recorded bad in the same journal append as the move.
     return commit_remap(block, data, RemapTable::cause_of(*v), slot);
   }
-  if (!main_available()) return offline_error();
+  if (!main_online()) return offline_error();
   Status s = main_->write(data, block_, block * block_);
   if (s.is_ok()) return s;
   counters_->main_write_errors.fetch_add(1, std::memory_order_relaxed);
@@ -801,28 +819,20 @@ Status Engine::flush() {
 }
 
 Status Engine::flush_device(BlockDevice& dev) {
-  if (flush_failed_.load()) {
-    std::lock_guard l(state_mu_);
-    return Status::error(EIO, "an earlier flush failed (" + flush_failure_ +
-                                  "): writes acknowledged before it may be lost; every flush "
-                                  "fails until dmremap is restarted");
-  }
   // Nothing written since the last flush that worked: nothing can be lost,
-  // and a device that is offline meanwhile does not fail the flush.
-  if (!dev.has_unflushed_writes()) return Status::ok();
+  // and a device that is away meanwhile does not fail the flush.
+  if (!dev.lost_writes() && !dev.has_unflushed_writes()) return Status::ok();
   Status s = dev.flush();
   if (s.is_ok()) return s;
-  // The kernel reports a writeback error to one fsync only, and a dead NBD
-  // server's cache is gone: retrying cannot tell whether the writes
-  // survived, so no later flush may claim they did ("fsyncgate").
-  {
-    std::lock_guard l(state_mu_);
-    if (flush_failure_.empty()) flush_failure_ = s.to_string();
+  if (dev.lost_writes()) {
+    std::lock_guard l(reason_mu_);
+    if (flush_failure_.empty()) {
+      flush_failure_ = s.to_string();
+      log(LogLevel::kError, dev.name() + ": flush failed (" + s.to_string() +
+                                "): writes acknowledged before it may be lost. Every FLUSH and "
+                                "FUA fails from now on; check the disk, then restart dmremap");
+    }
   }
-  flush_failed_.store(true);
-  log(LogLevel::kError, dev.name() + ": flush failed (" + s.to_string() +
-                            "): writes acknowledged before it may be lost. Every FLUSH and FUA "
-                            "fails from now on; check the disk, then restart dmremap");
   return Status::error(EIO, dev.name() + ": flush failed: " + s.to_string());
 }
 
@@ -877,6 +887,7 @@ Status Engine::remap_block(uint64_t block) {
   }
   std::vector<char> data(block_);
   Status s = read_block_exclusive(block, data.data(), false);
+  if (!s.is_ok() && !main_online()) return offline_error();
   if (!s.is_ok()) {
     return Status::error(EIO, block_name(block, block_) +
                                   " cannot be read: marked pending; the next write to it remaps it");
@@ -897,7 +908,7 @@ Status Engine::forget_pending(const std::vector<uint64_t>& blocks, std::vector<u
       return Status::error(EINVAL, "block " + std::to_string(b) + " is not pending");
     }
   }
-  if (!main_available()) return offline_error();
+  if (!main_online()) return offline_error();
   std::vector<char> data(block_);
   for (uint64_t b : blocks) {
     // One read, with no retries: a mark is cleared only on clear evidence.
@@ -952,9 +963,13 @@ EngineStats Engine::stats() {
   s.journal_broken = journal_broken_.load();
   s.main_offline_since = offline_since_.load();
   {
-    std::lock_guard l(state_mu_);
+    std::lock_guard l(reason_mu_);
     if (s.main_offline_since != 0) s.main_offline_reason = offline_reason_;
-    if (flush_failed_.load()) s.flush_failure = flush_failure_;
+    if (main_->lost_writes() || spare_->lost_writes()) {
+      s.flush_failure = flush_failure_.empty()
+                            ? "a device went away with writes not yet flushed"
+                            : flush_failure_;
+    }
   }
   SharedGuard g(gate_);
   fill_table_stats(s, table_, store_->superblock(), options_.warn_percent);
@@ -962,9 +977,11 @@ EngineStats Engine::stats() {
 }
 
 Status Engine::close() {
+  // Both threads may wait for the gate (or the store) that close holds.
+  stop_watch();
+  stop_lease();
   ExclusiveGuard g(gate_);
   if (closed_.exchange(true)) return Status::ok();
-  stop_lease();
   if (options_.read_only) return Status::ok();
   Status m = flush_device(*main_);
   Status sp = flush_device(*spare_);

@@ -86,6 +86,7 @@ Status FaultyDevice::reconnect() {
   if (const int err = gone_.load(); err != 0) {
     return Status::error(ENODEV, name() + ": not back yet");
   }
+  if (new_device_.exchange(false)) forfeit_unflushed();
   return inner_->reconnect();
 }
 
@@ -221,6 +222,8 @@ Status FaultyDevice::do_flush() {
 
 void FaultyDevice::power_cut(CutMode mode, uint64_t seed) {
   std::lock_guard lock(mu_);
+  // The machine restarts: whoever uses the device next opens it afresh.
+  restart_accounting();
   std::mt19937_64 rng(seed);
   constexpr size_t kSector = 512;
   // Newest first, so that a sector written twice can end up with either

@@ -46,6 +46,26 @@ std::string sysfs_identity(dev_t rdev) {
   return {};
 }
 
+// For a partition, its number and first sector ("2@2048"), "" for a whole
+// disk: partitions take their disk's serial, so it alone cannot tell them
+// apart.
+std::string partition_key(dev_t rdev) {
+  const std::string base =
+      "/sys/dev/block/" + std::to_string(major(rdev)) + ":" + std::to_string(minor(rdev)) + "/";
+  auto first_line = [](const std::string& path) {
+    std::string v;
+    if (FILE* f = std::fopen(path.c_str(), "re")) {
+      char line[64] = {};
+      if (std::fgets(line, sizeof line, f)) v = line;
+      std::fclose(f);
+    }
+    while (!v.empty() && (v.back() == '\n' || v.back() == ' ')) v.pop_back();
+    return v;
+  };
+  const std::string number = first_line(base + "partition");
+  return number.empty() ? std::string() : number + "@" + first_line(base + "start");
+}
+
 uint64_t round_down(uint64_t v, uint64_t a) { return v / a * a; }
 uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 
@@ -128,7 +148,10 @@ Result<std::shared_ptr<FileDevice>> FileDevice::open(const std::string& path,
       new FileDevice(role, path, o->fd, o->size, is_block, options.read_only, o->align));
   dev->options_ = options;
   dev->rdev_ = o->st.st_rdev;
-  if (is_block) dev->identity_ = sysfs_identity(o->st.st_rdev);
+  if (is_block) {
+    dev->identity_ = sysfs_identity(o->st.st_rdev);
+    dev->partition_ = partition_key(o->st.st_rdev);
+  }
   return dev;
 }
 
@@ -144,7 +167,10 @@ std::vector<std::string> FileDevice::candidates() const {
     struct stat st {};
     const std::string dev = std::string("/dev/") + e->d_name;
     if (::stat(dev.c_str(), &st) != 0 || !S_ISBLK(st.st_mode)) continue;
-    if (sysfs_identity(st.st_rdev) == identity_ && dev != path_) out.push_back(dev);
+    if (dev != path_ && sysfs_identity(st.st_rdev) == identity_ &&
+        partition_key(st.st_rdev) == partition_) {
+      out.push_back(dev);
+    }
   }
   ::closedir(d);
   return out;
@@ -165,7 +191,8 @@ Status FileDevice::reconnect() {
       continue;
     }
     const std::string id = sysfs_identity(o->st.st_rdev);
-    if (o->size != size_ || o->align != align_ || id != identity_) {
+    if (o->size != size_ || o->align != align_ || id != identity_ ||
+        partition_key(o->st.st_rdev) != partition_) {
       why = path + " is another disk (" + std::to_string(o->size) + " bytes, \"" + id + "\")";
       ::close(o->fd);
       continue;
@@ -176,6 +203,8 @@ Status FileDevice::reconnect() {
     ::close(o->fd);
     if (r < 0) return Status::error(err, where("reopen", 0));
     rdev_ = o->st.st_rdev;
+    // The disk came back after leaving the bus: its write cache may not.
+    forfeit_unflushed();
     return Status::ok();
   }
   return Status::error(ENODEV, name() + " (" + path_ + ") is gone: " + why);

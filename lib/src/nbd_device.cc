@@ -104,26 +104,42 @@ Result<std::shared_ptr<NbdDevice>> NbdDevice::open(const std::string& uri,
   return dev;
 }
 
+nbd_handle* NbdDevice::take(size_t i) {
+  std::unique_lock l(mu_);
+  cv_.wait(l, [&] { return std::find(idle_.begin(), idle_.end(), all_[i]) != idle_.end(); });
+  idle_.erase(std::find(idle_.begin(), idle_.end(), all_[i]));
+  return all_[i];
+}
+
 Status NbdDevice::reconnect() {
   const std::string who = name() + " (" + uri_ + ")";
-  for (nbd_handle*& h : all_) {
-    // Every connection in turn, once no request holds it.
-    std::unique_lock l(mu_);
-    cv_.wait(l, [&] { return std::find(idle_.begin(), idle_.end(), h) != idle_.end(); });
-    const auto slot = std::find(idle_.begin(), idle_.end(), h);
-    if (!looks_gone(h)) continue;
-    auto fresh = connect(uri_, who);
-    if (!fresh.is_ok()) return fresh.take_status();
-    const int64_t size = nbd_get_size(fresh.value());
-    if (size < 0 || static_cast<uint64_t>(size) != size_) {
-      nbd_close(fresh.value());
-      return Status::error(ENODEV, who + ": the export now has " + std::to_string(size) +
-                                       " bytes, not " + std::to_string(size_) +
-                                       ": not the same disk");
+  for (size_t i = 0; i < all_.size(); ++i) {
+    // Each connection in turn, once no request holds it; the others keep
+    // serving meanwhile, and no lock is held while connecting.
+    nbd_handle* h = take(i);
+    Status s;
+    if (looks_gone(h)) {
+      auto fresh = connect(uri_, who);
+      if (!fresh.is_ok()) {
+        s = fresh.take_status();
+      } else if (const int64_t size = nbd_get_size(fresh.value());
+                 size < 0 || static_cast<uint64_t>(size) != size_) {
+        nbd_close(fresh.value());
+        s = Status::error(ENODEV, who + ": the export now has " + std::to_string(size) +
+                                      " bytes, not " + std::to_string(size_) +
+                                      ": not the same disk");
+      } else {
+        nbd_close(h);
+        h = fresh.value();
+        std::lock_guard l(mu_);
+        all_[i] = h;
+        // Writes the old connection acknowledged may have died with the
+        // server's cache: no later flush may vouch for them.
+        forfeit_unflushed();
+      }
     }
-    nbd_close(h);
-    h = fresh.value();
-    *slot = h;
+    release(h);
+    if (!s.is_ok()) return s;
   }
   return Status::ok();
 }
@@ -141,7 +157,8 @@ void NbdDevice::release(nbd_handle* h) {
     std::lock_guard l(mu_);
     idle_.push_back(h);
   }
-  cv_.notify_one();
+  // Waiters want different handles (any one, or one in particular).
+  cv_.notify_all();
 }
 
 Status NbdDevice::failure(nbd_handle* h, const char* what, uint64_t offset) const {
@@ -188,12 +205,9 @@ Status NbdDevice::do_flush() {
   }
   // Without multi-conn a flush covers only its own connection's writes, so
   // every connection is flushed.
-  for (nbd_handle* h : all_) {
+  for (size_t i = 0; i < all_.size(); ++i) {
     // A connection busy with a request is flushed once it is free.
-    std::unique_lock l(mu_);
-    cv_.wait(l, [&] { return std::find(idle_.begin(), idle_.end(), h) != idle_.end(); });
-    idle_.erase(std::find(idle_.begin(), idle_.end(), h));
-    l.unlock();
+    nbd_handle* h = take(i);
     const int r = nbd_flush(h, 0);
     Status s = r == -1 ? failure(h, "flush", 0) : Status::ok();
     release(h);

@@ -57,18 +57,28 @@ class BlockDevice {
 
   Status read(void* buf, size_t len, uint64_t offset);
   Status write(const void* buf, size_t len, uint64_t offset);
-  // Makes every completed write durable.
+  // Makes every completed write durable. Once a flush has failed with
+  // writes outstanding, or they were forfeited, every later flush fails
+  // (EIO): the kernel reports a lost buffered write to one fsync only, so a
+  // later success would claim writes that are gone ("fsyncgate").
   Status flush();
   // True when a write, trim or write-zeroes has completed since the start of
   // the last flush that succeeded: a flush that fails now may lose data.
   bool has_unflushed_writes() const { return changed_.load() != flushed_.load(); }
+  // True once acknowledged writes may have been lost (see flush()).
+  bool lost_writes() const { return lost_.load(); }
+  // The device went away: writes not yet flushed may be lost with its
+  // cache. True when there were some (flush() fails from now on).
+  bool forfeit_unflushed();
 
   // Re-establishes a device that stopped answering as a whole: a dropped
   // NBD connection, a disk that left the bus and came back under its path or
   // another name. The device found must be the same one (same size; the same
   // serial or WWID where there is one). Ok when it may be used again; a
   // device that cannot tell (a regular file) returns ok and lets the next
-  // read decide. Call it only while no other request uses the device.
+  // read decide. A device that had to be reopened or reconnected forfeits
+  // its unflushed writes (forfeit_unflushed): the cache that held them may
+  // have gone with the old connection or the unplugged disk.
   virtual Status reconnect() { return Status::ok(); }
   // Tells the device the range is no longer needed. Never fails because the
   // device cannot discard: that is a no-op.
@@ -84,6 +94,13 @@ class BlockDevice {
   // Default: writes zero buffers.
   virtual Status do_write_zeroes(size_t len, uint64_t offset);
 
+  // What a new open of the device starts with: no unflushed writes, no
+  // lost ones. For simulated restarts (FaultyDevice::power_cut).
+  void restart_accounting() {
+    flushed_.store(changed_.load());
+    lost_.store(false);
+  }
+
   // "name: what at offset N" for error messages.
   std::string where(const char* what, uint64_t offset) const;
 
@@ -94,6 +111,7 @@ class BlockDevice {
   std::string name_;
   std::atomic<uint64_t> changed_{0};
   std::atomic<uint64_t> flushed_{0};
+  std::atomic<bool> lost_{false};
 };
 
 // What a failed request says about a device, from its errno.

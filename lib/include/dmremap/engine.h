@@ -11,6 +11,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -207,21 +208,24 @@ class Engine {
   Status finish_read(char* buf, uint64_t len, uint64_t offset, ReadFindings& f,
                      std::vector<uint64_t>* unreadable_out);
 
-  // Main as a whole (reads rule 7). True when main may be used now; while
-  // it is offline, one caller at a time tries to bring it back once the
-  // backoff has passed, and the others get false at once.
-  bool main_available();
+  // Main as a whole (reads rule 7). False while it is offline.
+  bool main_online() const { return offline_since_.load(std::memory_order_acquire) == 0; }
   // After main failed on blocks [first, last): true when the failure is
   // about those blocks; false when main as a whole failed (it is offline).
   bool failure_is_media(const Status& failure, uint64_t first, uint64_t last);
+  // Marks main offline (once), forfeits its unflushed writes, and wakes
+  // the thread that brings it back.
   void set_main_offline(const Status& why);
   // EIO for a request that needs main while it is offline.
   Status offline_error();
-  // Remembers blocks main read or wrote, to probe it with after an
-  // ambiguous error.
-  void note_good(uint64_t block) { good_[block & 1].store(block, std::memory_order_relaxed); }
-  // Reads a remembered good block outside [first, last); ok when there is none.
-  Status probe_main(uint64_t first, uint64_t last);
+  // Up to three random blocks outside [first, last) and not in the table,
+  // to probe main with (the gate must be held).
+  std::vector<uint64_t> probe_candidates(uint64_t first, uint64_t last);
+  // Ok when any candidate reads (or there is none).
+  Status probe_main(const std::vector<uint64_t>& candidates);
+  // The thread that reconnects main with backoff while it is offline.
+  void watch_main();
+  void stop_watch();
   // Flushes one device; a failure with writes outstanding is sticky.
   Status flush_device(BlockDevice& dev);
   // The lease's heartbeat thread (spares that cannot be locked).
@@ -253,15 +257,17 @@ class Engine {
   GateLock gate_;
   std::atomic<bool> journal_broken_{false};
   std::atomic<bool> closed_{false};
-  std::atomic<bool> flush_failed_{false};
   std::atomic<int64_t> offline_since_{0};
-  std::atomic<uint64_t> good_[2] = {UINT64_MAX, UINT64_MAX};
-  // Guards what follows, and the attempt to bring main back.
-  std::mutex state_mu_;
+  // Guards the two reasons (short sections only).
+  std::mutex reason_mu_;
   std::string offline_reason_;
   std::string flush_failure_;
-  std::chrono::steady_clock::time_point retry_at_;
-  std::chrono::milliseconds backoff_{0};
+  std::mutex rng_mu_;
+  std::minstd_rand rng_{0x5eed};
+  std::mutex watch_mu_;
+  std::condition_variable watch_cv_;
+  bool watch_stop_ = false;  // guarded by watch_mu_
+  std::thread watch_thread_;
   // Serialises the metadata store between the request paths (which also
   // hold the gate exclusively) and the lease's heartbeat (which does not).
   std::mutex store_mu_;

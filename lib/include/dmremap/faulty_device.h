@@ -88,7 +88,12 @@ class FaultyDevice final : public BlockDevice {
   void clear_faults();
   bool has_read_error(uint64_t block) const;
   void set_gone(int err = EIO) { gone_.store(err); }
-  void set_back() { gone_.store(0); }
+  // With `new_device`, it returns as a new connection or device node, whose
+  // reconnect() forfeits the writes not yet flushed.
+  void set_back(bool new_device = false) {
+    new_device_.store(new_device);
+    gone_.store(0);
+  }
   void set_errors_at_flush(bool on);
   void set_delay(std::chrono::microseconds delay) { delay_us_.store(delay.count()); }
   Status reconnect() override;
@@ -97,7 +102,8 @@ class FaultyDevice final : public BlockDevice {
   void attach(std::shared_ptr<PowerSwitch> power);
   enum class CutMode { kDrop, kTear };
   // Undoes the unflushed writes as `mode` says (`seed` picks the torn
-  // sectors) and forgets them. Call with the devices' users stopped.
+  // sectors) and forgets them, and starts the device's flush accounting
+  // afresh, as after a reboot. Call with the devices' users stopped.
   void power_cut(CutMode mode, uint64_t seed);
   size_t unflushed_writes() const;
 
@@ -137,6 +143,7 @@ class FaultyDevice final : public BlockDevice {
   std::atomic<int> gone_{0};
   std::atomic<int64_t> delay_us_{0};
   std::atomic<uint64_t> reconnects_{0};
+  std::atomic<bool> new_device_{false};
   bool errors_at_flush_ = false;
   bool writeback_error_ = false;
   // Fails with the gone errno, after the delay.

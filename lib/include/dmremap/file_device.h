@@ -37,8 +37,8 @@ class FileDevice final : public BlockDevice {
   size_t alignment() const override { return align_; }
   const std::string& path() const { return path_; }
   // A block device that vanished is looked for under its path, then by its
-  // serial or WWID under any name, and reopened in place when its size and
-  // identity match.
+  // serial or WWID under any name, and reopened in place when its size,
+  // identity and (for a partition) number and start match.
   Status reconnect() override;
 
  protected:
@@ -66,6 +66,7 @@ class FileDevice final : public BlockDevice {
   bool read_only_;
   size_t align_;
   std::string identity_;
+  std::string partition_;  // "number@start" for a partition
   OpenOptions options_;
   dev_t rdev_ = 0;
 };

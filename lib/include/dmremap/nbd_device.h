@@ -48,6 +48,8 @@ class NbdDevice final : public BlockDevice {
   NbdDevice(std::string name, std::string uri);
   class Lease;
   nbd_handle* acquire();
+  // Waits until connection `i` is idle and takes it.
+  nbd_handle* take(size_t i);
   void release(nbd_handle* h);
   Status failure(nbd_handle* h, const char* what, uint64_t offset) const;
   template <class F>

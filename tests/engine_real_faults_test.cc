@@ -435,3 +435,25 @@ TEST_CASE("safety 3: a spare that cannot be locked (NBD) is leased: a second ope
     REQUIRE(again.value()->close().is_ok());
   }
 }
+
+TEST_CASE("reads 7 for the spare: a spare that does not answer marks no slot bad",
+          "[engine][spare][offline]") {
+  auto s = test::make_set();
+  const auto d = test::pattern(B, 1);
+  s.main->add_write_error(2);
+  s.main->add_write_error(3);
+  REQUIRE(s.engine->write(d.data(), B, 2 * B, false).is_ok());  // block 2 -> slot 0
+  s.spare->set_gone(ENOTCONN);
+  CHECK(s.engine->write(d.data(), B, 2 * B, false).code() == EIO);  // its slot
+  CHECK(s.engine->write(d.data(), B, 3 * B, false).code() == EIO);  // a new slot
+  std::vector<char> buf(B);
+  CHECK(s.engine->read(buf.data(), B, 2 * B).code() == EIO);
+  CHECK(s.engine->stats().slots_bad == 0);
+  CHECK_FALSE(s.engine->stats().journal_broken);
+  s.spare->set_back();
+  REQUIRE(s.engine->write(d.data(), B, 3 * B, false).is_ok());
+  REQUIRE(s.engine->read(buf.data(), B, 2 * B).is_ok());
+  CHECK(buf == d);
+  const auto st = s.engine->stats();
+  CHECK((st.remaps == 2 && st.slots_bad == 0 && st.health == Health::kOk));
+}

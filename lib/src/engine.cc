@@ -672,6 +672,7 @@ Status Engine::write_block_exclusive(uint64_t block, const char* data) {
     Status s = spare_->write(data, block_, slot_offset(slot));
     if (s.is_ok()) return s;
     counters_->slot_write_errors.fetch_add(1, std::memory_order_relaxed);
+    if (classify_failure(s.code()) == FailureKind::kDevice) return spare_away(s);
     log(LogLevel::kWarning, "slot " + std::to_string(slot) + " of " + block_name(block, block_) +
                                 " failed to write (" + s.to_string() + "); moving it");
     // The old slot is recorded bad in the same journal append as the move.
@@ -730,6 +731,11 @@ Status Engine::commit_remap(uint64_t block, const char* data, Cause cause,
     Status s = spare_->write(data, block_, slot_offset(slot));
     if (s.is_ok()) break;
     counters_->slot_write_errors.fetch_add(1, std::memory_order_relaxed);
+    // The spare (or the link to it) as a whole: its slots are not bad.
+    if (classify_failure(s.code()) == FailureKind::kDevice) {
+      if (auto st = record_bad_slots(); !st.is_ok()) return st;
+      return spare_away(s);
+    }
     log(LogLevel::kWarning, "slot " + std::to_string(slot) + " failed to write (" +
                                 s.to_string() + "): marked bad");
     bad.push_back(Record{Record::kBadSlot, Cause::kManual, 0, slot});
@@ -759,6 +765,13 @@ Status Engine::commit_remap(uint64_t block, const char* data, Cause cause,
   log(LogLevel::kInfo, block_name(block, block_) + " remapped to slot " + std::to_string(slot) +
                            " (" + cause_name(cause) + ")");
   return Status::ok();
+}
+
+Status Engine::spare_away(const Status& why) {
+  log(LogLevel::kError, spare_->name() + " does not answer (" + why.to_string() +
+                            "): no slot is marked bad for it; writes that need the spare fail "
+                            "until it is back");
+  return Status::error(EIO, "spare offline: " + why.to_string());
 }
 
 Status Engine::mark_pending(uint64_t block) {

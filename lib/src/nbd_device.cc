@@ -5,14 +5,19 @@
 #include <poll.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 namespace dmremap {
 
-// Borrows a connection for the length of one request.
+// Borrows a connection for the length of one request. A connection whose
+// server has gone is replaced first, at most once a second per device, so a
+// server that restarts is used again without anyone asking.
 class NbdDevice::Lease {
  public:
-  explicit Lease(NbdDevice& dev) : dev_(dev), h_(dev.acquire()) {}
+  explicit Lease(NbdDevice& dev) : dev_(dev), h_(dev.acquire()) {
+    if (nbd_aio_is_dead(h_) == 1 || nbd_aio_is_closed(h_) == 1) dev_.revive(h_);
+  }
   ~Lease() { dev_.release(h_); }
   Lease(const Lease&) = delete;
   Lease& operator=(const Lease&) = delete;
@@ -102,6 +107,28 @@ Result<std::shared_ptr<NbdDevice>> NbdDevice::open(const std::string& uri,
   }
   dev->idle_ = dev->all_;
   return dev;
+}
+
+void NbdDevice::revive(nbd_handle*& h) {
+  const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          std::chrono::steady_clock::now().time_since_epoch())
+                          .count();
+  int64_t last = last_revive_ms_.load();
+  if (now - last < 1000 || !last_revive_ms_.compare_exchange_strong(last, now)) return;
+  auto fresh = connect(uri_, name() + " (" + uri_ + ")");
+  if (!fresh.is_ok()) return;
+  const int64_t size = nbd_get_size(fresh.value());
+  if (size < 0 || static_cast<uint64_t>(size) != size_) {
+    nbd_close(fresh.value());
+    return;
+  }
+  nbd_close(h);
+  {
+    std::lock_guard l(mu_);
+    *std::find(all_.begin(), all_.end(), h) = fresh.value();
+  }
+  h = fresh.value();
+  forfeit_unflushed();
 }
 
 nbd_handle* NbdDevice::take(size_t i) {

@@ -244,6 +244,9 @@ class Engine {
   Status commit_remap(uint64_t block, const char* data, Cause cause,
                       std::optional<uint64_t> abandoned_slot = std::nullopt);
   Status mark_pending(uint64_t block);
+  // EIO for a write that needs the spare while the spare as a whole fails
+  // (a device errno): no slot is judged bad on that.
+  Status spare_away(const Status& why);
   Status journal(const std::vector<Record>& records);
   Status refuse_writes_if_broken() const;
 

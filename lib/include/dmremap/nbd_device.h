@@ -1,6 +1,7 @@
 // A device served by an NBD server, reached through libnbd.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
@@ -50,6 +51,8 @@ class NbdDevice final : public BlockDevice {
   nbd_handle* acquire();
   // Waits until connection `i` is idle and takes it.
   nbd_handle* take(size_t i);
+  // Replaces the held connection `h` when its server has gone (rate-limited).
+  void revive(nbd_handle*& h);
   void release(nbd_handle* h);
   Status failure(nbd_handle* h, const char* what, uint64_t offset) const;
   template <class F>
@@ -66,6 +69,7 @@ class NbdDevice final : public BlockDevice {
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<nbd_handle*> idle_;
+  std::atomic<int64_t> last_revive_ms_{-1000000};
 };
 
 }  // namespace dmremap

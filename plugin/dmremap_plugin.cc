@@ -25,16 +25,7 @@
 
 namespace {
 
-struct Config {
-  std::string main;
-  std::string spare;
-  bool read_only = false;
-  dmremap::IoMode io = dmremap::IoMode::kAuto;
-  std::string inject;
-  dmremap::EngineOptions engine;
-};
-
-Config g_config;
+dmremap::SetConfig g_config;
 std::unique_ptr<dmremap::Engine> g_engine;
 
 // Every callback runs through here: no exception may cross into nbdkit, and
@@ -141,14 +132,7 @@ void route_logs() {
 }
 
 dmremap::Status open_engine() {
-  dmremap::SetConfig c;
-  c.main = g_config.main;
-  c.spare = g_config.spare;
-  c.read_only = g_config.read_only;
-  c.io = g_config.io;
-  c.inject = g_config.inject;
-  c.engine = g_config.engine;
-  auto engine = dmremap::open_set(c);
+  auto engine = dmremap::open_set(g_config);
   if (!engine.is_ok()) return engine.take_status();
   g_engine = std::move(engine.value());
   return dmremap::Status::ok();

@@ -1,4 +1,5 @@
 #include "commands.h"
+#include "dmremap/open_set.h"
 
 #include <fmt/core.h>
 #include <fmt/format.h>
@@ -356,15 +357,9 @@ int run_list(const ListOptions& o) {
 }
 
 int run_remap(const RemapOptions& o) {
-  OpenOptions oo;
-  oo.io = o.io;
-  auto main = open_device(o.main, "main", oo);
-  if (!main.is_ok()) return fail(main.status());
-  auto spare = open_device(o.spare, "spare", oo);
-  if (!spare.is_ok()) return fail(spare.status());
-  EngineOptions eo;
-  eo.read_retries = o.retries;
-  auto engine = Engine::open(main.value(), spare.value(), eo);
+  SetConfig config{o.main, o.spare, false, o.io, "", EngineOptions{}};
+  config.engine.read_retries = o.retries;
+  auto engine = open_set(config);
   if (!engine.is_ok()) return fail(engine.status());
   Engine& e = *engine.value();
 
@@ -397,13 +392,7 @@ int run_remap(const RemapOptions& o) {
 }
 
 int run_forget_pending(const ForgetPendingOptions& o) {
-  OpenOptions oo;
-  oo.io = o.io;
-  auto main = open_device(o.main, "main", oo);
-  if (!main.is_ok()) return fail(main.status());
-  auto spare = open_device(o.spare, "spare", oo);
-  if (!spare.is_ok()) return fail(spare.status());
-  auto engine = Engine::open(main.value(), spare.value(), EngineOptions{});
+  auto engine = open_set(SetConfig{o.main, o.spare, false, o.io, "", EngineOptions{}});
   if (!engine.is_ok()) return fail(engine.status());
   Engine& e = *engine.value();
   std::vector<uint64_t> blocks = o.blocks;

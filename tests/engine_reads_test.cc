@@ -109,8 +109,8 @@ TEST_CASE("reads 3: a failing range is narrowed to the bad block, which is retri
   for (auto& op : rec->ops()) exact += op.kind == 'R' && op.offset == 11 * B && op.len == B;
   CHECK(exact == 1 + retries);
   // The whole range once, each of its 16 blocks once, then the retries,
-  // plus one or two reads of blocks that read before, never block 11:
-  // before the block is declared lost, does main still read (reads 7)?
+  // plus one or two probe reads of other blocks, never block 11: before
+  // the block is declared lost, does main still read elsewhere (reads 7)?
   const size_t probes = rec->count('R') - (1 + 16 + retries);
   CHECK(probes >= 1);
   CHECK(probes <= 2);

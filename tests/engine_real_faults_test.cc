@@ -236,14 +236,25 @@ TEST_CASE("writes 5: a flush while main is offline fails only when writes are ou
     s.main->set_gone(ENOTCONN);
     CHECK(s.engine->flush().is_ok());
   }
-  SECTION("an acknowledged write not yet flushed") {
+  SECTION("an acknowledged write not yet flushed, and the flush fails with EIO") {
     auto s = test::make_set();
+    const auto d = test::pattern(B, 1);
+    REQUIRE(s.engine->write(d.data(), B, 7 * B, false).is_ok());
+    s.main->set_gone(EIO);
+    CHECK(s.engine->flush().code() == EIO);
+    s.main->set_back();
+    CHECK(s.engine->flush().code() == EIO);  // it may have lost the write
+  }
+  SECTION("a flush that never reached main (ENOTCONN) says nothing of the writes") {
+    test::SetParams p;
+    p.options = quick_reconnect();
+    auto s = test::make_set(p);
     const auto d = test::pattern(B, 1);
     REQUIRE(s.engine->write(d.data(), B, 7 * B, false).is_ok());
     s.main->set_gone(ENOTCONN);
     CHECK(s.engine->flush().code() == EIO);
-    s.main->set_back();
-    CHECK(s.engine->flush().code() == EIO);
+    s.main->set_back();  // the same device, its cache intact
+    CHECK(s.engine->flush().is_ok());
   }
   SECTION("main went away under an unflushed write and came back as a new device") {
     test::SetParams p;
@@ -388,7 +399,8 @@ TEST_CASE("safety 3: a spare that cannot be locked (NBD) is leased: a second ope
           "[engine][lease]") {
   auto main = std::make_shared<MemoryDevice>(1 << 20, "main");
   auto spare_mem = std::make_shared<MemoryDevice>(1 << 20, "spare");
-  auto spare = std::make_shared<test::RecordingDevice>(spare_mem);
+  auto spare_faulty = std::make_shared<FaultyDevice>(spare_mem);
+  auto spare = std::make_shared<test::RecordingDevice>(spare_faulty);
   spare->set_locked(false);
   LayoutParams lp;
   lp.main_size = 1 << 20;
@@ -423,6 +435,16 @@ TEST_CASE("safety 3: a spare that cannot be locked (NBD) is leased: a second ope
     // Its next heartbeat found a generation it did not write.
     CHECK(first.value()->stats().journal_broken);
     CHECK(first.value()->write(d.data(), B, 4 * B, false).code() == EIO);
+  }
+  SECTION("an owner that cannot renew its lease stops serving before it could be taken over") {
+    spare_faulty->set_gone(ENOTCONN);
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));  // 2.5 intervals are 125 ms
+    std::vector<char> buf(B);
+    const Status r = first.value()->read(buf.data(), B, 0);
+    CHECK(r.code() == EIO);
+    CHECK_THAT(r.message(), Catch::Contains("lease"));
+    CHECK(first.value()->write(d.data(), B, 8 * B, false).code() == EIO);
+    CHECK(first.value()->trim(B, 8 * B, false).code() == EIO);
   }
   SECTION("a clean close needs no wait and no lease check") {
     REQUIRE(first.value()->close().is_ok());

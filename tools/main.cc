@@ -19,8 +19,8 @@ constexpr const char* kDescription =
     "inspects or changes a set. Serve a set with: nbdkit dmremap main=DISK spare=SPARE";
 
 constexpr const char* kIoHelp =
-    "How main is opened: direct (O_DIRECT), buffered (the page cache), or auto: direct on "
-    "block devices, buffered on image files";
+    "How main and the spare are opened: direct (O_DIRECT), buffered (the page cache), or "
+    "auto: direct on block devices, buffered on image files";
 
 constexpr const char* kFooter =
     "Exit status: 0 success, 1 failure or problems found, 2 bad usage.\n"

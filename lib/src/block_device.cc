@@ -49,8 +49,21 @@ Status BlockDevice::flush() {
   const uint64_t changed = changed_.load();
   Status s = do_flush();
   if (!s.is_ok()) {
-    if (changed != flushed_.load()) lost_.store(true);
+    // Any write not yet covered by a flush that worked, including one that
+    // completed during this one, may be what the error was about. A device
+    // errno (the link or the device gone) says the flush never got there:
+    // reconnecting decides (reconnect() forfeits when it needs a new
+    // connection or a reopened disk).
+    if (classify_failure(s.code()) != FailureKind::kDevice && changed_.load() != flushed_.load()) {
+      lost_.store(true);
+    }
     return s;
+  }
+  // Forfeited during this flush (a reconnect under it): it covers only the
+  // new connection.
+  if (lost_.load()) {
+    return Status::error(EIO, name_ + ": flush refused: the device was reconnected with writes "
+                                      "not yet flushed; they may be lost");
   }
   uint64_t seen = flushed_.load();
   while (seen < changed && !flushed_.compare_exchange_weak(seen, changed)) {

@@ -29,6 +29,12 @@ std::string block_name(uint64_t block, uint32_t bs) {
 
 }  // namespace
 
+int64_t now_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 std::string utc_time(int64_t seconds) {
   const time_t t = static_cast<time_t>(seconds);
   struct tm tm {};
@@ -139,13 +145,14 @@ Result<std::unique_ptr<Engine>> Engine::open(std::shared_ptr<BlockDevice> main,
     return Status::error(EPERM, "main or spare was opened read-only: use read-only mode");
   }
   if (!options.read_only && !spare->locked() && !sb.clean()) {
-    // In use, or a crash left it so. Another live owner rewrites the
-    // superblock every interval: watch for that before taking it over.
+    // In use, or a crash left it so. A live owner rewrites the superblock
+    // every interval, and stops serving when it has not for 2.5 of them:
+    // watch for 4 before taking the set over.
+    const auto watch = 4 * options.lease_interval;
     log(LogLevel::kInfo, spare->name() + " was not closed cleanly; checking for " +
-                             std::to_string(2 * options.lease_interval.count() / 1000.0)
-                                 .substr(0, 3) +
+                             std::to_string(watch.count() / 1000) +
                              " s that no other dmremap is using it");
-    std::this_thread::sleep_for(2 * options.lease_interval + std::chrono::milliseconds(200));
+    std::this_thread::sleep_for(watch);
     auto again = read_superblock(*spare);
     if (!again.is_ok()) return again.take_status();
     if (again->sb.generation != sb.generation) {
@@ -191,6 +198,8 @@ Engine::~Engine() {
 }
 
 void Engine::start_lease() {
+  lease_renewed_ms_.store(now_ms());
+  lease_active_.store(true);
   lease_thread_ = std::thread([this] { lease_loop(); });
 }
 
@@ -206,9 +215,12 @@ void Engine::stop_lease() {
 void Engine::lease_loop() {
   std::unique_lock l(store_mu_);
   while (!lease_cv_.wait_for(l, options_.lease_interval, [&] { return lease_stop_; })) {
-    if (journal_broken_.load()) continue;
+    // Renewed whatever else failed: an owner that stops renewing stops
+    // serving (refuse_if_unusable) before a second one may take over.
     const Status s = store_->heartbeat();
-    if (s.code() == EBUSY) {
+    if (s.is_ok()) {
+      lease_renewed_ms_.store(now_ms());
+    } else if (s.code() == EBUSY) {
       journal_broken_.store(true);
       log(LogLevel::kError, s.to_string() + ". Writes are refused from now on; stop the other "
                                            "server, then restart this one");
@@ -222,6 +234,21 @@ uint64_t Engine::slot_offset(uint64_t slot) const {
   return store_->superblock().slot_offset + slot * block_;
 }
 
+Status Engine::refuse_if_unusable() const {
+  if (closed_.load()) return Status::error(EIO, "the device is closed");
+  if (lease_active_.load(std::memory_order_relaxed)) {
+    const int64_t age = now_ms() - lease_renewed_ms_.load(std::memory_order_relaxed);
+    // Past this another dmremap may take the set over: stop first.
+    if (age > 5 * options_.lease_interval.count() / 2) {
+      return Status::error(EIO, "the lease on " + spare_->name() + " has not been renewed for " +
+                                    std::to_string(age / 1000) +
+                                    " s (see the log): nothing is served, so that no other "
+                                    "server can write the set at the same time. Restart");
+    }
+  }
+  return Status::ok();
+}
+
 Status Engine::refuse_writes_if_broken() const {
   if (journal_broken_.load()) {
     return Status::error(EIO, "writes are refused: the journal on " + spare_->name() +
@@ -233,7 +260,7 @@ Status Engine::refuse_writes_if_broken() const {
 // ---------------------------------------------------------------- reads
 
 Status Engine::read(void* out, uint64_t len, uint64_t offset, std::vector<uint64_t>* unreadable_out) {
-  if (closed_.load()) return Status::error(EIO, "the device is closed");
+  if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
   if (offset > size_ || len > size_ - offset) {
     return Status::error(EINVAL, "read at offset " + std::to_string(offset) + ", length " +
                                      std::to_string(len) + ": beyond the end of the device");
@@ -331,6 +358,7 @@ void Engine::read_shared(char* buf, uint64_t len, uint64_t offset, ReadFindings&
       // rest of the request is still served.
       log(LogLevel::kError, "slot " + std::to_string(slot) + " of " + block_name(e.block, block_) +
                                 " cannot be read: " + s.to_string());
+      revive_spare(s);
       f.unreadable.push_back(e.block);
       f.bad_slot_reads.push_back(e.block);
     }
@@ -573,7 +601,7 @@ Status Engine::write_zeroes(uint64_t len, uint64_t offset, bool fua) {
 }
 
 Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offset, bool fua) {
-  if (closed_.load()) return Status::error(EIO, "the device is closed");
+  if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
   if (options_.read_only) return Status::error(EPERM, "the device is read-only");
   if (offset > size_ || len > size_ - offset) {
     return Status::error(ENOSPC, "write at offset " + std::to_string(offset) + ", length " +
@@ -672,7 +700,7 @@ Status Engine::write_block_exclusive(uint64_t block, const char* data) {
     Status s = spare_->write(data, block_, slot_offset(slot));
     if (s.is_ok()) return s;
     counters_->slot_write_errors.fetch_add(1, std::memory_order_relaxed);
-    if (classify_failure(s.code()) == FailureKind::kDevice) return spare_away(s);
+    if (!spare_failure_is_slot(s)) return spare_away(s);
     log(LogLevel::kWarning, "slot " + std::to_string(slot) + " of " + block_name(block, block_) +
                                 " failed to write (" + s.to_string() + "); moving it");
     // The old slot is recorded bad in the same journal append as the move.
@@ -731,11 +759,10 @@ Status Engine::commit_remap(uint64_t block, const char* data, Cause cause,
     Status s = spare_->write(data, block_, slot_offset(slot));
     if (s.is_ok()) break;
     counters_->slot_write_errors.fetch_add(1, std::memory_order_relaxed);
-    // The spare (or the link to it) as a whole: its slots are not bad.
-    if (classify_failure(s.code()) == FailureKind::kDevice) {
-      if (auto st = record_bad_slots(); !st.is_ok()) return st;
-      return spare_away(s);
-    }
+    // The spare (or the link to it, or the storage under it) as a whole:
+    // its slots are not bad, and the journal is not to be tried now either.
+    // Slots found bad before stay unrecorded and will be found again.
+    if (!spare_failure_is_slot(s)) return spare_away(s);
     log(LogLevel::kWarning, "slot " + std::to_string(slot) + " failed to write (" +
                                 s.to_string() + "): marked bad");
     bad.push_back(Record{Record::kBadSlot, Cause::kManual, 0, slot});
@@ -771,7 +798,35 @@ Status Engine::spare_away(const Status& why) {
   log(LogLevel::kError, spare_->name() + " does not answer (" + why.to_string() +
                             "): no slot is marked bad for it; writes that need the spare fail "
                             "until it is back");
+  revive_spare(why);
   return Status::error(EIO, "spare offline: " + why.to_string());
+}
+
+bool Engine::spare_failure_is_slot(const Status& failure) {
+  // Storage full under a sparse spare image: no slot is to blame.
+  if (failure.code() == ENOSPC || failure.code() == EDQUOT) return false;
+  if (classify_failure(failure.code()) == FailureKind::kMedia) return true;
+  // A device errno or a plain EIO: the slot only if the spare still reads
+  // (ETIMEDOUT can be one sector timing out on a local disk).
+  std::vector<char> unit(kMetaUnit);
+  for (uint64_t at : kSuperblockOffset) {
+    if (spare_->read(unit.data(), unit.size(), at).is_ok()) return true;
+  }
+  return false;
+}
+
+void Engine::revive_spare(const Status& why) {
+  (void)why;
+  // At most once a second, by one request; the others go on failing.
+  const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          std::chrono::steady_clock::now().time_since_epoch())
+                          .count();
+  std::unique_lock l(spare_revive_mu_, std::try_to_lock);
+  if (!l.owns_lock() || now - spare_revived_ms_ < 1000) return;
+  spare_revived_ms_ = now;
+  if (Status s = spare_->reconnect(); !s.is_ok()) {
+    log(LogLevel::kDebug, "spare not back yet: " + s.to_string());
+  }
 }
 
 Status Engine::mark_pending(uint64_t block) {
@@ -792,7 +847,7 @@ Status Engine::mark_pending(uint64_t block) {
 // ------------------------------------------------------ trim, flush, admin
 
 Status Engine::trim(uint64_t len, uint64_t offset, bool fua) {
-  if (closed_.load()) return Status::error(EIO, "the device is closed");
+  if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
   if (options_.read_only) return Status::error(EPERM, "the device is read-only");
   if (offset > size_ || len > size_ - offset) {
     return Status::error(ENOSPC, "trim at offset " + std::to_string(offset) +
@@ -823,7 +878,7 @@ Status Engine::trim(uint64_t len, uint64_t offset, bool fua) {
 }
 
 Status Engine::flush() {
-  if (closed_.load()) return Status::error(EIO, "the device is closed");
+  if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
   counters_->flushes.fetch_add(1, std::memory_order_relaxed);
   Status m = flush_device(*main_);
   Status s = flush_device(*spare_);
@@ -835,6 +890,9 @@ Status Engine::flush_device(BlockDevice& dev) {
   // Nothing written since the last flush that worked: nothing can be lost,
   // and a device that is away meanwhile does not fail the flush.
   if (!dev.lost_writes() && !dev.has_unflushed_writes()) return Status::ok();
+  // Main away: this flush fails, but says nothing of the writes yet; the
+  // reconnect decides (the same device keeps them, a new one forfeits them).
+  if (&dev == main_.get() && !main_online()) return offline_error();
   Status s = dev.flush();
   if (s.is_ok()) return s;
   if (dev.lost_writes()) {
@@ -851,7 +909,7 @@ Status Engine::flush_device(BlockDevice& dev) {
 
 Status Engine::extents(uint64_t len, uint64_t offset,
                        const std::function<void(uint64_t, uint64_t, bool)>& fn) {
-  if (closed_.load()) return Status::error(EIO, "the device is closed");
+  if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
   if (offset > size_ || len > size_ - offset) {
     return Status::error(EINVAL, "extents past the end of the device");
   }
@@ -941,8 +999,7 @@ Status Engine::forget_pending(const std::vector<uint64_t>& blocks, std::vector<u
   if (Status s = std::move(written); !s.is_ok()) {
     for (uint64_t b : cleared) table_.apply(Record{Record::kPending, Cause::kManual, b, 0});
     journal_broken_.store(true);
-    kept.insert(kept.end(), cleared.begin(), cleared.end());
-    cleared.clear();
+    cleared.clear();  // they read, but stay marked: the error says why
     return Status::error(EIO, "the cleared marks could not be recorded: " + s.to_string());
   }
   for (uint64_t b : cleared) {
@@ -990,9 +1047,9 @@ EngineStats Engine::stats() {
 }
 
 Status Engine::close() {
-  // Both threads may wait for the gate (or the store) that close holds.
+  // The watch thread may wait for the gate that close holds. The lease is
+  // kept until the last metadata write is done.
   stop_watch();
-  stop_lease();
   ExclusiveGuard g(gate_);
   if (closed_.exchange(true)) return Status::ok();
   if (options_.read_only) return Status::ok();
@@ -1003,8 +1060,13 @@ Status Engine::close() {
   if (journal_broken_.load()) {
     return Status::error(EIO, "closed without a clean checkpoint: the journal is broken");
   }
-  std::lock_guard l(store_mu_);
-  return store_->checkpoint(table_, /*clean=*/true);
+  Status s;
+  {
+    std::lock_guard l(store_mu_);
+    s = store_->checkpoint(table_, /*clean=*/true);
+  }
+  stop_lease();
+  return s;
 }
 
 }  // namespace dmremap

@@ -197,14 +197,16 @@ Status FileDevice::reconnect() {
       ::close(o->fd);
       continue;
     }
+    // The disk came back after leaving the bus: its write cache may not.
+    // Said before the new descriptor is in place, so no flush on it can
+    // vouch for those writes.
+    forfeit_unflushed();
     // In place, so requests never see a closed descriptor.
     const int r = ::dup3(o->fd, fd_, O_CLOEXEC);
     const int err = errno;
     ::close(o->fd);
     if (r < 0) return Status::error(err, where("reopen", 0));
     rdev_ = o->st.st_rdev;
-    // The disk came back after leaving the bus: its write cache may not.
-    forfeit_unflushed();
     return Status::ok();
   }
   return Status::error(ENODEV, name() + " (" + path_ + ") is gone: " + why);
@@ -236,7 +238,9 @@ Status FileDevice::raw_read(void* buf, size_t len, uint64_t offset) {
       if (errno == EINTR) continue;
       return Status::from_errno(where("read", offset));
     }
-    if (n == 0) return Status::error(EIO, where("read", offset) + ": unexpected end of device");
+    // Inside the size it had at open: the device has gone (a disk deleted
+    // while open reads as empty), which is not a bad sector.
+    if (n == 0) return Status::error(ENXIO, where("read", offset) + ": the device has shrunk or gone");
     p += n;
     len -= static_cast<size_t>(n);
     offset += static_cast<uint64_t>(n);
@@ -250,6 +254,10 @@ Status FileDevice::raw_write(const void* buf, size_t len, uint64_t offset) {
     const ssize_t n = ::pwrite(fd_, p, len, static_cast<off_t>(offset));
     if (n < 0) {
       if (errno == EINTR) continue;
+      // ENOSPC inside a block device's size: it has gone (its size is 0).
+      if (errno == ENOSPC && is_block_) {
+        return Status::error(ENXIO, where("write", offset) + ": the device has shrunk or gone");
+      }
       return Status::from_errno(where("write", offset));
     }
     if (n == 0) return Status::error(EIO, where("write", offset) + ": device accepted no bytes");

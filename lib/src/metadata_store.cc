@@ -314,8 +314,8 @@ Result<std::unique_ptr<MetadataStore>> MetadataStore::open(std::shared_ptr<Block
 }
 
 Status MetadataStore::write_superblock(Superblock next) {
-  next.generation = sb_.generation + 1;
-  tried_generation_ = std::max(tried_generation_, next.generation);
+  next.generation = std::max(sb_.generation, tried_generation_) + 1;
+  tried_generation_ = next.generation;
   const int copy = 1 - sb_copy_;
   MetaBuffer buf(kMetaUnit);
   next.encode(buf.data);
@@ -339,8 +339,10 @@ Status MetadataStore::heartbeat() {
                                     std::to_string(sb_.generation) +
                                     "): two servers are using one spare");
   }
-  const uint64_t generation = sb_.generation + 1;
-  tried_generation_ = std::max(tried_generation_, generation);
+  // Past any generation tried before: a heartbeat whose write landed but
+  // whose flush failed is not written again under the same number.
+  const uint64_t generation = std::max(sb_.generation, tried_generation_) + 1;
+  tried_generation_ = generation;
   const int copy = 1 - sb_copy_;
   Superblock next = sb_;
   next.generation = generation;

@@ -10,13 +10,18 @@
 
 namespace dmremap {
 
+namespace {
+bool looks_gone(nbd_handle* h);
+}  // namespace
+
 // Borrows a connection for the length of one request. A connection whose
-// server has gone is replaced first, at most once a second per device, so a
-// server that restarts is used again without anyone asking.
+// server has gone (dead, or its socket at end of file) is replaced first,
+// so a server that restarts is used again without anyone asking; after a
+// failed attempt, the next waits a second.
 class NbdDevice::Lease {
  public:
   explicit Lease(NbdDevice& dev) : dev_(dev), h_(dev.acquire()) {
-    if (nbd_aio_is_dead(h_) == 1 || nbd_aio_is_closed(h_) == 1) dev_.revive(h_);
+    if (looks_gone(h_)) dev_.revive(h_);
   }
   ~Lease() { dev_.release(h_); }
   Lease(const Lease&) = delete;
@@ -53,15 +58,36 @@ bool looks_gone(nbd_handle* h) {
   return ::poll(&p, 1, 0) != 0;
 }
 
-Result<nbd_handle*> connect(const std::string& uri, const std::string& who) {
+// Connects within `deadline_ms` (no limit when negative): a server that is
+// gone may leave a TCP connect hanging for minutes.
+Result<nbd_handle*> connect(const std::string& uri, const std::string& who,
+                            int deadline_ms = -1) {
   nbd_handle* h = nbd_create();
   if (!h) return Status::error(ENOMEM, who + ": " + nbd_get_error());
-  if (nbd_connect_uri(h, uri.c_str()) == -1) {
+  auto fail = [&](int fallback) {
     const int err = nbd_get_errno();
     const std::string msg = nbd_get_error() ? nbd_get_error() : "cannot connect";
     nbd_close(h);
-    return Status::error(err ? err : ECONNREFUSED, who + ": " + msg);
+    return Status::error(err ? err : fallback, who + ": " + msg);
+  };
+  if (deadline_ms < 0) {
+    if (nbd_connect_uri(h, uri.c_str()) == -1) return fail(ECONNREFUSED);
+    return h;
   }
+  if (nbd_aio_connect_uri(h, uri.c_str()) == -1) return fail(ECONNREFUSED);
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(deadline_ms);
+  while (nbd_aio_is_connecting(h) == 1) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          until - std::chrono::steady_clock::now())
+                          .count();
+    if (left <= 0) {
+      nbd_close(h);
+      return Status::error(ETIMEDOUT, who + ": no answer within " +
+                                          std::to_string(deadline_ms) + " ms");
+    }
+    if (nbd_poll(h, static_cast<int>(left)) == -1) return fail(ECONNREFUSED);
+  }
+  if (nbd_aio_is_ready(h) != 1) return fail(ECONNREFUSED);
   return h;
 }
 
@@ -113,22 +139,25 @@ void NbdDevice::revive(nbd_handle*& h) {
   const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
                           std::chrono::steady_clock::now().time_since_epoch())
                           .count();
-  int64_t last = last_revive_ms_.load();
-  if (now - last < 1000 || !last_revive_ms_.compare_exchange_strong(last, now)) return;
-  auto fresh = connect(uri_, name() + " (" + uri_ + ")");
-  if (!fresh.is_ok()) return;
-  const int64_t size = nbd_get_size(fresh.value());
-  if (size < 0 || static_cast<uint64_t>(size) != size_) {
+  if (now - last_failed_revive_ms_.load() < 1000) return;
+  auto fresh = connect(uri_, name() + " (" + uri_ + ")", kReconnectDeadlineMs);
+  if (fresh.is_ok() && static_cast<uint64_t>(nbd_get_size(fresh.value())) != size_) {
     nbd_close(fresh.value());
+    fresh = Status::error(ENODEV, "not the same export");
+  }
+  if (!fresh.is_ok()) {
+    last_failed_revive_ms_.store(now);
     return;
   }
+  // Before the new connection can carry a flush: it cannot vouch for what
+  // the old one acknowledged.
+  forfeit_unflushed();
   nbd_close(h);
   {
     std::lock_guard l(mu_);
     *std::find(all_.begin(), all_.end(), h) = fresh.value();
   }
   h = fresh.value();
-  forfeit_unflushed();
 }
 
 nbd_handle* NbdDevice::take(size_t i) {
@@ -146,7 +175,7 @@ Status NbdDevice::reconnect() {
     nbd_handle* h = take(i);
     Status s;
     if (looks_gone(h)) {
-      auto fresh = connect(uri_, who);
+      auto fresh = connect(uri_, who, kReconnectDeadlineMs);
       if (!fresh.is_ok()) {
         s = fresh.take_status();
       } else if (const int64_t size = nbd_get_size(fresh.value());
@@ -156,13 +185,13 @@ Status NbdDevice::reconnect() {
                                       " bytes, not " + std::to_string(size_) +
                                       ": not the same disk");
       } else {
+        // Writes the old connection acknowledged may have died with the
+        // server's cache: no later flush may vouch for them.
+        forfeit_unflushed();
         nbd_close(h);
         h = fresh.value();
         std::lock_guard l(mu_);
         all_[i] = h;
-        // Writes the old connection acknowledged may have died with the
-        // server's cache: no later flush may vouch for them.
-        forfeit_unflushed();
       }
     }
     release(h);

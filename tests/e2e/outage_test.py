@@ -37,11 +37,11 @@ def fio(uri, *args, timeout=300):
 
 
 def write_region(uri):
-    fio(uri, "--rw=write", f"--size={REGION}", "--do_verify=0", "--end_fsync=1")
+    fio(uri, "--rw=write", f"--size={REGION}", "--iodepth=8", "--do_verify=0", "--end_fsync=1")
 
 
 def verify_region(uri):
-    job = fio(uri, "--rw=write", f"--size={REGION}", "--verify_only")
+    job = fio(uri, "--rw=write", f"--size={REGION}", "--iodepth=8", "--verify_only")
     assert job["error"] == 0, job
     return job["read"]["io_bytes"]
 
@@ -96,6 +96,25 @@ class OutageTest(unittest.TestCase):
         self.assertEqual((st["remaps"], st["pending"], st["slots_bad"], st["health"], st["clean"]),
                          (0, 0, 0, "ok", True), st)
         print(f"\n[{TOOLS.frontend}] main's server killed and back: {verified // MiB} MiB verified")
+
+    def test_main_server_restarted_under_unflushed_writes(self):
+        # The new connection cannot vouch for what the old one acknowledged
+        # and nobody flushed: FLUSH fails from then on (writes rule 5).
+        server = self.backend("main", self.s.main)
+        self.s.main = server.uri
+        self.s.start()
+        h = self.s.connect()
+        h.pwrite(pattern(1), 0)
+        server.kill()
+        server.start()
+        self.assertEqual(wait_for_read(h, 0), pattern(1))
+        self.expect_eio(h.flush)
+        self.expect_eio(h.pwrite, pattern(2), BLOCK, nbd.CMD_FLAG_FUA)
+        self.expect_eio(h.flush)
+        h.shutdown()
+        self.s.stop()  # the set cannot be closed cleanly: its last flush fails
+        st = self.s.status()
+        self.assertEqual((st["remaps"], st["pending"]), (0, 0), st)
 
     def test_spare_server_killed_and_restarted(self):
         spare_file = self.s.spare

@@ -58,9 +58,10 @@ class BlockDevice {
   Status read(void* buf, size_t len, uint64_t offset);
   Status write(const void* buf, size_t len, uint64_t offset);
   // Makes every completed write durable. Once a flush has failed with
-  // writes outstanding, or they were forfeited, every later flush fails
-  // (EIO): the kernel reports a lost buffered write to one fsync only, so a
-  // later success would claim writes that are gone ("fsyncgate").
+  // writes outstanding (other than with a device errno, which reconnect()
+  // settles), or they were forfeited, every later flush fails (EIO): the
+  // kernel reports a lost buffered write to one fsync only, so a later
+  // success would claim writes that are gone ("fsyncgate").
   Status flush();
   // True when a write, trim or write-zeroes has completed since the start of
   // the last flush that succeeded: a flush that fails now may lose data.

@@ -45,6 +45,8 @@ struct EngineOptions {
 enum class Health { kOk, kWarning, kFailing };
 // "2026-11-30T16:19:06Z" for seconds since the epoch.
 std::string utc_time(int64_t seconds);
+// Milliseconds of the steady clock.
+int64_t now_ms();
 const char* health_name(Health h);
 
 // Counters for `dmremap status` and the frontends. Remap, pending and slot
@@ -157,7 +159,8 @@ class Engine {
   // one checkpoint for all of them; a block that still fails keeps its mark.
   // `cleared` and `kept` say which is which. EPERM read-only; EINVAL for a
   // block past the end or not pending (nothing is changed then); EIO when
-  // the checkpoint cannot be written (the marks stay).
+  // the checkpoint cannot be written (every mark stays; `cleared` is empty
+  // and `kept` lists only the blocks that did not read).
   Status forget_pending(const std::vector<uint64_t>& blocks, std::vector<uint64_t>& cleared,
                         std::vector<uint64_t>& kept);
   // Describes [offset, offset+len) as runs of data and holes, in order and
@@ -213,8 +216,7 @@ class Engine {
   // After main failed on blocks [first, last): true when the failure is
   // about those blocks; false when main as a whole failed (it is offline).
   bool failure_is_media(const Status& failure, uint64_t first, uint64_t last);
-  // Marks main offline (once), forfeits its unflushed writes, and wakes
-  // the thread that brings it back.
+  // Marks main offline (once) and wakes the thread that brings it back.
   void set_main_offline(const Status& why);
   // EIO for a request that needs main while it is offline.
   Status offline_error();
@@ -247,8 +249,17 @@ class Engine {
   // EIO for a write that needs the spare while the spare as a whole fails
   // (a device errno): no slot is judged bad on that.
   Status spare_away(const Status& why);
+  // After a slot write failed: true when the slot is to blame (a media
+  // errno, or the spare still reads its superblocks), false when the spare
+  // as a whole is (it does not read, or its storage is full).
+  bool spare_failure_is_slot(const Status& failure);
+  // After the spare failed with a device errno: reconnects or reopens it
+  // (BlockDevice::reconnect), at most once a second.
+  void revive_spare(const Status& why);
   Status journal(const std::vector<Record>& records);
   Status refuse_writes_if_broken() const;
+  // EIO once closed, or when the lease on the spare has lapsed.
+  Status refuse_if_unusable() const;
 
   std::shared_ptr<BlockDevice> main_;
   std::shared_ptr<BlockDevice> spare_;
@@ -261,12 +272,14 @@ class Engine {
   std::atomic<bool> journal_broken_{false};
   std::atomic<bool> closed_{false};
   std::atomic<int64_t> offline_since_{0};
+  std::mutex spare_revive_mu_;
+  int64_t spare_revived_ms_ = -1000000;  // guarded by spare_revive_mu_
   // Guards the two reasons (short sections only).
   std::mutex reason_mu_;
   std::string offline_reason_;
   std::string flush_failure_;
   std::mutex rng_mu_;
-  std::minstd_rand rng_{0x5eed};
+  std::minstd_rand rng_{std::random_device{}()};
   std::mutex watch_mu_;
   std::condition_variable watch_cv_;
   bool watch_stop_ = false;  // guarded by watch_mu_
@@ -275,6 +288,8 @@ class Engine {
   // hold the gate exclusively) and the lease's heartbeat (which does not).
   std::mutex store_mu_;
   std::thread lease_thread_;
+  std::atomic<bool> lease_active_{false};
+  std::atomic<int64_t> lease_renewed_ms_{0};
   std::condition_variable lease_cv_;
   bool lease_stop_ = false;  // guarded by store_mu_
   struct Counters;

@@ -69,7 +69,8 @@ class NbdDevice final : public BlockDevice {
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<nbd_handle*> idle_;
-  std::atomic<int64_t> last_revive_ms_{-1000000};
+  std::atomic<int64_t> last_failed_revive_ms_{-1000000};
+  static constexpr int kReconnectDeadlineMs = 3000;
 };
 
 }  // namespace dmremap

@@ -358,7 +358,7 @@ void Engine::read_shared(char* buf, uint64_t len, uint64_t offset, ReadFindings&
       // rest of the request is still served.
       log(LogLevel::kError, "slot " + std::to_string(slot) + " of " + block_name(e.block, block_) +
                                 " cannot be read: " + s.to_string());
-      revive_spare(s);
+      revive_spare();
       f.unreadable.push_back(e.block);
       f.bad_slot_reads.push_back(e.block);
     }
@@ -517,22 +517,29 @@ void Engine::set_main_offline(const Status& why) {
                             ". This is not a bad block: nothing is marked or remapped. Requests "
                             "that need main fail with EIO until it is back; blocks on the spare "
                             "are still served; main is tried again with backoff");
-  {
-    std::lock_guard l(watch_mu_);
-    if (!watch_stop_ && !watch_thread_.joinable()) {
-      watch_thread_ = std::thread([this] { watch_main(); });
-    }
-  }
-  watch_cv_.notify_all();
+  wake_watch();
 }
 
 void Engine::watch_main() {
-  // Brings main back without holding the gate, so requests keep failing at
-  // once (or being served from the spare) while a reconnect takes its time.
+  // Brings main back, and reconnects a failing spare, without holding the
+  // gate, so requests keep failing at once (or being served from the other
+  // device) while a reconnect takes its time.
   std::unique_lock l(watch_mu_);
   while (!watch_stop_) {
+    if (spare_revive_wanted_.exchange(false)) {
+      l.unlock();
+      const Status s = spare_->reconnect();
+      l.lock();
+      if (!s.is_ok()) log(LogLevel::kDebug, "spare not back yet: " + s.to_string());
+      // At most once a second.
+      watch_cv_.wait_for(l, std::chrono::seconds(1),
+                         [&] { return watch_stop_ || offline_since_.load() != 0; });
+      continue;
+    }
     if (offline_since_.load() == 0) {
-      watch_cv_.wait(l, [&] { return watch_stop_ || offline_since_.load() != 0; });
+      watch_cv_.wait(l, [&] {
+        return watch_stop_ || offline_since_.load() != 0 || spare_revive_wanted_.load();
+      });
       continue;
     }
     auto backoff = std::max(options_.reconnect_first, std::chrono::milliseconds(1));
@@ -798,14 +805,18 @@ Status Engine::spare_away(const Status& why) {
   log(LogLevel::kError, spare_->name() + " does not answer (" + why.to_string() +
                             "): no slot is marked bad for it; writes that need the spare fail "
                             "until it is back");
-  revive_spare(why);
+  revive_spare();
   return Status::error(EIO, "spare offline: " + why.to_string());
 }
 
 bool Engine::spare_failure_is_slot(const Status& failure) {
   // Storage full under a sparse spare image: no slot is to blame.
   if (failure.code() == ENOSPC || failure.code() == EDQUOT) return false;
-  if (classify_failure(failure.code()) == FailureKind::kMedia) return true;
+  const FailureKind kind = classify_failure(failure.code());
+  if (kind == FailureKind::kMedia) return true;
+  // A connection that broke says nothing of the slot, even if another one
+  // reads; a timeout may be one sector of a local disk, so it is probed.
+  if (kind == FailureKind::kDevice && failure.code() != ETIMEDOUT) return false;
   // A device errno or a plain EIO: the slot only if the spare still reads
   // (ETIMEDOUT can be one sector timing out on a local disk).
   std::vector<char> unit(kMetaUnit);
@@ -815,18 +826,21 @@ bool Engine::spare_failure_is_slot(const Status& failure) {
   return false;
 }
 
-void Engine::revive_spare(const Status& why) {
-  (void)why;
-  // At most once a second, by one request; the others go on failing.
-  const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
-                          std::chrono::steady_clock::now().time_since_epoch())
-                          .count();
-  std::unique_lock l(spare_revive_mu_, std::try_to_lock);
-  if (!l.owns_lock() || now - spare_revived_ms_ < 1000) return;
-  spare_revived_ms_ = now;
-  if (Status s = spare_->reconnect(); !s.is_ok()) {
-    log(LogLevel::kDebug, "spare not back yet: " + s.to_string());
+void Engine::revive_spare() {
+  // The engine's own thread does it: a reconnect can take seconds, and the
+  // caller may hold the gate.
+  spare_revive_wanted_.store(true);
+  wake_watch();
+}
+
+void Engine::wake_watch() {
+  {
+    std::lock_guard l(watch_mu_);
+    if (!watch_stop_ && !watch_thread_.joinable()) {
+      watch_thread_ = std::thread([this] { watch_main(); });
+    }
   }
+  watch_cv_.notify_all();
 }
 
 Status Engine::mark_pending(uint64_t block) {

@@ -140,7 +140,8 @@ void NbdDevice::revive(nbd_handle*& h) {
                           std::chrono::steady_clock::now().time_since_epoch())
                           .count();
   if (now - last_failed_revive_ms_.load() < 1000) return;
-  auto fresh = connect(uri_, name() + " (" + uri_ + ")", kReconnectDeadlineMs);
+  // On the request path: a short deadline.
+  auto fresh = connect(uri_, name() + " (" + uri_ + ")", 1000);
   if (fresh.is_ok() && static_cast<uint64_t>(nbd_get_size(fresh.value())) != size_) {
     nbd_close(fresh.value());
     fresh = Status::error(ENODEV, "not the same export");

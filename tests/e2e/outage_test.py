@@ -1,7 +1,8 @@
 """Main's and the spare's NBD servers killed and restarted under fio verify.
 
 A server that dies and comes back (a restart, a network blip, a disk behind
-it that dropped off the bus) is not a bad block (semantics.md reads rule 7):
+it that dropped off the bus) is not a bad block (reads rule 7 in
+docs/behaviour.md):
 during the outage requests that need it fail with EIO, nothing is marked or
 remapped, and afterwards dmremap carries on without a restart and every
 block fio wrote verifies.

@@ -225,7 +225,8 @@ class Engine {
   std::vector<uint64_t> probe_candidates(uint64_t first, uint64_t last);
   // Ok when any candidate reads (or there is none).
   Status probe_main(const std::vector<uint64_t>& candidates);
-  // The thread that reconnects main with backoff while it is offline.
+  // The engine's thread: reconnects main with backoff while it is
+  // offline, and the spare when asked.
   void watch_main();
   void stop_watch();
   // Flushes one device; a failure with writes outstanding is sticky.
@@ -253,9 +254,11 @@ class Engine {
   // errno, or the spare still reads its superblocks), false when the spare
   // as a whole is (it does not read, or its storage is full).
   bool spare_failure_is_slot(const Status& failure);
-  // After the spare failed with a device errno: reconnects or reopens it
-  // (BlockDevice::reconnect), at most once a second.
-  void revive_spare(const Status& why);
+  // After the spare failed: asks the engine's thread to reconnect or
+  // reopen it (BlockDevice::reconnect), at most once a second.
+  void revive_spare();
+  // Starts the engine's thread if needed and wakes it.
+  void wake_watch();
   Status journal(const std::vector<Record>& records);
   Status refuse_writes_if_broken() const;
   // EIO once closed, or when the lease on the spare has lapsed.
@@ -272,8 +275,7 @@ class Engine {
   std::atomic<bool> journal_broken_{false};
   std::atomic<bool> closed_{false};
   std::atomic<int64_t> offline_since_{0};
-  std::mutex spare_revive_mu_;
-  int64_t spare_revived_ms_ = -1000000;  // guarded by spare_revive_mu_
+  std::atomic<bool> spare_revive_wanted_{false};
   // Guards the two reasons (short sections only).
   std::mutex reason_mu_;
   std::string offline_reason_;

@@ -479,3 +479,36 @@ TEST_CASE("reads 7 for the spare: a spare that does not answer marks no slot bad
   const auto st = s.engine->stats();
   CHECK((st.remaps == 2 && st.slots_bad == 0 && st.health == Health::kOk));
 }
+
+TEST_CASE("reads 7: a file or disk that shrinks under dmremap reads as gone (ENXIO), not bad",
+          "[device]") {
+  char tmpl[] = "/tmp/dmremap-gone-XXXXXX";
+  const int fd = ::mkstemp(tmpl);
+  REQUIRE(fd >= 0);
+  REQUIRE(::ftruncate(fd, 1 << 20) == 0);
+  auto dev = FileDevice::open(tmpl, "main", OpenOptions{});
+  REQUIRE(dev.is_ok());
+  // As a disk deleted while open: it reads as empty.
+  REQUIRE(::ftruncate(fd, 0) == 0);
+  ::close(fd);
+  std::vector<char> buf(B);
+  const Status s = dev.value()->read(buf.data(), B, 8 * B);
+  CHECK(s.code() == ENXIO);
+  CHECK(classify_failure(s.code()) == FailureKind::kDevice);
+  std::remove(tmpl);
+}
+
+TEST_CASE("spare: a full filesystem under the spare (ENOSPC) marks no slot bad",
+          "[engine][spare]") {
+  auto s = test::make_set();
+  s.main->add_write_error(3);
+  s.spare->set_gone(ENOSPC);
+  const auto d = test::pattern(B, 1);
+  CHECK(s.engine->write(d.data(), B, 3 * B, false).code() == EIO);
+  s.spare->set_back();
+  const auto st = s.engine->stats();
+  CHECK(st.slots_bad == 0);
+  CHECK_FALSE(st.journal_broken);
+  REQUIRE(s.engine->write(d.data(), B, 3 * B, false).is_ok());
+  CHECK(s.engine->stats().remaps == 1);
+}

@@ -200,6 +200,7 @@ struct Rig {
 EngineOptions engine_options() {
   EngineOptions o;
   o.read_retries = 2;
+  o.probe_seed = 1;  // runs repeat exactly
   return o;
 }
 

@@ -188,6 +188,8 @@ Engine::Engine(std::shared_ptr<BlockDevice> main, std::shared_ptr<BlockDevice> s
       options_(options),
       size_(store_->superblock().main_size),
       block_(store_->superblock().block_size),
+      rng_(static_cast<std::minstd_rand::result_type>(
+          options.probe_seed != 0 ? options.probe_seed : std::random_device{}())),
       counters_(std::make_unique<Counters>()) {
   table_.enable_filter(size_ / block_);
 }
@@ -478,10 +480,12 @@ bool Engine::failure_is_media(const Status& failure, uint64_t first, uint64_t la
 std::vector<uint64_t> Engine::probe_candidates(uint64_t first, uint64_t last) {
   // Blocks picked at random, so that a cache in front of a dead disk (an
   // NBD server's page cache) is unlikely to hold them, and none known bad.
+  // Six, so that a disk with many bad sectors not found yet (15 % of them:
+  // one chance in 100,000) is not taken for a dead one.
   const uint64_t blocks = size_ / block_;
   std::vector<uint64_t> out;
   std::lock_guard l(rng_mu_);
-  for (int draw = 0; draw < 16 && out.size() < 3; ++draw) {
+  for (int draw = 0; draw < 32 && out.size() < kProbeBlocks; ++draw) {
     const uint64_t b = std::uniform_int_distribution<uint64_t>(0, blocks - 1)(rng_);
     if ((b >= first && b < last) || table_.find(b)) continue;
     if (std::find(out.begin(), out.end(), b) == out.end()) out.push_back(b);

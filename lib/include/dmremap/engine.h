@@ -40,6 +40,9 @@ struct EngineOptions {
   // superblock is rewritten at this interval, and opening a set that is in
   // use first watches it for two intervals (see MetadataStore::heartbeat).
   std::chrono::milliseconds lease_interval{2000};
+  // Seeds the choice of probe blocks (reads rule 7); 0 picks a random seed.
+  // Tests set it, so that a run can be repeated.
+  uint64_t probe_seed = 0;
 };
 
 enum class Health { kOk, kWarning, kFailing };
@@ -220,8 +223,9 @@ class Engine {
   void set_main_offline(const Status& why);
   // EIO for a request that needs main while it is offline.
   Status offline_error();
-  // Up to three random blocks outside [first, last) and not in the table,
-  // to probe main with (the gate must be held).
+  // Up to kProbeBlocks random blocks outside [first, last) and not in the
+  // table, to probe main with (the gate must be held).
+  static constexpr size_t kProbeBlocks = 6;
   std::vector<uint64_t> probe_candidates(uint64_t first, uint64_t last);
   // Ok when any candidate reads (or there is none).
   Status probe_main(const std::vector<uint64_t>& candidates);
@@ -281,7 +285,7 @@ class Engine {
   std::string offline_reason_;
   std::string flush_failure_;
   std::mutex rng_mu_;
-  std::minstd_rand rng_{std::random_device{}()};
+  std::minstd_rand rng_;
   std::mutex watch_mu_;
   std::condition_variable watch_cv_;
   bool watch_stop_ = false;  // guarded by watch_mu_

@@ -165,7 +165,10 @@ class DemoSet:
         self.proc = subprocess.Popen(
             frontend_command(self.tools, self.sock, self.main, self.spare, params),
             stdout=self.logf, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 20
+        # An NBD spare that was not closed cleanly is watched for 8 s first
+        # (the lease), through a scripted nbdkit in some tests, on a loaded
+        # machine: give it time.
+        deadline = time.monotonic() + 60
         if self.tools.background:
             # The parent returns once the daemon is ready, or fails.
             if self.proc.wait(timeout=20) != 0:

@@ -1,0 +1,83 @@
+// The control channel: a Unix socket into a running set, the same for both
+// frontends (docs/design.md, "The control channel").
+//
+// One JSON object per line each way. A request names a command:
+//   {"command":"status"}
+// and its reply says whether it worked:
+//   {"ok":true, ...}   or   {"ok":false,"errno":5,"error":"..."}
+// A connection may carry any number of requests, answered in order.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <sys/types.h>
+#include <thread>
+
+#include "dmremap/engine.h"
+#include "dmremap/metadata.h"
+#include "dmremap/status.h"
+
+namespace dmremap {
+
+using Json = nlohmann::ordered_json;
+
+// What a set is: the superblock fields that never change after format.
+Json identity_json(const Superblock& sb);
+// "2026-11-30 16:19:06 UTC", or "unknown" for 0.
+std::string format_time(uint64_t seconds);
+// A set's health and figures, as `dmremap status --json` prints them. With
+// `live`, also the state of main and the request counters, which only a
+// running engine knows.
+Json stats_json(const EngineStats& s, bool live);
+
+// Listens on a Unix socket and answers requests on its own thread. Access
+// is the socket file's: it is created for its owner only (mode 0600), and an
+// admin may chmod or chgrp it to share it.
+class ControlServer {
+ public:
+  // Takes a request, returns the reply (without "ok", which is added). A
+  // handler reports failure by throwing ControlError; it is called on the
+  // server's thread, one request at a time.
+  using Handler = std::function<Json(const Json& request)>;
+
+  // Refuses a path where another server answers (EADDRINUSE) or a file that
+  // is not a socket (EEXIST); a socket left by a dead process is replaced.
+  static Result<std::unique_ptr<ControlServer>> start(const std::string& path, Handler handler);
+  // Stops the thread, closes every connection and removes the socket.
+  ~ControlServer();
+  ControlServer(const ControlServer&) = delete;
+  ControlServer& operator=(const ControlServer&) = delete;
+
+  const std::string& path() const { return path_; }
+
+ private:
+  ControlServer(std::string path, int listen_fd, int wake_fd, Handler handler);
+  void run();
+
+  std::string path_;
+  int listen_fd_;
+  int wake_fd_;
+  ino_t inode_ = 0;
+  Handler handler_;
+  std::thread thread_;
+};
+
+// A handler's failure: the reply carries its errno and message.
+struct ControlError {
+  int code;
+  std::string message;
+};
+
+// The commands a served set answers: "status". Unknown commands get EINVAL.
+ControlServer::Handler engine_commands(Engine& engine);
+
+// Client side: connects to `path`, sends one request, waits up to `timeout`
+// for the reply. ENOENT or ECONNREFUSED: nothing serves that socket. A reply
+// with "ok": false becomes its errno and message.
+Result<Json> control_call(const std::string& path, const Json& request,
+                          std::chrono::milliseconds timeout = std::chrono::seconds(30));
+
+}  // namespace dmremap

@@ -1,0 +1,344 @@
+#include "dmremap/control.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <ctime>
+#include <vector>
+
+#include "dmremap/log.h"
+#include "dmremap/remap_table.h"
+
+namespace dmremap {
+namespace {
+
+// A request line longer than this is refused and its connection closed.
+constexpr size_t kMaxLine = 1 << 20;
+constexpr size_t kMaxClients = 32;
+
+Result<sockaddr_un> unix_address(const std::string& path) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof addr.sun_path) {
+    return Status::error(ENAMETOOLONG, "control socket " + path + ": a Unix socket path must be 1 to " +
+                                           std::to_string(sizeof addr.sun_path - 1) + " bytes");
+  }
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  return addr;
+}
+
+// A connected socket to `path`, or the connect's errno.
+Result<int> connect_to(const std::string& path) {
+  auto addr = unix_address(path);
+  if (!addr.is_ok()) return addr.take_status();
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return Status::from_errno("control socket " + path);
+  if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr.value()), sizeof(sockaddr_un)) != 0) {
+    Status s = Status::from_errno("control socket " + path);
+    ::close(fd);
+    return s;
+  }
+  return fd;
+}
+
+Json error_reply(int code, const std::string& message) {
+  Json j;
+  j["ok"] = false;
+  j["errno"] = code;
+  j["error"] = message;
+  return j;
+}
+
+}  // namespace
+
+std::string format_time(uint64_t seconds) {
+  if (seconds == 0) return "unknown";
+  const std::time_t tt = static_cast<std::time_t>(seconds);
+  std::tm tm{};
+  gmtime_r(&tt, &tm);
+  char buf[64];
+  std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%S UTC", &tm);
+  return buf;
+}
+
+Json identity_json(const Superblock& sb) {
+  Json j;
+  j["uuid"] = uuid_string(sb.uuid);
+  j["main_size"] = sb.main_size;
+  j["block_size"] = sb.block_size;
+  j["spare_size"] = sb.spare_size;
+  j["main_identity"] = sb.main_identity;
+  j["formatted"] = format_time(sb.format_time);
+  return j;
+}
+
+Json stats_json(const EngineStats& s, bool live) {
+  Json j;
+  j["health"] = health_name(s.health);
+  j["health_reason"] = s.health_reason;
+  j["remaps"] = s.remaps;
+  Json causes = Json::object();
+  for (int c = 1; c <= 4; ++c) causes[cause_name(static_cast<Cause>(c))] = s.remaps_by_cause[c];
+  j["remaps_by_cause"] = causes;
+  j["pending"] = s.pending;
+  j["pending_capacity"] = s.pending_capacity;
+  j["slots_total"] = s.slots_total;
+  j["slots_used"] = s.slots_used;
+  j["slots_bad"] = s.slots_bad;
+  j["slots_free"] = s.slots_free;
+  if (!live) return j;
+  Json main;
+  main["state"] = s.main_offline_since != 0 ? "offline" : "online";
+  if (s.main_offline_since != 0) {
+    main["offline_since"] = utc_time(s.main_offline_since);
+    main["reason"] = s.main_offline_reason;
+  }
+  j["main"] = main;
+  j["flush_failure"] = s.flush_failure;
+  j["journal_broken"] = s.journal_broken;
+  j["requests"] = {{"reads", s.reads},       {"writes", s.writes},
+                   {"flushes", s.flushes},   {"trims", s.trims},
+                   {"zeroes", s.zeroes},     {"bytes_read", s.bytes_read},
+                   {"bytes_written", s.bytes_written}};
+  j["errors"] = {{"main_read", s.main_read_errors},
+                 {"main_write", s.main_write_errors},
+                 {"retry_successes", s.retry_successes},
+                 {"unreadable_reads", s.unreadable_reads},
+                 {"slot_write", s.slot_write_errors}};
+  return j;
+}
+
+Result<std::unique_ptr<ControlServer>> ControlServer::start(const std::string& path,
+                                                            Handler handler) {
+  auto addr = unix_address(path);
+  if (!addr.is_ok()) return addr.take_status();
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) == 0) {
+    if (!S_ISSOCK(st.st_mode)) {
+      return Status::error(EEXIST, "control socket " + path +
+                                       ": a file that is not a socket is in the way");
+    }
+    auto other = connect_to(path);
+    if (other.is_ok()) {
+      ::close(other.value());
+      return Status::error(EADDRINUSE, "control socket " + path +
+                                           ": another running server answers on it");
+    }
+    ::unlink(path.c_str());  // left by a process that is gone
+  }
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) return Status::from_errno("control socket " + path);
+  // Linux creates the socket file with the socket's own mode (less the
+  // umask): owner only, from the first moment it exists.
+  if (::fchmod(fd, 0600) != 0 ||
+      ::bind(fd, reinterpret_cast<const sockaddr*>(&addr.value()), sizeof(sockaddr_un)) != 0 ||
+      ::listen(fd, 16) != 0) {
+    Status s = Status::from_errno("control socket " + path);
+    ::close(fd);
+    return s;
+  }
+  const int wake = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (wake < 0) {
+    Status s = Status::from_errno("control socket " + path + ": eventfd");
+    ::close(fd);
+    ::unlink(path.c_str());
+    return s;
+  }
+  std::unique_ptr<ControlServer> server(new ControlServer(path, fd, wake, std::move(handler)));
+  if (::stat(path.c_str(), &st) == 0) server->inode_ = st.st_ino;
+  server->thread_ = std::thread([s = server.get()] { s->run(); });
+  return server;
+}
+
+ControlServer::ControlServer(std::string path, int listen_fd, int wake_fd, Handler handler)
+    : path_(std::move(path)), listen_fd_(listen_fd), wake_fd_(wake_fd),
+      handler_(std::move(handler)) {}
+
+ControlServer::~ControlServer() {
+  const uint64_t one = 1;
+  if (::write(wake_fd_, &one, sizeof one) < 0) { /* the thread still polls the listener */ }
+  if (thread_.joinable()) thread_.join();
+  ::close(listen_fd_);
+  ::close(wake_fd_);
+  // Only our own socket: another server may have taken the path since.
+  struct stat st {};
+  if (::lstat(path_.c_str(), &st) == 0 && S_ISSOCK(st.st_mode) && st.st_ino == inode_) {
+    ::unlink(path_.c_str());
+  }
+}
+
+void ControlServer::run() {
+  struct Client {
+    int fd;
+    std::string in, out;
+    bool closing = false;
+  };
+  std::vector<Client> clients;
+  auto answer = [this](const std::string& line) -> Json {
+    Json request = Json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (request.is_discarded() || !request.is_object()) {
+      return error_reply(EINVAL, "a request is one JSON object on one line");
+    }
+    try {
+      Json out;
+      out["ok"] = true;
+      out.update(handler_(request));
+      return out;
+    } catch (const ControlError& e) {
+      return error_reply(e.code, e.message);
+    } catch (const std::exception& e) {
+      return error_reply(EIO, std::string("internal error: ") + e.what());
+    }
+  };
+  for (;;) {
+    std::vector<pollfd> fds;
+    fds.push_back({wake_fd_, POLLIN, 0});
+    fds.push_back({listen_fd_, POLLIN, 0});
+    for (const Client& c : clients) {
+      fds.push_back({c.fd, static_cast<short>(c.out.empty() ? POLLIN : POLLIN | POLLOUT), 0});
+    }
+    if (::poll(fds.data(), fds.size(), -1) < 0) {
+      if (errno == EINTR) continue;
+      log(LogLevel::kError, "control socket " + path_ + ": poll: " + std::strerror(errno));
+      break;
+    }
+    if (fds[0].revents != 0) break;
+    for (size_t i = 0; i < clients.size(); ++i) {
+      Client& c = clients[i];
+      const short ev = fds[i + 2].revents;
+      if (ev & (POLLIN | POLLHUP | POLLERR)) {
+        char buf[65536];
+        const ssize_t n = ::recv(c.fd, buf, sizeof buf, 0);
+        if (n > 0) {
+          c.in.append(buf, static_cast<size_t>(n));
+        } else if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
+          c.closing = true;
+          c.out.clear();
+        }
+        size_t nl;
+        while (!c.closing && (nl = c.in.find('\n')) != std::string::npos) {
+          c.out += answer(c.in.substr(0, nl)).dump() + "\n";
+          c.in.erase(0, nl + 1);
+        }
+        if (c.in.size() > kMaxLine) {
+          c.out += error_reply(E2BIG, "request line too long").dump() + "\n";
+          c.in.clear();
+          c.closing = true;
+        }
+      }
+      while (!c.out.empty()) {
+        const ssize_t n = ::send(c.fd, c.out.data(), c.out.size(), MSG_NOSIGNAL);
+        if (n > 0) {
+          c.out.erase(0, static_cast<size_t>(n));
+        } else {
+          if (n < 0 && errno != EAGAIN && errno != EINTR) {
+            c.out.clear();
+            c.closing = true;
+          }
+          break;
+        }
+      }
+    }
+    for (size_t i = clients.size(); i-- > 0;) {
+      if (clients[i].closing && clients[i].out.empty()) {
+        ::close(clients[i].fd);
+        clients.erase(clients.begin() + static_cast<std::ptrdiff_t>(i));
+      }
+    }
+    if (fds[1].revents & POLLIN) {
+      const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+      if (fd >= 0 && clients.size() >= kMaxClients) {
+        const std::string busy =
+            error_reply(EBUSY, "too many control connections").dump() + "\n";
+        (void)::send(fd, busy.data(), busy.size(), MSG_NOSIGNAL);
+        ::close(fd);
+      } else if (fd >= 0) {
+        clients.push_back({fd, {}, {}});
+      }
+    }
+  }
+  for (const Client& c : clients) ::close(c.fd);
+}
+
+ControlServer::Handler engine_commands(Engine& engine) {
+  // Fixed at format; copied now so the control thread never reads the
+  // superblock while the lease rewrites it.
+  const Json identity = identity_json(engine.superblock());
+  return [&engine, identity](const Json& request) -> Json {
+    const Json& cmd = request.contains("command") ? request["command"] : Json();
+    if (!cmd.is_string()) throw ControlError{EINVAL, "the request names no \"command\""};
+    if (cmd == "status") {
+      Json j = identity;
+      j["served"] = true;
+      j.update(stats_json(engine.stats(), /*live=*/true));
+      return j;
+    }
+    throw ControlError{EINVAL, "unknown command \"" + cmd.get<std::string>() +
+                                   "\" (this server knows: status)"};
+  };
+}
+
+Result<Json> control_call(const std::string& path, const Json& request,
+                          std::chrono::milliseconds timeout) {
+  auto fd = connect_to(path);
+  if (!fd.is_ok()) {
+    const int code = fd.status().code();
+    if (code == ENOENT || code == ECONNREFUSED) {
+      return Status::error(code, "control socket " + path + ": no running dmremap answers on it");
+    }
+    return fd.take_status();
+  }
+  const int s = fd.value();
+  timeval tv{};
+  tv.tv_sec = static_cast<time_t>(timeout.count() / 1000);
+  tv.tv_usec = static_cast<suseconds_t>((timeout.count() % 1000) * 1000);
+  ::setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ::setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  const std::string line = request.dump() + "\n";
+  size_t sent = 0;
+  while (sent < line.size()) {
+    const ssize_t n = ::send(s, line.data() + sent, line.size() - sent, MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      Status st = Status::from_errno("control socket " + path + ": sending");
+      ::close(s);
+      return st;
+    }
+    sent += static_cast<size_t>(n);
+  }
+  std::string in;
+  while (in.find('\n') == std::string::npos) {
+    char buf[65536];
+    const ssize_t n = ::recv(s, buf, sizeof buf, 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      Status st = n == 0 ? Status::error(ECONNRESET, "control socket " + path +
+                                                         ": the server closed the connection")
+                 : errno == EAGAIN
+                     ? Status::error(ETIMEDOUT, "control socket " + path + ": no reply")
+                     : Status::from_errno("control socket " + path + ": receiving");
+      ::close(s);
+      return st;
+    }
+    in.append(buf, static_cast<size_t>(n));
+  }
+  ::close(s);
+  Json reply = Json::parse(in.substr(0, in.find('\n')), nullptr, false);
+  if (reply.is_discarded() || !reply.is_object() || !reply.contains("ok")) {
+    return Status::error(EPROTO, "control socket " + path + ": the reply is not dmremap's");
+  }
+  if (reply["ok"] != true) {
+    const int code = reply.value("errno", EIO);
+    return Status::error(code, reply.value("error", std::string("the request failed")));
+  }
+  return reply;
+}
+
+}  // namespace dmremap

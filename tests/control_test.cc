@@ -1,0 +1,206 @@
+// The control channel (control.h): a running set's live status over a Unix
+// socket, its access, and what it does with requests it cannot answer.
+#include <catch2/catch.hpp>
+
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <thread>
+
+#include "dmremap/control.h"
+#include "test_util.h"
+
+using namespace dmremap;
+
+namespace {
+constexpr uint32_t B = 4096;
+
+// A fresh directory for sockets, removed with its contents.
+struct TempDir {
+  std::string path;
+  TempDir() {
+    char tmpl[] = "/tmp/dmremap-control-XXXXXX";
+    REQUIRE(::mkdtemp(tmpl) != nullptr);
+    path = tmpl;
+  }
+  ~TempDir() { (void)std::system(("rm -rf '" + path + "'").c_str()); }
+};
+
+// Sends raw bytes and returns what comes back before `lines` newlines.
+std::string raw_exchange(const std::string& path, const std::string& bytes, int lines) {
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  REQUIRE(fd >= 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
+  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  REQUIRE(::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(bytes.size()));
+  std::string in;
+  while (std::count(in.begin(), in.end(), '\n') < lines) {
+    char buf[4096];
+    const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+    if (n <= 0) break;
+    in.append(buf, static_cast<size_t>(n));
+  }
+  ::close(fd);
+  return in;
+}
+
+EngineOptions quick_reconnect() {
+  EngineOptions o;
+  o.reconnect_first = std::chrono::milliseconds(0);
+  o.reconnect_max = std::chrono::milliseconds(0);
+  return o;
+}
+}  // namespace
+
+TEST_CASE("control: status of a served set says main offline since T, then online again",
+          "[control][offline]") {
+  TempDir dir;
+  test::SetParams p;
+  p.options = quick_reconnect();
+  auto s = test::make_set(p);
+  auto server = ControlServer::start(dir.path + "/ctl", engine_commands(*s.engine));
+  REQUIRE(server.is_ok());
+
+  const auto data = test::pattern(B, 1);
+  REQUIRE(s.engine->write(data.data(), B, 0, false).is_ok());
+  REQUIRE(s.engine->flush().is_ok());
+  auto before = control_call(dir.path + "/ctl", Json{{"command", "status"}});
+  REQUIRE(before.is_ok());
+  CHECK(before.value()["served"] == true);
+  CHECK(before.value()["main"]["state"] == "online");
+  CHECK(before.value()["health"] == "ok");
+  CHECK(before.value()["requests"]["writes"] == 1);
+  CHECK(before.value()["uuid"] == uuid_string(s.engine->superblock().uuid));
+
+  s.main->set_gone(ENOTCONN);
+  std::vector<char> buf(B);
+  REQUIRE(s.engine->read(buf.data(), B, 5 * B).code() == EIO);
+  auto during = control_call(dir.path + "/ctl", Json{{"command", "status"}});
+  REQUIRE(during.is_ok());
+  const Json& j = during.value();
+  CHECK(j["main"]["state"] == "offline");
+  const std::string since = j["main"]["offline_since"];
+  CHECK(since.size() == 20);  // 2026-11-30T16:19:06Z
+  CHECK(j["health"] == "failing");
+  CHECK(j["health_reason"].get<std::string>().rfind("main offline since " + since, 0) == 0);
+  CHECK(j["pending"] == 0);
+  CHECK(j["remaps"] == 0);
+
+  s.main->set_back();
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  for (;;) {
+    auto after = control_call(dir.path + "/ctl", Json{{"command", "status"}});
+    REQUIRE(after.is_ok());
+    if (after.value()["main"]["state"] == "online") {
+      CHECK(after.value()["health"] == "ok");
+      break;
+    }
+    REQUIRE(std::chrono::steady_clock::now() < deadline);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  server.value().reset();
+  REQUIRE(s.engine->close().is_ok());
+}
+
+TEST_CASE("control: the socket is its owner's only, and it goes when the server does",
+          "[control]") {
+  TempDir dir;
+  auto s = test::make_set();
+  const std::string path = dir.path + "/ctl";
+  {
+    auto server = ControlServer::start(path, engine_commands(*s.engine));
+    REQUIRE(server.is_ok());
+    struct stat st {};
+    REQUIRE(::lstat(path.c_str(), &st) == 0);
+    CHECK(S_ISSOCK(st.st_mode));
+    CHECK((st.st_mode & 0777) == 0600);
+
+    // A second server on the same path is refused while the first answers.
+    auto second = ControlServer::start(path, engine_commands(*s.engine));
+    REQUIRE_FALSE(second.is_ok());
+    CHECK(second.status().code() == EADDRINUSE);
+  }
+  struct stat st {};
+  CHECK(::lstat(path.c_str(), &st) != 0);
+  auto gone = control_call(path, Json{{"command", "status"}});
+  REQUIRE_FALSE(gone.is_ok());
+  CHECK(gone.status().code() == ENOENT);
+  REQUIRE(s.engine->close().is_ok());
+}
+
+TEST_CASE("control: a socket left by a dead process is replaced; a regular file is not",
+          "[control]") {
+  TempDir dir;
+  auto s = test::make_set();
+  const std::string stale = dir.path + "/stale";
+  {
+    // Bound, then closed without unlink: what a killed server leaves.
+    const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, stale.c_str(), sizeof addr.sun_path - 1);
+    REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    ::close(fd);
+  }
+  auto server = ControlServer::start(stale, engine_commands(*s.engine));
+  REQUIRE(server.is_ok());
+  CHECK(control_call(stale, Json{{"command", "status"}}).is_ok());
+
+  const std::string file = dir.path + "/file";
+  std::ofstream(file) << "not a socket";
+  auto refused = ControlServer::start(file, engine_commands(*s.engine));
+  REQUIRE_FALSE(refused.is_ok());
+  CHECK(refused.status().code() == EEXIST);
+  std::ifstream in(file);
+  std::string kept;
+  std::getline(in, kept);
+  CHECK(kept == "not a socket");
+
+  auto too_long = ControlServer::start(dir.path + "/" + std::string(200, 'x'),
+                                       engine_commands(*s.engine));
+  CHECK(too_long.status().code() == ENAMETOOLONG);
+  server.value().reset();
+  REQUIRE(s.engine->close().is_ok());
+}
+
+TEST_CASE("control: bad requests get an error reply and the connection goes on",
+          "[control]") {
+  TempDir dir;
+  auto s = test::make_set();
+  const std::string path = dir.path + "/ctl";
+  auto server = ControlServer::start(path, engine_commands(*s.engine));
+  REQUIRE(server.is_ok());
+  const std::string out = raw_exchange(
+      path, "not json\n[1,2]\n{\"command\":\"explode\"}\n{}\n{\"command\":\"status\"}\n", 5);
+  std::vector<Json> replies;
+  size_t at = 0;
+  for (size_t nl; (nl = out.find('\n', at)) != std::string::npos; at = nl + 1) {
+    replies.push_back(Json::parse(out.substr(at, nl - at)));
+  }
+  REQUIRE(replies.size() == 5);
+  for (int i = 0; i < 4; ++i) {
+    CHECK(replies[i]["ok"] == false);
+    CHECK(replies[i]["errno"] == EINVAL);
+  }
+  CHECK(replies[2]["error"].get<std::string>().find("explode") != std::string::npos);
+  CHECK(replies[4]["ok"] == true);
+
+  auto unknown = control_call(path, Json{{"command", "explode"}});
+  CHECK(unknown.status().code() == EINVAL);
+
+  // A line that never ends is cut off at 1 MiB, with a reply that says so.
+  const std::string flood = raw_exchange(path, std::string((1 << 20) + 1, 'x'), 1);
+  CHECK(flood.find("too long") != std::string::npos);
+  CHECK(control_call(path, Json{{"command", "status"}}).is_ok());
+  server.value().reset();
+  REQUIRE(s.engine->close().is_ok());
+}

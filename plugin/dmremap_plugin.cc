@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "dmremap/control.h"
 #include "dmremap/engine.h"
 #include "dmremap/open_set.h"
 #include "dmremap/log.h"
@@ -27,6 +28,8 @@ namespace {
 
 dmremap::SetConfig g_config;
 std::unique_ptr<dmremap::Engine> g_engine;
+std::string g_control_path;
+std::unique_ptr<dmremap::ControlServer> g_control;
 
 // Every callback runs through here: no exception may cross into nbdkit, and
 // every error reaches the client with its errno.
@@ -99,6 +102,11 @@ int dmremap_config(const char* key, const char* value) {
       return -1;
     }
     g_config.engine.unreadable_zero = v == "zero";
+  } else if (k == "control") {
+    char* abs = nbdkit_absolute_path(value);
+    if (!abs) return -1;
+    g_control_path = abs;
+    std::free(abs);
   } else if (k == "inject") {
     g_config.inject = value;
   } else {
@@ -152,13 +160,30 @@ int dmremap_get_ready() {
   return guarded("dmremap", open_engine);
 }
 
+// The control socket's thread must run in the process that serves, so it
+// starts after the fork, whichever way the set was opened.
+dmremap::Status start_control() {
+  if (g_control_path.empty()) return dmremap::Status::ok();
+  auto server = dmremap::ControlServer::start(g_control_path, dmremap::engine_commands(*g_engine));
+  if (!server.is_ok()) return server.take_status();
+  g_control = std::move(server.value());
+  nbdkit_debug("control socket %s", g_control_path.c_str());
+  return dmremap::Status::ok();
+}
+
 int dmremap_after_fork() {
-  if (!opens_after_fork()) return 0;
-  return guarded("dmremap", open_engine);
+  return guarded("dmremap", [] {
+    if (opens_after_fork()) {
+      dmremap::Status s = open_engine();
+      if (!s.is_ok()) return s;
+    }
+    return start_control();
+  });
 }
 
 // Shutdown: nbdkit has finished every request; flush and leave clean metadata.
 void dmremap_cleanup() {
+  g_control.reset();
   if (!g_engine) return;
   (void)guarded("shutdown", [] { return g_engine->close(); });
   g_engine.reset();
@@ -284,6 +309,8 @@ nbdkit_plugin make_plugin() {
       "retries=N             extra reads of a failing block before it is unreadable (3)\n"
       "unreadable=error|zero salvage: zero = unreadable blocks read as zeros, logged (error)\n"
       "warn=PERCENT          health warns when this much of the pool is used (80)\n"
+      "control=SOCKET        answer `dmremap status --control SOCKET` on this Unix\n"
+      "                      socket (created mode 0600: its owner only)\n"
       "inject=FAULTS         testing only: read:N[-M],write:N[-M],weak:N[-M]xK on main";
   p.magic_config_key = "main";
   p.get_ready = dmremap_get_ready;

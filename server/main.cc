@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "dmremap/control.h"
 #include "dmremap/log.h"
 #include "dmremap/open_set.h"
 #include "session.h"
@@ -116,6 +117,10 @@ int main(int argc, char** argv) {
                  "so expose it only on a trusted network). Default: 127.0.0.1:10809 when there is "
                  "no --unix and no socket from systemd");
   app.add_option("--unix", unix_path, "Listen on this Unix socket");
+  std::string control_path;
+  app.add_option("--control", control_path,
+                 "Answer `dmremap status --control SOCKET` on this Unix socket (created mode "
+                 "0600: its owner only)");
   app.add_option("--name", name, "The export's name (clients may also ask for \"\")");
   app.add_flag("-r,--readonly", set.read_only, "Serve read-only; nothing is remapped");
   std::string io_mode = "auto";
@@ -262,6 +267,18 @@ int main(int argc, char** argv) {
     return 1;
   }
 
+  std::unique_ptr<dmremap::ControlServer> control;
+  if (!control_path.empty()) {
+    auto started = dmremap::ControlServer::start(control_path, dmremap::engine_commands(*engine.value()));
+    if (!started.is_ok()) {
+      std::fprintf(stderr, "dmremap-server: cannot serve: %s\n", started.status().to_string().c_str());
+      (void)engine.value()->close();
+      return 1;
+    }
+    control = std::move(started.value());
+    std::fprintf(stderr, "dmremap-server: control socket %s\n", control_path.c_str());
+  }
+
   // SIGTERM/SIGINT: stop accepting, stop reading requests, answer those in
   // flight, then stop; the engine then flushes and closes the spare cleanly.
   // Clients that do not take their replies within --shutdown-timeout are cut.
@@ -317,6 +334,7 @@ int main(int argc, char** argv) {
   watching = false;
   watchdog.join();
   if (!unix_path.empty()) ::unlink(unix_path.c_str());
+  control.reset();
   const dmremap::Status s = engine.value()->close();
   if (!s.is_ok()) {
     std::fprintf(stderr, "dmremap-server: closing the set: %s\n", s.to_string().c_str());

@@ -14,13 +14,12 @@
 #include <optional>
 
 #include "dmremap/block_device.h"
+#include "dmremap/control.h"
 #include "dmremap/engine.h"
 #include "dmremap/metadata_store.h"
 
 namespace dmremap::cli {
 namespace {
-
-using Json = nlohmann::ordered_json;
 
 void print_error(const std::string& what) { fmt::print(stderr, "dmremap: {}\n", what); }
 
@@ -78,17 +77,18 @@ Result<std::unique_ptr<Loaded>> load_spare(const std::string& spec) {
 }
 
 // Says whether `main` is the disk the set was formatted for; "" when it is.
-std::string main_mismatch(const std::string& spec, const Superblock& sb) {
+std::string main_mismatch(const std::string& spec, uint64_t main_size,
+                          const std::string& main_identity) {
   auto dev = open_for_inspection(spec, "main");
   if (!dev.is_ok()) return dev.status().to_string();
-  if (dev.value()->size() != sb.main_size) {
+  if (dev.value()->size() != main_size) {
     return fmt::format("{} is {} bytes, but the set was formatted for a main of {} bytes", spec,
-                       dev.value()->size(), sb.main_size);
+                       dev.value()->size(), main_size);
   }
   const std::string id = dev.value()->identity();
-  if (!id.empty() && !sb.main_identity.empty() && id.substr(0, 63) != sb.main_identity) {
+  if (!id.empty() && !main_identity.empty() && id.substr(0, 63) != main_identity) {
     return fmt::format("{} is \"{}\", but the set was formatted for \"{}\"", spec, id,
-                       sb.main_identity);
+                       main_identity);
   }
   return {};
 }
@@ -127,34 +127,6 @@ class Progress {
   bool shown_ = false;
   std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
 };
-
-Json cause_counts(const EngineStats& s) {
-  Json j = Json::object();
-  for (int c = 1; c <= 4; ++c) j[cause_name(static_cast<Cause>(c))] = s.remaps_by_cause[c];
-  return j;
-}
-
-std::string format_time(uint64_t t) {
-  if (t == 0) return "unknown";
-  const std::time_t tt = static_cast<std::time_t>(t);
-  std::tm tm{};
-  gmtime_r(&tt, &tm);
-  char buf[64];
-  std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%S UTC", &tm);
-  return buf;
-}
-
-// What a set is: the fields format and status both show.
-Json identity_json(const Superblock& sb) {
-  Json j;
-  j["uuid"] = uuid_string(sb.uuid);
-  j["main_size"] = sb.main_size;
-  j["block_size"] = sb.block_size;
-  j["spare_size"] = sb.spare_size;
-  j["main_identity"] = sb.main_identity;
-  j["formatted"] = format_time(sb.format_time);
-  return j;
-}
 
 bool is_pending(Engine& e, uint64_t block) {
   bool pending = false;
@@ -237,27 +209,88 @@ int run_format(const FormatOptions& o) {
   return kExitOk;
 }
 
-int run_status(const StatusOptions& o) {
-  auto loaded = load_spare(o.spare);
-  if (!loaded.is_ok()) return fail(loaded.status());
-  Loaded& l = *loaded.value();
-  const Superblock& sb = l.store->superblock();
-  EngineStats s;
-  fill_table_stats(s, l.table, sb, o.warn_percent);
-  const std::string mismatch = o.main.empty() ? std::string() : main_mismatch(o.main, sb);
+namespace {
 
-  if (o.json) {
-    Json j = identity_json(sb);
-    j["health"] = health_name(s.health);
-    j["health_reason"] = s.health_reason;
-    j["remaps"] = s.remaps;
-    j["remaps_by_cause"] = cause_counts(s);
-    j["pending"] = s.pending;
-    j["pending_capacity"] = s.pending_capacity;
-    j["slots_total"] = s.slots_total;
-    j["slots_used"] = s.slots_used;
-    j["slots_bad"] = s.slots_bad;
-    j["slots_free"] = s.slots_free;
+// The human form of `dmremap status`, from its JSON, served or not.
+void print_status(const Json& j, const std::string& control) {
+  const bool served = j.value("served", false);
+  const std::string reason = j.value("health_reason", std::string());
+  fmt::print("set        {}\n", j.value("uuid", std::string()));
+  fmt::print("health     {}{}\n", j.value("health", std::string()),
+             reason.empty() ? "" : " (" + reason + ")");
+  const std::string id = j.value("main_identity", std::string());
+  fmt::print("main       {} ({} bytes), {}-byte blocks{}\n", human(j.value("main_size", 0ull)),
+             j.value("main_size", 0ull), j.value("block_size", 0u), id.empty() ? "" : ", id " + id);
+  if (served) {
+    const Json m = j.value("main", Json::object());
+    if (m.value("state", std::string()) == "offline") {
+      fmt::print("           offline since {} ({})\n", m.value("offline_since", std::string()),
+                 m.value("reason", std::string()));
+    } else {
+      fmt::print("           online\n");
+    }
+  }
+  fmt::print("remapped   {} block(s)", j.value("remaps", 0ull));
+  const char* sep = ": ";
+  const Json causes = j.value("remaps_by_cause", Json::object());
+  for (const auto& [cause, n] : causes.items()) {
+    if (n.get<uint64_t>() == 0) continue;
+    fmt::print("{}{} {}", sep, n.get<uint64_t>(), cause);
+    sep = ", ";
+  }
+  fmt::print("\n");
+  fmt::print("pending    {} unreadable block(s), room for {}\n", j.value("pending", 0ull),
+             j.value("pending_capacity", 0ull));
+  const uint64_t used = j.value("slots_used", 0ull), bad = j.value("slots_bad", 0ull),
+                 total = j.value("slots_total", 0ull);
+  fmt::print("slots      {} used, {} bad, {} free of {} ({} used)\n", used, bad,
+             j.value("slots_free", 0ull), total, percent(used + bad, total));
+  if (served) {
+    fmt::print("state      served (figures from {})\n", control);
+    const Json r = j.value("requests", Json::object());
+    const Json e = j.value("errors", Json::object());
+    fmt::print("requests   {} reads ({}), {} writes ({}), {} flushes since start\n",
+               r.value("reads", 0ull), human(r.value("bytes_read", 0ull)), r.value("writes", 0ull),
+               human(r.value("bytes_written", 0ull)), r.value("flushes", 0ull));
+    fmt::print("errors     main: {} read, {} write; {} retries worked; {} reads unreadable\n",
+               e.value("main_read", 0ull), e.value("main_write", 0ull),
+               e.value("retry_successes", 0ull), e.value("unreadable_reads", 0ull));
+  } else {
+    fmt::print("state      {}\n", j.value("clean", false) ? "closed cleanly"
+                                                           : "in use, or not closed cleanly");
+  }
+  fmt::print("formatted  {}\n", j.value("formatted", std::string()));
+}
+
+}  // namespace
+
+int run_status(const StatusOptions& o) {
+  Json j;
+  if (!o.control.empty()) {
+    auto reply = control_call(o.control, Json{{"command", "status"}});
+    if (!reply.is_ok()) return fail(reply.status());
+    j = std::move(reply.value());
+    j.erase("ok");
+    if (!o.spare.empty()) {
+      auto loaded = load_spare(o.spare);
+      if (!loaded.is_ok()) return fail(loaded.status());
+      const std::string uuid = uuid_string(loaded.value()->store->superblock().uuid);
+      if (uuid != j.value("uuid", std::string())) {
+        print_error(fmt::format("{} serves set {}, but {} holds set {}", o.control,
+                                j.value("uuid", std::string()), o.spare, uuid));
+        return kExitFailed;
+      }
+    }
+  } else {
+    auto loaded = load_spare(o.spare);
+    if (!loaded.is_ok()) return fail(loaded.status());
+    Loaded& l = *loaded.value();
+    const Superblock& sb = l.store->superblock();
+    EngineStats s;
+    fill_table_stats(s, l.table, sb, o.warn_percent);
+    j = identity_json(sb);
+    j["served"] = false;
+    j.update(stats_json(s, /*live=*/false));
     j["clean"] = sb.clean();
     j["generation"] = sb.generation;
     j["epoch"] = sb.epoch;
@@ -269,6 +302,12 @@ int run_status(const StatusOptions& o) {
                    {"journals", {sb.journal_offset[0], sb.journal_offset[1]}},
                    {"journal_bytes", sb.journal_bytes},
                    {"slot_offset", sb.slot_offset}};
+  }
+  const std::string mismatch =
+      o.main.empty() ? std::string()
+                     : main_mismatch(o.main, j.value("main_size", 0ull),
+                                     j.value("main_identity", std::string()));
+  if (o.json) {
     if (!o.main.empty()) {
       j["main_matches"] = mismatch.empty();
       if (!mismatch.empty()) j["main_problem"] = mismatch;
@@ -276,27 +315,7 @@ int run_status(const StatusOptions& o) {
     fmt::print("{}\n", j.dump(2));
     return mismatch.empty() ? kExitOk : kExitFailed;
   }
-
-  fmt::print("set        {}\n", uuid_string(sb.uuid));
-  fmt::print("health     {}{}\n", health_name(s.health),
-             s.health_reason.empty() ? "" : " (" + s.health_reason + ")");
-  fmt::print("main       {} ({} bytes), {}-byte blocks{}\n", human(sb.main_size), sb.main_size,
-             sb.block_size, sb.main_identity.empty() ? "" : ", id " + sb.main_identity);
-  fmt::print("remapped   {} block(s)", s.remaps);
-  if (s.remaps > 0) {
-    const char* sep = ": ";
-    for (int c = 1; c <= 4; ++c) {
-      if (s.remaps_by_cause[c] == 0) continue;
-      fmt::print("{}{} {}", sep, s.remaps_by_cause[c], cause_name(static_cast<Cause>(c)));
-      sep = ", ";
-    }
-  }
-  fmt::print("\n");
-  fmt::print("pending    {} unreadable block(s), room for {}\n", s.pending, s.pending_capacity);
-  fmt::print("slots      {} used, {} bad, {} free of {} ({} used)\n", s.slots_used, s.slots_bad,
-             s.slots_free, s.slots_total, percent(s.slots_used + s.slots_bad, s.slots_total));
-  fmt::print("state      {}\n", sb.clean() ? "closed cleanly" : "in use, or not closed cleanly");
-  fmt::print("formatted  {}\n", format_time(sb.format_time));
+  print_status(j, o.control);
   if (!mismatch.empty()) {
     print_error("main does not belong to this set: " + mismatch);
     return kExitFailed;
@@ -418,7 +437,7 @@ int run_check(const CheckOptions& o) {
   CheckReport r = check_metadata(spare.value());
   if (!o.main.empty() && r.problems.empty()) {
     if (auto found = read_superblock(*spare.value()); found.is_ok()) {
-      const std::string mismatch = main_mismatch(o.main, found->sb);
+      const std::string mismatch = main_mismatch(o.main, found->sb.main_size, found->sb.main_identity);
       if (!mismatch.empty()) r.problems.push_back("main does not belong to this set: " + mismatch);
     }
   }

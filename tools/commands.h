@@ -25,7 +25,8 @@ struct FormatOptions {
 int run_format(const FormatOptions& o);
 
 struct StatusOptions {
-  std::string spare;
+  std::string spare;    // read the metadata from the spare, or
+  std::string control;  // ask the server behind this control socket
   std::string main;  // optional: also check that it belongs to the set
   bool json = false;
   unsigned warn_percent = 80;

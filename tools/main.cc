@@ -76,15 +76,29 @@ int main(int argc, char** argv) {
   StatusOptions so;
   CLI::App* status = app.add_subcommand(
       "status",
-      "Show a set's health, remaps by cause, pending blocks and spare slots. Reads only; safe "
-      "while a server has the set open.");
-  add_spare(status, so.spare);
+      "Show a set's health, remaps by cause, pending blocks and spare slots. With --control, "
+      "asks the running server, which also knows whether main is online and counts requests; "
+      "with --spare alone, reads the spare's metadata (read only; safe while it is served, but "
+      "then the figures are as of the last checkpoint).");
+  auto* spare_opt =
+      status->add_option("-s,--spare", so.spare, "The spare: a file, a block device or an NBD URI");
+  auto* control_opt = status->add_option(
+      "-c,--control", so.control,
+      "The control socket of the server that serves the set (nbdkit control=PATH, "
+      "dmremap-server --control PATH)");
   status->add_option("-m,--main", so.main, "Also check that this is the set's main");
   status->add_flag("--json", so.json, "Machine-readable output");
-  status->add_option("--warn", so.warn_percent, "Health is 'warning' from this % of slots used")
+  status->add_option("--warn", so.warn_percent,
+                     "Health is 'warning' from this % of slots used (without --control; a server "
+                     "uses its own setting)")
       ->check(CLI::Range(0, 100))
       ->capture_default_str();
-  status->callback([&] { rc = run_status(so); });
+  status->callback([&] {
+    if (spare_opt->count() == 0 && control_opt->count() == 0) {
+      throw CLI::ValidationError("status", "name the set: --spare SPARE, or --control SOCKET");
+    }
+    rc = run_status(so);
+  });
 
   ListOptions lo;
   CLI::App* list = app.add_subcommand(

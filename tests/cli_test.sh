@@ -136,6 +136,10 @@ expect "format with options" 0 "$cli" format --main main.img --spare dirty.img -
 equals "block size 512" "$(json 'j["block_size"]')" 512
 equals "journal 512K" "$(json 'j["journal_bytes"]')" 524288
 equals "pending capacity" "$(json 'j["pending_capacity"]')" 100
+expect "status names no set" 2 "$cli" status
+contains "status without a set says what to name" "--control SOCKET"
+expect "status --control with nothing behind it" 1 "$cli" status --control nobody.sock
+contains "nothing serves: says so" "no running dmremap answers"
 expect "status of a missing spare" 1 "$cli" status --spare nonexistent.img
 contains "missing spare named" "nonexistent.img"
 expect "status of an unformatted spare" 1 "$cli" status --spare tiny.img
@@ -171,11 +175,21 @@ expect "check with both superblocks gone" 1 "$cli" check --spare damaged.img
 # --- while nbdkit serves the set --------------------------------------------------
 if command -v nbdkit >/dev/null; then
   nbdkit --foreground --exit-with-parent --unix "$work/s.sock" "$plugin" \
-    main="$work/main.img" spare="$work/spare.img" 2>nbdkit.log &
+    main="$work/main.img" spare="$work/spare.img" control="$work/ctl.sock" 2>nbdkit.log &
   pids+=($!)
-  for _ in $(seq 100); do [[ -S s.sock ]] && break; sleep 0.1; done
+  for _ in $(seq 100); do [[ -S s.sock && -S ctl.sock ]] && break; sleep 0.1; done
   expect "status works while served" 0 "$cli" status --spare spare.img --json
   equals "served set is not clean" "$(json 'j["clean"]')" False
+  expect "status --control asks the server" 0 "$cli" status --control ctl.sock --json
+  equals "live status is served" "$(json 'j["served"]')" True
+  equals "live status knows main is online" "$(json 'j["main"]["state"]')" online
+  expect "status --control (text)" 0 "$cli" status --control ctl.sock
+  contains "text status says served" "served (figures from ctl.sock)"
+  expect "status --control with the set's spare" 0 "$cli" status --control ctl.sock --spare spare.img
+  truncate -s 16M other-spare.img
+  "$cli" format --main other.img --spare other-spare.img >/dev/null
+  expect "status --control with another set's spare" 1 "$cli" status --control ctl.sock --spare other-spare.img
+  contains "another set: says which" "holds set"
   expect "remap refuses a served set" 1 "$cli" remap --main main.img --spare spare.img 4
   contains "served set: says why" "Stop nbdkit or dmremap-server first"
   kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null

@@ -148,6 +148,18 @@ class DemoSet:
     def status(self):
         return json.loads(self.cli("status", "--spare", self.spare, "--json").stdout)
 
+    @property
+    def control(self):
+        """The control socket, served when start() is given control_param()."""
+        return os.path.join(self.dir, "control.sock")
+
+    def control_param(self):
+        return f"control={self.control}"
+
+    def live_status(self):
+        """`dmremap status --control`: what the running frontend reports."""
+        return json.loads(self.cli("status", "--control", self.control, "--json").stdout)
+
     def listing(self):
         return json.loads(self.cli("list", "--spare", self.spare, "--json").stdout)
 

@@ -76,16 +76,27 @@ class OutageTest(unittest.TestCase):
     def test_main_server_killed_and_restarted(self):
         server = self.backend("main", self.s.main)
         self.s.main = server.uri
-        self.s.start()
+        self.s.start(self.s.control_param())
         write_region(self.s.uri)
         h = self.s.connect()
+        self.assertEqual(self.s.live_status()["main"], {"state": "online"})
         server.kill()
         for b in range(0, 100, 10):
             self.expect_eio(h.pread, BLOCK, b * BLOCK)
         for b in range(20):
             self.expect_eio(h.pwrite, pattern(b), REGION + b * BLOCK)
+        # Health and `dmremap status` say so, while it lasts.
+        live = self.s.live_status()
+        self.assertEqual((live["main"]["state"], live["health"], live["pending"], live["remaps"]),
+                         ("offline", "failing", 0, 0), live)
+        self.assertTrue(live["health_reason"].startswith(
+            "main offline since " + live["main"]["offline_since"]), live)
+        text = self.s.cli("status", "--control", self.s.control).stdout
+        self.assertIn("offline since " + live["main"]["offline_since"], text)
         server.start()
         wait_for_read(h, 0)
+        live = self.s.live_status()
+        self.assertEqual((live["main"], live["health"]), ({"state": "online"}, "ok"), live)
         verified = verify_region(self.s.uri)
         self.assertEqual(verified, REGION)
         job = fio(self.s.uri, "--rw=randwrite", f"--offset={REGION}", f"--size={REGION}",

@@ -648,7 +648,7 @@ TEST_CASE("superblocks: a torn new superblock leaves the previous state intact",
     const Superblock current = found->sb;
     Superblock newer = current;
     newer.generation = current.generation + 1;
-    newer.journal_offset[0] = newer.journal_offset[1] = current.slot_offset;  // would lose all
+    newer.main_identity = "from the newer copy";
     std::vector<char> img(kMetaUnit);
     newer.encode(img.data());
     SECTION("control: intact, the newer generation wins") {
@@ -659,7 +659,23 @@ TEST_CASE("superblocks: a torn new superblock leaves the previous state intact",
       REQUIRE(r.is_ok());
       CHECK(rep.superblock_copy == 1 - cur);
       CHECK(r.value()->superblock().generation == current.generation + 1);
-      CHECK(rep.journal_units == 0);  // the point: this image is not harmless
+      CHECK(r.value()->superblock().main_identity == "from the newer copy");
+    }
+    SECTION("a checksummed newer copy whose journal overlaps the slots is refused") {
+      Superblock hostile = newer;
+      hostile.journal_offset[0] = hostile.journal_offset[1] = current.slot_offset;
+      std::string why;
+      hostile.encode(img.data());
+      REQUIRE_FALSE(Superblock::decode(img.data(), &why).has_value());
+      CHECK_THAT(why, Catch::Contains("overlaps"));
+      s.put(kSuperblockOffset[1 - cur], img);
+      RemapTable t;
+      OpenReport rep;
+      auto r = s.reopen(t, &rep);
+      REQUIRE(r.is_ok());
+      CHECK(rep.superblock_copy == cur);
+      CHECK(rep.journal_units == 2);
+      CHECK(snap(t) == snap(s.table));
     }
     SECTION("torn: the first bytes are new, the CRC is the old image's") {
       auto torn = s.bytes(kSuperblockOffset[1 - cur], kMetaUnit);
@@ -723,6 +739,98 @@ TEST_CASE("superblocks: a torn new superblock leaves the previous state intact",
       CHECK(rep2.journal_units == 2);  // the old epoch's journal is live again
       CHECK(snap(t2) == before);
     }
+  }
+}
+
+TEST_CASE("superblocks: a hostile or damaged geometry is refused with a clear message",
+          "[journal]") {
+  Spare s;
+  REQUIRE(s.append({remap(1, 0)}).is_ok());
+  const Superblock good = s.sb();
+  struct Case {
+    const char* name;
+    void (*mutate)(Superblock&);
+    const char* says;
+  };
+  const Case cases[] = {
+      {"slot pool at 0", [](Superblock& b) { b.slot_offset = 0; }, "overlaps"},
+      {"journal over the checkpoint",
+       [](Superblock& b) { b.journal_offset[1] = b.checkpoint_offset[1]; }, "overlaps"},
+      {"checkpoint areas overlap",
+       [](Superblock& b) { b.checkpoint_offset[1] = b.checkpoint_offset[0] + kMetaUnit; },
+       "overlaps"},
+      {"journal past the end", [](Superblock& b) { b.journal_offset[1] = b.spare_size; },
+       "ends past"},
+      {"offset near 2^64", [](Superblock& b) { b.checkpoint_offset[0] = ~uint64_t{0} - 4095; },
+       "ends past"},
+      {"huge journal", [](Superblock& b) { b.journal_bytes = uint64_t{1} << 51; }, "journal size"},
+      {"journal not in units", [](Superblock& b) { b.journal_bytes += 1; }, "journal size"},
+      {"main not a multiple of the block", [](Superblock& b) { b.main_size += 512; },
+       "multiple of the block size"},
+      {"main of 0 bytes", [](Superblock& b) { b.main_size = 0; }, "multiple of the block size"},
+      {"too many slots", [](Superblock& b) { b.slot_count = ~uint64_t{0}; }, "slot count"},
+      {"no slots", [](Superblock& b) { b.slot_count = 0; }, "slot count"},
+      {"pending beyond the checkpoint",
+       [](Superblock& b) { b.pending_capacity = b.checkpoint_bytes; }, "checkpoint size"},
+      {"huge pending capacity", [](Superblock& b) { b.pending_capacity = ~uint64_t{0}; },
+       "pending capacity"},
+      {"misaligned slot pool", [](Superblock& b) { b.slot_offset += 512; }, "not aligned"},
+      {"active checkpoint 2", [](Superblock& b) { b.active_checkpoint = 2; }, "active checkpoint"},
+      {"block size 3000", [](Superblock& b) { b.block_size = 3000; }, "block size"},
+  };
+  for (const Case& c : cases) {
+    DYNAMIC_SECTION(c.name) {
+      Superblock bad = good;
+      c.mutate(bad);
+      std::string why;
+      std::vector<char> img(kMetaUnit);
+      bad.encode(img.data());
+      REQUIRE_FALSE(Superblock::decode(img.data(), &why).has_value());
+      CHECK_THAT(why, Catch::Contains(c.says));
+      // In one copy: the other copy is used.
+      s.put(kSuperblockOffset[0], img);
+      {
+        RemapTable t;
+        auto r = s.reopen(t);
+        REQUIRE(r.is_ok());
+        CHECK(snap(t) == snap(s.table));
+      }
+      // In both: refused, saying why, not "not formatted".
+      s.put(kSuperblockOffset[1], img);
+      RemapTable t;
+      auto r = s.reopen(t);
+      REQUIRE_FALSE(r.is_ok());
+      CHECK(r.status().code() == EUCLEAN);
+      CHECK_THAT(r.status().message(), Catch::Contains(c.says));
+      CHECK_THAT(r.status().message(), Catch::Contains("refused"));
+    }
+  }
+}
+
+TEST_CASE("journal: a slot claimed by two blocks is refused at open, not served", "[journal]") {
+  Spare s;
+  REQUIRE(s.append({remap(1, 0), remap(2, 1)}).is_ok());
+  SECTION("two remaps onto one slot") {
+    plant_unit(s, 1, s.sb().epoch, s.sb().uuid, {remap(3, 0)});
+    RemapTable t;
+    auto r = s.reopen(t);
+    REQUIRE_FALSE(r.is_ok());
+    CHECK(r.status().code() == EUCLEAN);
+    CHECK_THAT(r.status().message(), Catch::Contains("slot 0 is claimed by block 1 and by block 3"));
+  }
+  SECTION("a remap onto a bad slot") {
+    plant_unit(s, 1, s.sb().epoch, s.sb().uuid, {Record{Record::kBadSlot, Cause::kManual, 0, 1}});
+    RemapTable t;
+    auto r = s.reopen(t);
+    REQUIRE_FALSE(r.is_ok());
+    CHECK_THAT(r.status().message(), Catch::Contains("slot 1 is claimed by block 2 and by the bad-slot list"));
+  }
+  SECTION("control: a block moved to a new slot frees nothing twice") {
+    plant_unit(s, 1, s.sb().epoch, s.sb().uuid,
+               {Record{Record::kBadSlot, Cause::kManual, 0, 0}, remap(1, 2)});
+    RemapTable t;
+    REQUIRE(s.reopen(t).is_ok());
+    CHECK(t.bad_slots() == std::vector<uint64_t>{0});
   }
 }
 

@@ -69,7 +69,7 @@ void Superblock::encode(char* out) const {
   le::put32(out + kSuperblockCrcBytes, crc32c(out, kSuperblockCrcBytes));
 }
 
-std::optional<Superblock> Superblock::decode(const char* in) {
+std::optional<Superblock> Superblock::decode(const char* in, std::string* problem) {
   if (std::memcmp(in, kSuperMagic, 8) != 0) return std::nullopt;
   if (le::get32(in + kSuperblockCrcBytes) != crc32c(in, kSuperblockCrcBytes)) return std::nullopt;
   if (le::get32(in + 8) != kFormatVersion) return std::nullopt;
@@ -93,16 +93,72 @@ std::optional<Superblock> Superblock::decode(const char* in) {
   s.epoch = le::get64(in + 144);
   s.format_time = le::get64(in + 152);
   s.main_identity.assign(in + 160, strnlen(in + 160, 63));
-  // A checksummed superblock with impossible geometry is still not trusted.
-  const bool sane = valid_block_size(s.block_size) && s.active_checkpoint < 2 &&
-                    s.checkpoint_bytes >= kMetaUnit && s.journal_bytes >= kMetaUnit &&
-                    s.journal_bytes % kMetaUnit == 0 &&
-                    s.slot_offset % s.block_size == 0 &&
-                    s.slot_count <= (s.spare_size - std::min(s.spare_size, s.slot_offset)) /
-                                        s.block_size &&
-                    s.slot_count <= RemapTable::kSlotMask;
-  if (!sane) return std::nullopt;
+  // A checksummed superblock with impossible geometry is still not trusted:
+  // it is damaged, or made to harm whoever reads it.
+  const std::string why = s.geometry_problem();
+  if (!why.empty()) {
+    if (problem) *problem = why;
+    return std::nullopt;
+  }
   return s;
+}
+
+std::string Superblock::geometry_problem() const {
+  const auto num = [](uint64_t v) { return std::to_string(v); };
+  if (!valid_block_size(block_size)) return "block size " + num(block_size) + " is not possible";
+  if (main_size == 0 || main_size % block_size != 0) {
+    return "main's size " + num(main_size) + " is not a non-zero multiple of the block size";
+  }
+  if (active_checkpoint > 1) return "active checkpoint " + num(active_checkpoint) + " is not 0 or 1";
+  if (slot_count == 0 || slot_count > RemapTable::kSlotMask ||
+      slot_count > spare_size / block_size) {
+    return "slot count " + num(slot_count) + " is out of range";
+  }
+  if (pending_capacity > kMaxPendingCapacity) {
+    return "pending capacity " + num(pending_capacity) + " is out of range";
+  }
+  if (journal_bytes < kMetaUnit || journal_bytes % kMetaUnit != 0 ||
+      journal_bytes > kMaxJournalBytes) {
+    return "journal size " + num(journal_bytes) + " is not a multiple of 4096 up to 1 GiB";
+  }
+  if (checkpoint_bytes % kMetaUnit != 0 ||
+      checkpoint_bytes < kMetaUnit + (slot_count + pending_capacity) * kCheckpointEntryBytes) {
+    return "checkpoint size " + num(checkpoint_bytes) +
+           " cannot hold every slot and pending block";
+  }
+  if (slot_offset % block_size != 0 || slot_offset % kMetaUnit != 0) {
+    return "slot pool offset " + num(slot_offset) + " is not aligned";
+  }
+  // Every region inside the spare, none overlapping another. The sizes are
+  // bounded above, so none of these sums overflows.
+  struct Region {
+    const char* name;
+    uint64_t start, bytes;
+  };
+  const Region regions[] = {
+      {"the superblocks", 0, 2 * kMetaUnit},
+      {"checkpoint area 0", checkpoint_offset[0], checkpoint_bytes},
+      {"checkpoint area 1", checkpoint_offset[1], checkpoint_bytes},
+      {"journal copy 0", journal_offset[0], journal_bytes},
+      {"journal copy 1", journal_offset[1], journal_bytes},
+      {"the slot pool", slot_offset, slot_count * block_size},
+  };
+  for (const Region& r : regions) {
+    if (r.start % kMetaUnit != 0) return std::string(r.name) + " is not 4096-byte aligned";
+    if (r.start > spare_size || r.bytes > spare_size - r.start) {
+      return std::string(r.name) + " ends past the spare's " + num(spare_size) + " bytes";
+    }
+  }
+  for (size_t i = 0; i < std::size(regions); ++i) {
+    for (size_t j = i + 1; j < std::size(regions); ++j) {
+      const Region& a = regions[i];
+      const Region& b = regions[j];
+      if (a.start < b.start + b.bytes && b.start < a.start + a.bytes) {
+        return std::string(a.name) + " overlaps " + b.name;
+      }
+    }
+  }
+  return {};
 }
 
 Result<Superblock> plan_layout(const LayoutParams& p) {
@@ -124,6 +180,15 @@ Result<Superblock> plan_layout(const LayoutParams& p) {
                         ? round_up(p.journal_bytes, kMetaUnit)
                         : std::clamp<uint64_t>(round_up(p.spare_size / 1024, kMetaUnit),
                                                256 * 1024, 32 << 20);
+  if (s.journal_bytes > kMaxJournalBytes) {
+    return Status::error(EINVAL, "journal size " + std::to_string(s.journal_bytes) +
+                                     " is over the limit of 1 GiB");
+  }
+  if (p.pending_capacity > kMaxPendingCapacity) {
+    return Status::error(EINVAL, "pending capacity " + std::to_string(p.pending_capacity) +
+                                     " is over the limit of " +
+                                     std::to_string(kMaxPendingCapacity));
+  }
   const uint64_t align = std::max<uint64_t>(p.block_size, kMetaUnit);
   auto layout = [&](uint64_t slots) {
     const uint64_t pending = p.pending_capacity ? p.pending_capacity : std::max<uint64_t>(slots, 64);

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstring>
 #include <ctime>
-#include <set>
 
 #include "dmremap/crc32c.h"
 #include "endian.h"
@@ -172,18 +171,54 @@ std::optional<JournalUnit> read_unit(BlockDevice& spare, const Superblock& sb, u
   return std::nullopt;
 }
 
+// "" when no slot holds two blocks and no bad slot holds one; otherwise the
+// first such slot, in words. Serving such a table would hand one block's
+// data to another.
+std::string slot_used_twice(const RemapTable& table) {
+  std::vector<std::pair<uint64_t, uint64_t>> slots;  // (slot, block), bad: block = ~0
+  slots.reserve(table.remaps() + table.bad_slots().size());
+  table.for_each([&](const RemapTable::Entry& e) {
+    if (!RemapTable::is_pending(e.value)) slots.emplace_back(RemapTable::slot_of(e.value), e.block);
+  });
+  for (uint64_t s : table.bad_slots()) slots.emplace_back(s, ~uint64_t{0});
+  std::sort(slots.begin(), slots.end());
+  for (size_t i = 1; i < slots.size(); ++i) {
+    if (slots[i].first != slots[i - 1].first) continue;
+    if (slots[i].second == ~uint64_t{0} && slots[i - 1].second == ~uint64_t{0}) continue;
+    const auto who = [](uint64_t block) {
+      return block == ~uint64_t{0} ? std::string("the bad-slot list")
+                                   : "block " + std::to_string(block);
+    };
+    return "slot " + std::to_string(slots[i].first) + " is claimed by " +
+           who(slots[i - 1].second) + " and by " + who(slots[i].second);
+  }
+  return {};
+}
+
 }  // namespace
 
 Result<FoundSuperblock> read_superblock(BlockDevice& spare) {
   if (spare.size() < 2 * kMetaUnit) return Status::error(EINVAL, not_formatted(spare));
   MetaBuffer buf(kMetaUnit);
   std::optional<Superblock> sb[2];
+  std::string problem[2];
   for (int i = 0; i < 2; ++i) {
     if (spare.read(buf.data, kMetaUnit, kSuperblockOffset[i]).is_ok()) {
-      sb[i] = Superblock::decode(buf.data);
+      sb[i] = Superblock::decode(buf.data, &problem[i]);
     }
   }
-  if (!sb[0] && !sb[1]) return Status::error(ENOENT, not_formatted(spare));
+  if (!sb[0] && !sb[1]) {
+    // A checksummed superblock whose geometry is impossible is not "not
+    // formatted": say what is wrong with it.
+    for (int i = 0; i < 2; ++i) {
+      if (!problem[i].empty()) {
+        return Status::error(EUCLEAN, spare.name() + ": superblock copy " + std::to_string(i) +
+                                          " is refused: " + problem[i] +
+                                          " (damaged, or not written by dmremap)");
+      }
+    }
+    return Status::error(ENOENT, not_formatted(spare));
+  }
   const int best = !sb[1] || (sb[0] && sb[0]->generation > sb[1]->generation) ? 0 : 1;
   const bool other = sb[1 - best].has_value();
   if (sb[best]->spare_size > spare.size()) {
@@ -301,6 +336,10 @@ Result<std::unique_ptr<MetadataStore>> MetadataStore::open(std::shared_ptr<Block
   }
   if (table.next_slot() > sb.slot_count) {
     return Status::error(EUCLEAN, spare->name() + ": metadata uses slots beyond the pool");
+  }
+  if (auto dup = slot_used_twice(table); !dup.empty()) {
+    return Status::error(EUCLEAN, spare->name() + ": " + dup +
+                                      "; the metadata is damaged. Run `dmremap check`");
   }
   if (writable) {
     Status s = i > 0 ? store->checkpoint(table, false) : [&] {
@@ -477,15 +516,6 @@ CheckReport check_metadata(std::shared_ptr<BlockDevice> spare) {
                            " cannot be read in one of them");
     }
   }
-  // No slot may hold two blocks, and no bad slot may hold one.
-  std::set<uint64_t> seen(table.bad_slots().begin(), table.bad_slots().end());
-  table.for_each([&](const RemapTable::Entry& e) {
-    if (RemapTable::is_pending(e.value)) return;
-    if (!seen.insert(RemapTable::slot_of(e.value)).second) {
-      r.problems.push_back("slot " + std::to_string(RemapTable::slot_of(e.value)) +
-                           " is used twice (block " + std::to_string(e.block) + ")");
-    }
-  });
   if (table.pending() > sb.pending_capacity) {
     r.problems.push_back("more pending blocks than the pending list can hold");
   }

@@ -23,6 +23,10 @@ inline constexpr size_t kRecordsPerUnit = (kMetaUnit - kJournalHeaderBytes) / kJ
 inline constexpr size_t kCheckpointEntryBytes = 16;
 inline constexpr uint64_t kBadSlotKey = ~uint64_t{0};  // checkpoint key of a bad-slot entry
 inline constexpr uint32_t kFlagClean = 1;              // superblock flag: closed cleanly
+// Bounds on what a superblock may say, so that a hostile image cannot make
+// open loop for ever or allocate without end.
+inline constexpr uint64_t kMaxJournalBytes = uint64_t{1} << 30;
+inline constexpr uint64_t kMaxPendingCapacity = uint64_t{1} << 40;
 
 using Uuid = std::array<uint8_t, 16>;
 std::string uuid_string(const Uuid& u);
@@ -55,8 +59,12 @@ struct Superblock {
 
   // Writes the 4096-byte image (CRC included).
   void encode(char* out) const;
-  // Parses a 4096-byte image; nullopt when the magic, version or CRC is wrong.
-  static std::optional<Superblock> decode(const char* in);
+  // Parses a 4096-byte image; nullopt when the magic, version or CRC is
+  // wrong, or when the geometry is impossible (then `problem` says why).
+  static std::optional<Superblock> decode(const char* in, std::string* problem = nullptr);
+  // "" when every region lies inside the spare, aligned and apart from the
+  // others, and every count is in bounds; otherwise what is wrong.
+  std::string geometry_problem() const;
 };
 
 // Where everything goes on a spare of `spare_size` bytes.

@@ -519,3 +519,32 @@ TEST_CASE("spare: a full filesystem under the spare (ENOSPC) marks no slot bad",
   REQUIRE(s.engine->write(d.data(), B, 3 * B, false).is_ok());
   CHECK(s.engine->stats().remaps == 1);
 }
+
+TEST_CASE("spare: a journal copy that refuses writes degrades the set, it does not stop it",
+          "[engine][spare]") {
+  auto s = test::make_set();
+  const Superblock& sb = s.engine->superblock();
+  for (uint64_t sector = sb.journal_offset[1] / 512;
+       sector < (sb.journal_offset[1] + sb.journal_bytes) / 512; ++sector) {
+    s.spare->add_write_error(sector);
+  }
+  const auto data = test::pattern(B, 3);
+  s.main->add_write_error(7);
+  REQUIRE(s.engine->write(data.data(), B, 7 * B, false).is_ok());
+  REQUIRE(s.engine->flush().is_ok());
+  auto st = s.engine->stats();
+  CHECK(st.remaps == 1);
+  CHECK_FALSE(st.journal_broken);
+  CHECK(st.health == Health::kWarning);
+  CHECK_THAT(st.health_reason, Catch::Contains("journal copy 1 refuses writes"));
+  // Still writable, and the remap survives a crash.
+  s.main->add_write_error(8);
+  REQUIRE(s.engine->write(data.data(), B, 8 * B, false).is_ok());
+  test::reopen(s);
+  std::vector<char> back(B);
+  REQUIRE(s.engine->read(back.data(), B, 7 * B).is_ok());
+  CHECK(back == data);
+  REQUIRE(s.engine->read(back.data(), B, 8 * B).is_ok());
+  CHECK(back == data);
+  CHECK(s.engine->stats().remaps == 2);
+}

@@ -742,6 +742,56 @@ TEST_CASE("superblocks: a torn new superblock leaves the previous state intact",
   }
 }
 
+TEST_CASE("superblocks: a copy that refuses writes is taken over by the other, degraded",
+          "[journal]") {
+  Spare s;
+  REQUIRE(s.append({remap(1, 0)}).is_ok());
+  const int older = 1 - read_superblock(*s.mem)->copy;
+  s.dev->add_write_error(kSuperblockOffset[older] / 512);
+  SECTION("checkpoints and appends go on; a reopen finds everything") {
+    for (uint64_t i = 2; i < 12; ++i) {
+      REQUIRE(s.append({remap(i, i - 1)}).is_ok());
+      if (i % 3 == 0) REQUIRE(s.store->checkpoint(s.table).is_ok());
+    }
+    CHECK(s.dev->failed_writes() == 1);  // tried once, then left alone
+    REQUIRE(s.store->degraded().size() == 1);
+    CHECK_THAT(s.store->degraded()[0],
+               Catch::Contains("superblock copy " + std::to_string(older) + " refuses writes"));
+    RemapTable t;
+    REQUIRE(s.reopen(t).is_ok());
+    CHECK(snap(t) == snap(s.table));
+  }
+  SECTION("a writable open is not blocked by it") {
+    s.store.reset();
+    RemapTable t;
+    auto r = s.reopen(t, nullptr, /*writable=*/true);
+    REQUIRE(r.is_ok());
+    CHECK(r.value()->degraded().size() == 1);
+    CHECK(snap(t) == snap(s.table));
+  }
+  SECTION("the stale copy alone, several checkpoints behind, rolls forward to the newest") {
+    // The refused copy still reads its old contents; then the kept copy is
+    // lost too. The newest complete checkpoint and its journal hold it all.
+    for (uint64_t i = 2; i < 9; ++i) {
+      REQUIRE(s.append({remap(i, i - 1)}).is_ok());
+      if (i % 2 == 0) REQUIRE(s.store->checkpoint(s.table).is_ok());
+    }
+    REQUIRE(s.append({pending(40)}).is_ok());
+    s.store.reset();
+    s.dev->clear_faults();
+    s.corrupt(kSuperblockOffset[1 - older], kMetaUnit);
+    const auto stale = superblock_at(s, older);
+    REQUIRE(stale.has_value());
+    RemapTable t;
+    OpenReport rep;
+    auto r = s.reopen(t, &rep);
+    REQUIRE(r.is_ok());
+    CHECK(r.value()->superblock().epoch >= stale->epoch + 3);
+    CHECK(contains(rep.warnings, "rolled forward"));
+    CHECK(snap(t) == snap(s.table));
+  }
+}
+
 TEST_CASE("superblocks: a hostile or damaged geometry is refused with a clear message",
           "[journal]") {
   Spare s;
@@ -867,38 +917,43 @@ TEST_CASE("journal: bad sectors inside the journal", "[journal]") {
     CHECK(snap(t) == snap(s.table));
     CHECK(rep.journal_copy_repairs == 1);
   }
-  SECTION("a sector of copy 1 refuses writes: the append fails and claims nothing") {
+  for (int bad : {0, 1}) {
+    DYNAMIC_SECTION("a sector of copy " << bad << " refuses writes: the append goes on in the "
+                    "other copy, degraded, and nothing is lost") {
+      s.dev->add_write_error(s.unit_offset(bad, 3) / 512);
+      const Status st = s.append({remap(3, 2)});
+      REQUIRE(st.is_ok());
+      CHECK(s.store->journal_next() == 4);
+      CHECK(s.dev->failed_writes() == 1);
+      REQUIRE(s.store->degraded().size() == 1);
+      CHECK_THAT(s.store->degraded()[0],
+                 Catch::Contains("journal copy " + std::to_string(bad) + " refuses writes"));
+      CHECK(s.unit_bytes(bad, 3) == std::vector<char>(kMetaUnit, 0));
+      // Later appends go on, and the store is not refused.
+      REQUIRE(s.append({remap(4, 3)}).is_ok());
+      RemapTable t;
+      OpenReport rep;
+      REQUIRE(s.reopen(t, &rep).is_ok());
+      CHECK(snap(t) == snap(s.table));
+      CHECK(slot_of(t, 3) == 2u);
+      CHECK(rep.journal_units == 5);
+      CHECK(rep.journal_copy_repairs == (bad == 0 ? 1u : 0u));
+      CHECK(contains(check_metadata(s.dev).problems, "journal unit 3 differs"));
+    }
+  }
+  SECTION("both copies refuse writes: the append fails and claims nothing") {
+    s.dev->add_write_error(s.unit_offset(0, 3) / 512);
     s.dev->add_write_error(s.unit_offset(1, 3) / 512);
     const Snapshot before = snap(s.table);
     const Status st = s.append({remap(3, 2)});
     CHECK(st.code() == EIO);
     CHECK_THAT(st.message(), Catch::Contains("injected write error"));
     CHECK(snap(s.table) == before);
-    CHECK(s.store->journal_next() == 3);  // the unit is not counted as written
-    CHECK(s.dev->failed_writes() == 1);
-    // Copy 0 got the whole unit before copy 1 failed: the record, never
-    // acknowledged, may come back (records are independent; the engine
-    // refuses writes from here on). check tells the copies disagree.
+    CHECK(s.store->journal_next() == 3);
     RemapTable t;
-    OpenReport rep;
-    REQUIRE(s.reopen(t, &rep).is_ok());
-    CHECK(slot_of(t, 3) == 2u);
-    CHECK(rep.journal_units == 4);
-    CHECK(contains(check_metadata(s.dev).problems, "journal unit 3 differs"));
-  }
-  SECTION("a sector of copy 0 refuses writes: the append fails, nothing reaches copy 1") {
-    s.dev->add_write_error(s.unit_offset(0, 3) / 512);
-    const Snapshot before = snap(s.table);
-    const Status st = s.append({remap(3, 2)});
-    CHECK(st.code() == EIO);
-    CHECK(snap(s.table) == before);
-    CHECK(s.unit_bytes(1, 3) == std::vector<char>(kMetaUnit, 0));
-    RemapTable t;
-    OpenReport rep;
-    REQUIRE(s.reopen(t, &rep).is_ok());
+    REQUIRE(s.reopen(t).is_ok());
     CHECK(snap(t) == before);
     CHECK(is_pending(t, 3));
-    CHECK(rep.journal_units == 3);
   }
 }
 
@@ -1035,8 +1090,9 @@ TEST_CASE("journal: an append acknowledged after a failed checkpoint survives a 
           "[journal]") {
   Spare s;
   REQUIRE(s.append({remap(1, 0)}).is_ok());
-  const int target = 1 - read_superblock(*s.mem)->copy;
-  s.dev->add_write_error(kSuperblockOffset[target] / 512);
+  // Both copies: one that refuses writes alone is taken over by the other.
+  s.dev->add_write_error(kSuperblockOffset[0] / 512);
+  s.dev->add_write_error(kSuperblockOffset[1] / 512);
   CHECK(s.store->checkpoint(s.table).code() == EIO);
   s.dev->clear_faults();  // the fault was transient
   const Status st = s.append({remap(2, 1)});

@@ -103,6 +103,7 @@ Json stats_json(const EngineStats& s, bool live) {
   j["main"] = main;
   j["flush_failure"] = s.flush_failure;
   j["journal_broken"] = s.journal_broken;
+  j["metadata_degraded"] = s.metadata_degraded;
   j["requests"] = {{"reads", s.reads},       {"writes", s.writes},
                    {"flushes", s.flushes},   {"trims", s.trims},
                    {"zeroes", s.zeroes},     {"bytes_read", s.bytes_read},

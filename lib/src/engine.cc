@@ -70,6 +70,9 @@ void assess_health(EngineStats& s, unsigned warn_percent) {
   } else if (s.slots_free == 0) {
     s.health = Health::kFailing;
     s.health_reason = "the spare pool is exhausted: writes that need a slot fail with ENOSPC";
+  } else if (!s.metadata_degraded.empty()) {
+    s.health = Health::kWarning;
+    s.health_reason = "the spare's metadata is degraded: " + s.metadata_degraded.front();
   } else if ((s.slots_used + s.slots_bad) * 100 >= uint64_t{warn_percent} * s.slots_total) {
     s.health = Health::kWarning;
     s.health_reason = std::to_string((s.slots_used + s.slots_bad) * 100 / s.slots_total) +
@@ -1059,6 +1062,7 @@ EngineStats Engine::stats() {
                             : flush_failure_;
     }
   }
+  s.metadata_degraded = store_->degraded();
   SharedGuard g(gate_);
   fill_table_stats(s, table_, store_->superblock(), options_.warn_percent);
   return s;

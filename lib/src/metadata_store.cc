@@ -5,6 +5,7 @@
 #include <ctime>
 
 #include "dmremap/crc32c.h"
+#include "dmremap/log.h"
 #include "endian.h"
 
 namespace dmremap {
@@ -141,6 +142,16 @@ Status read_checkpoint(BlockDevice& spare, const Superblock& sb, RemapTable& tab
   return Status::ok();
 }
 
+// The epoch in the header of checkpoint area `area`, when the header is
+// valid and of this set; nothing is said of its entries.
+std::optional<uint64_t> checkpoint_epoch(BlockDevice& spare, const Superblock& sb, int area) {
+  MetaBuffer head(kMetaUnit);
+  if (!spare.read(head.data, kMetaUnit, sb.checkpoint_offset[area]).is_ok()) return std::nullopt;
+  auto h = CheckpointHeader::decode(head.data);
+  if (!h || h->uuid != sb.uuid) return std::nullopt;
+  return h->epoch;
+}
+
 bool record_in_range(const Record& r, const Superblock& sb) {
   const uint64_t main_blocks = sb.main_size / sb.block_size;
   switch (r.type) {
@@ -271,27 +282,38 @@ Result<std::unique_ptr<MetadataStore>> MetadataStore::open(std::shared_ptr<Block
   rep.was_clean = found->sb.clean();
   if (!found->other_valid) {
     rep.warnings.push_back("superblock copy " + std::to_string(1 - found->copy) +
-                           " is damaged; the next metadata write repairs it");
+                           " is damaged; the next metadata write repairs it, if that copy takes writes");
   }
   std::unique_ptr<MetadataStore> store(new MetadataStore(spare, found->sb, found->copy));
-  // Roll forward: a complete checkpoint of the next epoch in the other area
-  // means a newer superblock was written, or was about to be, when the
-  // newest copy was lost (a bad sector, a torn write). That checkpoint holds
-  // everything the older superblock's checkpoint and journal hold, and the
-  // journal after it may hold more; falling back to the older state would
-  // serve stale data.
+  // Roll forward: a complete checkpoint of a later epoch than the
+  // superblock's means a newer superblock was written, or was about to be,
+  // when the newest copy was lost (a bad sector, a torn write). That
+  // checkpoint holds everything the older superblock's checkpoint and
+  // journal hold, and the journal after it may hold more; falling back to
+  // the older state would serve stale data. The later of the two areas
+  // wins, so a superblock copy left behind by several checkpoints (the
+  // other copy refused writes for a while) still finds the newest state.
   {
-    Superblock next = store->sb_;
-    next.active_checkpoint = 1 - next.active_checkpoint;
-    next.epoch += 1;
-    RemapTable newer;
-    if (read_checkpoint(*spare, next, newer).is_ok()) {
-      rep.warnings.push_back("rolled forward to checkpoint " +
-                             std::to_string(next.active_checkpoint) + " of epoch " +
-                             std::to_string(next.epoch) +
-                             ": the newest superblock was lost or never written");
-      store->sb_.active_checkpoint = next.active_checkpoint;
-      store->sb_.epoch = next.epoch;
+    uint64_t best_epoch = store->sb_.epoch;
+    int best_area = -1;
+    for (int area = 0; area < 2; ++area) {
+      const auto epoch = checkpoint_epoch(*spare, store->sb_, area);
+      if (!epoch || *epoch <= best_epoch) continue;
+      Superblock next = store->sb_;
+      next.active_checkpoint = static_cast<uint32_t>(area);
+      next.epoch = *epoch;
+      RemapTable newer;
+      if (!read_checkpoint(*spare, next, newer).is_ok()) continue;
+      best_epoch = *epoch;
+      best_area = area;
+    }
+    if (best_area >= 0) {
+      rep.warnings.push_back("rolled forward to checkpoint " + std::to_string(best_area) +
+                             " of epoch " + std::to_string(best_epoch) + " (the superblock says " +
+                             std::to_string(store->sb_.epoch) +
+                             "): the newest superblock was lost or never written");
+      store->sb_.active_checkpoint = static_cast<uint32_t>(best_area);
+      store->sb_.epoch = best_epoch;
       store->sb_.flags &= ~kFlagClean;
     }
   }
@@ -352,16 +374,37 @@ Result<std::unique_ptr<MetadataStore>> MetadataStore::open(std::shared_ptr<Block
   return store;
 }
 
+Result<int> MetadataStore::put_superblock(const Superblock& next) {
+  MetaBuffer buf(kMetaUnit);
+  next.encode(buf.data);
+  // The older copy, so that a torn write leaves the newer one. When that
+  // copy refuses writes (a bad sector) the current one takes the write
+  // instead, and the set goes on with one superblock that is kept up to
+  // date: degraded, and said so, but not refused. A spare that is gone
+  // as a whole (a device errno) gets no second try.
+  int copy = 1 - sb_copy_;
+  if (copy == bad_sb_copy_) copy = sb_copy_;
+  Status w = spare_->write(buf.data, kMetaUnit, kSuperblockOffset[copy]);
+  if (!w.is_ok() && copy != sb_copy_ && classify_failure(w.code()) != FailureKind::kDevice) {
+    bad_sb_copy_ = copy;
+    note_degraded("superblock copy " + std::to_string(copy) + " refuses writes (" +
+                  w.to_string() + "); copy " + std::to_string(sb_copy_) +
+                  " is the only one kept up to date until the set is reopened");
+    copy = sb_copy_;
+    w = spare_->write(buf.data, kMetaUnit, kSuperblockOffset[copy]);
+  }
+  if (!w.is_ok()) return w;
+  if (auto s = spare_->flush(); !s.is_ok()) return s;
+  return copy;
+}
+
 Status MetadataStore::write_superblock(Superblock next) {
   next.generation = std::max(sb_.generation, tried_generation_) + 1;
   tried_generation_ = next.generation;
-  const int copy = 1 - sb_copy_;
-  MetaBuffer buf(kMetaUnit);
-  next.encode(buf.data);
-  if (auto s = spare_->write(buf.data, kMetaUnit, kSuperblockOffset[copy]); !s.is_ok()) return s;
-  if (auto s = spare_->flush(); !s.is_ok()) return s;
+  auto copy = put_superblock(next);
+  if (!copy.is_ok()) return copy.take_status();
   sb_ = std::move(next);
-  sb_copy_ = copy;
+  sb_copy_ = copy.value();
   return Status::ok();
 }
 
@@ -382,17 +425,29 @@ Status MetadataStore::heartbeat() {
   // whose flush failed is not written again under the same number.
   const uint64_t generation = std::max(sb_.generation, tried_generation_) + 1;
   tried_generation_ = generation;
-  const int copy = 1 - sb_copy_;
   Superblock next = sb_;
   next.generation = generation;
-  MetaBuffer buf(kMetaUnit);
-  next.encode(buf.data);
-  // A failed heartbeat leaves the other copy valid; the next one tries again.
-  if (auto s = spare_->write(buf.data, kMetaUnit, kSuperblockOffset[copy]); !s.is_ok()) return s;
-  if (auto s = spare_->flush(); !s.is_ok()) return s;
+  // A failed heartbeat leaves the other copy valid; the next one tries
+  // again. Only the generation changes: readers of the other fields (the
+  // engine's stats) run at the same time.
+  auto copy = put_superblock(next);
+  if (!copy.is_ok()) return copy.take_status();
   sb_.generation = generation;
-  sb_copy_ = copy;
+  sb_copy_ = copy.value();
   return Status::ok();
+}
+
+void MetadataStore::note_degraded(const std::string& what) {
+  log(LogLevel::kWarning, spare_->name() + ": " + what);
+  std::lock_guard l(degraded_mu_);
+  if (std::find(degraded_.begin(), degraded_.end(), what) == degraded_.end()) {
+    degraded_.push_back(what);
+  }
+}
+
+std::vector<std::string> MetadataStore::degraded() const {
+  std::lock_guard l(degraded_mu_);
+  return degraded_;
 }
 
 Status MetadataStore::checkpoint_now(const RemapTable& table, bool clean) {
@@ -453,9 +508,21 @@ Status MetadataStore::append_units(const std::vector<Record>& records, const Rem
     unit.records.assign(records.begin() + static_cast<ptrdiff_t>(from),
                         records.begin() + static_cast<ptrdiff_t>(to));
     unit.encode(buf.data);
+    // Both copies. One that refuses the write (a bad sector) leaves the
+    // journal with one good copy of this unit: a loud warning, not a
+    // refusal. Replay reads whichever copy is valid.
+    Status failed[2];
     for (int copy = 0; copy < 2; ++copy) {
       const uint64_t off = sb_.journal_offset[copy] + unit.sequence * kMetaUnit;
-      if (auto s = spare_->write(buf.data, kMetaUnit, off); !s.is_ok()) return s;
+      failed[copy] = spare_->write(buf.data, kMetaUnit, off);
+    }
+    if (!failed[0].is_ok() && !failed[1].is_ok()) return std::move(failed[0]);
+    for (int copy = 0; copy < 2; ++copy) {
+      if (failed[copy].is_ok()) continue;
+      if (classify_failure(failed[copy].code()) == FailureKind::kDevice) return failed[copy];
+      note_degraded("journal copy " + std::to_string(copy) + " refuses writes (" +
+                    failed[copy].to_string() + "): units are kept in copy " +
+                    std::to_string(1 - copy) + " alone");
     }
     // One flush per unit: a later unit is never durable before an earlier
     // one, so replay can tell a crash (the journal just ends) from a lost

@@ -70,6 +70,9 @@ struct EngineStats {
   std::string main_offline_reason;
   // A flush failed with writes outstanding: FLUSH and FUA fail until restart.
   std::string flush_failure;
+  // Metadata kept in one copy instead of two (a superblock or journal copy
+  // that refuses writes), in words.
+  std::vector<std::string> metadata_degraded;
   Health health = Health::kOk;
   std::string health_reason;
 };

@@ -3,6 +3,7 @@
 
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -69,11 +70,19 @@ class MetadataStore {
   // Writes `table` as the new checkpoint and empties the journal. With
   // `clean`, the superblock says the set was closed cleanly.
   Status checkpoint(const RemapTable& table, bool clean = false);
+  // What works with one copy instead of two since open (a superblock or
+  // journal copy that refuses writes), in words; empty when nothing does.
+  // Thread-safe.
+  std::vector<std::string> degraded() const;
 
  private:
   MetadataStore(std::shared_ptr<BlockDevice> spare, Superblock sb, int sb_copy)
       : spare_(std::move(spare)), sb_(std::move(sb)), sb_copy_(sb_copy) {}
   Status write_superblock(Superblock next);
+  // Writes `next` to the older superblock copy, or to the current one when
+  // the older refuses writes; returns the copy written.
+  Result<int> put_superblock(const Superblock& next);
+  void note_degraded(const std::string& what);
   Status checkpoint_now(const RemapTable& table, bool clean);
   Status append_units(const std::vector<Record>& records, const RemapTable& table,
                       uint64_t units);
@@ -87,6 +96,10 @@ class MetadataStore {
   // The highest generation this store tried to write; one that may or may
   // not have reached the spare.
   uint64_t tried_generation_ = 0;
+  // A superblock copy that refused a write: not tried again until reopen.
+  int bad_sb_copy_ = -1;
+  mutable std::mutex degraded_mu_;
+  std::vector<std::string> degraded_;
 };
 
 // Reads both superblocks and returns the newest valid one and its copy.

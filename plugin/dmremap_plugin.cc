@@ -29,7 +29,14 @@ namespace {
 dmremap::SetConfig g_config;
 std::unique_ptr<dmremap::Engine> g_engine;
 std::string g_control_path;
-std::unique_ptr<dmremap::ControlServer> g_control;
+// Not a unique_ptr: in background mode nbdkit's parent process exits
+// through exit() after the fork, and a static destructor there would
+// remove the socket the child serves. .cleanup (in the child) drops it.
+dmremap::ControlServer* g_control = nullptr;
+void drop_control() {
+  delete g_control;
+  g_control = nullptr;
+}
 
 // Every callback runs through here: no exception may cross into nbdkit, and
 // every error reaches the client with its errno.
@@ -61,7 +68,7 @@ bool parse_bool(const char* key, const char* value, bool& out) {
   return true;
 }
 
-int dmremap_config(const char* key, const char* value) {
+int dmremap_config_unguarded(const char* key, const char* value) {
   const std::string k = key;
   if (k == "main" || k == "spare") {
     // Paths become absolute: nbdkit may change directory when it forks.
@@ -103,6 +110,10 @@ int dmremap_config(const char* key, const char* value) {
     }
     g_config.engine.unreadable_zero = v == "zero";
   } else if (k == "control") {
+    if (!g_control_path.empty()) {
+      nbdkit_error("control= is given twice");
+      return -1;
+    }
     char* abs = nbdkit_absolute_path(value);
     if (!abs) return -1;
     g_control_path = abs;
@@ -114,6 +125,16 @@ int dmremap_config(const char* key, const char* value) {
     return -1;
   }
   return 0;
+}
+
+// No exception (bad_alloc) may reach nbdkit.
+int dmremap_config(const char* key, const char* value) {
+  try {
+    return dmremap_config_unguarded(key, value);
+  } catch (const std::exception& e) {
+    nbdkit_error("%s: %s", key, e.what());
+    return -1;
+  }
 }
 
 int dmremap_config_complete() {
@@ -154,36 +175,50 @@ bool opens_after_fork() {
   return dmremap::is_nbd_uri(g_config.main) || dmremap::is_nbd_uri(g_config.spare);
 }
 
+// The control socket is created before the fork, so a bad path stops
+// start-up on the terminal (the listening socket survives the fork); its
+// thread must run in the process that serves, so it starts after.
 int dmremap_get_ready() {
   route_logs();
-  if (opens_after_fork()) return 0;
-  return guarded("dmremap", open_engine);
-}
-
-// The control socket's thread must run in the process that serves, so it
-// starts after the fork, whichever way the set was opened.
-dmremap::Status start_control() {
-  if (g_control_path.empty()) return dmremap::Status::ok();
-  auto server = dmremap::ControlServer::start(g_control_path, dmremap::engine_commands(*g_engine));
-  if (!server.is_ok()) return server.take_status();
-  g_control = std::move(server.value());
-  nbdkit_debug("control socket %s", g_control_path.c_str());
-  return dmremap::Status::ok();
+  const int r = guarded("dmremap", [] {
+    if (!opens_after_fork()) {
+      if (dmremap::Status s = open_engine(); !s.is_ok()) return s;
+    }
+    if (g_control_path.empty()) return dmremap::Status::ok();
+    auto server = dmremap::ControlServer::listen(g_control_path);
+    if (!server.is_ok()) return server.take_status();
+    g_control = server.value().release();
+    return dmremap::Status::ok();
+  });
+  // nbdkit exits without .cleanup when this fails: leave the set clean.
+  if (r != 0 && g_engine) {
+    (void)g_engine->close();
+    g_engine.reset();
+  }
+  return r;
 }
 
 int dmremap_after_fork() {
-  return guarded("dmremap", [] {
+  const int r = guarded("dmremap", [] {
     if (opens_after_fork()) {
       dmremap::Status s = open_engine();
       if (!s.is_ok()) return s;
     }
-    return start_control();
+    if (g_control) return g_control->serve(dmremap::engine_commands(*g_engine));
+    return dmremap::Status::ok();
   });
+  // As above; and the socket goes too.
+  if (r != 0) {
+    drop_control();
+    if (g_engine) (void)g_engine->close();
+    g_engine.reset();
+  }
+  return r;
 }
 
 // Shutdown: nbdkit has finished every request; flush and leave clean metadata.
 void dmremap_cleanup() {
-  g_control.reset();
+  drop_control();
   if (!g_engine) return;
   (void)guarded("shutdown", [] { return g_engine->close(); });
   g_engine.reset();

@@ -198,6 +198,21 @@ int main(int argc, char** argv) {
     return 2;
   }
 
+  // Before any NBD socket is bound: a failure here leaves nothing behind.
+  std::unique_ptr<dmremap::ControlServer> control;
+  if (!control_path.empty()) {
+    auto started =
+        dmremap::ControlServer::start(control_path, dmremap::engine_commands(*engine.value()));
+    if (!started.is_ok()) {
+      std::fprintf(stderr, "dmremap-server: cannot serve: %s\n",
+                   started.status().to_string().c_str());
+      (void)engine.value()->close();
+      return 1;
+    }
+    control = std::move(started.value());
+    std::fprintf(stderr, "dmremap-server: control socket %s\n", control_path.c_str());
+  }
+
   std::vector<std::unique_ptr<asio::ip::tcp::acceptor>> tcp_acceptors;
   std::unique_ptr<asio::local::stream_protocol::acceptor> unix_acceptor;
   std::chrono::steady_clock::time_point drain_deadline;
@@ -265,18 +280,6 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "dmremap-server: cannot serve: %s\n", e.what());
     (void)engine.value()->close();
     return 1;
-  }
-
-  std::unique_ptr<dmremap::ControlServer> control;
-  if (!control_path.empty()) {
-    auto started = dmremap::ControlServer::start(control_path, dmremap::engine_commands(*engine.value()));
-    if (!started.is_ok()) {
-      std::fprintf(stderr, "dmremap-server: cannot serve: %s\n", started.status().to_string().c_str());
-      (void)engine.value()->close();
-      return 1;
-    }
-    control = std::move(started.value());
-    std::fprintf(stderr, "dmremap-server: control socket %s\n", control_path.c_str());
   }
 
   // SIGTERM/SIGINT: stop accepting, stop reading requests, answer those in

@@ -196,6 +196,20 @@ if command -v nbdkit >/dev/null; then
   expect "status after nbdkit stops" 0 "$cli" status --spare spare.img --json
   equals "clean after SIGTERM" "$(json 'j["clean"]')" True
 
+  # A control path that cannot be used stops start-up, in the foreground and
+  # in the background (before the fork), and leaves the set as it was.
+  echo "not a socket" > not-a-socket
+  expect "nbdkit: a bad control= path stops start-up" 1 \
+    nbdkit --foreground --unix "$work/c.sock" "$plugin" main="$work/main.img" \
+    spare="$work/spare.img" control="$work/not-a-socket"
+  contains "bad control path: says why" "not a socket is in the way"
+  expect "nbdkit in the background: a bad control= path fails the start" 1 \
+    nbdkit --unix "$work/c.sock" "$plugin" main="$work/main.img" \
+    spare="$work/spare.img" control="$work/not-a-socket"
+  expect "status after a refused start" 0 "$cli" status --spare spare.img --json
+  equals "still clean after a refused start" "$(json 'j["clean"]')" True
+  equals "the file in the way is kept" "$(cat not-a-socket)" "not a socket"
+
   # An NBD URI as main whose reads all fail: that is main as a whole failing,
   # not a bad block (reads rule 7). remap says so and marks nothing.
   nbdkit --foreground --exit-with-parent --unix "$work/bad.sock" --filter=error \

@@ -204,3 +204,112 @@ TEST_CASE("control: bad requests get an error reply and the connection goes on",
   server.value().reset();
   REQUIRE(s.engine->close().is_ok());
 }
+
+namespace {
+int connect_raw(const std::string& path) {
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+  REQUIRE(fd >= 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
+  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  return fd;
+}
+}  // namespace
+
+TEST_CASE("control: a client that never reads its replies is not read either", "[control]") {
+  TempDir dir;
+  const std::string path = dir.path + "/ctl";
+  // A big reply per request, as a status is.
+  auto server = ControlServer::start(path, [](const Json&) {
+    return Json{{"filler", std::string(4000, 'x')}};
+  });
+  REQUIRE(server.is_ok());
+  const int fd = connect_raw(path);
+  const std::string req = "{\"command\":\"status\"}\n";
+  std::string flood;
+  for (int i = 0; i < 4096; ++i) flood += req;
+  // Send without reading until the server stops taking requests.
+  timeval tv{0, 300000};
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  size_t accepted = 0;
+  for (int round = 0; round < 200; ++round) {
+    const ssize_t n = ::send(fd, flood.data(), flood.size(), MSG_NOSIGNAL);
+    if (n <= 0) break;
+    accepted += static_cast<size_t>(n);
+  }
+  // 200 rounds of 86 KiB would be 17 MiB of requests and 3 GiB of replies;
+  // the server stopped reading once about 1 MiB of replies waited.
+  CHECK(accepted < 8u * 1024 * 1024);
+  // Everyone else is still answered.
+  CHECK(control_call(path, Json{{"command", "status"}}).is_ok());
+  ::close(fd);
+}
+
+TEST_CASE("control: a client that half-closes gets every reply, in order", "[control]") {
+  TempDir dir;
+  const std::string path = dir.path + "/ctl";
+  int n = 0;
+  auto server = ControlServer::start(path, [&n](const Json&) { return Json{{"n", n++}}; });
+  REQUIRE(server.is_ok());
+  const int fd = connect_raw(path);
+  std::string reqs;
+  for (int i = 0; i < 1000; ++i) reqs += "{\"command\":\"count\"}\n";
+  REQUIRE(::send(fd, reqs.data(), reqs.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(reqs.size()));
+  ::shutdown(fd, SHUT_WR);
+  std::string in;
+  char buf[65536];
+  for (ssize_t got; (got = ::recv(fd, buf, sizeof buf, 0)) > 0;) in.append(buf, static_cast<size_t>(got));
+  ::close(fd);
+  int lines = 0;
+  size_t at = 0;
+  for (size_t nl; (nl = in.find('\n', at)) != std::string::npos; at = nl + 1, ++lines) {
+    CHECK(Json::parse(in.substr(at, nl - at))["n"] == lines);
+  }
+  CHECK(lines == 1000);
+}
+
+TEST_CASE("control: a reply that is not UTF-8, or a handler that throws, harms nothing",
+          "[control]") {
+  TempDir dir;
+  const std::string path = dir.path + "/ctl";
+  auto server = ControlServer::start(path, [](const Json& r) -> Json {
+    if (r["command"] == "latin1") return Json{{"serial", "disk \xe9"}};
+    if (r["command"] == "throw") throw std::runtime_error("handler broke");
+    return Json{{"fine", true}};
+  });
+  REQUIRE(server.is_ok());
+  auto latin1 = control_call(path, Json{{"command", "latin1"}});
+  REQUIRE(latin1.is_ok());
+  CHECK(latin1.value()["serial"].get<std::string>().rfind("disk ", 0) == 0);
+  auto thrown = control_call(path, Json{{"command", "throw"}});
+  CHECK(thrown.status().code() == EIO);
+  CHECK_THAT(thrown.status().message(), Catch::Contains("handler broke"));
+  CHECK(control_call(path, Json{{"command", "ok"}}).is_ok());
+}
+
+TEST_CASE("control: idle clients are dropped, and past the limit a client gets EBUSY",
+          "[control]") {
+  TempDir dir;
+  const std::string path = dir.path + "/ctl";
+  ControlOptions o;
+  o.idle_timeout = std::chrono::milliseconds(300);
+  o.max_clients = 4;
+  auto server = ControlServer::start(path, [](const Json&) { return Json::object(); }, o);
+  REQUIRE(server.is_ok());
+  std::vector<int> idle;
+  for (int i = 0; i < 4; ++i) idle.push_back(connect_raw(path));
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  auto busy = control_call(path, Json{{"command", "status"}});
+  CHECK(busy.status().code() == EBUSY);
+  // The idle ones are closed by the server (end of file for them) ...
+  for (int fd : idle) {
+    char c;
+    timeval tv{5, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    CHECK(::recv(fd, &c, 1, 0) == 0);
+    ::close(fd);
+  }
+  // ... and their places are free again.
+  CHECK(control_call(path, Json{{"command", "status"}}).is_ok());
+}

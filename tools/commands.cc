@@ -246,6 +246,15 @@ void print_status(const Json& j, const std::string& control) {
   fmt::print("slots      {} used, {} bad, {} free of {} ({} used)\n", used, bad,
              j.value("slots_free", 0ull), total, percent(used + bad, total));
   if (served) {
+    // Every problem, not only the one health names first.
+    const std::string flush = j.value("flush_failure", std::string());
+    if (!flush.empty()) fmt::print("flush      failed: {}; FLUSH and FUA fail until restart\n", flush);
+    if (j.value("journal_broken", false)) {
+      fmt::print("journal    cannot be written: writes are refused until restart\n");
+    }
+    for (const Json& d : j.value("metadata_degraded", Json::array())) {
+      if (d.is_string()) fmt::print("degraded   {}\n", d.get<std::string>());
+    }
     fmt::print("state      served (figures from {})\n", control);
     const Json r = j.value("requests", Json::object());
     const Json e = j.value("errors", Json::object());

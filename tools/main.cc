@@ -89,10 +89,11 @@ int main(int argc, char** argv) {
   status->add_option("-m,--main", so.main, "Also check that this is the set's main");
   status->add_flag("--json", so.json, "Machine-readable output");
   status->add_option("--warn", so.warn_percent,
-                     "Health is 'warning' from this % of slots used (without --control; a server "
+                     "Health is 'warning' from this % of slots used (with --spare; a server "
                      "uses its own setting)")
       ->check(CLI::Range(0, 100))
-      ->capture_default_str();
+      ->capture_default_str()
+      ->excludes(control_opt);
   status->callback([&] {
     if (spare_opt->count() == 0 && control_opt->count() == 0) {
       throw CLI::ValidationError("status", "name the set: --spare SPARE, or --control SOCKET");

@@ -11,6 +11,8 @@
 #include <cerrno>
 #include <cstring>
 #include <ctime>
+#include <system_error>
+#include <thread>
 #include <vector>
 
 #include "dmremap/log.h"
@@ -34,18 +36,38 @@ Result<sockaddr_un> unix_address(const std::string& path) {
   return addr;
 }
 
-// A connected socket to `path`, or the connect's errno.
-Result<int> connect_to(const std::string& path) {
+// A connected socket to `path`, or the connect's errno. A listener whose
+// queue is full makes a blocking connect wait for ever; this one gives up
+// at `deadline` with ETIMEDOUT.
+Result<int> connect_to(const std::string& path, std::chrono::steady_clock::time_point deadline) {
   auto addr = unix_address(path);
   if (!addr.is_ok()) return addr.take_status();
-  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (fd < 0) return Status::from_errno("control socket " + path);
-  if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr.value()), sizeof(sockaddr_un)) != 0) {
-    Status s = Status::from_errno("control socket " + path);
+  for (;;) {
+    if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr.value()), sizeof(sockaddr_un)) ==
+        0) {
+      break;
+    }
+    const int err = errno;
+    if ((err == EAGAIN || err == EINTR) && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      continue;
+    }
     ::close(fd);
-    return s;
+    return Status::error(err == EAGAIN ? ETIMEDOUT : err,
+                         "control socket " + path +
+                             (err == EAGAIN ? ": the server accepts no connection" : ""));
   }
+  const int flags = ::fcntl(fd, F_GETFL);
+  (void)::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
   return fd;
+}
+
+// Replies are JSON; strings from the system (a disk's serial, strerror in
+// some locale) need not be UTF-8, and must not make dump() throw.
+std::string dump_line(const Json& j) {
+  return j.dump(-1, ' ', false, Json::error_handler_t::replace) + "\n";
 }
 
 Json error_reply(int code, const std::string& message) {
@@ -116,8 +138,12 @@ Json stats_json(const EngineStats& s, bool live) {
   return j;
 }
 
-Result<std::unique_ptr<ControlServer>> ControlServer::start(const std::string& path,
-                                                            Handler handler) {
+Result<std::unique_ptr<ControlServer>> ControlServer::listen(const std::string& path) {
+  return listen(path, Options());
+}
+
+Result<std::unique_ptr<ControlServer>> ControlServer::listen(const std::string& path,
+                                                             Options options) {
   auto addr = unix_address(path);
   if (!addr.is_ok()) return addr.take_status();
   struct stat st {};
@@ -126,12 +152,15 @@ Result<std::unique_ptr<ControlServer>> ControlServer::start(const std::string& p
       return Status::error(EEXIST, "control socket " + path +
                                        ": a file that is not a socket is in the way");
     }
-    auto other = connect_to(path);
-    if (other.is_ok()) {
-      ::close(other.value());
+    // Only a refused connection proves the owner gone. A busy server
+    // (ETIMEDOUT) or one we may not reach (EACCES) keeps its socket.
+    auto other = connect_to(path, std::chrono::steady_clock::now() + std::chrono::seconds(1));
+    if (other.is_ok() || other.status().code() == ETIMEDOUT) {
+      if (other.is_ok()) ::close(other.value());
       return Status::error(EADDRINUSE, "control socket " + path +
                                            ": another running server answers on it");
     }
+    if (other.status().code() != ECONNREFUSED) return other.take_status();
     ::unlink(path.c_str());  // left by a process that is gone
   }
   const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
@@ -152,15 +181,32 @@ Result<std::unique_ptr<ControlServer>> ControlServer::start(const std::string& p
     ::unlink(path.c_str());
     return s;
   }
-  std::unique_ptr<ControlServer> server(new ControlServer(path, fd, wake, std::move(handler)));
+  std::unique_ptr<ControlServer> server(new ControlServer(path, fd, wake, options));
   if (::stat(path.c_str(), &st) == 0) server->inode_ = st.st_ino;
-  server->thread_ = std::thread([s = server.get()] { s->run(); });
   return server;
 }
 
-ControlServer::ControlServer(std::string path, int listen_fd, int wake_fd, Handler handler)
-    : path_(std::move(path)), listen_fd_(listen_fd), wake_fd_(wake_fd),
-      handler_(std::move(handler)) {}
+Status ControlServer::serve(Handler handler) {
+  if (thread_.joinable()) return Status::error(EALREADY, "control socket " + path_ + ": served");
+  handler_ = std::move(handler);
+  try {
+    thread_ = std::thread([this] { run(); });
+  } catch (const std::system_error& e) {
+    return Status::error(e.code().value(), "control socket " + path_ + ": no thread");
+  }
+  return Status::ok();
+}
+
+Result<std::unique_ptr<ControlServer>> ControlServer::start(const std::string& path,
+                                                            Handler handler, Options options) {
+  auto server = listen(path, options);
+  if (!server.is_ok()) return server;
+  if (Status s = server.value()->serve(std::move(handler)); !s.is_ok()) return s;
+  return server;
+}
+
+ControlServer::ControlServer(std::string path, int listen_fd, int wake_fd, Options options)
+    : path_(std::move(path)), listen_fd_(listen_fd), wake_fd_(wake_fd), options_(options) {}
 
 ControlServer::~ControlServer() {
   const uint64_t one = 1;
@@ -176,36 +222,75 @@ ControlServer::~ControlServer() {
 }
 
 void ControlServer::run() {
+  using Clock = std::chrono::steady_clock;
+  // Replies queued beyond this stop the reading of that client's requests
+  // until it takes them.
+  constexpr size_t kMaxQueued = 1 << 20;
   struct Client {
     int fd;
-    std::string in, out;
-    bool closing = false;
+    std::string in;
+    size_t scanned = 0;  // bytes of `in` known to hold no newline
+    std::string out;
+    size_t sent = 0;        // bytes of `out` already sent
+    bool eof = false;       // the client sends no more
+    bool closing = false;   // close once `out` is sent
+    Clock::time_point active = Clock::now();
   };
   std::vector<Client> clients;
-  auto answer = [this](const std::string& line) -> Json {
-    Json request = Json::parse(line, nullptr, /*allow_exceptions=*/false);
-    if (request.is_discarded() || !request.is_object()) {
-      return error_reply(EINVAL, "a request is one JSON object on one line");
-    }
+  Clock::time_point listen_paused_until{};
+  auto answer = [this](const std::string& line) -> std::string {
     try {
+      Json request = Json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (request.is_discarded() || !request.is_object()) {
+        return dump_line(error_reply(EINVAL, "a request is one JSON object on one line"));
+      }
       Json out;
       out["ok"] = true;
       out.update(handler_(request));
-      return out;
+      return dump_line(out);
     } catch (const ControlError& e) {
-      return error_reply(e.code, e.message);
+      return dump_line(error_reply(e.code, e.message));
     } catch (const std::exception& e) {
-      return error_reply(EIO, std::string("internal error: ") + e.what());
+      return dump_line(error_reply(EIO, std::string("internal error: ") + e.what()));
     }
   };
+  // Answers the complete lines in `c.in`, as far as the queue allows.
+  auto answer_lines = [&](Client& c) {
+    while (!c.closing && c.out.size() - c.sent < kMaxQueued) {
+      const size_t nl = c.in.find('\n', c.scanned);
+      if (nl == std::string::npos) {
+        c.scanned = c.in.size();
+        break;
+      }
+      c.out += answer(c.in.substr(0, nl));
+      c.in.erase(0, nl + 1);
+      c.scanned = 0;
+    }
+    if (!c.closing && c.in.size() > kMaxLine) {
+      c.out += dump_line(error_reply(E2BIG, "request line too long"));
+      c.in.clear();
+      c.closing = true;
+    }
+    // A client that said all it will say is closed once answered.
+    if (c.eof && c.in.find('\n') == std::string::npos) c.closing = true;
+  };
   for (;;) {
+    const Clock::time_point now = Clock::now();
     std::vector<pollfd> fds;
     fds.push_back({wake_fd_, POLLIN, 0});
-    fds.push_back({listen_fd_, POLLIN, 0});
+    fds.push_back({now >= listen_paused_until ? listen_fd_ : -1, POLLIN, 0});
+    Clock::time_point wake_at = now + options_.idle_timeout;
     for (const Client& c : clients) {
-      fds.push_back({c.fd, static_cast<short>(c.out.empty() ? POLLIN : POLLIN | POLLOUT), 0});
+      short ev = 0;
+      if (!c.eof && !c.closing && c.out.size() - c.sent < kMaxQueued) ev |= POLLIN;
+      if (c.sent < c.out.size()) ev |= POLLOUT;
+      fds.push_back({c.fd, ev, 0});
+      wake_at = std::min(wake_at, c.active + options_.idle_timeout);
     }
-    if (::poll(fds.data(), fds.size(), -1) < 0) {
+    if (now < listen_paused_until) wake_at = std::min(wake_at, listen_paused_until);
+    const auto wait_ms = std::chrono::duration_cast<std::chrono::milliseconds>(wake_at - now);
+    if (::poll(fds.data(), fds.size(), static_cast<int>(std::max<int64_t>(wait_ms.count(), 0)) + 1) <
+        0) {
       if (errno == EINTR) continue;
       log(LogLevel::kError, "control socket " + path_ + ": poll: " + std::strerror(errno));
       break;
@@ -214,37 +299,51 @@ void ControlServer::run() {
     for (size_t i = 0; i < clients.size(); ++i) {
       Client& c = clients[i];
       const short ev = fds[i + 2].revents;
-      if (ev & (POLLIN | POLLHUP | POLLERR)) {
-        char buf[65536];
-        const ssize_t n = ::recv(c.fd, buf, sizeof buf, 0);
-        if (n > 0) {
-          c.in.append(buf, static_cast<size_t>(n));
-        } else if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
-          c.closing = true;
-          c.out.clear();
-        }
-        size_t nl;
-        while (!c.closing && (nl = c.in.find('\n')) != std::string::npos) {
-          c.out += answer(c.in.substr(0, nl)).dump() + "\n";
-          c.in.erase(0, nl + 1);
-        }
-        if (c.in.size() > kMaxLine) {
-          c.out += error_reply(E2BIG, "request line too long").dump() + "\n";
-          c.in.clear();
-          c.closing = true;
-        }
-      }
-      while (!c.out.empty()) {
-        const ssize_t n = ::send(c.fd, c.out.data(), c.out.size(), MSG_NOSIGNAL);
-        if (n > 0) {
-          c.out.erase(0, static_cast<size_t>(n));
-        } else {
-          if (n < 0 && errno != EAGAIN && errno != EINTR) {
-            c.out.clear();
+      try {
+        if ((ev & (POLLIN | POLLHUP | POLLERR)) && !c.eof && !c.closing) {
+          char buf[65536];
+          const ssize_t n = ::recv(c.fd, buf, sizeof buf, 0);
+          if (n > 0) {
+            c.in.append(buf, static_cast<size_t>(n));
+            c.active = Clock::now();
+          } else if (n == 0) {
+            c.eof = true;
+          } else if (errno != EAGAIN && errno != EINTR) {
             c.closing = true;
+            c.out.clear();
+            c.sent = 0;
+          }
+        }
+        answer_lines(c);
+        while (c.sent < c.out.size()) {
+          const ssize_t n = ::send(c.fd, c.out.data() + c.sent, c.out.size() - c.sent, MSG_NOSIGNAL);
+          if (n > 0) {
+            c.sent += static_cast<size_t>(n);
+            c.active = Clock::now();
+            continue;
+          }
+          if (n < 0 && errno != EAGAIN && errno != EINTR) {
+            c.closing = true;
+            c.out.clear();
+            c.sent = 0;
           }
           break;
         }
+        if (c.sent == c.out.size()) {
+          c.out.clear();
+          c.sent = 0;
+        }
+        // Neither a request nor a reply taken for a whole idle timeout.
+        if (Clock::now() - c.active > options_.idle_timeout) {
+          c.closing = true;
+          c.out.clear();
+          c.sent = 0;
+        }
+      } catch (const std::exception& e) {
+        log(LogLevel::kWarning, "control socket " + path_ + ": dropping a client: " + e.what());
+        c.closing = true;
+        c.out.clear();
+        c.sent = 0;
       }
     }
     for (size_t i = clients.size(); i-- > 0;) {
@@ -253,15 +352,21 @@ void ControlServer::run() {
         clients.erase(clients.begin() + static_cast<std::ptrdiff_t>(i));
       }
     }
-    if (fds[1].revents & POLLIN) {
+    if (fds[1].fd >= 0 && (fds[1].revents & POLLIN)) {
       const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-      if (fd >= 0 && clients.size() >= kMaxClients) {
+      if (fd < 0) {
+        // Out of descriptors or memory: the listener stays readable, so
+        // wait a little instead of spinning.
+        if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED) {
+          listen_paused_until = Clock::now() + std::chrono::milliseconds(100);
+        }
+      } else if (clients.size() >= options_.max_clients) {
         const std::string busy =
-            error_reply(EBUSY, "too many control connections").dump() + "\n";
+            dump_line(error_reply(EBUSY, "too many control connections; try again later"));
         (void)::send(fd, busy.data(), busy.size(), MSG_NOSIGNAL);
         ::close(fd);
-      } else if (fd >= 0) {
-        clients.push_back({fd, {}, {}});
+      } else {
+        clients.push_back(Client{fd});
       }
     }
   }
@@ -288,7 +393,8 @@ ControlServer::Handler engine_commands(Engine& engine) {
 
 Result<Json> control_call(const std::string& path, const Json& request,
                           std::chrono::milliseconds timeout) {
-  auto fd = connect_to(path);
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  auto fd = connect_to(path, deadline);
   if (!fd.is_ok()) {
     const int code = fd.status().code();
     if (code == ENOENT || code == ECONNREFUSED) {
@@ -297,36 +403,47 @@ Result<Json> control_call(const std::string& path, const Json& request,
     return fd.take_status();
   }
   const int s = fd.value();
-  timeval tv{};
-  tv.tv_sec = static_cast<time_t>(timeout.count() / 1000);
-  tv.tv_usec = static_cast<suseconds_t>((timeout.count() % 1000) * 1000);
-  ::setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  ::setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-  const std::string line = request.dump() + "\n";
+  // What is left of the deadline, for each send and receive.
+  auto arm = [&]() -> bool {
+    const auto left = std::chrono::duration_cast<std::chrono::microseconds>(
+        deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) return false;
+    timeval tv{};
+    tv.tv_sec = static_cast<time_t>(left.count() / 1000000);
+    tv.tv_usec = static_cast<suseconds_t>(left.count() % 1000000);
+    ::setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    ::setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    return true;
+  };
+  auto fail = [&](Status st) {
+    ::close(s);
+    return st;
+  };
+  const std::string line = dump_line(request);
   size_t sent = 0;
   while (sent < line.size()) {
+    if (!arm()) return fail(Status::error(ETIMEDOUT, "control socket " + path + ": no reply"));
     const ssize_t n = ::send(s, line.data() + sent, line.size() - sent, MSG_NOSIGNAL);
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      Status st = Status::from_errno("control socket " + path + ": sending");
-      ::close(s);
-      return st;
-    }
+    if (n <= 0) return fail(Status::from_errno("control socket " + path + ": sending"));
     sent += static_cast<size_t>(n);
   }
   std::string in;
   while (in.find('\n') == std::string::npos) {
+    if (!arm() || in.size() > kMaxLine * 16) {
+      return fail(Status::error(ETIMEDOUT, "control socket " + path + ": no (whole) reply"));
+    }
     char buf[65536];
     const ssize_t n = ::recv(s, buf, sizeof buf, 0);
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      Status st = n == 0 ? Status::error(ECONNRESET, "control socket " + path +
-                                                         ": the server closed the connection")
-                 : errno == EAGAIN
-                     ? Status::error(ETIMEDOUT, "control socket " + path + ": no reply")
-                     : Status::from_errno("control socket " + path + ": receiving");
-      ::close(s);
-      return st;
+    if (n == 0) {
+      return fail(Status::error(ECONNRESET,
+                                "control socket " + path + ": the server closed the connection"));
+    }
+    if (n < 0) {
+      return fail(errno == EAGAIN
+                      ? Status::error(ETIMEDOUT, "control socket " + path + ": no reply")
+                      : Status::from_errno("control socket " + path + ": receiving"));
     }
     in.append(buf, static_cast<size_t>(n));
   }
@@ -336,8 +453,10 @@ Result<Json> control_call(const std::string& path, const Json& request,
     return Status::error(EPROTO, "control socket " + path + ": the reply is not dmremap's");
   }
   if (reply["ok"] != true) {
-    const int code = reply.value("errno", EIO);
-    return Status::error(code, reply.value("error", std::string("the request failed")));
+    const Json code = reply.value("errno", Json(EIO));
+    const Json msg = reply.value("error", Json("the request failed"));
+    return Status::error(code.is_number_integer() ? code.get<int>() : EIO,
+                         msg.is_string() ? msg.get<std::string>() : "the request failed");
   }
   return reply;
 }

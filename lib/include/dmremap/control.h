@@ -33,19 +33,43 @@ std::string format_time(uint64_t seconds);
 // running engine knows.
 Json stats_json(const EngineStats& s, bool live);
 
+// Limits of a ControlServer (see there).
+struct ControlOptions {
+  std::chrono::milliseconds idle_timeout{60000};
+  size_t max_clients = 32;
+};
+
 // Listens on a Unix socket and answers requests on its own thread. Access
 // is the socket file's: it is created for its owner only (mode 0600), and an
 // admin may chmod or chgrp it to share it.
+//
+// No client can harm the process that serves the disk: a client that does
+// not read its replies is not read from either (its queued replies are
+// capped), one that sends nothing for `idle_timeout` is dropped, at most
+// `max_clients` are served at once (the next gets EBUSY), and a request line
+// longer than 1 MiB ends its connection.
 class ControlServer {
  public:
   // Takes a request, returns the reply (without "ok", which is added). A
   // handler reports failure by throwing ControlError; it is called on the
   // server's thread, one request at a time.
   using Handler = std::function<Json(const Json& request)>;
+  using Options = ControlOptions;
 
-  // Refuses a path where another server answers (EADDRINUSE) or a file that
-  // is not a socket (EEXIST); a socket left by a dead process is replaced.
-  static Result<std::unique_ptr<ControlServer>> start(const std::string& path, Handler handler);
+  // Creates the socket and listens; nothing is answered until serve(). The
+  // socket survives a fork, so nbdkit's plugin binds it before it forks
+  // (a bad path stops start-up on the terminal) and serves after.
+  // Refuses a path where another server answers or is busy (EADDRINUSE), a
+  // file that is not a socket (EEXIST), and a socket it cannot probe
+  // (EACCES...); only a socket that refuses connections (its process is
+  // gone) is replaced.
+  static Result<std::unique_ptr<ControlServer>> listen(const std::string& path);
+  static Result<std::unique_ptr<ControlServer>> listen(const std::string& path, Options options);
+  // Starts the thread that answers. Once only.
+  Status serve(Handler handler);
+  // listen() and serve().
+  static Result<std::unique_ptr<ControlServer>> start(const std::string& path, Handler handler,
+                                                      Options options = Options());
   // Stops the thread, closes every connection and removes the socket.
   ~ControlServer();
   ControlServer(const ControlServer&) = delete;
@@ -54,13 +78,14 @@ class ControlServer {
   const std::string& path() const { return path_; }
 
  private:
-  ControlServer(std::string path, int listen_fd, int wake_fd, Handler handler);
+  ControlServer(std::string path, int listen_fd, int wake_fd, Options options);
   void run();
 
   std::string path_;
   int listen_fd_;
   int wake_fd_;
   ino_t inode_ = 0;
+  Options options_;
   Handler handler_;
   std::thread thread_;
 };

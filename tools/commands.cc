@@ -70,7 +70,7 @@ Result<std::unique_ptr<Loaded>> load_spare(const std::string& spec) {
   if (!dev.is_ok()) return dev.take_status();
   auto l = std::make_unique<Loaded>();
   l->spare = dev.value();
-  auto store = MetadataStore::open(l->spare, l->table, /*writable=*/false, &l->report);
+  auto store = MetadataStore::open_snapshot(l->spare, l->table, &l->report);
   if (!store.is_ok()) return store.take_status();
   l->store = std::move(store.value());
   return l;

@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <chrono>
 #include <ctime>
+#include <thread>
 
 #include "dmremap/crc32c.h"
 #include "dmremap/log.h"
@@ -398,6 +400,36 @@ Result<int> MetadataStore::put_superblock(const Superblock& next) {
   return copy;
 }
 
+namespace {
+constexpr int kSnapshotTries = 40;
+constexpr auto kSnapshotGap = std::chrono::milliseconds(50);
+
+// True when the newest superblock says the set is open (or crashed): a
+// writer may be at work.
+bool in_use(BlockDevice& spare) {
+  auto found = read_superblock(spare);
+  return found.is_ok() && !found->sb.clean();
+}
+}  // namespace
+
+Result<std::unique_ptr<MetadataStore>> MetadataStore::open_snapshot(
+    std::shared_ptr<BlockDevice> spare, RemapTable& table, OpenReport* report) {
+  for (int attempt = 1;; ++attempt) {
+    RemapTable t;
+    OpenReport rep;
+    auto store = open(spare, t, /*writable=*/false, &rep);
+    if (store.is_ok() || store.status().code() != EUCLEAN || attempt == kSnapshotTries ||
+        !in_use(*spare)) {
+      if (store.is_ok()) {
+        table = std::move(t);
+        if (report) *report = std::move(rep);
+      }
+      return store;
+    }
+    std::this_thread::sleep_for(kSnapshotGap);
+  }
+}
+
 Status MetadataStore::write_superblock(Superblock next) {
   next.generation = std::max(sb_.generation, tried_generation_) + 1;
   tried_generation_ = next.generation;
@@ -553,7 +585,20 @@ Result<bool> spare_is_blank(BlockDevice& spare,
   return true;
 }
 
+namespace {
+CheckReport check_once(const std::shared_ptr<BlockDevice>& spare);
+}  // namespace
+
 CheckReport check_metadata(std::shared_ptr<BlockDevice> spare) {
+  for (int attempt = 1;; ++attempt) {
+    CheckReport r = check_once(spare);
+    if (r.problems.empty() || attempt == kSnapshotTries / 2 || !in_use(*spare)) return r;
+    std::this_thread::sleep_for(kSnapshotGap * 2);
+  }
+}
+
+namespace {
+CheckReport check_once(const std::shared_ptr<BlockDevice>& spare) {
   CheckReport r;
   RemapTable table;
   OpenReport rep;
@@ -588,5 +633,6 @@ CheckReport check_metadata(std::shared_ptr<BlockDevice> spare) {
   }
   return r;
 }
+}  // namespace
 
 }  // namespace dmremap

@@ -51,6 +51,16 @@ class MetadataStore {
                                                      RemapTable& table, bool writable,
                                                      OpenReport* report = nullptr);
 
+  // A read-only open of a set that a server may be writing meanwhile
+  // (status, list, check: they take no lock). A read that caught the
+  // writer half-way (a checkpoint area rewritten while it was read, a
+  // unit appended between the steps of the journal scan) is damage that
+  // is not there: while the set is in use, such a load is tried again, up
+  // to about two seconds, before the error is believed.
+  static Result<std::unique_ptr<MetadataStore>> open_snapshot(std::shared_ptr<BlockDevice> spare,
+                                                              RemapTable& table,
+                                                              OpenReport* report = nullptr);
+
   const Superblock& superblock() const { return sb_; }
   uint64_t journal_next() const { return journal_next_; }
 
@@ -120,6 +130,8 @@ struct CheckReport {
   std::vector<std::string> problems;
   std::vector<std::string> notes;
 };
+// Reads as open_snapshot() does: while the set is in use, problems that go
+// away on a second look were the writer's, not damage.
 CheckReport check_metadata(std::shared_ptr<BlockDevice> spare);
 
 }  // namespace dmremap

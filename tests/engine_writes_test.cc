@@ -169,7 +169,7 @@ TEST_CASE("writes: bad input gets the NBD errors", "[engine][writes][badinput]")
   CHECK(s.engine->write(buf.data(), 0, 1 << 20, false).is_ok());
 }
 
-TEST_CASE("durability 1: a remap commits slot, flush, journal, flush, in that order",
+TEST_CASE("durability 1: a remap commits slot and header, flush, journal, flush, in that order",
           "[engine][durability]") {
   auto main_mem = std::make_shared<MemoryDevice>(1 << 20, "main");
   auto main = std::make_shared<FaultyDevice>(main_mem, B, "main");
@@ -185,13 +185,16 @@ TEST_CASE("durability 1: a remap commits slot, flush, journal, flush, in that or
   const auto data = test::pattern(B, 11);
   REQUIRE(e.value()->write(data.data(), B, 7 * B, false).is_ok());
   const auto ops = spare->ops();
-  REQUIRE(ops.size() == 5);
+  REQUIRE(ops.size() == 7);
   const Superblock& s = sb.value();
   CHECK((ops[0].kind == 'W' && ops[0].offset == s.slot_offset && ops[0].len == B));
-  CHECK(ops[1].kind == 'F');
-  CHECK((ops[2].kind == 'W' && ops[2].offset == s.journal_offset[0]));
-  CHECK((ops[3].kind == 'W' && ops[3].offset == s.journal_offset[1]));
-  CHECK(ops[4].kind == 'F');
+  // The slot's header: its unit is read, updated and written back.
+  CHECK((ops[1].kind == 'R' && ops[1].offset == slot_header_unit(s, 0)));
+  CHECK((ops[2].kind == 'W' && ops[2].offset == slot_header_unit(s, 0) && ops[2].len == 4096));
+  CHECK(ops[3].kind == 'F');
+  CHECK((ops[4].kind == 'W' && ops[4].offset == s.journal_offset[0]));
+  CHECK((ops[5].kind == 'W' && ops[5].offset == s.journal_offset[1]));
+  CHECK(ops[6].kind == 'F');
 }
 
 TEST_CASE("durability 2: FLUSH and FUA survive a power cut; unflushed writes may not",

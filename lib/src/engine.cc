@@ -790,6 +790,14 @@ Status Engine::commit_remap(uint64_t block, const char* data, Cause cause,
       if (auto st = record_bad_slots(); !st.is_ok()) return st;
     }
   }
+  // The slot's header (for a rebuild from the slots alone) goes with its
+  // data, before the flush that makes both durable.
+  Status header;
+  {
+    std::lock_guard l(store_mu_);
+    header = store_->write_slot_header(slot, block, cause, table_);
+  }
+  if (!header.is_ok()) return spare_away(header);
   std::vector<Record> records;
   if (abandoned_slot) records.push_back(Record{Record::kBadSlot, Cause::kManual, 0, *abandoned_slot});
   records.insert(records.end(), bad.begin(), bad.end());

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <vector>
 
 #include "dmremap/crc32c.h"
 #include "endian.h"
@@ -17,6 +18,8 @@ namespace {
 constexpr char kSuperMagic[8] = {'D', 'M', 'R', 'M', 'P', 'S', 'B', '1'};
 constexpr char kCheckpointMagic[8] = {'D', 'M', 'R', 'M', 'P', 'C', 'K', '1'};
 constexpr char kJournalMagic[4] = {'D', 'M', 'R', 'J'};
+constexpr char kSlotMagic[4] = {'D', 'M', 'S', 'L'};
+constexpr char kSlotUnitMagic[8] = {'D', 'M', 'R', 'M', 'P', 'S', 'H', 'U'};
 
 uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 
@@ -66,14 +69,30 @@ void Superblock::encode(char* out) const {
   le::put64(out + 144, epoch);
   le::put64(out + 152, format_time);
   std::memcpy(out + 160, main_identity.data(), std::min<size_t>(main_identity.size(), 63));
+  le::put64(out + 224, checkpoint_copy_offset[0]);
+  le::put64(out + 232, checkpoint_copy_offset[1]);
+  le::put64(out + 240, slot_header_offset);
+  le::put64(out + 248, slot_header_bytes);
   le::put32(out + kSuperblockCrcBytes, crc32c(out, kSuperblockCrcBytes));
 }
 
 std::optional<Superblock> Superblock::decode(const char* in, std::string* problem) {
   if (std::memcmp(in, kSuperMagic, 8) != 0) return std::nullopt;
-  if (le::get32(in + kSuperblockCrcBytes) != crc32c(in, kSuperblockCrcBytes)) return std::nullopt;
-  if (le::get32(in + 8) != kFormatVersion) return std::nullopt;
+  const uint32_t version = le::get32(in + 8);
+  if (version < kOldestFormatVersion || version > kFormatVersion) {
+    // Only believed with a good CRC at either place; otherwise it is noise.
+    if (problem && (le::get32(in + kSuperblockCrcBytes) == crc32c(in, kSuperblockCrcBytes) ||
+                    le::get32(in + kSuperblockCrcBytesV1) == crc32c(in, kSuperblockCrcBytesV1))) {
+      *problem = "format version " + std::to_string(version) +
+                 " is not one this dmremap reads (1 to " + std::to_string(kFormatVersion) +
+                 "); use a newer dmremap";
+    }
+    return std::nullopt;
+  }
+  const size_t crc_at = version == 1 ? kSuperblockCrcBytesV1 : kSuperblockCrcBytes;
+  if (le::get32(in + crc_at) != crc32c(in, crc_at)) return std::nullopt;
   Superblock s;
+  s.version = version;
   s.generation = le::get64(in + 16);
   std::memcpy(s.uuid.data(), in + 24, 16);
   s.main_size = le::get64(in + 40);
@@ -93,6 +112,12 @@ std::optional<Superblock> Superblock::decode(const char* in, std::string* proble
   s.epoch = le::get64(in + 144);
   s.format_time = le::get64(in + 152);
   s.main_identity.assign(in + 160, strnlen(in + 160, 63));
+  if (version >= 2) {
+    s.checkpoint_copy_offset[0] = le::get64(in + 224);
+    s.checkpoint_copy_offset[1] = le::get64(in + 232);
+    s.slot_header_offset = le::get64(in + 240);
+    s.slot_header_bytes = le::get64(in + 248);
+  }
   // A checksummed superblock with impossible geometry is still not trusted:
   // it is damaged, or made to harm whoever reads it.
   const std::string why = s.geometry_problem();
@@ -129,13 +154,18 @@ std::string Superblock::geometry_problem() const {
   if (slot_offset % block_size != 0 || slot_offset % kMetaUnit != 0) {
     return "slot pool offset " + num(slot_offset) + " is not aligned";
   }
+  if (version >= 2 && (slot_header_bytes % kMetaUnit != 0 ||
+                       slot_header_bytes < slot_header_area_bytes(slot_count))) {
+    return "slot header area of " + num(slot_header_bytes) + " bytes cannot hold " +
+           num(slot_count) + " slots";
+  }
   // Every region inside the spare, none overlapping another. The sizes are
   // bounded above, so none of these sums overflows.
   struct Region {
     const char* name;
     uint64_t start, bytes;
   };
-  const Region regions[] = {
+  std::vector<Region> regions = {
       {"the superblocks", 0, 2 * kMetaUnit},
       {"checkpoint area 0", checkpoint_offset[0], checkpoint_bytes},
       {"checkpoint area 1", checkpoint_offset[1], checkpoint_bytes},
@@ -143,14 +173,19 @@ std::string Superblock::geometry_problem() const {
       {"journal copy 1", journal_offset[1], journal_bytes},
       {"the slot pool", slot_offset, slot_count * block_size},
   };
+  if (version >= 2) {
+    regions.push_back({"checkpoint area 0 copy 1", checkpoint_copy_offset[0], checkpoint_bytes});
+    regions.push_back({"checkpoint area 1 copy 1", checkpoint_copy_offset[1], checkpoint_bytes});
+    regions.push_back({"the slot headers", slot_header_offset, slot_header_bytes});
+  }
   for (const Region& r : regions) {
     if (r.start % kMetaUnit != 0) return std::string(r.name) + " is not 4096-byte aligned";
     if (r.start > spare_size || r.bytes > spare_size - r.start) {
       return std::string(r.name) + " ends past the spare's " + num(spare_size) + " bytes";
     }
   }
-  for (size_t i = 0; i < std::size(regions); ++i) {
-    for (size_t j = i + 1; j < std::size(regions); ++j) {
+  for (size_t i = 0; i < regions.size(); ++i) {
+    for (size_t j = i + 1; j < regions.size(); ++j) {
       const Region& a = regions[i];
       const Region& b = regions[j];
       if (a.start < b.start + b.bytes && b.start < a.start + a.bytes) {
@@ -194,11 +229,23 @@ Result<Superblock> plan_layout(const LayoutParams& p) {
     const uint64_t pending = p.pending_capacity ? p.pending_capacity : std::max<uint64_t>(slots, 64);
     s.pending_capacity = pending;
     s.checkpoint_bytes = round_up(kMetaUnit + (slots + pending) * kCheckpointEntryBytes, kMetaUnit);
-    s.checkpoint_offset[0] = 2 * kMetaUnit;
-    s.checkpoint_offset[1] = s.checkpoint_offset[0] + s.checkpoint_bytes;
-    s.journal_offset[0] = s.checkpoint_offset[1] + s.checkpoint_bytes;
-    s.journal_offset[1] = s.journal_offset[0] + s.journal_bytes;
-    s.slot_offset = round_up(s.journal_offset[1] + s.journal_bytes, align);
+    s.slot_header_bytes = slot_header_area_bytes(slots);
+    // The two copies of each structure lie apart, with the slot headers
+    // between them, so that one run of bad sectors takes at most one.
+    uint64_t at = 2 * kMetaUnit;
+    const auto place = [&at](uint64_t bytes) {
+      const uint64_t here = at;
+      at += bytes;
+      return here;
+    };
+    s.checkpoint_offset[0] = place(s.checkpoint_bytes);
+    s.checkpoint_offset[1] = place(s.checkpoint_bytes);
+    s.journal_offset[0] = place(s.journal_bytes);
+    s.slot_header_offset = place(s.slot_header_bytes);
+    s.checkpoint_copy_offset[0] = place(s.checkpoint_bytes);
+    s.checkpoint_copy_offset[1] = place(s.checkpoint_bytes);
+    s.journal_offset[1] = place(s.journal_bytes);
+    s.slot_offset = round_up(at, align);
     return s.slot_offset;
   };
   uint64_t slots = p.spare_size / p.block_size;
@@ -221,7 +268,7 @@ Result<Superblock> plan_layout(const LayoutParams& p) {
 void CheckpointHeader::encode(char* out) const {
   std::memset(out, 0, kMetaUnit);
   std::memcpy(out, kCheckpointMagic, 8);
-  le::put32(out + 8, kFormatVersion);
+  le::put32(out + 8, version);
   le::put64(out + 16, epoch);
   le::put64(out + 24, entries);
   le::put64(out + 32, next_slot);
@@ -233,14 +280,69 @@ void CheckpointHeader::encode(char* out) const {
 std::optional<CheckpointHeader> CheckpointHeader::decode(const char* in) {
   if (std::memcmp(in, kCheckpointMagic, 8) != 0) return std::nullopt;
   if (le::get32(in + 60) != crc32c(in, 60)) return std::nullopt;
-  if (le::get32(in + 8) != kFormatVersion) return std::nullopt;
+  const uint32_t version = le::get32(in + 8);
+  if (version < kOldestFormatVersion || version > kFormatVersion) return std::nullopt;
   CheckpointHeader h;
+  h.version = version;
   h.epoch = le::get64(in + 16);
   h.entries = le::get64(in + 24);
   h.next_slot = le::get64(in + 32);
   h.entries_crc = le::get32(in + 40);
   std::memcpy(h.uuid.data(), in + 44, 16);
   return h;
+}
+
+uint64_t slot_header_area_bytes(uint64_t slots) {
+  return kMetaUnit * (1 + (slots + kSlotHeadersPerUnit - 1) / kSlotHeadersPerUnit);
+}
+
+uint64_t slot_header_unit(const Superblock& sb, uint64_t slot) {
+  return sb.slot_header_offset + (1 + slot / kSlotHeadersPerUnit) * kMetaUnit;
+}
+
+size_t slot_header_pos(uint64_t slot) {
+  return static_cast<size_t>((1 + slot % kSlotHeadersPerUnit) * kSlotHeaderBytes);
+}
+
+void SlotHeader::encode(char* out) const {
+  std::memset(out, 0, kSlotHeaderBytes);
+  std::memcpy(out, kSlotMagic, 4);
+  std::memcpy(out + 8, uuid.data(), 16);
+  le::put64(out + 24, slot);
+  le::put64(out + 32, block);
+  le::put64(out + 40, epoch);
+  out[48] = static_cast<char>(cause);
+  le::put32(out + 4, crc32c(out + 8, kSlotHeaderBytes - 8));
+}
+
+std::optional<SlotHeader> SlotHeader::decode(const char* in) {
+  if (std::memcmp(in, kSlotMagic, 4) != 0) return std::nullopt;
+  if (le::get32(in + 4) != crc32c(in + 8, kSlotHeaderBytes - 8)) return std::nullopt;
+  SlotHeader h;
+  std::memcpy(h.uuid.data(), in + 8, 16);
+  h.slot = le::get64(in + 24);
+  h.block = le::get64(in + 32);
+  h.epoch = le::get64(in + 40);
+  h.cause = static_cast<Cause>(in[48]);
+  if (h.cause < Cause::kWriteError || h.cause > Cause::kManual) return std::nullopt;
+  return h;
+}
+
+void SlotHeaderUnit::encode(char* out) const {
+  std::memset(out, 0, kSlotHeaderBytes);
+  std::memcpy(out, kSlotUnitMagic, 8);
+  std::memcpy(out + 8, uuid.data(), 16);
+  le::put64(out + 24, index);
+  le::put32(out + 60, crc32c(out, 60));
+}
+
+std::optional<SlotHeaderUnit> SlotHeaderUnit::decode(const char* in) {
+  if (std::memcmp(in, kSlotUnitMagic, 8) != 0) return std::nullopt;
+  if (le::get32(in + 60) != crc32c(in, 60)) return std::nullopt;
+  SlotHeaderUnit u;
+  std::memcpy(u.uuid.data(), in + 8, 16);
+  u.index = le::get64(in + 24);
+  return u;
 }
 
 void JournalUnit::encode(char* out) const {

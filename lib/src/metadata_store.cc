@@ -83,10 +83,12 @@ Status write_checkpoint(BlockDevice& spare, const Superblock& sb, uint64_t offse
   return spare.write(buf.data, kMetaUnit, offset);
 }
 
-// Loads the active checkpoint into `table`; checks every entry.
-Status read_checkpoint(BlockDevice& spare, const Superblock& sb, RemapTable& table) {
-  const uint64_t offset = sb.checkpoint_offset[sb.active_checkpoint];
-  const std::string where = spare.name() + ": checkpoint " + std::to_string(sb.active_checkpoint);
+// Loads one copy of the active checkpoint into `table`; checks every entry.
+Status read_checkpoint_copy(BlockDevice& spare, const Superblock& sb, int copy,
+                            RemapTable& table) {
+  const uint64_t offset = sb.checkpoint_at(static_cast<int>(sb.active_checkpoint), copy);
+  const std::string where = spare.name() + ": checkpoint " + std::to_string(sb.active_checkpoint) +
+                            (sb.checkpoint_copies() > 1 ? " copy " + std::to_string(copy) : "");
   std::optional<CheckpointHeader> h;
   {
     MetaBuffer head(kMetaUnit);
@@ -144,14 +146,38 @@ Status read_checkpoint(BlockDevice& spare, const Superblock& sb, RemapTable& tab
   return Status::ok();
 }
 
+// Loads the active checkpoint from the first of its copies that is whole.
+// `copy_used` says which; the error is the last copy's, naming every one.
+Status read_checkpoint(BlockDevice& spare, const Superblock& sb, RemapTable& table,
+                       int* copy_used = nullptr) {
+  std::string errors;
+  Status last;
+  for (int copy = 0; copy < sb.checkpoint_copies(); ++copy) {
+    RemapTable t;
+    last = read_checkpoint_copy(spare, sb, copy, t);
+    if (last.is_ok()) {
+      table = std::move(t);
+      if (copy_used) *copy_used = copy;
+      return last;
+    }
+    errors += (errors.empty() ? "" : "; ") + last.to_string();
+  }
+  if (sb.checkpoint_copies() == 1) return last;
+  return Status::error(last.code() == EUCLEAN ? EUCLEAN : last.code(),
+                       "no copy of the checkpoint is whole: " + errors);
+}
+
 // The epoch in the header of checkpoint area `area`, when the header is
 // valid and of this set; nothing is said of its entries.
 std::optional<uint64_t> checkpoint_epoch(BlockDevice& spare, const Superblock& sb, int area) {
   MetaBuffer head(kMetaUnit);
-  if (!spare.read(head.data, kMetaUnit, sb.checkpoint_offset[area]).is_ok()) return std::nullopt;
-  auto h = CheckpointHeader::decode(head.data);
-  if (!h || h->uuid != sb.uuid) return std::nullopt;
-  return h->epoch;
+  std::optional<uint64_t> best;
+  for (int copy = 0; copy < sb.checkpoint_copies(); ++copy) {
+    if (!spare.read(head.data, kMetaUnit, sb.checkpoint_at(area, copy)).is_ok()) continue;
+    auto h = CheckpointHeader::decode(head.data);
+    if (h && h->uuid == sb.uuid && (!best || h->epoch > *best)) best = h->epoch;
+  }
+  return best;
 }
 
 bool record_in_range(const Record& r, const Superblock& sb) {
@@ -208,6 +234,17 @@ std::string slot_used_twice(const RemapTable& table) {
   return {};
 }
 
+// Unit 0 of the slot header area: the superblock as formatted (generation
+// 0, clean), never rewritten.
+Status write_geometry_backup(BlockDevice& spare, const Superblock& sb) {
+  Superblock copy = sb;
+  copy.generation = 0;
+  copy.flags = kFlagClean;
+  MetaBuffer buf(kMetaUnit);
+  copy.encode(buf.data);
+  return spare.write(buf.data, kMetaUnit, sb.slot_header_offset);
+}
+
 }  // namespace
 
 Result<FoundSuperblock> read_superblock(BlockDevice& spare) {
@@ -256,9 +293,15 @@ Result<Superblock> MetadataStore::format(BlockDevice& spare, const LayoutParams&
   // An empty checkpoint in area 0; the journal needs no clearing because
   // units of another set or epoch are never trusted.
   RemapTable empty;
-  if (auto s = write_checkpoint(spare, sb, sb.checkpoint_offset[0], empty, sb.epoch); !s.is_ok()) {
-    return s;
+  for (int copy = 0; copy < sb.checkpoint_copies(); ++copy) {
+    if (auto s = write_checkpoint(spare, sb, sb.checkpoint_at(0, copy), empty, sb.epoch);
+        !s.is_ok()) {
+      return s;
+    }
   }
+  // The slot header area's unit 0: the geometry, for a rebuild that finds
+  // no superblock. Slot header units come with their first slot.
+  if (auto s = write_geometry_backup(spare, sb); !s.is_ok()) return s;
   if (auto s = spare.flush(); !s.is_ok()) return s;
   // Both superblock copies: generation 1 in copy 1, and a stale-proof
   // generation 0 in copy 0 so that any older superblock is gone.
@@ -285,6 +328,13 @@ Result<std::unique_ptr<MetadataStore>> MetadataStore::open(std::shared_ptr<Block
   if (!found->other_valid) {
     rep.warnings.push_back("superblock copy " + std::to_string(1 - found->copy) +
                            " is damaged; the next metadata write repairs it, if that copy takes writes");
+  }
+  if (writable && found->sb.version < kFormatVersion) {
+    return Status::error(ENOTSUP,
+                         spare->name() + ": holds a set in format version " +
+                             std::to_string(found->sb.version) +
+                             ", which this dmremap only reads. Upgrade it in place (crash-safe, "
+                             "nothing is lost) with: dmremap upgrade --spare " + spare->name());
   }
   std::unique_ptr<MetadataStore> store(new MetadataStore(spare, found->sb, found->copy));
   // Roll forward: a complete checkpoint of a later epoch than the
@@ -320,7 +370,13 @@ Result<std::unique_ptr<MetadataStore>> MetadataStore::open(std::shared_ptr<Block
     }
   }
   const Superblock& sb = store->sb_;
-  if (auto s = read_checkpoint(*spare, sb, table); !s.is_ok()) return s;
+  int checkpoint_copy = 0;
+  if (auto s = read_checkpoint(*spare, sb, table, &checkpoint_copy); !s.is_ok()) return s;
+  if (checkpoint_copy != 0) {
+    rep.warnings.push_back("checkpoint " + std::to_string(sb.active_checkpoint) +
+                           " copy 0 is damaged; copy " + std::to_string(checkpoint_copy) +
+                           " was used, and a writable open writes both again");
+  }
   rep.checkpoint_entries = table.entries() + table.bad_slots().size();
 
   MetaBuffer buf(kMetaUnit);
@@ -366,7 +422,9 @@ Result<std::unique_ptr<MetadataStore>> MetadataStore::open(std::shared_ptr<Block
                                       "; the metadata is damaged. Run `dmremap check`");
   }
   if (writable) {
-    Status s = i > 0 ? store->checkpoint(table, false) : [&] {
+    // Replayed records, or a damaged checkpoint copy: a new checkpoint
+    // (written to every copy) puts them in order.
+    Status s = i > 0 || checkpoint_copy != 0 ? store->checkpoint(table, false) : [&] {
       Superblock next = store->sb_;
       next.flags &= ~kFlagClean;
       return store->write_superblock(next);
@@ -485,10 +543,7 @@ std::vector<std::string> MetadataStore::degraded() const {
 Status MetadataStore::checkpoint_now(const RemapTable& table, bool clean) {
   const uint32_t target = 1 - sb_.active_checkpoint;
   const uint64_t epoch = sb_.epoch + 1;
-  if (auto s = write_checkpoint(*spare_, sb_, sb_.checkpoint_offset[target], table, epoch);
-      !s.is_ok()) {
-    return s;
-  }
+  if (auto s = write_checkpoint_area(target, table, epoch); !s.is_ok()) return s;
   if (auto s = spare_->flush(); !s.is_ok()) return s;
   Superblock next = sb_;
   next.active_checkpoint = target;
@@ -496,6 +551,73 @@ Status MetadataStore::checkpoint_now(const RemapTable& table, bool clean) {
   next.flags = clean ? (next.flags | kFlagClean) : (next.flags & ~kFlagClean);
   if (auto s = write_superblock(next); !s.is_ok()) return s;
   journal_next_ = 0;
+  return Status::ok();
+}
+
+Status MetadataStore::write_checkpoint_area(uint32_t area, const RemapTable& table,
+                                            uint64_t epoch) {
+  // Every copy. One that refuses the write leaves the checkpoint in the
+  // other: degraded, said so, but the set goes on. A reader takes the
+  // first copy that is whole.
+  const int copies = sb_.checkpoint_copies();
+  std::vector<Status> failed(static_cast<size_t>(copies));
+  int good = 0;
+  for (int copy = 0; copy < copies; ++copy) {
+    failed[copy] = write_checkpoint(*spare_, sb_, sb_.checkpoint_at(static_cast<int>(area), copy),
+                                    table, epoch);
+    if (failed[copy].is_ok()) ++good;
+  }
+  for (int copy = 0; copy < copies; ++copy) {
+    if (failed[copy].is_ok()) continue;
+    if (good == 0 || classify_failure(failed[copy].code()) == FailureKind::kDevice ||
+        failed[copy].code() == ENOSPC) {
+      return std::move(failed[copy]);
+    }
+    note_degraded("checkpoint area " + std::to_string(area) + " copy " + std::to_string(copy) +
+                  " refuses writes (" + failed[copy].to_string() +
+                  "): the checkpoint is kept in the other copy alone");
+  }
+  return Status::ok();
+}
+
+Status MetadataStore::write_slot_header(uint64_t slot, uint64_t block, Cause cause,
+                                        const RemapTable& table) {
+  if (sb_.version < 2) return Status::ok();
+  const uint64_t at = slot_header_unit(sb_, slot);
+  const uint64_t index = 1 + slot / kSlotHeadersPerUnit;
+  const std::string unit_name = "slot header unit " + std::to_string(index);
+  MetaBuffer buf(kMetaUnit);
+  Status read = spare_->read(buf.data, kMetaUnit, at);
+  if (!read.is_ok() && classify_failure(read.code()) == FailureKind::kDevice) return read;
+  const auto desc = read.is_ok() ? SlotHeaderUnit::decode(buf.data) : std::nullopt;
+  if (!desc || desc->uuid != sb_.uuid || desc->index != index) {
+    // A fresh unit (its first slot), or one that cannot be read: start it
+    // again, with the headers of its other slots from the table.
+    std::memset(buf.data, 0, kMetaUnit);
+    SlotHeaderUnit u;
+    u.uuid = sb_.uuid;
+    u.index = index;
+    u.encode(buf.data);
+    if (!read.is_ok()) {
+      const uint64_t first = (index - 1) * kSlotHeadersPerUnit;
+      table.for_each([&](const RemapTable::Entry& e) {
+        if (RemapTable::is_pending(e.value)) return;
+        const uint64_t sl = RemapTable::slot_of(e.value);
+        if (sl < first || sl >= first + kSlotHeadersPerUnit) return;
+        SlotHeader h{sb_.uuid, sl, e.block, sb_.epoch, RemapTable::cause_of(e.value)};
+        h.encode(buf.data + slot_header_pos(sl));
+      });
+      note_degraded(unit_name + " could not be read (" + read.to_string() +
+                    "); it was written again from the table");
+    }
+  }
+  SlotHeader h{sb_.uuid, slot, block, sb_.epoch, cause};
+  h.encode(buf.data + slot_header_pos(slot));
+  Status w = spare_->write(buf.data, kMetaUnit, at);
+  if (w.is_ok()) return w;
+  if (classify_failure(w.code()) == FailureKind::kDevice) return w;
+  note_degraded(unit_name + " refuses writes (" + w.to_string() +
+                "): a rebuild from the slots would not find the slots it describes");
   return Status::ok();
 }
 

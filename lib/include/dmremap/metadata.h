@@ -1,5 +1,6 @@
-// The on-disk format of the spare, version 1. docs/metadata-format.md
-// describes every byte; keep the two in step.
+// The on-disk format of the spare, version 2 (version 1 is read, and
+// upgraded by `dmremap upgrade`). docs/metadata-format.md describes every
+// byte; keep the two in step.
 #pragma once
 
 #include <array>
@@ -13,10 +14,13 @@
 
 namespace dmremap {
 
-inline constexpr uint32_t kFormatVersion = 1;
+inline constexpr uint32_t kFormatVersion = 2;  // what is written
+inline constexpr uint32_t kOldestFormatVersion = 1;  // what is still read
 inline constexpr size_t kMetaUnit = 4096;  // superblocks, checkpoint header, journal units
 inline constexpr uint64_t kSuperblockOffset[2] = {0, kMetaUnit};
-inline constexpr size_t kSuperblockCrcBytes = 252;  // CRC32C of bytes 0..251 stored at 252
+// CRC32C of bytes 0..N-1 stored at N: 252 in version 1, 508 in version 2.
+inline constexpr size_t kSuperblockCrcBytesV1 = 252;
+inline constexpr size_t kSuperblockCrcBytes = 508;
 inline constexpr size_t kJournalHeaderBytes = 48;
 inline constexpr size_t kJournalRecordBytes = 24;
 inline constexpr size_t kRecordsPerUnit = (kMetaUnit - kJournalHeaderBytes) / kJournalRecordBytes;
@@ -33,6 +37,7 @@ std::string uuid_string(const Uuid& u);
 Uuid random_uuid();
 
 struct Superblock {
+  uint32_t version = kFormatVersion;
   uint64_t generation = 0;
   Uuid uuid{};
   uint64_t main_size = 0;
@@ -40,6 +45,8 @@ struct Superblock {
   uint32_t flags = 0;
   uint64_t spare_size = 0;
   uint64_t checkpoint_offset[2] = {0, 0};
+  // Version 2: the second copy of each checkpoint area (0 in version 1).
+  uint64_t checkpoint_copy_offset[2] = {0, 0};
   uint64_t checkpoint_bytes = 0;
   uint64_t journal_offset[2] = {0, 0};
   uint64_t journal_bytes = 0;
@@ -50,14 +57,22 @@ struct Superblock {
   uint64_t epoch = 0;
   uint64_t format_time = 0;
   std::string main_identity;  // at most 63 bytes
+  // Version 2: the slot header area (0 in version 1).
+  uint64_t slot_header_offset = 0;
+  uint64_t slot_header_bytes = 0;
 
   uint64_t journal_units() const { return journal_bytes / kMetaUnit; }
   uint64_t checkpoint_capacity() const {
     return (checkpoint_bytes - kMetaUnit) / kCheckpointEntryBytes;
   }
   bool clean() const { return flags & kFlagClean; }
+  // Checkpoint area `area`, copy `copy` (version 2 has two copies).
+  uint64_t checkpoint_at(int area, int copy) const {
+    return copy == 0 ? checkpoint_offset[area] : checkpoint_copy_offset[area];
+  }
+  int checkpoint_copies() const { return version >= 2 ? 2 : 1; }
 
-  // Writes the 4096-byte image (CRC included).
+  // Writes the 4096-byte image (CRC included), always as version 2.
   void encode(char* out) const;
   // Parses a 4096-byte image; nullopt when the magic, version or CRC is
   // wrong, or when the geometry is impossible (then `problem` says why).
@@ -81,8 +96,40 @@ Result<Superblock> plan_layout(const LayoutParams& p);
 // True for a power of two from 512 to 65536.
 bool valid_block_size(uint64_t b);
 
+// The slot header area (version 2): unit 0 is a copy of the superblock as
+// formatted (the geometry, for a rebuild when every superblock is gone);
+// unit u >= 1 starts with a descriptor and holds the headers of slots
+// (u-1)*63 .. (u-1)*63+62, 64 bytes each.
+inline constexpr size_t kSlotHeaderBytes = 64;
+inline constexpr uint64_t kSlotHeadersPerUnit = kMetaUnit / kSlotHeaderBytes - 1;  // 63
+// Bytes of the slot header area for `slots` slots.
+uint64_t slot_header_area_bytes(uint64_t slots);
+// Where the header of `slot` is: its unit's offset and its byte in the unit.
+uint64_t slot_header_unit(const Superblock& sb, uint64_t slot);
+size_t slot_header_pos(uint64_t slot);
+
+// What a slot holds, written with its data (before the journal record): a
+// rebuild finds the table in these when every other copy of it is lost.
+struct SlotHeader {
+  Uuid uuid{};
+  uint64_t slot = 0;
+  uint64_t block = 0;
+  uint64_t epoch = 0;  // the epoch in which the slot was handed out
+  Cause cause = Cause::kWriteError;
+  void encode(char* out) const;  // 64 bytes
+  static std::optional<SlotHeader> decode(const char* in);
+};
+// The descriptor at the start of a slot header unit (64 bytes).
+struct SlotHeaderUnit {
+  Uuid uuid{};
+  uint64_t index = 0;  // the unit's index in the area
+  void encode(char* out) const;
+  static std::optional<SlotHeaderUnit> decode(const char* in);
+};
+
 // Checkpoint: a header unit, then the entries.
 struct CheckpointHeader {
+  uint32_t version = kFormatVersion;
   uint64_t epoch = 0;
   uint64_t entries = 0;
   uint64_t next_slot = 0;

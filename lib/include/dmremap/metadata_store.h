@@ -80,6 +80,13 @@ class MetadataStore {
   // Writes `table` as the new checkpoint and empties the journal. With
   // `clean`, the superblock says the set was closed cleanly.
   Status checkpoint(const RemapTable& table, bool clean = false);
+  // Records in the slot header area that `slot` now holds `block` (version
+  // 2; a no-op on version 1), for a rebuild when every other copy of the
+  // table is lost. Written with the slot's data, before the journal record.
+  // A header unit that refuses the write, or cannot be read to be updated
+  // (its other headers are then rewritten from `table`), degrades the set;
+  // only a spare that is gone as a whole fails it.
+  Status write_slot_header(uint64_t slot, uint64_t block, Cause cause, const RemapTable& table);
   // What works with one copy instead of two since open (a superblock or
   // journal copy that refuses writes), in words; empty when nothing does.
   // Thread-safe.
@@ -94,6 +101,8 @@ class MetadataStore {
   Result<int> put_superblock(const Superblock& next);
   void note_degraded(const std::string& what);
   Status checkpoint_now(const RemapTable& table, bool clean);
+  // Writes the checkpoint of `epoch` to every copy of `area`.
+  Status write_checkpoint_area(uint32_t area, const RemapTable& table, uint64_t epoch);
   Status append_units(const std::vector<Record>& records, const RemapTable& table,
                       uint64_t units);
   Status refused() const;

@@ -467,3 +467,81 @@ int run_check(const CheckOptions& o) {
 }
 
 }  // namespace dmremap::cli
+
+namespace dmremap::cli {
+namespace {
+
+// The spare alone, locked as for format; on an NBD spare, after waiting out
+// a lease that a running server would renew.
+Result<std::shared_ptr<BlockDevice>> open_spare_for_repair(const std::string& spec) {
+  OpenOptions oo;
+  auto spare = open_device(spec, "spare", oo);
+  if (!spare.is_ok()) return spare;
+  if (auto s = wait_out_lease(*spare.value(), std::chrono::seconds(2)); !s.is_ok()) return s;
+  return spare;
+}
+
+}  // namespace
+
+int run_upgrade(const UpgradeOptions& o) {
+  auto spare = open_spare_for_repair(o.spare);
+  if (!spare.is_ok()) return fail(spare.status());
+  auto r = upgrade_metadata(spare.value());
+  if (!r.is_ok() && r.status().code() == EALREADY) {
+    fmt::print("{}: {}; nothing to do\n", o.spare, r.status().message());
+    return kExitOk;
+  }
+  if (!r.is_ok()) return fail(r.status());
+  fmt::print("Upgraded {} to format version {}\n", o.spare, kFormatVersion);
+  fmt::print("  slots          {} -> {} (the difference holds the new checkpoint copies and "
+             "slot headers)\n",
+             r->slots_before, r->slots_after);
+  fmt::print("  slot headers   {} written\n", r->headers);
+  return kExitOk;
+}
+
+int run_rebuild(const RebuildOptions& o) {
+  auto spare = open_spare_for_repair(o.spare);
+  if (!spare.is_ok()) return fail(spare.status());
+  {
+    RemapTable table;
+    auto whole = MetadataStore::open(spare.value(), table, /*writable=*/false);
+    if (whole.is_ok() && !o.force) {
+      print_error(o.spare + ": the metadata opens and is whole; there is nothing to rebuild");
+      fmt::print(stderr,
+                 "  A rebuild keeps only what the slot headers say: pending marks are lost.\n"
+                 "  Add --force to rebuild anyway.\n");
+      return kExitFailed;
+    }
+    if (!whole.is_ok()) {
+      fmt::print(stderr, "dmremap: the metadata does not open ({}); rebuilding from the slots\n",
+                 whole.status().to_string());
+    }
+  }
+  Progress progress("looking for the set's geometry");
+  auto r = rebuild_metadata(spare.value(),
+                            [&](uint64_t d, uint64_t t) { progress.update(d, t); });
+  progress.finish();
+  if (!r.is_ok()) return fail(r.status());
+  if (o.json) {
+    Json j;
+    j["geometry_from_backup"] = r->geometry_from_backup;
+    j["headers"] = r->headers;
+    j["remaps"] = r->remaps;
+    j["bad_slots"] = r->bad_slots;
+    j["epoch"] = r->epoch;
+    fmt::print("{}\n", j.dump(2));
+    return kExitOk;
+  }
+  fmt::print("Rebuilt {} from its slot headers{}\n", o.spare,
+             r->geometry_from_backup ? " (geometry from the copy in the slot header area)" : "");
+  fmt::print("  remapped     {} block(s), from {} valid header(s)\n", r->remaps, r->headers);
+  fmt::print("  bad slots    {} (slots without a current header are never used again)\n",
+             r->bad_slots);
+  fmt::print("  pending      0 (pending marks are not in the slots: those blocks fail on "
+             "main again when read)\n");
+  fmt::print("Check it with: dmremap check --spare {}\n", o.spare);
+  return kExitOk;
+}
+
+}  // namespace dmremap::cli

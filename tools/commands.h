@@ -67,4 +67,16 @@ struct CheckOptions {
 };
 int run_check(const CheckOptions& o);
 
+struct UpgradeOptions {
+  std::string spare;
+};
+int run_upgrade(const UpgradeOptions& o);
+
+struct RebuildOptions {
+  std::string spare;
+  bool force = false;
+  bool json = false;
+};
+int run_rebuild(const RebuildOptions& o);
+
 }  // namespace dmremap::cli

@@ -168,6 +168,27 @@ int main(int argc, char** argv) {
   check->add_flag("--json", co.json, "Machine-readable output");
   check->callback([&] { rc = run_check(co); });
 
+  UpgradeOptions uo;
+  CLI::App* upgrade = app.add_subcommand(
+      "upgrade",
+      "Rewrite a spare of format version 1 as version 2 (mirrored checkpoints, slot headers), in "
+      "place and crash-safely: a cut at any point leaves a set that opens. Takes the space from "
+      "the end of the slot pool, whose slots must be unused. Needs the set not to be served.");
+  add_spare(upgrade, uo.spare);
+  upgrade->callback([&] { rc = run_upgrade(uo); });
+
+  RebuildOptions bo;
+  CLI::App* rebuild = app.add_subcommand(
+      "rebuild",
+      "Rebuild a spare's metadata from its slot headers, when the superblocks, checkpoints and "
+      "journal are all lost. Every remapped block comes back; pending marks do not (those blocks "
+      "fail on main again when read). Refuses metadata that is whole, unless --force. Needs the "
+      "set not to be served.");
+  add_spare(rebuild, bo.spare);
+  rebuild->add_flag("-f,--force", bo.force, "Rebuild even metadata that opens");
+  rebuild->add_flag("--json", bo.json, "Machine-readable output");
+  rebuild->callback([&] { rc = run_rebuild(bo); });
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

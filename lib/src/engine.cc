@@ -147,23 +147,8 @@ Result<std::unique_ptr<Engine>> Engine::open(std::shared_ptr<BlockDevice> main,
   if (!options.read_only && (spare->read_only() || main->read_only())) {
     return Status::error(EPERM, "main or spare was opened read-only: use read-only mode");
   }
-  if (!options.read_only && !spare->locked() && !sb.clean()) {
-    // In use, or a crash left it so. A live owner rewrites the superblock
-    // every interval, and stops serving when it has not for 2.5 of them:
-    // watch for 4 before taking the set over.
-    const auto watch = 4 * options.lease_interval;
-    log(LogLevel::kInfo, spare->name() + " was not closed cleanly; checking for " +
-                             std::to_string(watch.count() / 1000) +
-                             " s that no other dmremap is using it");
-    std::this_thread::sleep_for(watch);
-    auto again = read_superblock(*spare);
-    if (!again.is_ok()) return again.take_status();
-    if (again->sb.generation != sb.generation) {
-      return Status::error(EBUSY, spare->name() + " is in use by another dmremap (set " +
-                                      uuid_string(sb.uuid) +
-                                      "; its lease was renewed while we watched). Stop that "
-                                      "server first");
-    }
+  if (!options.read_only && !spare->locked()) {
+    if (auto s = wait_out_lease(*spare, options.lease_interval); !s.is_ok()) return s;
   }
   RemapTable table;
   auto store = MetadataStore::open(spare, table, !options.read_only, report);

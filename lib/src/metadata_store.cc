@@ -9,29 +9,15 @@
 #include "dmremap/crc32c.h"
 #include "dmremap/log.h"
 #include "endian.h"
+#include "metadata_io.h"
 
 namespace dmremap {
-namespace {
+namespace detail {
 
-constexpr size_t kIoChunk = 1 << 20;  // a multiple of kMetaUnit and kCheckpointEntryBytes
-
-// The I/O buffer for a checkpoint of `entries`: big enough for one chunk of
-// them (and at least one unit, for the header), no bigger.
 size_t checkpoint_chunk(uint64_t entries) {
   const uint64_t bytes = std::max<uint64_t>(entries * kCheckpointEntryBytes, 1);
   return std::min<uint64_t>(kIoChunk, (bytes + kMetaUnit - 1) / kMetaUnit * kMetaUnit);
 }
-
-// A heap buffer aligned for O_DIRECT devices.
-struct MetaBuffer {
-  explicit MetaBuffer(size_t n) : data(static_cast<char*>(std::aligned_alloc(kMetaUnit, n))) {
-    std::memset(data, 0, n);
-  }
-  ~MetaBuffer() { std::free(data); }
-  MetaBuffer(const MetaBuffer&) = delete;
-  MetaBuffer& operator=(const MetaBuffer&) = delete;
-  char* data;
-};
 
 std::string not_formatted(const BlockDevice& spare) {
   return spare.name() +
@@ -82,6 +68,11 @@ Status write_checkpoint(BlockDevice& spare, const Superblock& sb, uint64_t offse
   h.encode(buf.data);
   return spare.write(buf.data, kMetaUnit, offset);
 }
+
+}  // namespace detail
+
+namespace {
+using namespace detail;
 
 // Loads one copy of the active checkpoint into `table`; checks every entry.
 Status read_checkpoint_copy(BlockDevice& spare, const Superblock& sb, int copy,
@@ -234,9 +225,10 @@ std::string slot_used_twice(const RemapTable& table) {
   return {};
 }
 
-// Unit 0 of the slot header area: the superblock as formatted (generation
-// 0, clean), never rewritten.
-Status write_geometry_backup(BlockDevice& spare, const Superblock& sb) {
+}  // namespace
+using namespace detail;
+
+Status detail::write_geometry_backup(BlockDevice& spare, const Superblock& sb) {
   Superblock copy = sb;
   copy.generation = 0;
   copy.flags = kFlagClean;
@@ -244,8 +236,6 @@ Status write_geometry_backup(BlockDevice& spare, const Superblock& sb) {
   copy.encode(buf.data);
   return spare.write(buf.data, kMetaUnit, sb.slot_header_offset);
 }
-
-}  // namespace
 
 Result<FoundSuperblock> read_superblock(BlockDevice& spare) {
   if (spare.size() < 2 * kMetaUnit) return Status::error(EINVAL, not_formatted(spare));

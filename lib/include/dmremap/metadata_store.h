@@ -1,6 +1,7 @@
 // Reads and writes the spare's metadata: superblocks, checkpoints, journal.
 #pragma once
 
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -133,6 +134,43 @@ Result<FoundSuperblock> read_superblock(BlockDevice& spare);
 // can tell them). `progress` gets (bytes done, total) now and then.
 Result<bool> spare_is_blank(BlockDevice& spare,
                             const std::function<void(uint64_t, uint64_t)>& progress = {});
+
+// On a spare that cannot be locked (an NBD export) whose set was not closed
+// cleanly: watches the superblock for four lease intervals and returns
+// EBUSY if its generation moves (a live owner renews it). Ok at once for a
+// clean set or a spare that is locked.
+Status wait_out_lease(BlockDevice& spare, std::chrono::milliseconds interval);
+
+// `dmremap upgrade`: rewrites a version 1 set as version 2, in place and
+// crash-safely. The second checkpoint copies and the slot header area are
+// carved from the end of the spare (past the slot pool, then its last
+// slots, which must never have been handed out). Every remap, pending
+// block and bad slot is kept; each remapped slot gets its header.
+struct UpgradeReport {
+  uint64_t slots_before = 0, slots_after = 0;
+  uint64_t headers = 0;  // slot headers written
+};
+Result<UpgradeReport> upgrade_metadata(std::shared_ptr<BlockDevice> spare);
+
+// `dmremap rebuild`: the table from the slot headers alone, when every copy
+// of the metadata is lost (version 2). The geometry comes from a valid
+// superblock or, failing that, from the slot header area's unit 0, found by
+// a scan. Each block goes to the highest slot whose header names it (slots
+// are handed out in order, so that is its latest); every other slot below
+// the highest is marked bad (it is unknown). Pending marks are not in the
+// slots: they are lost, and those blocks fail on main again when read.
+// A new epoch above every one on the spare, and new checkpoints and
+// superblocks, are written. `progress` gets (bytes scanned, total).
+struct RebuildReport {
+  bool geometry_from_backup = false;  // no superblock was valid
+  uint64_t headers = 0;               // valid slot headers of this set
+  uint64_t remaps = 0;
+  uint64_t bad_slots = 0;
+  uint64_t epoch = 0;  // the new one
+};
+Result<RebuildReport> rebuild_metadata(
+    std::shared_ptr<BlockDevice> spare,
+    const std::function<void(uint64_t, uint64_t)>& progress = {});
 
 // Every problem `dmremap check` can find, in words, plus facts worth showing.
 struct CheckReport {

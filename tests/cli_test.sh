@@ -171,6 +171,34 @@ expect "check finds a corrupt checkpoint" 1 "$cli" check --spare damaged.img
 cp spare.img damaged.img
 dd if=/dev/zero of=damaged.img bs=4096 count=2 conv=notrunc status=none
 expect "check with both superblocks gone" 1 "$cli" check --spare damaged.img
+contains "lost superblocks: points to rebuild" "dmremap rebuild --spare"
+
+# rebuild: every copy of the table gone (superblocks, both copies of both
+# checkpoint areas, both journals); the slot headers bring the remaps back.
+expect "rebuild refuses metadata that opens" 1 "$cli" rebuild --spare spare.img
+contains "rebuild says why it refuses" "nothing to rebuild"
+"$cli" status --spare spare.img --json > layout.json
+before=$("$cli" list --spare spare.img --remapped --json)
+cp spare.img wiped.img
+/usr/bin/python3 - layout.json <<'PY' | while read -r off len; do
+import json, sys
+l = json.load(open(sys.argv[1]))["layout"]
+for off in l["checkpoints"] + l["checkpoint_copies"]:
+    print(off, l["checkpoint_bytes"])
+for off in l["journals"]:
+    print(off, l["journal_bytes"])
+print(0, 8192)
+PY
+  dd if=/dev/zero of=wiped.img bs=4096 seek=$((off / 4096)) count=$((len / 4096)) conv=notrunc status=none
+done
+expect "a wiped set does not open" 1 "$cli" status --spare wiped.img
+expect "rebuild from the slot headers" 0 "$cli" rebuild --spare wiped.img --json
+equals "rebuild found the geometry's copy" "$(json 'j["geometry_from_backup"]')" True
+expect "list after the rebuild" 0 "$cli" list --spare wiped.img --remapped --json
+equals "every remap is back, in its slot" "$out" "$before"
+expect "check after the rebuild" 0 "$cli" check --spare wiped.img
+expect "upgrade of a version 2 spare does nothing" 0 "$cli" upgrade --spare spare.img
+contains "upgrade says there is nothing to do" "nothing to do"
 
 # --- while nbdkit serves the set --------------------------------------------------
 if command -v nbdkit >/dev/null; then

@@ -426,3 +426,48 @@ TEST_CASE("format 1 to 2: refused when the last slots of the pool are in use", "
   REQUIRE(MetadataStore::open(v.mem, t, false).is_ok());  // untouched
   CHECK(t.remaps() == 1);
 }
+
+TEST_CASE("format 2: check reads every checkpoint copy and every remapped slot's header",
+          "[engine][format2]") {
+  auto s = test::make_set();
+  populate(s);
+  REQUIRE(s.engine->close().is_ok());
+  const Superblock sb = s.engine->superblock();
+  s.engine.reset();
+  {
+    const CheckReport c = check_metadata(s.spare);
+    INFO((c.problems.empty() ? std::string() : c.problems.front()));
+    CHECK(c.problems.empty());
+    CHECK(std::any_of(c.notes.begin(), c.notes.end(), [](const std::string& n) {
+      return n.find("slot headers: 6 of 6 remapped slots match") != std::string::npos;
+    }));
+  }
+  SECTION("a damaged copy of the active checkpoint") {
+    const std::vector<char> junk(kMetaUnit, 0x33);
+    REQUIRE(s.spare_mem->write(junk.data(), kMetaUnit,
+                               sb.checkpoint_at(static_cast<int>(sb.active_checkpoint), 1)).is_ok());
+    const CheckReport c = check_metadata(s.spare);
+    REQUIRE(c.problems.size() == 1);
+    CHECK_THAT(c.problems[0], Catch::Contains("copy 1: header is damaged"));
+  }
+  SECTION("a slot header that names another block") {
+    RemapTable t;
+    auto st = MetadataStore::open(s.spare, t, false);
+    REQUIRE(st.is_ok());
+    uint64_t slot = 0;
+    uint64_t block = 0;
+    t.for_each([&](const RemapTable::Entry& e) {
+      if (!RemapTable::is_pending(e.value)) {
+        slot = RemapTable::slot_of(e.value);
+        block = e.block;
+      }
+    });
+    std::vector<char> unit(kMetaUnit);
+    REQUIRE(s.spare_mem->read(unit.data(), kMetaUnit, slot_header_unit(sb, slot)).is_ok());
+    SlotHeader{sb.uuid, slot, block + 1, 1, Cause::kWriteError}.encode(unit.data() + slot_header_pos(slot));
+    REQUIRE(s.spare_mem->write(unit.data(), kMetaUnit, slot_header_unit(sb, slot)).is_ok());
+    const CheckReport c = check_metadata(s.spare);
+    REQUIRE(c.problems.size() == 1);
+    CHECK_THAT(c.problems[0], Catch::Contains("names block " + std::to_string(block + 1)));
+  }
+}

@@ -267,6 +267,10 @@ void print_status(const Json& j, const std::string& control) {
   } else {
     fmt::print("state      {}\n", j.value("clean", false) ? "closed cleanly"
                                                            : "in use, or not closed cleanly");
+    if (j.value("format_version", 2u) < 2) {
+      fmt::print("format     version {}: upgrade it with dmremap upgrade --spare SPARE before "
+                 "serving it writable\n", j.value("format_version", 2u));
+    }
   }
   fmt::print("formatted  {}\n", j.value("formatted", std::string()));
 }
@@ -304,12 +308,16 @@ int run_status(const StatusOptions& o) {
     j["generation"] = sb.generation;
     j["epoch"] = sb.epoch;
     j["journal_records"] = l.report.journal_records;
+    j["format_version"] = sb.version;
     j["layout"] = {{"superblocks", {kSuperblockOffset[0], kSuperblockOffset[1]}},
                    {"checkpoints", {sb.checkpoint_offset[0], sb.checkpoint_offset[1]}},
+                   {"checkpoint_copies", {sb.checkpoint_copy_offset[0], sb.checkpoint_copy_offset[1]}},
                    {"active_checkpoint", sb.active_checkpoint},
                    {"checkpoint_bytes", sb.checkpoint_bytes},
                    {"journals", {sb.journal_offset[0], sb.journal_offset[1]}},
                    {"journal_bytes", sb.journal_bytes},
+                   {"slot_headers", sb.slot_header_offset},
+                   {"slot_header_bytes", sb.slot_header_bytes},
                    {"slot_offset", sb.slot_offset}};
   }
   const std::string mismatch =
@@ -513,7 +521,7 @@ int run_rebuild(const RebuildOptions& o) {
                  "  Add --force to rebuild anyway.\n");
       return kExitFailed;
     }
-    if (!whole.is_ok()) {
+    if (!whole.is_ok() && !o.json) {
       fmt::print(stderr, "dmremap: the metadata does not open ({}); rebuilding from the slots\n",
                  whole.status().to_string());
     }

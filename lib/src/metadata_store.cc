@@ -22,7 +22,8 @@ size_t checkpoint_chunk(uint64_t entries) {
 std::string not_formatted(const BlockDevice& spare) {
   return spare.name() +
          ": holds no valid dmremap superblock (not formatted?). Format it with: dmremap format "
-         "--main MAIN --spare SPARE";
+         "--main MAIN --spare SPARE. If it held a set whose metadata was lost, dmremap rebuild "
+         "--spare SPARE finds its remaps in the slots";
 }
 
 // Streams the checkpoint entries of `table` to the area at `offset`.
@@ -743,6 +744,47 @@ CheckReport check_once(const std::shared_ptr<BlockDevice>& spare) {
   if (table.pending() > sb.pending_capacity) {
     r.problems.push_back("more pending blocks than the pending list can hold");
   }
+  if (sb.version < 2) {
+    r.notes.push_back("format version " + std::to_string(sb.version) +
+                      ": one checkpoint copy, no slot headers (dmremap upgrade makes it 2)");
+    return r;
+  }
+  // Every copy of the active checkpoint whole (open needed only one).
+  for (int copy = 0; copy < sb.checkpoint_copies(); ++copy) {
+    RemapTable t;
+    if (Status s = read_checkpoint_copy(*spare, sb, copy, t); !s.is_ok()) {
+      r.problems.push_back(s.to_string());
+    }
+  }
+  // Every remapped slot's header names its block, so that a rebuild would
+  // find the same table.
+  uint64_t headers = 0;
+  uint64_t unit_at = ~uint64_t{0};
+  Status unit_read;
+  table.for_each([&](const RemapTable::Entry& e) {
+    if (RemapTable::is_pending(e.value) || r.problems.size() > 100) return;
+    const uint64_t slot = RemapTable::slot_of(e.value);
+    if (slot_header_unit(sb, slot) != unit_at) {
+      unit_at = slot_header_unit(sb, slot);
+      unit_read = spare->read(a.data, kMetaUnit, unit_at);
+    }
+    const std::string where = "slot " + std::to_string(slot) + " (block " +
+                              std::to_string(e.block) + "): its header ";
+    if (!unit_read.is_ok()) {
+      r.problems.push_back(where + "cannot be read: " + unit_read.to_string());
+      return;
+    }
+    const auto h = SlotHeader::decode(a.data + slot_header_pos(slot));
+    if (!h || h->uuid != sb.uuid || h->slot != slot) {
+      r.problems.push_back(where + "is missing or damaged; a rebuild would not find it");
+    } else if (h->block != e.block) {
+      r.problems.push_back(where + "names block " + std::to_string(h->block));
+    } else {
+      ++headers;
+    }
+  });
+  r.notes.push_back("slot headers: " + std::to_string(headers) + " of " +
+                    std::to_string(table.remaps()) + " remapped slots match the table");
   return r;
 }
 }  // namespace

@@ -581,16 +581,20 @@ Status MetadataStore::write_slot_header(uint64_t slot, uint64_t block, Cause cau
   Status read = spare_->read(buf.data, kMetaUnit, at);
   if (!read.is_ok() && classify_failure(read.code()) == FailureKind::kDevice) return read;
   const auto desc = read.is_ok() ? SlotHeaderUnit::decode(buf.data) : std::nullopt;
+  const uint64_t first = (index - 1) * kSlotHeadersPerUnit;
   if (!desc || desc->uuid != sb_.uuid || desc->index != index) {
-    // A fresh unit (its first slot), or one that cannot be read: start it
-    // again, with the headers of its other slots from the table.
+    // A fresh unit (its first slot handed out), or one that cannot be read
+    // or holds garbage: start it again, with the headers of its other
+    // slots from the table. Never written (zeros) is not damage: its
+    // first slots may have been bad ones.
+    const bool blank = read.is_ok() && std::all_of(buf.data, buf.data + kMetaUnit,
+                                                   [](char c) { return c == 0; });
     std::memset(buf.data, 0, kMetaUnit);
     SlotHeaderUnit u;
     u.uuid = sb_.uuid;
     u.index = index;
     u.encode(buf.data);
-    if (!read.is_ok()) {
-      const uint64_t first = (index - 1) * kSlotHeadersPerUnit;
+    if (!read.is_ok() || first < table.next_slot()) {
       table.for_each([&](const RemapTable::Entry& e) {
         if (RemapTable::is_pending(e.value)) return;
         const uint64_t sl = RemapTable::slot_of(e.value);
@@ -598,8 +602,11 @@ Status MetadataStore::write_slot_header(uint64_t slot, uint64_t block, Cause cau
         SlotHeader h{sb_.uuid, sl, e.block, sb_.epoch, RemapTable::cause_of(e.value)};
         h.encode(buf.data + slot_header_pos(sl));
       });
-      note_degraded(unit_name + " could not be read (" + read.to_string() +
-                    "); it was written again from the table");
+      if (!blank) {
+        note_degraded(unit_name + (read.is_ok() ? " was damaged" : " could not be read (" +
+                                                                        read.to_string() + ")") +
+                      "; it was written again from the table");
+      }
     }
   }
   SlotHeader h{sb_.uuid, slot, block, sb_.epoch, cause};

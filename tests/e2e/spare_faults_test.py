@@ -1,10 +1,10 @@
 """When the spare itself fails, through a frontend and a real NBD client.
 
 The spare is reached over NBD (an nbd+unix:// URI), served by nbdkit:
-- its sh plugin, scripted to refuse writes to chosen byte ranges of the spare
-  file (the ranges are read again on every write, so a test can change them
-  while the frontend runs), for failing slot writes and failing journal
-  writes;
+- its sh plugin, scripted to refuse writes, or reads, of chosen byte ranges
+  of the spare file (the ranges are read again on every request, so a test
+  can change them while the frontend runs), for failing slot writes, failing
+  journal writes and unreadable metadata;
 - its file plugin, killed with SIGKILL, for a spare that disappears.
 Main is a plain file whose listed blocks refuse writes (inject=), so the
 client's writes to them need a slot.
@@ -23,14 +23,24 @@ TOOLS = Tools()
 
 SPARE_SCRIPT = r"""#!/usr/bin/env bash
 # The spare, as an nbdkit sh plugin. $dir/wfail holds "FIRST END" byte
-# ranges (END exclusive) whose writes fail with EIO.
+# ranges (END exclusive) whose writes fail with EIO; $dir/rfail, ranges
+# whose reads do (bad sectors that a write does not heal).
 dir=@DIR@
 img=$dir/spare-backing.img
 case "$1" in
   get_size) stat -c %s "$img" ;;
   can_write|can_flush) exit 0 ;;
   thread_model) echo serialize_requests ;;
-  pread) dd if="$img" skip="$4" count="$3" iflag=skip_bytes,count_bytes status=none ;;
+  pread)
+    if [ -f "$dir/rfail" ]; then
+      while read -r lo hi; do
+        if [ "$4" -lt "$hi" ] && [ $(($4 + $3)) -gt "$lo" ]; then
+          echo "EIO spare: read of $3 bytes at $4: unreadable sector" >&2
+          exit 1
+        fi
+      done < "$dir/rfail"
+    fi
+    dd if="$img" skip="$4" count="$3" iflag=skip_bytes,count_bytes status=none ;;
   pwrite)
     if [ -f "$dir/wfail" ]; then
       while read -r lo hi; do
@@ -69,10 +79,68 @@ class SpareFaultsTest(unittest.TestCase):
         os.chmod(script, 0o755)
         return self.serve_spare(["sh", script])
 
-    def refuse_writes(self, ranges):
-        with open(self.wfail, "w") as f:
+    def refuse_writes(self, ranges, name="wfail"):
+        with open(os.path.join(self.s.dir, name), "w") as f:
             for lo, hi in ranges:
                 f.write(f"{lo} {hi}\n")
+
+    def refuse_reads(self, ranges):
+        self.refuse_writes(ranges, "rfail")
+
+    def test_one_journal_copy_refusing_writes_degrades_the_set_but_it_serves(self):
+        spare = self.scripted_spare()
+        self.start_on(spare, "inject=write:10,write:11", self.s.control_param())
+        j = self.layout["journals"]
+        self.refuse_writes([(j[0], j[0] + self.layout["journal_bytes"])])
+        h = self.s.connect()
+        h.pwrite(pattern(10), 10 * BLOCK)
+        h.pwrite(pattern(11), 11 * BLOCK)
+        h.flush()
+        live = self.s.live_status()
+        self.assertEqual(live["health"], "warning", live)
+        self.assertIn("journal copy 0 refuses writes", live["health_reason"])
+        self.assertEqual(live["remaps"], 2)
+        h.shutdown()
+        self.assertEqual(self.s.stop(), 0)
+        os.unlink(self.wfail)
+        self.start_on(spare)
+        h = self.s.connect()
+        self.assertEqual(h.pread(BLOCK, 10 * BLOCK), pattern(10))
+        self.assertEqual(h.pread(BLOCK, 11 * BLOCK), pattern(11))
+        h.shutdown()
+        self.assertEqual(self.s.stop(), 0)
+        self.assertEqual(self.s.status()["remaps"], 2)
+
+    def test_unreadable_metadata_sectors_lose_nothing(self):
+        # Remaps in the checkpoint first, on a healthy spare.
+        spare = self.scripted_spare()
+        self.start_on(spare, "inject=write:10,write:11,write:12")
+        h = self.s.connect()
+        h.pwrite(pattern(10), 10 * BLOCK)
+        h.pwrite(pattern(11), 11 * BLOCK)
+        h.shutdown()
+        self.assertEqual(self.s.stop(), 0)
+        # Then superblock copy 0 and the first copy of the active checkpoint
+        # go bad: every read of them fails, writes or not.
+        layout = self.s.status()["layout"]
+        cp = layout["checkpoints"][layout["active_checkpoint"]]
+        self.refuse_reads([(0, 4096), (cp, cp + 4096)])
+        self.start_on(spare, "inject=write:10,write:11,write:12")
+        h = self.s.connect()
+        self.assertEqual(h.pread(BLOCK, 10 * BLOCK), pattern(10))
+        self.assertEqual(h.pread(BLOCK, 11 * BLOCK), pattern(11))
+        h.pwrite(pattern(12), 12 * BLOCK)
+        h.shutdown()
+        self.assertEqual(self.s.stop(), 0)
+        # check, through the same failing spare, says what is wrong and
+        # still finds everything; the file itself is whole.
+        r = self.s.cli("check", "--spare", spare.uri, check=False)
+        self.assertEqual(r.returncode, 1, r.stdout + r.stderr)
+        self.assertIn("superblock copy 0", r.stdout)
+        st = self.s.status()
+        self.assertEqual((st["remaps"], st["clean"]), (3, True), st)
+        os.unlink(os.path.join(self.s.dir, "rfail"))
+        self.assertEqual(self.s.cli("check", "--spare", self.spare_file).returncode, 0)
 
     def start_on(self, spare, *params):
         self.s.spare = spare.uri

@@ -9,7 +9,11 @@
 // the power goes out during the n-th of those operations; every write not yet
 // flushed is then dropped or torn sector by sector, and the set is reopened.
 // Every point from the first to the last operation of each workload is tried,
-// so every flush boundary is hit and every point between them.
+// so every flush boundary is hit and every point between them. The spare is
+// format version 2, so the cuts fall among its writes too: slot headers
+// (read-modify-write with each remap's data), both copies of every
+// checkpoint, and the superblocks; `dmremap check` after each recovery also
+// reads every remapped slot's header and both checkpoint copies.
 //
 // After the cut, every 512-byte sector must hold one of the values it may
 // hold: the value it had at its last flush (or FUA write), or a value written

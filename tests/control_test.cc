@@ -33,14 +33,20 @@ struct TempDir {
   ~TempDir() { (void)std::system(("rm -rf '" + path + "'").c_str()); }
 };
 
-// Sends raw bytes and returns what comes back before `lines` newlines.
-std::string raw_exchange(const std::string& path, const std::string& bytes, int lines) {
+// A client socket connected to `path`, speaking no protocol of its own.
+int connect_raw(const std::string& path) {
   const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
   REQUIRE(fd >= 0);
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
   REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  return fd;
+}
+
+// Sends raw bytes and returns what comes back before `lines` newlines.
+std::string raw_exchange(const std::string& path, const std::string& bytes, int lines) {
+  const int fd = connect_raw(path);
   REQUIRE(::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(bytes.size()));
   std::string in;
   while (std::count(in.begin(), in.end(), '\n') < lines) {
@@ -205,17 +211,6 @@ TEST_CASE("control: bad requests get an error reply and the connection goes on",
   REQUIRE(s.engine->close().is_ok());
 }
 
-namespace {
-int connect_raw(const std::string& path) {
-  const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
-  REQUIRE(fd >= 0);
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
-  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
-  return fd;
-}
-}  // namespace
 
 TEST_CASE("control: a client that never reads its replies is not read either", "[control]") {
   TempDir dir;

@@ -1321,7 +1321,9 @@ TEST_CASE("journal: status and check read a consistent snapshot while a writer w
   const uint64_t n = std::min<uint64_t>(s.sb().slot_count, kMainSize / 4096);
   std::thread writer([&] {
     for (uint64_t i = 0; i < n && writes_ok; ++i) {
-      writes_ok = s.append({remap(i, i)}).is_ok() &&
+      // As the engine does: the slot's header, then the record.
+      writes_ok = s.store->write_slot_header(i, i, Cause::kWriteError, s.table).is_ok() &&
+                  s.append({remap(i, i)}).is_ok() &&
                   (i % 7 != 0 || s.store->checkpoint(s.table).is_ok());
     }
     done = true;

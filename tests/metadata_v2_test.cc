@@ -2,7 +2,9 @@
 // headers, the rebuild from them, and the upgrade from version 1.
 #include <catch2/catch.hpp>
 
+#include <chrono>
 #include <map>
+#include <thread>
 
 #include "dmremap/crc32c.h"
 #include "dmremap/metadata_store.h"
@@ -101,12 +103,17 @@ TEST_CASE("format 2: the two copies of each structure lie apart, nothing overlap
   REQUIRE(back.has_value());
   CHECK(back->checkpoint_copy_offset[1] == s.checkpoint_copy_offset[1]);
   CHECK(back->slot_header_offset == s.slot_header_offset);
-  // A newer format is refused with words, not "not formatted".
+  // A newer format, with a good CRC, is refused with words, not "not
+  // formatted"; the same bytes with a bad CRC are noise.
   std::vector<char> newer = img;
   newer[8] = 3;
   std::string why;
   CHECK_FALSE(Superblock::decode(newer.data(), &why).has_value());
-  CHECK(why.empty());  // its CRC no longer matches: noise
+  CHECK(why.empty());
+  const uint32_t crc = crc32c(newer.data(), kSuperblockCrcBytes);
+  for (int i = 0; i < 4; ++i) newer[kSuperblockCrcBytes + i] = static_cast<char>(crc >> (8 * i));
+  CHECK_FALSE(Superblock::decode(newer.data(), &why).has_value());
+  CHECK_THAT(why, Catch::Contains("format version 3 is not one this dmremap reads"));
 }
 
 TEST_CASE("format 2: every slot handed out gets its header, with its block",
@@ -384,24 +391,45 @@ TEST_CASE("format 1 to 2: the upgrade keeps every remap, pending block and byte"
 TEST_CASE("format 1 to 2: a power cut at any point of the upgrade leaves a set that opens",
           "[engine][format2][durability]") {
   uint64_t cuts = 0;
-  for (uint64_t n = 1;; ++n) {
+  bool done = false;
+  const auto expected = [] {
+    auto v = make_v1(1 << 20, 1 << 20, {{3, 0}, {7, 1}}, {{9, 2}}, {11});
+    RemapTable t;
+    REQUIRE(MetadataStore::open(v.mem, t, false).is_ok());
+    std::vector<RemapTable::Entry> e;
+    t.for_each([&](const RemapTable::Entry& x) { e.push_back(x); });
+    return e;
+  }();
+  for (uint64_t n = 1; !done; ++n) {
+   for (auto mode : {FaultyDevice::CutMode::kDrop, FaultyDevice::CutMode::kTear}) {
     auto v = make_v1(1 << 20, 1 << 20, {{3, 0}, {7, 1}}, {{9, 2}}, {11});
     auto spare = std::make_shared<FaultyDevice>(v.mem, 512, "spare");
     auto power = std::make_shared<PowerSwitch>();
     spare->attach(power);
     power->cut_after(n);
     auto r = upgrade_metadata(spare);
-    if (r.is_ok()) break;  // past its last write
-    spare->power_cut(n % 2 ? FaultyDevice::CutMode::kDrop : FaultyDevice::CutMode::kTear, n);
+    if (r.is_ok()) {  // past its last write
+      done = true;
+      break;
+    }
+    spare->power_cut(mode, n);
     power->reset();
     ++cuts;
-    INFO("cut at write " << n);
+    INFO("cut at write " << n << (mode == FaultyDevice::CutMode::kDrop ? ", dropped" : ", torn"));
     RemapTable t;
     auto open = MetadataStore::open(spare, t, false);
     INFO(open.status().to_string());
     REQUIRE(open.is_ok());
-    CHECK(t.remaps() == 3);
-    CHECK(t.pending() == 1);
+    std::vector<RemapTable::Entry> got;
+    t.for_each([&](const RemapTable::Entry& x) { got.push_back(x); });
+    CHECK(got == expected);
+    for (uint64_t b : {3u, 7u, 9u}) {
+      const uint64_t slot = RemapTable::slot_of(
+          std::find_if(got.begin(), got.end(), [&](const auto& x) { return x.block == b; })->value);
+      std::vector<char> bytes(B);
+      REQUIRE(v.mem->read(bytes.data(), B, open.value()->superblock().slot_offset + slot * B).is_ok());
+      CHECK(bytes == test::pattern(B, b));
+    }
     // The upgrade can be run again, and then the set serves.
     auto again = upgrade_metadata(spare);
     INFO(again.status().to_string());
@@ -409,9 +437,11 @@ TEST_CASE("format 1 to 2: a power cut at any point of the upgrade leaves a set t
     RemapTable t2;
     REQUIRE(MetadataStore::open(spare, t2, true).is_ok());
     CHECK(t2.remaps() == 3);
+    CHECK(check_metadata(spare).problems.empty());
     REQUIRE(n < 100);
+   }
   }
-  CHECK(cuts >= 6);
+  CHECK(cuts >= 12);
 }
 
 TEST_CASE("format 1 to 2: refused when the last slots of the pool are in use", "[format2]") {
@@ -470,4 +500,172 @@ TEST_CASE("format 2: check reads every checkpoint copy and every remapped slot's
     REQUIRE(c.problems.size() == 1);
     CHECK_THAT(c.problems[0], Catch::Contains("names block " + std::to_string(block + 1)));
   }
+}
+
+namespace {
+void zero(MemoryDevice& m, uint64_t offset, uint64_t len) {
+  const std::vector<char> z(len);
+  REQUIRE(m.write(z.data(), len, offset).is_ok());
+}
+// Zeroes both superblocks; with `tables`, also every checkpoint and journal copy.
+void wipe(MemoryDevice& m, const Superblock& sb, bool tables) {
+  zero(m, 0, 2 * kMetaUnit);
+  if (!tables) return;
+  for (int area = 0; area < 2; ++area) {
+    for (int copy = 0; copy < 2; ++copy) zero(m, sb.checkpoint_at(area, copy), sb.checkpoint_bytes);
+  }
+  for (int copy = 0; copy < 2; ++copy) zero(m, sb.journal_offset[copy], sb.journal_bytes);
+}
+Superblock current(MemoryDevice& m) {
+  auto f = read_superblock(m);
+  REQUIRE(f.is_ok());
+  return f->sb;
+}
+}  // namespace
+
+TEST_CASE("format 2: with only the superblocks lost, rebuild keeps everything, pending too",
+          "[engine][format2]") {
+  auto s = test::make_set();
+  const auto data = populate(s);
+  const auto before = table_of(*s.engine);
+  s.engine.reset();
+  wipe(*s.spare_mem, current(*s.spare_mem), /*tables=*/false);
+  auto r = rebuild_metadata(s.spare);
+  INFO(r.status().to_string());
+  REQUIRE(r.is_ok());
+  CHECK(r->geometry_from_backup);
+  CHECK(r->from_checkpoint);
+  CHECK(r->pending == 1);
+  test::reopen(s);
+  CHECK(table_of(*s.engine) == before);  // block 20 still pending
+  for (const auto& [block, bytes] : data) CHECK(read_ok(*s.engine, block * B, B) == bytes);
+}
+
+TEST_CASE("format 2: a rebuild after format --force finds the newest set, not an older one",
+          "[engine][format2]") {
+  // The old set: a small journal, so that its geometry's copy lies earlier
+  // on the spare than the new set's.
+  test::SetParams p;
+  p.journal_bytes = 64 * 1024;
+  auto s = test::make_set(p);
+  for (uint64_t b : {1u, 2u, 3u}) s.main->add_write_error(b);
+  const auto junk = test::pattern(B, 5);
+  for (uint64_t b : {1u, 2u, 3u}) REQUIRE(s.engine->write(junk.data(), B, b * B, false).is_ok());
+  REQUIRE(s.engine->close().is_ok());
+  s.engine.reset();
+  s.main->clear_faults();
+  const Superblock old = current(*s.spare_mem);
+  // The new set, formatted over it a second later, with a bigger journal.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+  LayoutParams lp;
+  lp.main_size = 1 << 20;
+  lp.journal_bytes = 192 * 1024;
+  REQUIRE(MetadataStore::format(*s.spare, lp, "").is_ok());
+  const Superblock now = current(*s.spare_mem);
+  REQUIRE(now.slot_header_offset > old.slot_header_offset);
+  test::reopen(s);
+  std::map<uint64_t, std::vector<char>> data;
+  for (uint64_t b : {10u, 11u}) {
+    s.main->add_write_error(b);
+    data[b] = test::pattern(B, b);
+    REQUIRE(s.engine->write(data[b].data(), B, b * B, false).is_ok());
+  }
+  REQUIRE(s.engine->close().is_ok());
+  s.engine.reset();
+  wipe(*s.spare_mem, now, /*tables=*/true);
+  auto r = rebuild_metadata(s.spare);
+  INFO(r.status().to_string());
+  REQUIRE(r.is_ok());
+  CHECK(current(*s.spare_mem).uuid == now.uuid);
+  test::reopen(s);
+  const auto after = table_of(*s.engine);
+  CHECK(after.size() == 2);
+  CHECK(after.count(1) == 0);
+  for (const auto& [block, bytes] : data) CHECK(read_ok(*s.engine, block * B, B) == bytes);
+}
+
+TEST_CASE("format 2: the header of a remap that never committed is not taken by a rebuild",
+          "[engine][format2]") {
+  auto s = test::make_set();
+  const Superblock sb = s.engine->superblock();
+  // The journal refuses: the remap of block 7 writes its slot and header,
+  // then fails, and the set refuses writes until it is reopened.
+  for (int copy = 0; copy < 2; ++copy) {
+    for (uint64_t sec = 0; sec < sb.journal_bytes / 512; ++sec) {
+      s.spare->add_write_error(sb.journal_offset[copy] / 512 + sec);
+    }
+  }
+  s.main->add_write_error(7);
+  const auto d = test::pattern(B, 7);
+  REQUIRE_FALSE(s.engine->write(d.data(), B, 7 * B, false).is_ok());
+  std::vector<char> unit(kMetaUnit);
+  REQUIRE(s.spare_mem->read(unit.data(), kMetaUnit, slot_header_unit(sb, 0)).is_ok());
+  REQUIRE(SlotHeader::decode(unit.data() + slot_header_pos(0)).has_value());  // it was written
+  s.spare->clear_faults();
+  test::reopen(s);  // the writable open clears it
+  REQUIRE(s.spare_mem->read(unit.data(), kMetaUnit, slot_header_unit(sb, 0)).is_ok());
+  CHECK_FALSE(SlotHeader::decode(unit.data() + slot_header_pos(0)).has_value());
+  // Block 7 goes to main after all (the write fault is gone).
+  s.main->clear_faults();
+  REQUIRE(s.engine->write(d.data(), B, 7 * B, false).is_ok());
+  REQUIRE(s.engine->close().is_ok());
+  s.engine.reset();
+  wipe(*s.spare_mem, sb, /*tables=*/true);
+  auto r = rebuild_metadata(s.spare);
+  REQUIRE(r.is_ok());
+  CHECK(r->remaps == 0);
+  test::reopen(s);
+  CHECK(read_ok(*s.engine, 7 * B, B) == d);
+}
+
+TEST_CASE("format 2: a header unit that cannot be read costs its slots, said so, never reused",
+          "[engine][format2]") {
+  auto s = test::make_set();
+  populate(s);
+  REQUIRE(s.engine->close().is_ok());
+  const Superblock sb = s.engine->superblock();
+  s.engine.reset();
+  wipe(*s.spare_mem, sb, /*tables=*/true);
+  s.spare->add_read_error(slot_header_unit(sb, 0) / 512 + 3);
+  auto r = rebuild_metadata(s.spare);
+  INFO(r.status().to_string());
+  REQUIRE(r.is_ok());
+  CHECK(r->remaps == 0);
+  CHECK(r->unreadable_units == 1);
+  CHECK(std::any_of(r->warnings.begin(), r->warnings.end(), [](const std::string& w) {
+    return w.find("slots 0-62 cannot be read") != std::string::npos;
+  }));
+  CHECK(r->bad_slots == 63);
+  // A new remap does not land on a slot that may hold an old block's data.
+  s.spare->clear_faults();
+  test::reopen(s);
+  s.main->add_write_error(50);
+  const auto d = test::pattern(B, 50);
+  REQUIRE(s.engine->write(d.data(), B, 50 * B, false).is_ok());
+  CHECK(table_of(*s.engine).at(50).first >= 63);
+}
+
+TEST_CASE("format 2: a damaged second checkpoint copy or geometry copy is found and repaired",
+          "[engine][format2]") {
+  auto s = test::make_set();
+  populate(s);
+  REQUIRE(s.engine->close().is_ok());
+  s.engine.reset();
+  const Superblock sb = current(*s.spare_mem);
+  const std::vector<char> junk(kMetaUnit, 0x5a);
+  SECTION("copy 1 of the active checkpoint") {
+    REQUIRE(s.spare_mem->write(junk.data(), kMetaUnit,
+                               sb.checkpoint_at(static_cast<int>(sb.active_checkpoint), 1)).is_ok());
+  }
+  SECTION("the geometry's copy") {
+    REQUIRE(s.spare_mem->write(junk.data(), kMetaUnit, sb.slot_header_offset).is_ok());
+  }
+  CHECK(check_metadata(s.spare).problems.size() == 1);
+  RemapTable t;
+  OpenReport rep;
+  REQUIRE(MetadataStore::open(s.spare, t, /*writable=*/true, &rep).is_ok());
+  CHECK(rep.warnings.size() == 1);
+  const CheckReport after = check_metadata(s.spare);
+  INFO((after.problems.empty() ? std::string() : after.problems.front()));
+  CHECK(after.problems.empty());
 }

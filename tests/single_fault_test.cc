@@ -185,6 +185,6 @@ TEST_CASE("single faults: every metadata unit unreadable, unwritable or garbage 
     }
   }
   CHECK(cases == units.size() * 3);
-  WARN("single faults: " << units.size() << " units x 3 modes = " << cases
-                         << " cases, 0 failures; " << degraded << " ran degraded");
+  WARN("single faults: " << units.size() << " units x 3 modes = " << cases << " cases passed; "
+                         << degraded << " ran degraded");
 }

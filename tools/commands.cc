@@ -534,20 +534,34 @@ int run_rebuild(const RebuildOptions& o) {
   if (o.json) {
     Json j;
     j["geometry_from_backup"] = r->geometry_from_backup;
+    j["from_checkpoint"] = r->from_checkpoint;
     j["headers"] = r->headers;
+    j["unreadable_header_units"] = r->unreadable_units;
     j["remaps"] = r->remaps;
+    j["pending"] = r->pending;
     j["bad_slots"] = r->bad_slots;
     j["epoch"] = r->epoch;
+    j["warnings"] = r->warnings;
     fmt::print("{}\n", j.dump(2));
     return kExitOk;
   }
-  fmt::print("Rebuilt {} from its slot headers{}\n", o.spare,
-             r->geometry_from_backup ? " (geometry from the copy in the slot header area)" : "");
-  fmt::print("  remapped     {} block(s), from {} valid header(s)\n", r->remaps, r->headers);
-  fmt::print("  bad slots    {} (slots without a current header are never used again)\n",
-             r->bad_slots);
-  fmt::print("  pending      0 (pending marks are not in the slots: those blocks fail on "
-             "main again when read)\n");
+  for (const auto& w : r->warnings) fmt::print(stderr, "dmremap: warning: {}\n", w);
+  if (r->from_checkpoint) {
+    fmt::print("Rebuilt {} from its checkpoint and journal (only the superblocks were lost; the "
+               "geometry came from its copy in the slot header area)\n",
+               o.spare);
+    fmt::print("  remapped     {} block(s)\n", r->remaps);
+    fmt::print("  pending      {} block(s)\n", r->pending);
+    fmt::print("  bad slots    {}\n", r->bad_slots);
+  } else {
+    fmt::print("Rebuilt {} from its slot headers{}\n", o.spare,
+               r->geometry_from_backup ? " (geometry from the copy in the slot header area)" : "");
+    fmt::print("  remapped     {} block(s), from {} valid header(s)\n", r->remaps, r->headers);
+    fmt::print("  bad slots    {} (slots without a current header are never used again)\n",
+               r->bad_slots);
+    fmt::print("  pending      0 (pending marks are not in the slots: those blocks fail on "
+               "main again when read)\n");
+  }
   fmt::print("Check it with: dmremap check --spare {}\n", o.spare);
   return kExitOk;
 }

@@ -34,7 +34,13 @@ Status write_both_superblocks(BlockDevice& spare, Superblock sb, int older) {
 Result<uint64_t> write_all_slot_headers(BlockDevice& spare, const Superblock& sb,
                                         const RemapTable& table, uint64_t epoch) {
   if (auto s = detail::write_geometry_backup(spare, sb); !s.is_ok()) return s;
+  // Every unit up to the last slot handed out gets its descriptor, even
+  // one with no remapped slot: its old contents (pool data) are not damage.
   std::map<uint64_t, std::vector<SlotHeader>> units;  // unit index -> its headers
+  for (uint64_t index = 1; index <= (table.next_slot() + kSlotHeadersPerUnit - 1) / kSlotHeadersPerUnit;
+       ++index) {
+    units[index];
+  }
   uint64_t n = 0;
   table.for_each([&](const RemapTable::Entry& e) {
     if (RemapTable::is_pending(e.value)) return;
@@ -89,12 +95,17 @@ Result<UpgradeReport> upgrade_metadata(std::shared_ptr<BlockDevice> spare) {
                                        std::to_string(found->sb.version));
   }
   // The whole state, journal included, as a reader sees it (rolled forward
-  // if a superblock was lost).
+  // if a superblock was lost, or an earlier upgrade was cut short).
   RemapTable table;
   OpenReport report;
   auto store = MetadataStore::open(spare, table, /*writable=*/false, &report);
   if (!store.is_ok()) return store.take_status();
-  const Superblock old = store.value()->superblock();
+  Superblock old = store.value()->superblock();
+  // The new checkpoint goes to the area the version 1 superblock does not
+  // name, with the epoch after its own: a version 1 reader keeps its set
+  // whole until the end, even when this upgrade runs again after a cut.
+  old.active_checkpoint = found->sb.active_checkpoint;
+  old.epoch = found->sb.epoch;
   const uint32_t bs = old.block_size;
 
   // New regions from the end backwards: slot headers (sized for the old
@@ -154,6 +165,50 @@ Result<UpgradeReport> upgrade_metadata(std::shared_ptr<BlockDevice> spare) {
   return UpgradeReport{old.slot_count, sb.slot_count, headers.value()};
 }
 
+namespace {
+
+// The set's geometry when no superblock is valid: the copy at the start of
+// its slot header area. Every unit of the spare is looked at, since a
+// spare formatted again (format --force) may still hold an older set's
+// copy, earlier or later; the most recently formatted set wins. A chunk
+// that fails to read is read again unit by unit.
+std::optional<Superblock> find_geometry(BlockDevice& spare,
+                                        const std::function<void(uint64_t, uint64_t)>& progress) {
+  const uint64_t size = round_down(spare.size(), kMetaUnit);
+  MetaBuffer buf(detail::kIoChunk);
+  std::optional<Superblock> best;
+  auto consider = [&](const char* unit, uint64_t at) {
+    auto cand = Superblock::decode(unit);
+    if (!cand || cand->version < 2 || cand->slot_header_offset != at ||
+        cand->spare_size > spare.size()) {
+      return;
+    }
+    if (!best || cand->format_time > best->format_time ||
+        (cand->format_time == best->format_time && at > best->slot_header_offset)) {
+      best = cand;
+    }
+  };
+  for (uint64_t pos = 2 * kMetaUnit; pos < size; pos += detail::kIoChunk) {
+    const size_t n = std::min<uint64_t>(detail::kIoChunk, size - pos);
+    if (spare.read(buf.data, n, pos).is_ok()) {
+      for (size_t off = 0; off < n; off += kMetaUnit) consider(buf.data + off, pos + off);
+    } else {
+      for (size_t off = 0; off < n; off += kMetaUnit) {
+        if (spare.read(buf.data, kMetaUnit, pos + off).is_ok()) consider(buf.data, pos + off);
+      }
+    }
+    if (progress) progress(pos + n, size);
+  }
+  return best;
+}
+
+// Far above any epoch or generation of the set that could not be read
+// during the rebuild (a unit that fails now may read again later), so
+// that nothing from before the rebuild can win over it.
+constexpr uint64_t kRebuildJump = uint64_t{1} << 32;
+
+}  // namespace
+
 Result<RebuildReport> rebuild_metadata(
     std::shared_ptr<BlockDevice> spare, const std::function<void(uint64_t, uint64_t)>& progress) {
   RebuildReport rep;
@@ -161,6 +216,7 @@ Result<RebuildReport> rebuild_metadata(
   // area, which lies where it says it does.
   Superblock sb;
   uint64_t generation = 0;
+  int target_area = 0;
   auto found = read_superblock(*spare);
   if (found.is_ok()) {
     sb = found->sb;
@@ -170,52 +226,55 @@ Result<RebuildReport> rebuild_metadata(
                                         std::to_string(sb.version) +
                                         " has no slot headers to rebuild from");
     }
+    // Not over the area the superblock names: if it was whole after all, a
+    // cut before the new superblock leaves it so.
+    target_area = 1 - static_cast<int>(sb.active_checkpoint);
   } else {
     rep.geometry_from_backup = true;
-    const uint64_t size = round_down(spare->size(), kMetaUnit);
-    MetaBuffer buf(detail::kIoChunk);
-    bool have = false;
-    for (uint64_t pos = 2 * kMetaUnit; pos < size && !have; pos += detail::kIoChunk) {
-      const size_t n = std::min<uint64_t>(detail::kIoChunk, size - pos);
-      if (!spare->read(buf.data, n, pos).is_ok()) continue;
-      for (size_t off = 0; off < n; off += kMetaUnit) {
-        auto cand = Superblock::decode(buf.data + off);
-        if (cand && cand->version >= 2 && cand->slot_header_offset == pos + off &&
-            cand->spare_size <= spare->size()) {
-          sb = *cand;
-          have = true;
-          break;
-        }
-      }
-      if (progress) progress(pos + n, size);
-    }
-    if (!have) {
+    auto geometry = find_geometry(*spare, progress);
+    if (!geometry) {
       return Status::error(ENOENT, spare->name() +
                                        ": no superblock and no copy of the geometry was found: "
                                        "not a dmremap spare of format version 2");
     }
+    sb = *geometry;
   }
-  // Every slot header of this set, unit by unit.
-  const uint64_t main_blocks = sb.main_size / sb.block_size;
-  std::map<uint64_t, std::pair<uint64_t, Cause>> latest;  // block -> (slot, cause)
   uint64_t max_epoch = sb.epoch;
-  uint64_t top_slot = 0;  // one past the highest slot with a header
-  {
+  RemapTable table;
+  // Without superblocks, the checkpoints and journal may be whole: they
+  // hold everything, pending marks too.
+  if (rep.geometry_from_backup) {
+    OpenReport orep;
+    auto whole = MetadataStore::open_with_geometry(spare, sb, table, &orep);
+    if (whole.is_ok()) {
+      rep.from_checkpoint = true;
+      max_epoch = whole.value()->superblock().epoch;
+    } else {
+      table = RemapTable();
+      rep.warnings.push_back("the checkpoints and journal do not load either (" +
+                             whole.status().to_string() + "): from the slot headers");
+    }
+  }
+  if (!rep.from_checkpoint) {
+    // Every slot header of this set. A header counts on its own (its CRC,
+    // set and slot), whatever its unit's descriptor says.
+    const uint64_t main_blocks = sb.main_size / sb.block_size;
+    std::map<uint64_t, std::pair<uint64_t, Cause>> latest;  // block -> (slot, cause)
+    uint64_t top_slot = 0;  // one past the highest slot known to be handed out
+    std::vector<std::pair<uint64_t, uint64_t>> unknown;  // slot ranges of unreadable units
     const uint64_t units = sb.slot_header_bytes / kMetaUnit;
     MetaBuffer buf(kMetaUnit);
     for (uint64_t index = 1; index < units; ++index) {
+      const uint64_t first = (index - 1) * kSlotHeadersPerUnit;
+      if (first >= sb.slot_count) break;
+      const uint64_t end = std::min(first + kSlotHeadersPerUnit, sb.slot_count);
       if (!spare->read(buf.data, kMetaUnit, sb.slot_header_offset + index * kMetaUnit).is_ok()) {
+        unknown.emplace_back(first, end);
         continue;
       }
-      const auto desc = SlotHeaderUnit::decode(buf.data);
-      if (!desc || desc->uuid != sb.uuid || desc->index != index) continue;
-      for (uint64_t j = 0; j < kSlotHeadersPerUnit; ++j) {
-        const uint64_t slot = (index - 1) * kSlotHeadersPerUnit + j;
+      for (uint64_t slot = first; slot < end; ++slot) {
         const auto h = SlotHeader::decode(buf.data + slot_header_pos(slot));
-        if (!h || h->uuid != sb.uuid || h->slot != slot || slot >= sb.slot_count ||
-            h->block >= main_blocks) {
-          continue;
-        }
+        if (!h || h->uuid != sb.uuid || h->slot != slot || h->block >= main_blocks) continue;
         ++rep.headers;
         max_epoch = std::max(max_epoch, h->epoch);
         top_slot = std::max(top_slot, slot + 1);
@@ -223,9 +282,28 @@ Result<RebuildReport> rebuild_metadata(
         if (!fresh && it->second.first < slot) it->second = {slot, h->cause};
       }
     }
+    // Slots whose headers could not be read may hold remaps: never hand
+    // them out again.
+    for (const auto& [first, end] : unknown) {
+      top_slot = std::max(top_slot, end);
+      rep.unreadable_units += 1;
+      rep.warnings.push_back("the headers of slots " + std::to_string(first) + "-" +
+                             std::to_string(end - 1) +
+                             " cannot be read: their blocks, if any, are not found, and the "
+                             "slots are marked bad");
+    }
+    std::vector<bool> claimed(top_slot, false);
+    for (const auto& [block, where] : latest) {
+      table.apply(Record{Record::kRemap, where.second, block, where.first});
+      claimed[where.first] = true;
+    }
+    for (uint64_t slot = 0; slot < top_slot; ++slot) {
+      if (!claimed[slot]) table.apply(Record{Record::kBadSlot, Cause::kManual, 0, slot});
+    }
+    table.set_next_slot(top_slot);
+    table.compact();
   }
-  // A new epoch above any unit, checkpoint or superblock of this set still
-  // on the spare, so nothing written before the rebuild can come back.
+  // Epochs still on the spare, of checkpoints and journal units of this set.
   {
     MetaBuffer buf(kMetaUnit);
     for (int area = 0; area < 2; ++area) {
@@ -245,27 +323,18 @@ Result<RebuildReport> rebuild_metadata(
       }
     }
   }
-  RemapTable table;
-  std::vector<bool> claimed(top_slot, false);
-  for (const auto& [block, where] : latest) {
-    table.apply(Record{Record::kRemap, where.second, block, where.first});
-    claimed[where.first] = true;
-  }
-  for (uint64_t slot = 0; slot < top_slot; ++slot) {
-    if (!claimed[slot]) table.apply(Record{Record::kBadSlot, Cause::kManual, 0, slot});
-  }
-  table.set_next_slot(top_slot);
-  table.compact();
-  rep.remaps = latest.size();
-  rep.bad_slots = top_slot - latest.size();
-  rep.epoch = max_epoch + 1;
-  // Both checkpoint copies of area 0, then both superblocks, each flushed.
+  rep.remaps = table.remaps();
+  rep.pending = table.pending();
+  rep.bad_slots = table.bad_slots().size();
+  rep.epoch = max_epoch + kRebuildJump;
+  // Both copies of the target area, then both superblocks, each flushed.
   sb.epoch = rep.epoch;
-  sb.active_checkpoint = 0;
+  sb.active_checkpoint = static_cast<uint32_t>(target_area);
   sb.flags = kFlagClean;
-  sb.generation = generation + 1;
+  sb.generation = generation + kRebuildJump;
   for (int copy = 0; copy < 2; ++copy) {
-    if (auto s = detail::write_checkpoint(*spare, sb, sb.checkpoint_at(0, copy), table, sb.epoch);
+    if (auto s = detail::write_checkpoint(*spare, sb, sb.checkpoint_at(target_area, copy), table,
+                                          sb.epoch);
         !s.is_ok()) {
       return s;
     }
@@ -276,8 +345,11 @@ Result<RebuildReport> rebuild_metadata(
       !s.is_ok()) {
     return s;
   }
-  log(LogLevel::kInfo, spare->name() + ": rebuilt from " + std::to_string(rep.headers) +
-                           " slot headers: " + std::to_string(rep.remaps) + " remapped blocks");
+  log(LogLevel::kInfo, spare->name() + ": rebuilt " +
+                           (rep.from_checkpoint ? std::string("from the checkpoint and journal")
+                                                : "from " + std::to_string(rep.headers) +
+                                                      " slot headers") +
+                           ": " + std::to_string(rep.remaps) + " remapped blocks");
   return rep;
 }
 

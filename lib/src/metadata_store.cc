@@ -328,6 +328,30 @@ Result<std::unique_ptr<MetadataStore>> MetadataStore::open(std::shared_ptr<Block
                              "nothing is lost) with: dmremap upgrade --spare " + spare->name());
   }
   std::unique_ptr<MetadataStore> store(new MetadataStore(spare, found->sb, found->copy));
+  int checkpoint_copy = 0;
+  if (auto s = store->load(table, rep, &checkpoint_copy); !s.is_ok()) return s;
+  if (writable) {
+    if (auto s = store->repair_on_open(table, rep, checkpoint_copy); !s.is_ok()) return s;
+  }
+  return store;
+}
+
+Result<std::unique_ptr<MetadataStore>> MetadataStore::open_with_geometry(
+    std::shared_ptr<BlockDevice> spare, const Superblock& geometry, RemapTable& table,
+    OpenReport* report) {
+  OpenReport local;
+  OpenReport& rep = report ? *report : local;
+  Superblock sb = geometry;
+  sb.epoch = 0;  // every checkpoint of the set is later: the newest wins
+  sb.flags &= ~kFlagClean;
+  std::unique_ptr<MetadataStore> store(new MetadataStore(spare, sb, 0));
+  if (auto s = store->load(table, rep, nullptr); !s.is_ok()) return s;
+  return store;
+}
+
+Status MetadataStore::load(RemapTable& table, OpenReport& rep, int* checkpoint_copy_out) {
+  const std::shared_ptr<BlockDevice>& spare = spare_;
+  MetadataStore* store = this;
   // Roll forward: a complete checkpoint of a later epoch than the
   // superblock's means a newer superblock was written, or was about to be,
   // when the newest copy was lost (a bad sector, a torn write). That
@@ -362,7 +386,9 @@ Result<std::unique_ptr<MetadataStore>> MetadataStore::open(std::shared_ptr<Block
   }
   const Superblock& sb = store->sb_;
   int checkpoint_copy = 0;
+  if (checkpoint_copy_out) *checkpoint_copy_out = 0;
   if (auto s = read_checkpoint(*spare, sb, table, &checkpoint_copy); !s.is_ok()) return s;
+  if (checkpoint_copy_out) *checkpoint_copy_out = checkpoint_copy;
   if (checkpoint_copy != 0) {
     rep.warnings.push_back("checkpoint " + std::to_string(sb.active_checkpoint) +
                            " copy 0 is damaged; copy " + std::to_string(checkpoint_copy) +
@@ -412,17 +438,47 @@ Result<std::unique_ptr<MetadataStore>> MetadataStore::open(std::shared_ptr<Block
     return Status::error(EUCLEAN, spare->name() + ": " + dup +
                                       "; the metadata is damaged. Run `dmremap check`");
   }
-  if (writable) {
-    // Replayed records, or a damaged checkpoint copy: a new checkpoint
-    // (written to every copy) puts them in order.
-    Status s = i > 0 || checkpoint_copy != 0 ? store->checkpoint(table, false) : [&] {
-      Superblock next = store->sb_;
-      next.flags &= ~kFlagClean;
-      return store->write_superblock(next);
-    }();
-    if (!s.is_ok()) return s;
+  return Status::ok();
+}
+
+Status MetadataStore::repair_on_open(const RemapTable& table, OpenReport& rep,
+                                     int checkpoint_copy) {
+  const uint64_t replayed = journal_next_;
+  // The other copy of the active checkpoint too: one that is damaged is
+  // written again, as is copy 0 when copy 1 had to be read.
+  bool rewrite = replayed > 0 || checkpoint_copy != 0;
+  if (!rewrite && sb_.checkpoint_copies() > 1) {
+    RemapTable other;
+    if (Status s = read_checkpoint_copy(*spare_, sb_, 1, other); !s.is_ok()) {
+      rep.warnings.push_back(s.to_string() + "; a new checkpoint is written");
+      rewrite = true;
+    }
   }
-  return store;
+  if (sb_.version >= 2) {
+    // The geometry's copy in the slot header area (for a rebuild).
+    MetaBuffer buf(kMetaUnit);
+    const bool read = spare_->read(buf.data, kMetaUnit, sb_.slot_header_offset).is_ok();
+    const auto copy = read ? Superblock::decode(buf.data) : std::nullopt;
+    if (!copy || copy->uuid != sb_.uuid || copy->slot_header_offset != sb_.slot_header_offset) {
+      rep.warnings.push_back("the copy of the geometry in slot header unit 0 is damaged; it is "
+                             "written again");
+      if (Status s = write_geometry_backup(*spare_, sb_); !s.is_ok()) {
+        if (classify_failure(s.code()) == FailureKind::kDevice) return s;
+        note_degraded("slot header unit 0 refuses writes (" + s.to_string() +
+                      "): a rebuild would have to be told the geometry");
+      }
+    }
+    // Headers of slots not handed out (at or past next_slot) are from
+    // remaps that never committed (a crash, a failed journal write): a
+    // rebuild must not take them.
+    if (Status s = clear_stale_slot_headers(table.next_slot(), ~uint64_t{0}); !s.is_ok()) return s;
+  }
+  // Replayed records, or a damaged checkpoint copy: a new checkpoint
+  // (written to every copy) puts them in order.
+  if (rewrite) return checkpoint(table, false);
+  Superblock next = sb_;
+  next.flags &= ~kFlagClean;
+  return write_superblock(next);
 }
 
 Result<int> MetadataStore::put_superblock(const Superblock& next) {
@@ -609,6 +665,14 @@ Status MetadataStore::write_slot_header(uint64_t slot, uint64_t block, Cause cau
       }
     }
   }
+  // Headers of this unit's slots that are not handed out (bad ones skipped
+  // on the way here, or remaps that never committed) go: a rebuild must
+  // not take them.
+  for (uint64_t j = 0; j < kSlotHeadersPerUnit; ++j) {
+    if (first + j >= table.next_slot() && first + j != slot) {
+      std::memset(buf.data + slot_header_pos(first + j), 0, kSlotHeaderBytes);
+    }
+  }
   SlotHeader h{sb_.uuid, slot, block, sb_.epoch, cause};
   h.encode(buf.data + slot_header_pos(slot));
   Status w = spare_->write(buf.data, kMetaUnit, at);
@@ -616,6 +680,40 @@ Status MetadataStore::write_slot_header(uint64_t slot, uint64_t block, Cause cau
   if (classify_failure(w.code()) == FailureKind::kDevice) return w;
   note_degraded(unit_name + " refuses writes (" + w.to_string() +
                 "): a rebuild from the slots would not find the slots it describes");
+  return Status::ok();
+}
+
+Status MetadataStore::clear_stale_slot_headers(uint64_t from, uint64_t keep) {
+  if (sb_.version < 2 || from >= sb_.slot_count) return Status::ok();
+  MetaBuffer buf(kMetaUnit);
+  const uint64_t first_unit = 1 + from / kSlotHeadersPerUnit;
+  const uint64_t units = sb_.slot_header_bytes / kMetaUnit;
+  for (uint64_t index = first_unit; index < std::min(first_unit + 2, units); ++index) {
+    const uint64_t at = sb_.slot_header_offset + index * kMetaUnit;
+    Status r = spare_->read(buf.data, kMetaUnit, at);
+    if (!r.is_ok()) {
+      if (classify_failure(r.code()) == FailureKind::kDevice) return r;
+      continue;  // rewritten from the table when one of its slots is handed out
+    }
+    const auto desc = SlotHeaderUnit::decode(buf.data);
+    if (!desc || desc->uuid != sb_.uuid || desc->index != index) continue;
+    bool changed = false;
+    for (uint64_t j = 0; j < kSlotHeadersPerUnit; ++j) {
+      const uint64_t slot = (index - 1) * kSlotHeadersPerUnit + j;
+      char* h = buf.data + slot_header_pos(slot);
+      if (slot < from || slot == keep) continue;
+      if (std::any_of(h, h + kSlotHeaderBytes, [](char c) { return c != 0; })) {
+        std::memset(h, 0, kSlotHeaderBytes);
+        changed = true;
+      }
+    }
+    if (!changed) continue;
+    if (Status w = spare_->write(buf.data, kMetaUnit, at); !w.is_ok()) {
+      if (classify_failure(w.code()) == FailureKind::kDevice) return w;
+      note_degraded("slot header unit " + std::to_string(index) + " refuses writes (" +
+                    w.to_string() + "): headers of remaps that never committed stay in it");
+    }
+  }
   return Status::ok();
 }
 
@@ -761,6 +859,17 @@ CheckReport check_once(const std::shared_ptr<BlockDevice>& spare) {
     RemapTable t;
     if (Status s = read_checkpoint_copy(*spare, sb, copy, t); !s.is_ok()) {
       r.problems.push_back(s.to_string());
+    }
+  }
+  // The geometry's copy, which a rebuild needs when both superblocks are
+  // lost.
+  {
+    const bool read = spare->read(a.data, kMetaUnit, sb.slot_header_offset).is_ok();
+    const auto copy = read ? Superblock::decode(a.data) : std::nullopt;
+    if (!copy || copy->uuid != sb.uuid || copy->slot_header_offset != sb.slot_header_offset) {
+      r.problems.push_back("the copy of the geometry in slot header unit 0 is " +
+                           std::string(read ? "damaged" : "unreadable") +
+                           " (a writable open writes it again)");
     }
   }
   // Every remapped slot's header names its block, so that a rebuild would

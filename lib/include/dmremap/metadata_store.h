@@ -62,6 +62,14 @@ class MetadataStore {
                                                               RemapTable& table,
                                                               OpenReport* report = nullptr);
 
+  // Loads a set whose superblocks are lost, from the geometry kept in the
+  // slot header area: the newest complete checkpoint of the set and its
+  // journal (the roll-forward of open(), from epoch 0). Read-only; `rebuild`
+  // uses it before it falls back to the slot headers.
+  static Result<std::unique_ptr<MetadataStore>> open_with_geometry(
+      std::shared_ptr<BlockDevice> spare, const Superblock& geometry, RemapTable& table,
+      OpenReport* report = nullptr);
+
   const Superblock& superblock() const { return sb_; }
   uint64_t journal_next() const { return journal_next_; }
 
@@ -96,6 +104,15 @@ class MetadataStore {
  private:
   MetadataStore(std::shared_ptr<BlockDevice> spare, Superblock sb, int sb_copy)
       : spare_(std::move(spare)), sb_(std::move(sb)), sb_copy_(sb_copy) {}
+  // open()'s reading: roll-forward, the checkpoint, the journal, checks.
+  Status load(RemapTable& table, OpenReport& rep, int* checkpoint_copy);
+  // open()'s writing: repairs what load() found damaged (a checkpoint
+  // copy, the geometry's copy, stale slot headers) and marks the set in
+  // use, or checkpoints the replayed journal.
+  Status repair_on_open(const RemapTable& table, OpenReport& rep, int checkpoint_copy);
+  // Clears the slot headers of slots from `from` on (not handed out) in
+  // the unit holding `from` and the next one, but `keep`'s.
+  Status clear_stale_slot_headers(uint64_t from, uint64_t keep);
   Status write_superblock(Superblock next);
   // Writes `next` to the older superblock copy, or to the current one when
   // the older refuses writes; returns the copy written.
@@ -152,21 +169,31 @@ struct UpgradeReport {
 };
 Result<UpgradeReport> upgrade_metadata(std::shared_ptr<BlockDevice> spare);
 
-// `dmremap rebuild`: the table from the slot headers alone, when every copy
-// of the metadata is lost (version 2). The geometry comes from a valid
-// superblock or, failing that, from the slot header area's unit 0, found by
-// a scan. Each block goes to the highest slot whose header names it (slots
-// are handed out in order, so that is its latest); every other slot below
-// the highest is marked bad (it is unknown). Pending marks are not in the
-// slots: they are lost, and those blocks fail on main again when read.
-// A new epoch above every one on the spare, and new checkpoints and
-// superblocks, are written. `progress` gets (bytes scanned, total).
+// `dmremap rebuild` (version 2), when the metadata does not open. The
+// geometry comes from a valid superblock or, failing that, from the copy
+// at the start of the slot header area, found by reading the whole spare
+// (the most recently formatted set's copy wins). Without superblocks, the
+// newest complete checkpoint and its journal are tried first: they give
+// everything back. Otherwise the table comes from the slot headers alone:
+// each block goes to the highest slot whose header names it (slots are
+// handed out in order, so that is its latest); every other slot below the
+// highest, and every slot whose header unit cannot be read, is marked bad.
+// Pending marks are not in the slots: they are lost, and those blocks fail
+// on main again when read. The new checkpoint (in the area the superblock
+// does not name) and superblocks take an epoch and generation 2^32 above
+// any on the spare. `progress` gets (bytes scanned, total).
 struct RebuildReport {
   bool geometry_from_backup = false;  // no superblock was valid
-  uint64_t headers = 0;               // valid slot headers of this set
+  // The checkpoints and journal were whole (only the superblocks were
+  // lost): everything came back from them, pending marks too.
+  bool from_checkpoint = false;
+  uint64_t headers = 0;           // valid slot headers of this set
+  uint64_t unreadable_units = 0;  // slot header units that could not be read
   uint64_t remaps = 0;
+  uint64_t pending = 0;
   uint64_t bad_slots = 0;
   uint64_t epoch = 0;  // the new one
+  std::vector<std::string> warnings;
 };
 Result<RebuildReport> rebuild_metadata(
     std::shared_ptr<BlockDevice> spare,

@@ -36,6 +36,7 @@ class RemapTable {
   struct Entry {
     uint64_t block;
     uint64_t value;  // kPendingValue, or slot | cause << 56
+    bool operator==(const Entry&) const = default;
   };
   static constexpr uint64_t kPendingValue = ~uint64_t{0};
   static constexpr uint64_t kSlotMask = (uint64_t{1} << 56) - 1;

@@ -78,6 +78,18 @@ std::map<uint64_t, std::vector<char>> populate(test::Set& s) {
 }
 }  // namespace
 
+namespace {
+// populate(), then a clean close; `sb` gets the superblock it left.
+test::Set populated_and_closed(Superblock& sb) {
+  auto s = test::make_set();
+  populate(s);
+  REQUIRE(s.engine->close().is_ok());
+  sb = s.engine->superblock();
+  s.engine.reset();
+  return s;
+}
+}  // namespace
+
 TEST_CASE("format 2: the two copies of each structure lie apart, nothing overlaps",
           "[journal][format2]") {
   LayoutParams p;
@@ -459,11 +471,8 @@ TEST_CASE("format 1 to 2: refused when the last slots of the pool are in use", "
 
 TEST_CASE("format 2: check reads every checkpoint copy and every remapped slot's header",
           "[engine][format2]") {
-  auto s = test::make_set();
-  populate(s);
-  REQUIRE(s.engine->close().is_ok());
-  const Superblock sb = s.engine->superblock();
-  s.engine.reset();
+  Superblock sb;
+  auto s = populated_and_closed(sb);
   {
     const CheckReport c = check_metadata(s.spare);
     INFO((c.problems.empty() ? std::string() : c.problems.front()));
@@ -620,11 +629,8 @@ TEST_CASE("format 2: the header of a remap that never committed is not taken by 
 
 TEST_CASE("format 2: a header unit that cannot be read costs its slots, said so, never reused",
           "[engine][format2]") {
-  auto s = test::make_set();
-  populate(s);
-  REQUIRE(s.engine->close().is_ok());
-  const Superblock sb = s.engine->superblock();
-  s.engine.reset();
+  Superblock sb;
+  auto s = populated_and_closed(sb);
   wipe(*s.spare_mem, sb, /*tables=*/true);
   s.spare->add_read_error(slot_header_unit(sb, 0) / 512 + 3);
   auto r = rebuild_metadata(s.spare);

@@ -180,10 +180,11 @@ int main(int argc, char** argv) {
   RebuildOptions bo;
   CLI::App* rebuild = app.add_subcommand(
       "rebuild",
-      "Rebuild a spare's metadata from its slot headers, when the superblocks, checkpoints and "
-      "journal are all lost. Every remapped block comes back; pending marks do not (those blocks "
-      "fail on main again when read). Refuses metadata that is whole, unless --force. Needs the "
-      "set not to be served.");
+      "Recover a spare whose metadata does not open. With only the superblocks lost, from the "
+      "checkpoint and journal: everything comes back. With those lost too, from the slot "
+      "headers: every remapped block comes back, pending marks do not (those blocks fail on "
+      "main again when read). Refuses metadata that opens, unless --force. Needs the set not to "
+      "be served.");
   add_spare(rebuild, bo.spare);
   rebuild->add_flag("-f,--force", bo.force, "Rebuild even metadata that opens");
   rebuild->add_flag("--json", bo.json, "Machine-readable output");

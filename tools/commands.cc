@@ -485,7 +485,7 @@ Result<std::shared_ptr<BlockDevice>> open_spare_for_repair(const std::string& sp
   OpenOptions oo;
   auto spare = open_device(spec, "spare", oo);
   if (!spare.is_ok()) return spare;
-  if (auto s = wait_out_lease(*spare.value(), std::chrono::seconds(2)); !s.is_ok()) return s;
+  if (auto s = wait_out_lease(*spare.value(), EngineOptions{}.lease_interval); !s.is_ok()) return s;
   return spare;
 }
 

@@ -9,6 +9,8 @@
 #include <nbdkit-plugin.h>
 
 #include <cerrno>
+#include <chrono>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -95,6 +97,15 @@ int dmremap_config_unguarded(const char* key, const char* value) {
     unsigned n = 0;
     if (nbdkit_parse_unsigned(key, value, &n) == -1) return -1;
     g_config.engine.read_retries = n;
+  } else if (k == "retry-time" || k == "io-timeout") {
+    char* end = nullptr;
+    const double secs = std::strtod(value, &end);
+    if (end == value || *end != '\0' || !(secs >= 0) || secs > 86400) {
+      nbdkit_error("%s=%s: seconds, from 0 to 86400 (decimals allowed)", key, value);
+      return -1;
+    }
+    const auto ms = std::chrono::milliseconds(static_cast<int64_t>(secs * 1000));
+    (k == "retry-time" ? g_config.engine.retry_time : g_config.io_timeout) = ms;
   } else if (k == "warn") {
     unsigned n = 0;
     if (nbdkit_parse_unsigned(key, value, &n) == -1 || n > 100) {
@@ -342,11 +353,15 @@ nbdkit_plugin make_plugin() {
       "                      auto (default): direct on block devices, buffered on files\n"
       "direct=BOOL           the same as io=direct (true) or io=buffered (false)\n"
       "retries=N             extra reads of a failing block before it is unreadable (3)\n"
+      "retry-time=SECONDS    no new read of a failing block after this long (30)\n"
+      "io-timeout=SECONDS    an NBD main or spare that does not answer a request in\n"
+      "                      this long has failed it (30; 0: wait for ever)\n"
       "unreadable=error|zero salvage: zero = unreadable blocks read as zeros, logged (error)\n"
       "warn=PERCENT          health warns when this much of the pool is used (80)\n"
       "control=SOCKET        answer `dmremap status --control SOCKET` on this Unix\n"
       "                      socket (created mode 0600: its owner only)\n"
-      "inject=FAULTS         testing only: read:N[-M],write:N[-M],weak:N[-M]xK on main";
+      "inject=FAULTS         testing only: read:N[-M],write:N[-M],weak:N[-M]xK,\n"
+      "                      slow:N[-M]xMS on main";
   p.magic_config_key = "main";
   p.get_ready = dmremap_get_ready;
   p.after_fork = dmremap_after_fork;

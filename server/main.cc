@@ -16,6 +16,7 @@
 #include <cstring>
 #include <memory>
 #include <stdexcept>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -131,13 +132,26 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"auto", "direct", "buffered"}))
       ->capture_default_str();
   app.add_flag_callback("--direct", [&] { io_mode = "direct"; }, "Same as --io direct");
-  app.add_option("--retries", set.engine.read_retries, "Extra reads of a failing block")
+  app.add_option("--retries", set.engine.read_retries,
+                 "Extra reads of a failing block before it is unreadable")
+      ->capture_default_str();
+  double retry_seconds = 30;
+  app.add_option("--retry-time", retry_seconds,
+                 "Seconds after a block's first failed read when no new attempt starts")
+      ->check(CLI::Range(0.0, 86400.0))
+      ->capture_default_str();
+  double io_timeout_seconds = 30;
+  app.add_option("--io-timeout", io_timeout_seconds,
+                 "An NBD main or spare that does not answer a request within this many seconds "
+                 "has failed it (0: wait for ever)")
+      ->check(CLI::Range(0.0, 86400.0))
       ->capture_default_str();
   std::string unreadable = "error";
   app.add_option("--unreadable", unreadable, "error, or zero (salvage: unreadable blocks read as zeros, logged)")
       ->check(CLI::IsMember({"error", "zero"}))
       ->capture_default_str();
-  app.add_option("--inject", set.inject, "Testing only: faults on main, e.g. read:10,write:20-21,weak:30x2");
+  app.add_option("--inject", set.inject,
+                 "Testing only: faults on main, e.g. read:10,write:20-21,weak:30x2,slow:40x1000");
   app.add_option("--threads", threads,
                  "Requests run at once per client: a connection uses one thread while the "
                  "disk keeps up, and up to this many when requests get stuck on a slow disk")
@@ -168,6 +182,8 @@ int main(int argc, char** argv) {
   app.set_version_flag("-V,--version", "dmremap-server " DMREMAP_VERSION);
   CLI11_PARSE(app, argc, argv);
   set.engine.unreadable_zero = unreadable == "zero";
+  set.engine.retry_time = std::chrono::milliseconds(static_cast<int64_t>(retry_seconds * 1000));
+  set.io_timeout = std::chrono::milliseconds(static_cast<int64_t>(io_timeout_seconds * 1000));
   (void)dmremap::parse_io_mode(io_mode, set.io);
   dmremap::set_log_debug(verbose);
   dmremap::set_log_sink([](dmremap::LogLevel level, const std::string& line) {
@@ -338,7 +354,21 @@ int main(int argc, char** argv) {
   watchdog.join();
   if (!unix_path.empty()) ::unlink(unix_path.c_str());
   control.reset();
-  const dmremap::Status s = engine.value()->close();
+  // Requests still running past --shutdown-timeout (stuck in a device) keep
+  // the engine: it is never destroyed under them. The spare is left as
+  // after a crash (its journal consistent), and the process ends here.
+  std::optional<std::chrono::milliseconds> wait;
+  if (drain_deadline != std::chrono::steady_clock::time_point{}) {
+    wait = std::max(std::chrono::milliseconds(100),
+                    std::chrono::duration_cast<std::chrono::milliseconds>(
+                        drain_deadline - std::chrono::steady_clock::now()));
+  }
+  const dmremap::Status s = engine.value()->close(wait);
+  if (s.code() == EBUSY) {
+    std::fprintf(stderr, "dmremap-server: closing the set: %s\n", s.to_string().c_str());
+    std::fflush(stderr);
+    std::_Exit(1);
+  }
   if (!s.is_ok()) {
     std::fprintf(stderr, "dmremap-server: closing the set: %s\n", s.to_string().c_str());
     return 1;

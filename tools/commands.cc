@@ -393,8 +393,12 @@ int run_list(const ListOptions& o) {
 }
 
 int run_remap(const RemapOptions& o) {
-  SetConfig config{o.main, o.spare, false, o.io, "", EngineOptions{}};
+  SetConfig config;
+  config.main = o.main;
+  config.spare = o.spare;
+  config.io = o.io;
   config.engine.read_retries = o.retries;
+  config.engine.retry_time = std::chrono::milliseconds(static_cast<int64_t>(o.retry_seconds * 1000));
   auto engine = open_set(config);
   if (!engine.is_ok()) return fail(engine.status());
   Engine& e = *engine.value();
@@ -428,7 +432,11 @@ int run_remap(const RemapOptions& o) {
 }
 
 int run_forget_pending(const ForgetPendingOptions& o) {
-  auto engine = open_set(SetConfig{o.main, o.spare, false, o.io, "", EngineOptions{}});
+  SetConfig config;
+  config.main = o.main;
+  config.spare = o.spare;
+  config.io = o.io;
+  auto engine = open_set(config);
   if (!engine.is_ok()) return fail(engine.status());
   Engine& e = *engine.value();
   std::vector<uint64_t> blocks = o.blocks;

@@ -48,6 +48,7 @@ struct RemapOptions {
   std::vector<uint64_t> sectors;  // 512-byte LBAs, as SMART and the kernel log name them
   IoMode io = IoMode::kAuto;
   unsigned retries = 3;
+  double retry_seconds = 30;
 };
 int run_remap(const RemapOptions& o);
 

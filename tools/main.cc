@@ -127,6 +127,10 @@ int main(int argc, char** argv) {
   remap->add_flag_callback("--direct", [&] { remap_io = "direct"; }, "Same as --io direct");
   remap->add_option("--retries", ro.retries, "Extra reads of a failing block")
       ->capture_default_str();
+  remap->add_option("--retry-time", ro.retry_seconds,
+                    "Seconds after a block's first failed read when no new attempt starts")
+      ->check(CLI::Range(0.0, 86400.0))
+      ->capture_default_str();
   remap->callback([&] {
     if (ro.blocks.empty() && ro.sectors.empty()) {
       throw CLI::ValidationError("remap", "name at least one BLOCK or --lba SECTOR");

@@ -47,6 +47,7 @@ Status BlockDevice::flush() {
   // Taken before the flush: a write that completes during it may not be
   // covered, so it leaves the device with unflushed writes.
   const uint64_t changed = changed_.load();
+  flush_calls_.fetch_add(1, std::memory_order_relaxed);
   Status s = do_flush();
   if (!s.is_ok()) {
     // Any write not yet covered by a flush that worked, including one that

@@ -16,6 +16,81 @@ struct Engine::Counters {
   std::atomic<uint64_t> bytes_read{0}, bytes_written{0};
   std::atomic<uint64_t> main_read_errors{0}, main_write_errors{0};
   std::atomic<uint64_t> retry_successes{0}, unreadable_reads{0}, slot_write_errors{0};
+  std::atomic<uint64_t> commit_groups{0}, commit_records{0};
+};
+
+// One request's admission (see close()).
+class Engine::Admit {
+ public:
+  explicit Admit(Engine& e) : e_(e) {
+    e_.active_.fetch_add(1, std::memory_order_seq_cst);
+    ok_ = !e_.closing_.load(std::memory_order_seq_cst);
+  }
+  ~Admit() {
+    if (e_.active_.fetch_sub(1, std::memory_order_seq_cst) == 1 &&
+        e_.closing_.load(std::memory_order_seq_cst)) {
+      std::lock_guard l(e_.active_mu_);
+      e_.active_cv_.notify_all();
+    }
+  }
+  Admit(const Admit&) = delete;
+  Admit& operator=(const Admit&) = delete;
+  explicit operator bool() const { return ok_; }
+
+ private:
+  Engine& e_;
+  bool ok_ = false;
+};
+
+// A claim on one block: taken once no one else holds it, then waits until
+// the writes already on their way to the block have finished. Writes that
+// look the block up afterwards see the claim and wait for it.
+class Engine::Claim {
+ public:
+  Claim(Engine& e, uint64_t block) : e_(e), block_(block) {
+    {
+      std::unique_lock l(e_.claim_mu_);
+      e_.claim_cv_.wait(l, [&] {
+        return std::find(e_.claimed_.begin(), e_.claimed_.end(), block_) == e_.claimed_.end();
+      });
+      e_.claimed_.push_back(block_);
+      // Paired with count_writes(): a write either sees this claim, or is
+      // counted before the wait below reads its counter.
+      e_.claims_.fetch_add(1, std::memory_order_seq_cst);
+    }
+    auto& counter = e_.inflight_[block_ % kInflight];
+    for (unsigned spin = 0; counter.load(std::memory_order_seq_cst) != 0; ++spin) {
+      if (spin < 64) {
+        std::this_thread::yield();
+      } else {
+        std::this_thread::sleep_for(std::chrono::microseconds(spin < 1000 ? 50 : 1000));
+      }
+    }
+  }
+  ~Claim() {
+    {
+      std::lock_guard l(e_.claim_mu_);
+      e_.claimed_.erase(std::find(e_.claimed_.begin(), e_.claimed_.end(), block_));
+      e_.claims_.fetch_sub(1, std::memory_order_seq_cst);
+    }
+    e_.claim_cv_.notify_all();
+  }
+  Claim(const Claim&) = delete;
+  Claim& operator=(const Claim&) = delete;
+
+ private:
+  Engine& e_;
+  uint64_t block_;
+};
+
+// What a group commit writes for one request.
+struct Engine::Commit {
+  std::vector<Record> records;
+  // The remap's new slot, whose data was written and whose header goes out
+  // with the group (none for a pending mark or bad slots alone).
+  std::optional<MetadataStore::SlotHeaderWrite> header;
+  Status result;
+  bool done = false;
 };
 
 namespace {
@@ -180,6 +255,9 @@ Engine::Engine(std::shared_ptr<BlockDevice> main, std::shared_ptr<BlockDevice> s
           options.probe_seed != 0 ? options.probe_seed : std::random_device{}())),
       counters_(std::make_unique<Counters>()) {
   table_.enable_filter(size_ / block_);
+  next_alloc_ = table_.next_slot();
+  inflight_ = std::make_unique<std::atomic<uint32_t>[]>(kInflight);
+  for (size_t i = 0; i < kInflight; ++i) inflight_[i].store(0, std::memory_order_relaxed);
 }
 
 Engine::~Engine() {
@@ -225,7 +303,7 @@ uint64_t Engine::slot_offset(uint64_t slot) const {
 }
 
 Status Engine::refuse_if_unusable() const {
-  if (closed_.load()) return Status::error(EIO, "the device is closed");
+  if (closed_.load() || closing_.load()) return Status::error(EIO, "the device is closed");
   if (lease_active_.load(std::memory_order_relaxed)) {
     const int64_t age = now_ms() - lease_renewed_ms_.load(std::memory_order_relaxed);
     // Past this another dmremap may take the set over: stop first.
@@ -247,9 +325,32 @@ Status Engine::refuse_writes_if_broken() const {
   return Status::ok();
 }
 
+void Engine::count_writes(uint64_t first, uint64_t last, int delta) {
+  for (uint64_t b = first; b < last; ++b) {
+    if (delta > 0) {
+      inflight_[b % kInflight].fetch_add(1, std::memory_order_seq_cst);
+    } else {
+      inflight_[b % kInflight].fetch_sub(1, std::memory_order_seq_cst);
+    }
+  }
+}
+
+std::vector<uint64_t> Engine::claimed_in(uint64_t first, uint64_t last) {
+  std::vector<uint64_t> out;
+  if (claims_.load(std::memory_order_seq_cst) == 0) return out;
+  std::lock_guard l(claim_mu_);
+  for (uint64_t b : claimed_) {
+    if (b >= first && b < last) out.push_back(b);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
 // ---------------------------------------------------------------- reads
 
 Status Engine::read(void* out, uint64_t len, uint64_t offset, std::vector<uint64_t>* unreadable_out) {
+  Admit admit(*this);
+  if (!admit) return Status::error(EIO, "the device is closed");
   if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
   if (offset > size_ || len > size_ - offset) {
     return Status::error(EINVAL, "read at offset " + std::to_string(offset) + ", length " +
@@ -260,14 +361,8 @@ Status Engine::read(void* out, uint64_t len, uint64_t offset, std::vector<uint64
   counters_->bytes_read.fetch_add(len, std::memory_order_relaxed);
   char* buf = static_cast<char*>(out);
   ReadFindings f;
-  {
-    SharedGuard g(gate_);
-    read_shared(buf, len, offset, f);
-  }
-  if (!f.failed.empty()) {
-    ExclusiveGuard g(gate_);
-    recover_reads(buf, len, offset, f);
-  }
+  read_fast(buf, len, offset, f);
+  if (!f.failed.empty()) recover_reads(buf, len, offset, f);
   return finish_read(buf, len, offset, f, unreadable_out);
 }
 
@@ -306,54 +401,94 @@ Status Engine::finish_read(char* buf, uint64_t len, uint64_t offset, ReadFinding
       .with_offset(first_bad);
 }
 
-void Engine::read_shared(char* buf, uint64_t len, uint64_t offset, ReadFindings& f) {
+namespace {
+
+// Where a request's blocks are, looked up with the gate shared and used
+// after it is released: runs of main's blocks, and single table entries.
+struct Piece {
+  uint64_t first, last;  // blocks
+  uint64_t value;        // kMain, or the table entry's value
+  static constexpr uint64_t kMain = ~uint64_t{0} - 1;
+};
+
+template <class Table>
+void plan_pieces(const Table& table, uint64_t first, uint64_t last, std::vector<Piece>& out) {
+  uint64_t cursor = first;
+  table.for_range(first, last, [&](const RemapTable::Entry& e) {
+    if (cursor < e.block) out.push_back(Piece{cursor, e.block, Piece::kMain});
+    out.push_back(Piece{e.block, e.block + 1, e.value});
+    cursor = e.block + 1;
+  });
+  if (cursor < last) out.push_back(Piece{cursor, last, Piece::kMain});
+}
+
+}  // namespace
+
+void Engine::read_fast(char* buf, uint64_t len, uint64_t offset, ReadFindings& f) {
   const uint64_t first = offset / block_;
   const uint64_t end = (offset + len - 1) / block_ + 1;
   auto clip = [&](uint64_t a, uint64_t b) {
     return std::pair{std::max(offset, a * block_), std::min(offset + len, b * block_)};
   };
-  auto from_main = [&](uint64_t a, uint64_t b) {
-    const auto [lo, hi] = clip(a, b);
+  std::vector<Piece> pieces;
+  {
+    SharedGuard g(gate_);
+    plan_pieces(table_, first, end, pieces);
+  }
+  for (const Piece& p : pieces) {
+    const auto [lo, hi] = clip(p.first, p.last);
     if (lo >= f.offline_from) return;
-    if (!main_online()) {
-      f.offline_from = lo;
-      return;
+    if (p.value == Piece::kMain) {
+      if (!main_online()) {
+        f.offline_from = lo;
+        return;
+      }
+      const int64_t started = now_ms();
+      const Status s = main_->read(buf + (lo - offset), hi - lo, lo);
+      if (s.is_ok()) continue;
+      counters_->main_read_errors.fetch_add(1, std::memory_order_relaxed);
+      if (f.first_failure_ms == 0) f.first_failure_ms = started;
+      if (!failure_is_media(s, p.first, p.last)) {
+        f.offline_from = lo;
+      } else if (p.last - p.first == 1) {
+        f.failed.push_back({p.first, 1});  // that read was the block's first attempt
+      } else {
+        read_main_narrowing(buf, offset, len, p.first, p.last, f);
+      }
+      continue;
     }
-    const Status s = main_->read(buf + (lo - offset), hi - lo, lo);
-    if (s.is_ok()) return;
-    counters_->main_read_errors.fetch_add(1, std::memory_order_relaxed);
-    if (!failure_is_media(s, a, b)) {
-      f.offline_from = lo;
-    } else if (b - a == 1) {
-      f.failed.push_back(a);  // that read was the block's first attempt
-    } else {
-      read_main_narrowing(buf, offset, len, a, b, f);
+    if (RemapTable::is_pending(p.value)) {
+      f.unreadable.push_back(p.first);
+      continue;
     }
-  };
-  uint64_t cursor = first;
-  table_.for_range(first, end, [&](const RemapTable::Entry& e) {
-    if (cursor < e.block) from_main(cursor, e.block);
-    cursor = e.block + 1;
-    if (RemapTable::is_pending(e.value)) {
-      f.unreadable.push_back(e.block);
-      return;
-    }
-    const auto [lo, hi] = clip(e.block, e.block + 1);
-    if (lo >= f.offline_from) return;
-    const uint64_t slot = RemapTable::slot_of(e.value);
+    const uint64_t slot = RemapTable::slot_of(p.value);
     const Status s =
-        spare_->read(buf + (lo - offset), hi - lo, slot_offset(slot) + (lo - e.block * block_));
-    if (!s.is_ok()) {
-      // Nothing else holds this block's data: it is unreadable, and the
-      // rest of the request is still served.
-      log(LogLevel::kError, "slot " + std::to_string(slot) + " of " + block_name(e.block, block_) +
-                                " cannot be read: " + s.to_string());
-      revive_spare();
-      f.unreadable.push_back(e.block);
-      f.bad_slot_reads.push_back(e.block);
+        spare_->read(buf + (lo - offset), hi - lo, slot_offset(slot) + (lo - p.first * block_));
+    if (s.is_ok()) continue;
+    // The block may have moved to another slot meanwhile (its old one
+    // failed a write): a claim settles it.
+    {
+      Claim claim(*this, p.first);
+      SharedGuard g(gate_);
+      const auto now = table_.find(p.first);
+      if (now && !RemapTable::is_pending(*now) && RemapTable::slot_of(*now) != slot) {
+        g.unlock();
+        const uint64_t moved = RemapTable::slot_of(*now);
+        if (spare_->read(buf + (lo - offset), hi - lo,
+                         slot_offset(moved) + (lo - p.first * block_))
+                .is_ok()) {
+          continue;
+        }
+      }
     }
-  });
-  if (cursor < end) from_main(cursor, end);
+    // Nothing else holds this block's data: it is unreadable, and the rest
+    // of the request is still served.
+    log(LogLevel::kError, "slot " + std::to_string(slot) + " of " + block_name(p.first, block_) +
+                              " cannot be read: " + s.to_string());
+    revive_spare();
+    f.unreadable.push_back(p.first);
+    f.bad_slot_reads.push_back(p.first);
+  }
 }
 
 void Engine::read_main_narrowing(char* buf, uint64_t req_off, uint64_t req_len, uint64_t first,
@@ -361,6 +496,7 @@ void Engine::read_main_narrowing(char* buf, uint64_t req_off, uint64_t req_len, 
   // One read per block, not bisection: each read that includes a bad sector
   // may cost a failing disk seconds of internal retries, and a weak block
   // must not use up its failures on intermediate ranges before it is named.
+  // The failed range read and this one are the block's first two attempts.
   const size_t before = f.failed.size();
   for (uint64_t b = first; b < last; ++b) {
     const uint64_t lo = std::max(req_off, b * block_);
@@ -368,12 +504,12 @@ void Engine::read_main_narrowing(char* buf, uint64_t req_off, uint64_t req_len, 
     const Status s = main_->read(buf + (lo - req_off), hi - lo, lo);
     if (s.is_ok()) continue;
     counters_->main_read_errors.fetch_add(1, std::memory_order_relaxed);
-    if (classify_failure(s.code()) == FailureKind::kDevice) {
+    if (main_gone(s)) {
       set_main_offline(s);
       f.offline_from = lo;
       return;
     }
-    f.failed.push_back(b);
+    f.failed.push_back({b, 2});
   }
   if (f.failed.size() == before) {
     log(LogLevel::kWarning, main_->name() + ": a read of blocks " + std::to_string(first) + "-" +
@@ -384,12 +520,16 @@ void Engine::read_main_narrowing(char* buf, uint64_t req_off, uint64_t req_len, 
 
 void Engine::recover_reads(char* buf, uint64_t len, uint64_t offset, ReadFindings& f) {
   std::vector<char> data(block_);
-  for (uint64_t b : f.failed) {
+  for (const auto& [b, attempts] : f.failed) {
     const uint64_t lo = std::max(offset, b * block_);
     if (lo >= f.offline_from) break;
-    // Already failed once: only the retries are left.
-    if (!read_block_exclusive(b, data.data(), /*already_failed=*/true).is_ok()) {
-      if (offline_since_.load() != 0) {
+    Status s;
+    {
+      Claim claim(*this, b);
+      s = read_block_claimed(b, data.data(), attempts, f.first_failure_ms);
+    }
+    if (!s.is_ok()) {
+      if (!main_online()) {
         f.offline_from = lo;
         break;
       }
@@ -401,30 +541,49 @@ void Engine::recover_reads(char* buf, uint64_t len, uint64_t offset, ReadFinding
   }
 }
 
-Status Engine::read_block_exclusive(uint64_t block, char* out, bool already_failed) {
-  if (auto v = table_.find(block)) {
+Status Engine::read_block_claimed(uint64_t block, char* out, unsigned attempts,
+                                  int64_t since_ms) {
+  std::optional<uint64_t> v;
+  {
+    SharedGuard g(gate_);
+    v = table_.find(block);
+  }
+  if (v) {
     if (RemapTable::is_pending(*v)) {
       return Status::error(EIO, block_name(block, block_) + " is pending (unreadable)");
     }
     return spare_->read(out, block_, slot_offset(RemapTable::slot_of(*v)));
   }
   if (!main_online()) return offline_error();
-  const unsigned attempts = options_.read_retries + (already_failed ? 0 : 1);
-  bool failed_once = already_failed;
+  const unsigned allowed = options_.read_retries + 1;
   Status last = Status::error(EIO, main_->name() + ": " + block_name(block, block_) +
                                        " failed to read");
-  for (unsigned i = 0; i < attempts; ++i) {
+  bool read = false;
+  bool over_time = false;
+  for (unsigned done = attempts; !read; ++done) {
+    // The budget: in count (every read that included the block), and in
+    // time since the first failed one. A block not yet tried is always
+    // read once.
+    if (done > 0 && done >= allowed) break;
+    if (done > 0 && now_ms() - since_ms >= options_.retry_time.count()) {
+      over_time = true;
+      break;
+    }
+    if (since_ms == 0) since_ms = now_ms();
     last = main_->read(out, block_, block * block_);
-    if (last.is_ok()) break;
+    if (last.is_ok()) {
+      read = true;
+      attempts = done;
+      break;
+    }
     counters_->main_read_errors.fetch_add(1, std::memory_order_relaxed);
-    failed_once = true;
-    if (classify_failure(last.code()) == FailureKind::kDevice) {
+    if (main_gone(last)) {
       set_main_offline(last);
       return offline_error();
     }
   }
-  if (last.is_ok()) {
-    if (!failed_once) return last;
+  if (read) {
+    if (attempts == 0) return last;
     counters_->retry_successes.fetch_add(1, std::memory_order_relaxed);
     if (options_.read_only) {
       log(LogLevel::kWarning, block_name(block, block_) + " read on a retry (weak); read-only, "
@@ -443,19 +602,27 @@ Status Engine::read_block_exclusive(uint64_t block, char* out, bool already_fail
   // Before the block is declared lost: is it the block, or main as a whole?
   if (!failure_is_media(last, block, block + 1)) return offline_error();
   log(LogLevel::kError, block_name(block, block_) + " is unreadable after " +
-                            std::to_string(options_.read_retries) + " retries: " +
-                            last.to_string());
+                            (over_time ? std::to_string(options_.retry_time.count() / 1000) +
+                                             " s of retries"
+                                       : std::to_string(options_.read_retries) + " retries") +
+                            ": " + last.to_string());
   if (!options_.read_only) (void)mark_pending(block);
   return last;
 }
 
 // ------------------------------------------------------------ main offline
 
+bool Engine::main_gone(const Status& failure) {
+  // One request that timed out may be one sector a disk keeps retrying:
+  // the probe decides, as for a plain EIO.
+  return failure.code() != ETIMEDOUT && classify_failure(failure.code()) == FailureKind::kDevice;
+}
+
 bool Engine::failure_is_media(const Status& failure, uint64_t first, uint64_t last) {
-  switch (classify_failure(failure.code())) {
-    case FailureKind::kMedia: return true;
-    case FailureKind::kDevice: set_main_offline(failure); return false;
-    case FailureKind::kUnknown: break;
+  if (classify_failure(failure.code()) == FailureKind::kMedia) return true;
+  if (main_gone(failure)) {
+    set_main_offline(failure);
+    return false;
   }
   const std::vector<uint64_t> candidates = probe_candidates(first, last);
   Status probe = probe_main(candidates);
@@ -473,6 +640,7 @@ std::vector<uint64_t> Engine::probe_candidates(uint64_t first, uint64_t last) {
   const uint64_t blocks = size_ / block_;
   std::vector<uint64_t> out;
   std::lock_guard l(rng_mu_);
+  SharedGuard g(gate_);
   for (int draw = 0; draw < 32 && out.size() < kProbeBlocks; ++draw) {
     const uint64_t b = std::uniform_int_distribution<uint64_t>(0, blocks - 1)(rng_);
     if ((b >= first && b < last) || table_.find(b)) continue;
@@ -513,9 +681,9 @@ void Engine::set_main_offline(const Status& why) {
 }
 
 void Engine::watch_main() {
-  // Brings main back, and reconnects a failing spare, without holding the
-  // gate, so requests keep failing at once (or being served from the other
-  // device) while a reconnect takes its time.
+  // Brings main back, and reconnects a failing spare, holding no lock that
+  // requests need, so they keep failing at once (or being served from the
+  // other device) while a reconnect takes its time.
   std::unique_lock l(watch_mu_);
   while (!watch_stop_) {
     if (spare_revive_wanted_.exchange(false)) {
@@ -539,14 +707,7 @@ void Engine::watch_main() {
       if (watch_cv_.wait_for(l, backoff, [&] { return watch_stop_; })) break;
       l.unlock();
       Status s = main_->reconnect();
-      if (s.is_ok()) {
-        std::vector<uint64_t> candidates;
-        {
-          SharedGuard g(gate_);
-          candidates = probe_candidates(0, 0);
-        }
-        s = probe_main(candidates);
-      }
+      if (s.is_ok()) s = probe_main(probe_candidates(0, 0));
       l.lock();
       if (s.is_ok()) {
         const int64_t since = offline_since_.exchange(0);
@@ -600,6 +761,8 @@ Status Engine::write_zeroes(uint64_t len, uint64_t offset, bool fua) {
 }
 
 Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offset, bool fua) {
+  Admit admit(*this);
+  if (!admit) return Status::error(EIO, "the device is closed");
   if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
   if (options_.read_only) return Status::error(EPERM, "the device is read-only");
   if (offset > size_ || len > size_ - offset) {
@@ -620,8 +783,23 @@ Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offse
     slow.push_back((offset + len - 1) / block_);
   }
   bool main_down = false;
-  {
-    SharedGuard g(gate_);
+  if (full_first < full_end) {
+    // Counted before the lookup, so that a claim taken after it waits for
+    // this write; blocks claimed already are left to the slow path.
+    count_writes(full_first, full_end, +1);
+    const std::vector<uint64_t> claimed = claimed_in(full_first, full_end);
+    for (uint64_t b : claimed) {
+      count_writes(b, b + 1, -1);
+      slow.push_back(b);
+    }
+    std::vector<Piece> pieces;
+    {
+      SharedGuard g(gate_);
+      plan_pieces(table_, full_first, full_end, pieces);
+    }
+    auto is_claimed = [&](uint64_t b) {
+      return std::binary_search(claimed.begin(), claimed.end(), b);
+    };
     auto to_main = [&](uint64_t a, uint64_t b) {
       if (main_down) return;
       if (!main_online()) {
@@ -640,34 +818,47 @@ Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offse
       }
       for (uint64_t b2 = a; b2 < b; ++b2) slow.push_back(b2);
     };
-    uint64_t cursor = full_first;
-    table_.for_range(full_first, full_end, [&](const RemapTable::Entry& e) {
-      if (cursor < e.block) to_main(cursor, e.block);
-      cursor = e.block + 1;
-      if (RemapTable::is_pending(e.value)) {
-        slow.push_back(e.block);
-        return;
+    for (const Piece& p : pieces) {
+      if (p.value == Piece::kMain) {
+        // Runs of unclaimed blocks.
+        uint64_t a = p.first;
+        for (uint64_t b = p.first; b <= p.last; ++b) {
+          if (b == p.last || is_claimed(b)) {
+            if (a < b) to_main(a, b);
+            a = b + 1;
+          }
+        }
+        continue;
       }
-      const uint64_t at = slot_offset(RemapTable::slot_of(e.value));
+      if (is_claimed(p.first)) continue;
+      if (RemapTable::is_pending(p.value)) {
+        slow.push_back(p.first);
+        continue;
+      }
+      const uint64_t at = slot_offset(RemapTable::slot_of(p.value));
       const Status s = zero ? spare_->write_zeroes(block_, at)
-                            : spare_->write(src + (e.block * block_ - offset), block_, at);
-      if (!s.is_ok()) slow.push_back(e.block);
-    });
-    if (cursor < full_end) to_main(cursor, full_end);
+                            : spare_->write(src + (p.first * block_ - offset), block_, at);
+      if (!s.is_ok()) slow.push_back(p.first);
+    }
+    for (uint64_t b = full_first; b < full_end; ++b) {
+      if (!is_claimed(b)) count_writes(b, b + 1, -1);
+    }
   }
   if (main_down) return offline_error();
   Status result;
   if (!slow.empty()) {
-    ExclusiveGuard g(gate_);
+    std::sort(slow.begin(), slow.end());
+    slow.erase(std::unique(slow.begin(), slow.end()), slow.end());
     std::vector<char> data(block_);
     for (uint64_t b : slow) {
       const uint64_t lo = std::max(offset, b * block_);
       const uint64_t hi = std::min(offset + len, (b + 1) * block_);
+      Claim claim(*this, b);
       Status s;
       if (hi - lo < block_) {
         // Read-modify-write: the rest of the block must be real data.
-        s = read_block_exclusive(b, data.data(), false);
-        if (!s.is_ok() && offline_since_.load() != 0) {
+        s = read_block_claimed(b, data.data(), 0, 0);
+        if (!s.is_ok() && !main_online()) {
           s = offline_error();
         } else if (!s.is_ok()) {
           s = Status::error(EIO, "write to part of " + block_name(b, block_) +
@@ -681,7 +872,7 @@ Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offse
         } else {
           std::memcpy(dst, src + (lo - offset), hi - lo);
         }
-        s = write_block_exclusive(b, data.data());
+        s = write_block_claimed(b, data.data());
       }
       if (!s.is_ok() && result.is_ok()) result = std::move(s);
     }
@@ -690,9 +881,13 @@ Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offse
   return fua ? flush() : Status::ok();
 }
 
-Status Engine::write_block_exclusive(uint64_t block, const char* data) {
+Status Engine::write_block_claimed(uint64_t block, const char* data) {
   if (auto s = refuse_writes_if_broken(); !s.is_ok()) return s;
-  const auto v = table_.find(block);
+  std::optional<uint64_t> v;
+  {
+    SharedGuard g(gate_);
+    v = table_.find(block);
+  }
   if (v && RemapTable::is_pending(*v)) return commit_remap(block, data, Cause::kPendingWrite);
   if (v) {
     const uint64_t slot = RemapTable::slot_of(*v);
@@ -717,55 +912,76 @@ Status Engine::write_block_exclusive(uint64_t block, const char* data) {
 
 // ------------------------------------------------------- remap machinery
 
-Status Engine::journal(const std::vector<Record>& records) {
-  Status s;
-  {
-    std::lock_guard l(store_mu_);
-    s = store_->append(records, table_);
+std::optional<uint64_t> Engine::allocate_slot(std::optional<uint64_t> above) {
+  std::lock_guard l(commit_mu_);
+  // A slot given back is taken again only above the block's current slot:
+  // each block's slots then only ever rise, which is what a rebuild from
+  // the slot headers relies on (the highest slot naming a block is its
+  // latest).
+  for (auto it = free_slots_.begin(); it != free_slots_.end(); ++it) {
+    if (!above || *it > *above) {
+      const uint64_t slot = *it;
+      free_slots_.erase(it);
+      return slot;
+    }
   }
-  if (s.is_ok()) return s;
-  journal_broken_.store(true);
-  log(LogLevel::kError, "journal write failed (" + s.to_string() +
-                            "): writes are refused from now on, reads continue. Check the "
-                            "spare, then restart");
-  return Status::error(EIO, "the remap could not be recorded in the journal: " + s.to_string());
+  if (next_alloc_ >= store_->superblock().slot_count) return std::nullopt;
+  return next_alloc_++;
+}
+
+void Engine::give_back_slots(const std::vector<uint64_t>& slots) {
+  std::lock_guard l(commit_mu_);
+  free_slots_.insert(free_slots_.end(), slots.begin(), slots.end());
+  std::sort(free_slots_.begin(), free_slots_.end());
 }
 
 Status Engine::commit_remap(uint64_t block, const char* data, Cause cause,
                             std::optional<uint64_t> abandoned_slot) {
   if (auto s = refuse_writes_if_broken(); !s.is_ok()) return s;
-  const Superblock& sb = store_->superblock();
   // Slots found bad on the way; recorded with the remap, or before it when
   // there are many (see below).
   std::vector<Record> bad;
   const auto record_bad_slots = [&]() -> Status {
     if (bad.empty()) return Status::ok();
-    if (auto s = journal(bad); !s.is_ok()) return s;
-    for (const Record& r : bad) table_.apply(r);
+    Commit c;
+    c.records = std::move(bad);
     bad.clear();
-    return Status::ok();
+    return group_commit(c);
   };
-  uint64_t slot = table_.next_slot();
+  std::optional<uint64_t> current = abandoned_slot;
+  {
+    SharedGuard g(gate_);
+    if (auto v = table_.find(block); v && !RemapTable::is_pending(*v)) {
+      current = RemapTable::slot_of(*v);
+    }
+  }
+  uint64_t slot = 0;
   while (true) {
-    if (slot >= sb.slot_count) {
+    const auto got = allocate_slot(current);
+    if (!got) {
       if (auto s = record_bad_slots(); !s.is_ok()) return s;
       log(LogLevel::kError, "spare pool exhausted: " + block_name(block, block_) +
                                 " cannot be remapped");
       return Status::error(ENOSPC, "no free slot on " + spare_->name() + " for " +
                                        block_name(block, block_) + ": all " +
-                                       std::to_string(sb.slot_count) + " slots are used");
+                                       std::to_string(store_->superblock().slot_count) +
+                                       " slots are used");
     }
+    slot = *got;
     Status s = spare_->write(data, block_, slot_offset(slot));
     if (s.is_ok()) break;
     counters_->slot_write_errors.fetch_add(1, std::memory_order_relaxed);
     // The spare (or the link to it, or the storage under it) as a whole:
     // its slots are not bad, and the journal is not to be tried now either.
-    // Slots found bad before stay unrecorded and will be found again.
-    if (!spare_failure_is_slot(s)) return spare_away(s);
+    // This slot is given back; those found bad before stay unrecorded and
+    // will be found again.
+    if (!spare_failure_is_slot(s)) {
+      give_back_slots({slot});
+      return spare_away(s);
+    }
     log(LogLevel::kWarning, "slot " + std::to_string(slot) + " failed to write (" +
                                 s.to_string() + "): marked bad");
     bad.push_back(Record{Record::kBadSlot, Cause::kManual, 0, slot});
-    ++slot;
     // Many slots in a row refusing writes may mean the spare itself is gone
     // or dying, not its slots: record the bad ones now. If even that fails,
     // the journal path refuses writes (EIO) instead of this loop walking the
@@ -775,30 +991,130 @@ Status Engine::commit_remap(uint64_t block, const char* data, Cause cause,
       if (auto st = record_bad_slots(); !st.is_ok()) return st;
     }
   }
-  // The slot's header (for a rebuild from the slots alone) goes with its
-  // data, before the flush that makes both durable.
-  Status header;
-  {
-    std::lock_guard l(store_mu_);
-    header = store_->write_slot_header(slot, block, cause, table_);
-  }
-  if (!header.is_ok()) return spare_away(header);
-  std::vector<Record> records;
-  if (abandoned_slot) records.push_back(Record{Record::kBadSlot, Cause::kManual, 0, *abandoned_slot});
-  records.insert(records.end(), bad.begin(), bad.end());
-  // Commit order: slot data durable, then the record durable, then visible.
-  if (Status s = spare_->flush(); !s.is_ok()) {
-    journal_broken_.store(true);
-    log(LogLevel::kError, "spare flush failed (" + s.to_string() +
-                              "): writes are refused from now on, reads continue");
-    return Status::error(EIO, "the remap could not be made durable: " + s.to_string());
-  }
-  records.push_back(Record{Record::kRemap, cause, block, slot});
-  if (auto s = journal(records); !s.is_ok()) return s;
-  for (const Record& r : records) table_.apply(r);
+  Commit c;
+  if (abandoned_slot) c.records.push_back(Record{Record::kBadSlot, Cause::kManual, 0, *abandoned_slot});
+  c.records.insert(c.records.end(), bad.begin(), bad.end());
+  c.records.push_back(Record{Record::kRemap, cause, block, slot});
+  c.header = MetadataStore::SlotHeaderWrite{slot, block, cause};
+  if (auto s = group_commit(c); !s.is_ok()) return s;
   log(LogLevel::kInfo, block_name(block, block_) + " remapped to slot " + std::to_string(slot) +
                            " (" + cause_name(cause) + ")");
   return Status::ok();
+}
+
+Status Engine::group_commit(Commit& c) {
+  std::unique_lock l(commit_mu_);
+  commit_queue_.push_back(&c);
+  while (!c.done) {
+    if (committing_) {
+      commit_cv_.wait(l);
+      continue;
+    }
+    // Leads one commit for everything queued now; those that arrive
+    // meanwhile form the next group.
+    committing_ = true;
+    std::vector<Commit*> batch;
+    batch.swap(commit_queue_);
+    l.unlock();
+    lead_commit(batch);
+    l.lock();
+    for (Commit* done : batch) done->done = true;
+    committing_ = false;
+    commit_cv_.notify_all();
+  }
+  return c.result;
+}
+
+void Engine::lead_commit(std::vector<Commit*>& batch) {
+  auto fail_all = [&](const Status& s) {
+    for (Commit* c : batch) c->result = s;
+  };
+  if (closed_.load()) {
+    // Past close()'s deadline: nothing is journaled after it gave up.
+    return fail_all(Status::error(EIO, "the device is closed"));
+  }
+  if (auto s = refuse_writes_if_broken(); !s.is_ok()) return fail_all(s);
+  // Pending marks beyond the list's room are refused one by one.
+  uint64_t pending_room = store_->superblock().pending_capacity - table_.pending();
+  std::vector<Commit*> go;
+  std::vector<MetadataStore::SlotHeaderWrite> headers;
+  std::vector<Record> records;
+  uint64_t handed_out;
+  {
+    std::lock_guard l(commit_mu_);
+    handed_out = next_alloc_;
+  }
+  for (Commit* c : batch) {
+    const bool pending = std::any_of(c->records.begin(), c->records.end(),
+                                     [](const Record& r) { return r.type == Record::kPending; });
+    if (pending && pending_room == 0) {
+      log(LogLevel::kError, "the pending list is full: " +
+                                block_name(c->records.back().block, block_) +
+                                " is unreadable but cannot be recorded");
+      c->result = Status::error(ENOSPC, "pending list full");
+      continue;
+    }
+    if (pending) --pending_room;
+    go.push_back(c);
+    if (c->header) headers.push_back(*c->header);
+    records.insert(records.end(), c->records.begin(), c->records.end());
+  }
+  if (go.empty()) return;
+  std::lock_guard store_lock(store_mu_);
+  // The slots' headers go with their data, before the flush that makes
+  // both durable.
+  if (Status s = store_->write_slot_headers(headers, table_, handed_out); !s.is_ok()) {
+    std::vector<uint64_t> back;
+    for (const auto& h : headers) back.push_back(h.slot);
+    give_back_slots(back);
+    const Status away = spare_away(s);
+    for (Commit* c : go) c->result = away;
+    return;
+  }
+  // Commit order: slot data durable, then the records durable, then
+  // visible. One flush covers every slot written before the group formed.
+  if (!headers.empty()) {
+    if (Status s = spare_->flush(); !s.is_ok()) {
+      journal_broken_.store(true);
+      log(LogLevel::kError, "spare flush failed (" + s.to_string() +
+                                "): writes are refused from now on, reads continue");
+      const Status e = Status::error(EIO, "the remap could not be made durable: " + s.to_string());
+      for (Commit* c : go) c->result = e;
+      return;
+    }
+  }
+  if (Status s = store_->append(records, table_); !s.is_ok()) {
+    journal_broken_.store(true);
+    log(LogLevel::kError, "journal write failed (" + s.to_string() +
+                              "): writes are refused from now on, reads continue. Check the "
+                              "spare, then restart");
+    const Status e =
+        Status::error(EIO, "the remap could not be recorded in the journal: " + s.to_string());
+    for (Commit* c : go) c->result = e;
+    return;
+  }
+  {
+    ExclusiveGuard g(gate_);
+    for (const Record& r : records) table_.apply(r);
+  }
+  counters_->commit_groups.fetch_add(1, std::memory_order_relaxed);
+  counters_->commit_records.fetch_add(records.size(), std::memory_order_relaxed);
+  for (Commit* c : go) c->result = Status::ok();
+}
+
+Status Engine::with_commits_stopped(const std::function<Status()>& fn) {
+  {
+    std::unique_lock l(commit_mu_);
+    commit_cv_.wait(l, [&] { return !committing_; });
+    committing_ = true;
+  }
+  Status s = fn();
+  {
+    std::lock_guard l(commit_mu_);
+    committing_ = false;
+  }
+  commit_cv_.notify_all();
+  return s;
 }
 
 Status Engine::spare_away(const Status& why) {
@@ -827,8 +1143,7 @@ bool Engine::spare_failure_is_slot(const Status& failure) {
 }
 
 void Engine::revive_spare() {
-  // The engine's own thread does it: a reconnect can take seconds, and the
-  // caller may hold the gate.
+  // The engine's own thread does it: a reconnect can take seconds.
   spare_revive_wanted_.store(true);
   wake_watch();
 }
@@ -845,14 +1160,9 @@ void Engine::wake_watch() {
 
 Status Engine::mark_pending(uint64_t block) {
   if (auto s = refuse_writes_if_broken(); !s.is_ok()) return s;
-  if (table_.pending() >= store_->superblock().pending_capacity) {
-    log(LogLevel::kError, "the pending list is full: " + block_name(block, block_) +
-                              " is unreadable but cannot be recorded");
-    return Status::error(ENOSPC, "pending list full");
-  }
-  const Record r{Record::kPending, Cause::kManual, block, 0};
-  if (auto s = journal({r}); !s.is_ok()) return s;
-  table_.apply(r);
+  Commit c;
+  c.records.push_back(Record{Record::kPending, Cause::kManual, block, 0});
+  if (auto s = group_commit(c); !s.is_ok()) return s;
   log(LogLevel::kError, block_name(block, block_) +
                             " marked pending: its data is lost; the next write to it remaps it");
   return Status::ok();
@@ -861,6 +1171,8 @@ Status Engine::mark_pending(uint64_t block) {
 // ------------------------------------------------------ trim, flush, admin
 
 Status Engine::trim(uint64_t len, uint64_t offset, bool fua) {
+  Admit admit(*this);
+  if (!admit) return Status::error(EIO, "the device is closed");
   if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
   if (options_.read_only) return Status::error(EPERM, "the device is read-only");
   if (offset > size_ || len > size_ - offset) {
@@ -871,27 +1183,41 @@ Status Engine::trim(uint64_t len, uint64_t offset, bool fua) {
   const uint64_t first = (offset + block_ - 1) / block_;
   const uint64_t end = (offset + len) / block_;
   if (first < end) {
-    SharedGuard g(gate_);
-    // Only whole unmapped blocks reach main; remapped and pending blocks keep
-    // their state, so a trim never exposes stale main data.
+    // Counted as a write: a claimed block (a rescue reading it) is left
+    // alone. Only whole unmapped blocks reach main; remapped and pending
+    // blocks keep their state, so a trim never exposes stale main data.
+    count_writes(first, end, +1);
+    const std::vector<uint64_t> claimed = claimed_in(first, end);
+    std::vector<Piece> pieces;
+    {
+      SharedGuard g(gate_);
+      plan_pieces(table_, first, end, pieces);
+    }
     auto to_main = [&](uint64_t a, uint64_t b) {
       // A trim is advice: one that main cannot take now is simply dropped.
-      if (offline_since_.load() != 0) return;
+      if (a >= b || offline_since_.load() != 0) return;
       if (auto s = main_->trim((b - a) * block_, a * block_); !s.is_ok()) {
         log(LogLevel::kDebug, "trim ignored: " + s.to_string());
       }
     };
-    uint64_t cursor = first;
-    table_.for_range(first, end, [&](const RemapTable::Entry& e) {
-      if (cursor < e.block) to_main(cursor, e.block);
-      cursor = e.block + 1;
-    });
-    if (cursor < end) to_main(cursor, end);
+    for (const Piece& p : pieces) {
+      if (p.value != Piece::kMain) continue;
+      uint64_t a = p.first;
+      for (uint64_t b : claimed) {
+        if (b < p.first || b >= p.last) continue;
+        to_main(a, b);
+        a = b + 1;
+      }
+      to_main(a, p.last);
+    }
+    count_writes(first, end, -1);
   }
   return fua ? flush() : Status::ok();
 }
 
 Status Engine::flush() {
+  Admit admit(*this);
+  if (!admit) return Status::error(EIO, "the device is closed");
   if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
   counters_->flushes.fetch_add(1, std::memory_order_relaxed);
   Status m = flush_device(*main_);
@@ -923,6 +1249,8 @@ Status Engine::flush_device(BlockDevice& dev) {
 
 Status Engine::extents(uint64_t len, uint64_t offset,
                        const std::function<void(uint64_t, uint64_t, bool)>& fn) {
+  Admit admit(*this);
+  if (!admit) return Status::error(EIO, "the device is closed");
   if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
   if (offset > size_ || len > size_ - offset) {
     return Status::error(EINVAL, "extents past the end of the device");
@@ -930,72 +1258,99 @@ Status Engine::extents(uint64_t len, uint64_t offset,
   if (len == 0) return Status::ok();
   const uint64_t first = offset / block_;
   const uint64_t last = (offset + len + block_ - 1) / block_;
-  uint64_t pos = first * block_;
-  // Main's own map, between table entries.
-  auto from_main = [&](uint64_t end) {
-    while (pos < end) {
-      const uint64_t data = std::min(main_->next_data(pos), end);
+  std::vector<Piece> pieces;
+  {
+    SharedGuard g(gate_);
+    plan_pieces(table_, first, last, pieces);
+  }
+  const uint64_t end = std::min(last * block_, size_);
+  for (const Piece& p : pieces) {
+    uint64_t pos = p.first * block_;
+    const uint64_t stop = std::min(p.last * block_, end);
+    if (p.value != Piece::kMain) {
+      fn(pos, stop - pos, false);
+      continue;
+    }
+    // Main's own map.
+    while (pos < stop) {
+      const uint64_t data = std::min(main_->next_data(pos), stop);
       if (data > pos) {
         fn(pos, data - pos, true);
         pos = data;
         continue;
       }
-      const uint64_t hole = std::max(std::min(main_->next_hole(pos), end), pos + 1);
+      const uint64_t hole = std::max(std::min(main_->next_hole(pos), stop), pos + 1);
       fn(pos, hole - pos, false);
       pos = hole;
     }
-  };
-  SharedGuard g(gate_);
-  table_.for_range(first, last, [&](const RemapTable::Entry& e) {
-    from_main(e.block * block_);
-    fn(pos, block_, false);
-    pos += block_;
-  });
-  from_main(std::min(last * block_, size_));
+  }
   return Status::ok();
 }
 
 Status Engine::remap_block(uint64_t block) {
+  Admit admit(*this);
+  if (!admit) return Status::error(EIO, "the device is closed");
   if (options_.read_only) return Status::error(EPERM, "the device is read-only");
   if (block >= size_ / block_) {
     return Status::error(EINVAL, "block " + std::to_string(block) + " is beyond the end (" +
                                      std::to_string(size_ / block_) + " blocks)");
   }
-  ExclusiveGuard g(gate_);
-  if (auto v = table_.find(block); v && !RemapTable::is_pending(*v)) {
+  Claim claim(*this, block);
+  std::optional<uint64_t> v;
+  {
+    SharedGuard g(gate_);
+    v = table_.find(block);
+  }
+  if (v && !RemapTable::is_pending(*v)) {
     return Status::error(EEXIST, block_name(block, block_) + " is already remapped to slot " +
                                      std::to_string(RemapTable::slot_of(*v)));
   }
-  if (auto v = table_.find(block); v) {
+  if (v) {
     return Status::error(EIO, block_name(block, block_) +
                                   " is pending: its data is lost; the next write to it remaps it");
   }
   std::vector<char> data(block_);
-  Status s = read_block_exclusive(block, data.data(), false);
+  Status s = read_block_claimed(block, data.data(), 0, 0);
   if (!s.is_ok() && !main_online()) return offline_error();
   if (!s.is_ok()) {
     return Status::error(EIO, block_name(block, block_) +
                                   " cannot be read: marked pending; the next write to it remaps it");
   }
-  // A weak block was rescued by the read itself.
-  if (table_.find(block)) return Status::ok();
+  {
+    // A weak block was rescued by the read itself.
+    SharedGuard g(gate_);
+    if (table_.find(block)) return Status::ok();
+  }
   return commit_remap(block, data.data(), Cause::kManual);
 }
 
 Status Engine::forget_pending(const std::vector<uint64_t>& blocks, std::vector<uint64_t>& cleared,
                               std::vector<uint64_t>& kept) {
+  Admit admit(*this);
+  if (!admit) return Status::error(EIO, "the device is closed");
   if (options_.read_only) return Status::error(EPERM, "the device is read-only");
   if (auto s = refuse_writes_if_broken(); !s.is_ok()) return s;
-  ExclusiveGuard g(gate_);
-  for (uint64_t b : blocks) {
-    const auto v = table_.find(b);
-    if (b >= size_ / block_ || !v || !RemapTable::is_pending(*v)) {
-      return Status::error(EINVAL, "block " + std::to_string(b) + " is not pending");
+  std::vector<uint64_t> sorted = blocks;
+  std::sort(sorted.begin(), sorted.end());
+  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+  for (uint64_t b : sorted) {
+    if (b >= size_ / block_) return Status::error(EINVAL, "block " + std::to_string(b) + " is not pending");
+  }
+  // Claimed in ascending order (the only place that holds several claims).
+  std::vector<std::unique_ptr<Claim>> claims;
+  for (uint64_t b : sorted) claims.push_back(std::make_unique<Claim>(*this, b));
+  {
+    SharedGuard g(gate_);
+    for (uint64_t b : sorted) {
+      const auto v = table_.find(b);
+      if (!v || !RemapTable::is_pending(*v)) {
+        return Status::error(EINVAL, "block " + std::to_string(b) + " is not pending");
+      }
     }
   }
   if (!main_online()) return offline_error();
   std::vector<char> data(block_);
-  for (uint64_t b : blocks) {
+  for (uint64_t b : sorted) {
     // One read, with no retries: a mark is cleared only on clear evidence.
     if (main_->read(data.data(), block_, b * block_).is_ok()) {
       cleared.push_back(b);
@@ -1004,15 +1359,24 @@ Status Engine::forget_pending(const std::vector<uint64_t>& blocks, std::vector<u
     }
   }
   if (cleared.empty()) return Status::ok();
-  for (uint64_t b : cleared) table_.erase_pending(b);
-  Status written;
-  {
-    std::lock_guard l(store_mu_);
-    written = store_->checkpoint(table_);
-  }
-  if (Status s = std::move(written); !s.is_ok()) {
-    for (uint64_t b : cleared) table_.apply(Record{Record::kPending, Cause::kManual, b, 0});
-    journal_broken_.store(true);
+  Status s = with_commits_stopped([&] {
+    {
+      ExclusiveGuard g(gate_);
+      for (uint64_t b : cleared) table_.erase_pending(b);
+    }
+    Status written;
+    {
+      std::lock_guard l(store_mu_);
+      written = store_->checkpoint(table_);
+    }
+    if (!written.is_ok()) {
+      ExclusiveGuard g(gate_);
+      for (uint64_t b : cleared) table_.apply(Record{Record::kPending, Cause::kManual, b, 0});
+      journal_broken_.store(true);
+    }
+    return written;
+  });
+  if (!s.is_ok()) {
     cleared.clear();  // they read, but stay marked: the error says why
     return Status::error(EIO, "the cleared marks could not be recorded: " + s.to_string());
   }
@@ -1044,6 +1408,9 @@ EngineStats Engine::stats() {
   s.retry_successes = c.retry_successes;
   s.unreadable_reads = c.unreadable_reads;
   s.slot_write_errors = c.slot_write_errors;
+  s.commit_groups = c.commit_groups;
+  s.commit_records = c.commit_records;
+  s.spare_flushes = spare_->flush_calls();
   s.journal_broken = journal_broken_.load();
   s.main_offline_since = offline_since_.load();
   {
@@ -1061,27 +1428,49 @@ EngineStats Engine::stats() {
   return s;
 }
 
-Status Engine::close() {
-  // The watch thread may wait for the gate that close holds. The lease is
-  // kept until the last metadata write is done.
-  stop_watch();
-  ExclusiveGuard g(gate_);
-  if (closed_.exchange(true)) return Status::ok();
-  if (options_.read_only) return Status::ok();
-  Status m = flush_device(*main_);
-  Status sp = flush_device(*spare_);
-  if (!m.is_ok()) return m;
-  if (!sp.is_ok()) return sp;
-  if (journal_broken_.load()) {
-    return Status::error(EIO, "closed without a clean checkpoint: the journal is broken");
-  }
-  Status s;
+Status Engine::close(std::optional<std::chrono::milliseconds> wait) {
+  // New requests are refused from here; those in flight finish first.
+  closing_.store(true, std::memory_order_seq_cst);
   {
-    std::lock_guard l(store_mu_);
-    s = store_->checkpoint(table_, /*clean=*/true);
+    std::unique_lock l(active_mu_);
+    const auto drained = [&] { return active_.load(std::memory_order_seq_cst) == 0; };
+    if (wait) {
+      if (!active_cv_.wait_for(l, *wait, drained)) {
+        // They may be stuck in a device for minutes. Nothing more is
+        // journaled (lead_commit checks closed_), and no clean mark: the
+        // set is as after a crash, which the journal is made for.
+        closed_.store(true);
+        return Status::error(EBUSY, std::to_string(active_.load()) +
+                                        " request(s) still running: the spare is left as after "
+                                        "a crash (consistent; the next open replays its "
+                                        "journal), without a clean mark");
+      }
+    } else {
+      active_cv_.wait(l, drained);
+    }
   }
-  stop_lease();
-  return s;
+  // The watch thread holds no lock requests need; the lease is kept until
+  // the last metadata write is done.
+  stop_watch();
+  if (close_done_.exchange(true)) return Status::ok();
+  closed_.store(true);
+  if (options_.read_only) return Status::ok();
+  return with_commits_stopped([&] {
+    Status m = flush_device(*main_);
+    Status sp = flush_device(*spare_);
+    if (!m.is_ok()) return m;
+    if (!sp.is_ok()) return sp;
+    if (journal_broken_.load()) {
+      return Status::error(EIO, "closed without a clean checkpoint: the journal is broken");
+    }
+    Status s;
+    {
+      std::lock_guard l(store_mu_);
+      s = store_->checkpoint(table_, /*clean=*/true);
+    }
+    stop_lease();
+    return s;
+  });
 }
 
 }  // namespace dmremap

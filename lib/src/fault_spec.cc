@@ -21,17 +21,19 @@ Status apply_fault_spec(FaultyDevice& dev, const std::string& spec) {
     if (item.empty()) continue;
     auto bad = [&](const std::string& why) {
       return Status::error(EINVAL, "fault \"" + item + "\": " + why +
-                                       " (expected read:N[-M[/S]], write:N[-M[/S]] or weak:N[-M[/S]]xK)");
+                                       " (expected read:N[-M[/S]], write:N[-M[/S]], weak:N[-M[/S]]xK or "
+                                       "slow:N[-M[/S]]xMS)");
     };
     const auto colon = item.find(':');
     if (colon == std::string::npos) return bad("no kind");
     const std::string kind = item.substr(0, colon);
     std::string range = item.substr(colon + 1);
     uint64_t times = 0;
-    if (kind == "weak") {
+    if (kind == "weak" || kind == "slow") {
       const auto x = range.find('x');
       if (x == std::string::npos || !parse_u64(range.substr(x + 1), times) || times == 0) {
-        return bad("a weak block needs xK, K >= 1");
+        return bad(kind == "weak" ? "a weak block needs xK, K >= 1"
+                                  : "a slow block needs xMS, the milliseconds per read");
       }
       range.resize(x);
     }
@@ -56,6 +58,8 @@ Status apply_fault_spec(FaultyDevice& dev, const std::string& spec) {
         dev.add_write_error(b);
       } else if (kind == "weak") {
         dev.add_weak_block(b, static_cast<unsigned>(times));
+      } else if (kind == "slow") {
+        dev.add_slow_block(b, std::chrono::milliseconds(times));
       } else {
         return bad("unknown kind");
       }

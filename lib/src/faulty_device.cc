@@ -46,6 +46,7 @@ void FaultyDevice::add_weak_block(uint64_t block, unsigned failures) {
 
 void FaultyDevice::clear_faults() {
   std::lock_guard lock(mu_);
+  slow_.clear();
   read_errors_.clear();
   write_errors_.clear();
   weak_.clear();
@@ -90,11 +91,28 @@ Status FaultyDevice::reconnect() {
   return inner_->reconnect();
 }
 
+void FaultyDevice::add_slow_block(uint64_t block, std::chrono::milliseconds per_read) {
+  std::lock_guard lock(mu_);
+  slow_[block] = per_read;
+}
+
 Status FaultyDevice::do_read(void* buf, size_t len, uint64_t offset) {
   if (auto s = enter("read", offset); !s.is_ok()) {
     failed_reads_.fetch_add(1);
     return s;
   }
+  std::chrono::milliseconds slow{0};
+  {
+    std::lock_guard lock(mu_);
+    const uint64_t first = offset / fault_block_;
+    const uint64_t last = (offset + len - 1) / fault_block_;
+    for (auto it = slow_.lower_bound(first); it != slow_.end() && it->first <= last; ++it) {
+      slow = std::max(slow, it->second);
+    }
+  }
+  // As a disk spends its internal retries on a bad sector: this request
+  // waits, the others do not.
+  if (slow.count() > 0) std::this_thread::sleep_for(slow);
   {
     std::lock_guard lock(mu_);
     if (power_ && power_->is_off()) {
@@ -203,6 +221,9 @@ Status FaultyDevice::do_write_zeroes(size_t len, uint64_t offset) {
 
 Status FaultyDevice::do_flush() {
   if (auto s = enter("flush", 0); !s.is_ok()) return s;
+  if (const int64_t us = flush_delay_us_.load(); us > 0) {
+    std::this_thread::sleep_for(std::chrono::microseconds(us));
+  }
   std::lock_guard lock(mu_);
   if (std::exchange(writeback_error_, false)) {
     failed_writes_.fetch_add(1);

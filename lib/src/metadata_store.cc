@@ -629,57 +629,75 @@ Status MetadataStore::write_checkpoint_area(uint32_t area, const RemapTable& tab
 
 Status MetadataStore::write_slot_header(uint64_t slot, uint64_t block, Cause cause,
                                         const RemapTable& table) {
-  if (sb_.version < 2) return Status::ok();
-  const uint64_t at = slot_header_unit(sb_, slot);
-  const uint64_t index = 1 + slot / kSlotHeadersPerUnit;
-  const std::string unit_name = "slot header unit " + std::to_string(index);
+  return write_slot_headers({SlotHeaderWrite{slot, block, cause}}, table,
+                            std::max(table.next_slot(), slot + 1));
+}
+
+Status MetadataStore::write_slot_headers(std::vector<SlotHeaderWrite> slots,
+                                         const RemapTable& table, uint64_t handed_out) {
+  if (sb_.version < 2 || slots.empty()) return Status::ok();
+  std::sort(slots.begin(), slots.end(),
+            [](const SlotHeaderWrite& a, const SlotHeaderWrite& b) { return a.slot < b.slot; });
   MetaBuffer buf(kMetaUnit);
-  Status read = spare_->read(buf.data, kMetaUnit, at);
-  if (!read.is_ok() && classify_failure(read.code()) == FailureKind::kDevice) return read;
-  const auto desc = read.is_ok() ? SlotHeaderUnit::decode(buf.data) : std::nullopt;
-  const uint64_t first = (index - 1) * kSlotHeadersPerUnit;
-  if (!desc || desc->uuid != sb_.uuid || desc->index != index) {
-    // A fresh unit (its first slot handed out), or one that cannot be read
-    // or holds garbage: start it again, with the headers of its other
-    // slots from the table. Never written (zeros) is not damage: its
-    // first slots may have been bad ones.
-    const bool blank = read.is_ok() && std::all_of(buf.data, buf.data + kMetaUnit,
-                                                   [](char c) { return c == 0; });
-    std::memset(buf.data, 0, kMetaUnit);
-    SlotHeaderUnit u;
-    u.uuid = sb_.uuid;
-    u.index = index;
-    u.encode(buf.data);
-    if (!read.is_ok() || first < table.next_slot()) {
-      table.for_each([&](const RemapTable::Entry& e) {
-        if (RemapTable::is_pending(e.value)) return;
-        const uint64_t sl = RemapTable::slot_of(e.value);
-        if (sl < first || sl >= first + kSlotHeadersPerUnit) return;
-        SlotHeader h{sb_.uuid, sl, e.block, sb_.epoch, RemapTable::cause_of(e.value)};
-        h.encode(buf.data + slot_header_pos(sl));
-      });
-      if (!blank) {
-        note_degraded(unit_name + (read.is_ok() ? " was damaged" : " could not be read (" +
-                                                                        read.to_string() + ")") +
-                      "; it was written again from the table");
+  // One read and one write per unit, whatever number of its slots change.
+  for (size_t i = 0; i < slots.size();) {
+    const uint64_t index = 1 + slots[i].slot / kSlotHeadersPerUnit;
+    size_t j = i;
+    while (j < slots.size() && 1 + slots[j].slot / kSlotHeadersPerUnit == index) ++j;
+    const uint64_t at = slot_header_unit(sb_, slots[i].slot);
+    const std::string unit_name = "slot header unit " + std::to_string(index);
+    Status read = spare_->read(buf.data, kMetaUnit, at);
+    if (!read.is_ok() && classify_failure(read.code()) == FailureKind::kDevice) return read;
+    const auto desc = read.is_ok() ? SlotHeaderUnit::decode(buf.data) : std::nullopt;
+    const uint64_t first = (index - 1) * kSlotHeadersPerUnit;
+    if (!desc || desc->uuid != sb_.uuid || desc->index != index) {
+      // A fresh unit (its first slot handed out), or one that cannot be
+      // read or holds garbage: start it again, with the headers of its
+      // other slots from the table. Never written (zeros) is not damage:
+      // its first slots may have been bad ones.
+      const bool blank = read.is_ok() && std::all_of(buf.data, buf.data + kMetaUnit,
+                                                     [](char c) { return c == 0; });
+      std::memset(buf.data, 0, kMetaUnit);
+      SlotHeaderUnit u;
+      u.uuid = sb_.uuid;
+      u.index = index;
+      u.encode(buf.data);
+      if (!read.is_ok() || first < table.next_slot()) {
+        table.for_each([&](const RemapTable::Entry& e) {
+          if (RemapTable::is_pending(e.value)) return;
+          const uint64_t sl = RemapTable::slot_of(e.value);
+          if (sl < first || sl >= first + kSlotHeadersPerUnit) return;
+          SlotHeader h{sb_.uuid, sl, e.block, sb_.epoch, RemapTable::cause_of(e.value)};
+          h.encode(buf.data + slot_header_pos(sl));
+        });
+        if (!blank) {
+          note_degraded(unit_name + (read.is_ok() ? " was damaged" : " could not be read (" +
+                                                                          read.to_string() + ")") +
+                        "; it was written again from the table");
+        }
       }
     }
-  }
-  // Headers of this unit's slots that are not handed out (bad ones skipped
-  // on the way here, or remaps that never committed) go: a rebuild must
-  // not take them.
-  for (uint64_t j = 0; j < kSlotHeadersPerUnit; ++j) {
-    if (first + j >= table.next_slot() && first + j != slot) {
-      std::memset(buf.data + slot_header_pos(first + j), 0, kSlotHeaderBytes);
+    // Headers of this unit's slots that are not handed out (remaps that
+    // never committed, from before a crash) go: a rebuild must not take
+    // them. Slots handed out but not yet committed keep theirs: their
+    // remaps are on their way.
+    for (uint64_t k = 0; k < kSlotHeadersPerUnit; ++k) {
+      if (first + k >= handed_out) {
+        std::memset(buf.data + slot_header_pos(first + k), 0, kSlotHeaderBytes);
+      }
     }
+    for (size_t k = i; k < j; ++k) {
+      SlotHeader h{sb_.uuid, slots[k].slot, slots[k].block, sb_.epoch, slots[k].cause};
+      h.encode(buf.data + slot_header_pos(slots[k].slot));
+    }
+    Status w = spare_->write(buf.data, kMetaUnit, at);
+    if (!w.is_ok()) {
+      if (classify_failure(w.code()) == FailureKind::kDevice) return w;
+      note_degraded(unit_name + " refuses writes (" + w.to_string() +
+                    "): a rebuild from the slots would not find the slots it describes");
+    }
+    i = j;
   }
-  SlotHeader h{sb_.uuid, slot, block, sb_.epoch, cause};
-  h.encode(buf.data + slot_header_pos(slot));
-  Status w = spare_->write(buf.data, kMetaUnit, at);
-  if (w.is_ok()) return w;
-  if (classify_failure(w.code()) == FailureKind::kDevice) return w;
-  note_degraded(unit_name + " refuses writes (" + w.to_string() +
-                "): a rebuild from the slots would not find the slots it describes");
   return Status::ok();
 }
 

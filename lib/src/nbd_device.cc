@@ -3,6 +3,7 @@
 #include <libnbd.h>
 
 #include <poll.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <chrono>
@@ -108,6 +109,7 @@ Result<std::shared_ptr<NbdDevice>> NbdDevice::open(const std::string& uri,
                                                    const OpenOptions& options,
                                                    unsigned connections) {
   std::shared_ptr<NbdDevice> dev(new NbdDevice(role, uri));
+  dev->timeout_ = options.request_timeout;
   const std::string who = role + " (" + uri + ")";
   auto first = connect(uri, who);
   if (!first.is_ok()) return first.take_status();
@@ -228,13 +230,60 @@ Status NbdDevice::failure(nbd_handle* h, const char* what, uint64_t offset) cons
   return Status::error(data_errno(err), where(what, offset) + (msg ? std::string(": ") + msg : ""));
 }
 
+int NbdDevice::complete(nbd_handle* h, int64_t cookie) {
+  if (cookie == -1) return -1;
+  const bool bounded = timeout_.count() > 0;
+  const auto until = std::chrono::steady_clock::now() + timeout_;
+  while (true) {
+    const int done = nbd_aio_command_completed(h, cookie);
+    if (done == 1) return 0;
+    if (done == -1) return -1;
+    int wait = -1;
+    if (bounded) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                            until - std::chrono::steady_clock::now())
+                            .count();
+      if (left <= 0) break;
+      wait = static_cast<int>(std::min<int64_t>(left, 60000));
+    }
+    if (nbd_poll(h, wait) == -1) {
+      // The connection failed under the command: it is retired with an
+      // error, which the next turn reads.
+      if (nbd_aio_command_completed(h, cookie) != 0) continue;
+      return -1;
+    }
+  }
+  // Past the deadline: the server (or the disk under it) is stuck on this
+  // request. Its connection is cut, so that libnbd retires the command and
+  // lets go of the buffer; the next request on it reconnects.
+  if (const int fd = nbd_aio_get_fd(h); fd >= 0) ::shutdown(fd, SHUT_RDWR);
+  for (int turn = 0; turn < 100; ++turn) {
+    if (nbd_aio_command_completed(h, cookie) != 0) break;
+    if (nbd_poll(h, 100) == -1 && nbd_aio_is_dead(h) == 1) {
+      if (nbd_aio_command_completed(h, cookie) != 0) break;
+    }
+  }
+  return -2;
+}
+
+Status NbdDevice::outcome(nbd_handle* h, int r, const char* what, uint64_t offset) const {
+  if (r == 0) return Status::ok();
+  if (r == -2) {
+    return Status::error(ETIMEDOUT, where(what, offset) + ": no answer within " +
+                                        std::to_string(timeout_.count() / 1000) +
+                                        " s (io-timeout); the connection was cut");
+  }
+  return failure(h, what, offset);
+}
+
 template <class F>
-Status NbdDevice::chunked(const char* what, size_t len, uint64_t offset, F&& op) {
+Status NbdDevice::chunked(const char* what, size_t len, uint64_t offset, F&& start) {
   Lease lease(*this);
   size_t done = 0;
   while (done < len) {
     const size_t n = std::min<uint64_t>(len - done, max_request_);
-    if (op(lease.get(), done, n, offset + done) == -1) return failure(lease.get(), what, offset + done);
+    const int r = complete(lease.get(), start(lease.get(), done, n, offset + done));
+    if (r != 0) return outcome(lease.get(), r, what, offset + done);
     done += n;
   }
   return Status::ok();
@@ -243,30 +292,29 @@ Status NbdDevice::chunked(const char* what, size_t len, uint64_t offset, F&& op)
 Status NbdDevice::do_read(void* buf, size_t len, uint64_t offset) {
   char* p = static_cast<char*>(buf);
   return chunked("read", len, offset, [&](nbd_handle* h, size_t at, size_t n, uint64_t off) {
-    return nbd_pread(h, p + at, n, off, 0);
+    return nbd_aio_pread(h, p + at, n, off, NBD_NULL_COMPLETION, 0);
   });
 }
 
 Status NbdDevice::do_write(const void* buf, size_t len, uint64_t offset) {
   const char* p = static_cast<const char*>(buf);
   return chunked("write", len, offset, [&](nbd_handle* h, size_t at, size_t n, uint64_t off) {
-    return nbd_pwrite(h, p + at, n, off, 0);
+    return nbd_aio_pwrite(h, p + at, n, off, NBD_NULL_COMPLETION, 0);
   });
 }
 
 Status NbdDevice::do_flush() {
   if (multi_conn_) {
     Lease lease(*this);
-    if (nbd_flush(lease.get(), 0) == -1) return failure(lease.get(), "flush", 0);
-    return Status::ok();
+    return outcome(lease.get(), complete(lease.get(), nbd_aio_flush(lease.get(), NBD_NULL_COMPLETION, 0)),
+                   "flush", 0);
   }
   // Without multi-conn a flush covers only its own connection's writes, so
   // every connection is flushed.
   for (size_t i = 0; i < all_.size(); ++i) {
     // A connection busy with a request is flushed once it is free.
     nbd_handle* h = take(i);
-    const int r = nbd_flush(h, 0);
-    Status s = r == -1 ? failure(h, "flush", 0) : Status::ok();
+    Status s = outcome(h, complete(h, nbd_aio_flush(h, NBD_NULL_COMPLETION, 0)), "flush", 0);
     release(h);
     if (!s.is_ok()) return s;
   }
@@ -276,14 +324,14 @@ Status NbdDevice::do_flush() {
 Status NbdDevice::do_trim(size_t len, uint64_t offset) {
   if (!can_trim_) return Status::ok();
   return chunked("trim", len, offset, [&](nbd_handle* h, size_t, size_t n, uint64_t off) {
-    return nbd_trim(h, n, off, 0);
+    return nbd_aio_trim(h, n, off, NBD_NULL_COMPLETION, 0);
   });
 }
 
 Status NbdDevice::do_write_zeroes(size_t len, uint64_t offset) {
   if (!can_zero_) return BlockDevice::do_write_zeroes(len, offset);
   return chunked("write zeroes", len, offset, [&](nbd_handle* h, size_t, size_t n, uint64_t off) {
-    return nbd_zero(h, n, off, LIBNBD_CMD_FLAG_NO_HOLE);
+    return nbd_aio_zero(h, n, off, NBD_NULL_COMPLETION, LIBNBD_CMD_FLAG_NO_HOLE);
   });
 }
 

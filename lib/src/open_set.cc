@@ -11,6 +11,7 @@ Result<std::unique_ptr<Engine>> open_set(const SetConfig& config) {
   OpenOptions o;
   o.read_only = config.read_only;
   o.io = config.io;
+  o.request_timeout = config.io_timeout;
   auto spare = open_device(config.spare, "spare", o);
   if (!spare.is_ok()) return spare.take_status();
   auto main = open_device(config.main, "main", o);

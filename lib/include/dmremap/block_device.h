@@ -2,6 +2,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -66,6 +67,8 @@ class BlockDevice {
   // True when a write, trim or write-zeroes has completed since the start of
   // the last flush that succeeded: a flush that fails now may lose data.
   bool has_unflushed_writes() const { return changed_.load() != flushed_.load(); }
+  // Flushes asked of the device since open (for benchmarks and status).
+  uint64_t flush_calls() const { return flush_calls_.load(std::memory_order_relaxed); }
   // True once acknowledged writes may have been lost (see flush()).
   bool lost_writes() const { return lost_.load(); }
   // The device went away: writes not yet flushed may be lost with its
@@ -112,6 +115,7 @@ class BlockDevice {
   std::string name_;
   std::atomic<uint64_t> changed_{0};
   std::atomic<uint64_t> flushed_{0};
+  std::atomic<uint64_t> flush_calls_{0};
   std::atomic<bool> lost_{false};
 };
 
@@ -145,6 +149,10 @@ struct OpenOptions {
   // that two processes can never write the same device. Off only for
   // read-only inspection of a device another process is using.
   bool exclusive = true;
+  // NBD backends: a request with no answer after this long fails with
+  // ETIMEDOUT (0: wait for ever). Local disks have the kernel's own
+  // timeouts (the SCSI layer's, 30 s per attempt by default).
+  std::chrono::milliseconds request_timeout{30000};
 };
 
 // True for nbd://, nbd+unix://, nbds:// and nbds+unix:// URIs.

@@ -23,8 +23,12 @@
 namespace dmremap {
 
 struct EngineOptions {
-  // Extra reads of a block that failed, before it is declared unreadable.
+  // Extra reads of a block that failed, before it is declared unreadable:
+  // every read that included the block counts, so 3 means four in all.
   unsigned read_retries = 3;
+  // ... and no new attempt starts once this much time has passed since the
+  // first failed one (a disk without TLER may spend minutes per attempt).
+  std::chrono::milliseconds retry_time{30000};
   // Refuse writes (EPERM); nothing on the spare is written, not even rescues.
   bool read_only = false;
   // Salvage mode (`unreadable=zero`): an unreadable block reads as zeros
@@ -59,6 +63,9 @@ struct EngineStats {
   uint64_t bytes_read = 0, bytes_written = 0;
   uint64_t main_read_errors = 0, main_write_errors = 0;
   uint64_t retry_successes = 0, unreadable_reads = 0, slot_write_errors = 0;
+  // Group commit: batches written, records in them, and flushes of the
+  // spare the engine asked for (slot data, journal, FLUSH requests).
+  uint64_t commit_groups = 0, commit_records = 0, spare_flushes = 0;
   uint64_t remaps = 0, pending = 0;
   uint64_t remaps_by_cause[5] = {};  // indexed by Cause
   uint64_t slots_total = 0, slots_used = 0, slots_bad = 0, slots_free = 0;
@@ -85,7 +92,8 @@ void fill_table_stats(EngineStats& s, const RemapTable& table, const Superblock&
                       unsigned warn_percent);
 
 // A read/write lock that lets a waiting writer in ahead of new readers, so a
-// remap is not starved by a stream of requests.
+// commit is not starved by a stream of lookups. Guards the remap table; it
+// is never held across device I/O.
 class GateLock {
  public:
   GateLock();
@@ -103,18 +111,29 @@ class GateLock {
 
 // Reads and writes the virtual disk (exactly main's size) as
 // ../docs/semantics.md says. All public methods are thread-safe and may be
-// called from many threads at once. Every request holds the gate shared for
-// its fast path; whatever changes the table (a remap, a rescue, a pending
-// mark, read-modify-write of a partial block) runs with the gate held
-// exclusively, so no write to main can slip between the read of a block's
-// data and the moment its remap becomes visible.
+// called from many threads at once.
+//
+// Concurrency. No lock is held across device I/O on the fast path: a
+// request looks its blocks up in the table (the gate, shared, for the
+// lookup only), then reads and writes main and the spare. Whatever changes
+// what one block holds outside the fast path (retries and rescue, a pending
+// mark, read-modify-write of a partial block, a write-error remap, moving a
+// failing slot) first *claims* that block: writes that reach the block
+// afterwards wait for the claim, and the claim waits for writes already on
+// their way to it to finish. So no write can slip between the read of a
+// block's data and the moment its remap becomes visible, and a bad block
+// holds up only the requests that touch it. Remaps that are ready at the
+// same time share one flush of the slots' data and one journal append
+// (group commit); the order for each is unchanged: data durable, record
+// durable, visible, reply.
 //
 // A failure of main is judged on evidence about the block: a media errno
 // (ENODATA, EILSEQ, EBADMSG) is, a device errno (ENODEV, ENOTCONN, ...) is
-// not, and a plain EIO is only when main still reads a block that read
-// before. Otherwise main is offline: requests that need it fail with EIO at
-// once, nothing is journaled, blocks on the spare are still served, and main
-// is reconnected (BlockDevice::reconnect) with backoff.
+// not, and a plain EIO (or one request timing out) is only when main still
+// reads a block that read before. Otherwise main is offline: requests that
+// need it fail with EIO at once, nothing is journaled, blocks on the spare
+// are still served, and main is reconnected (BlockDevice::reconnect) with
+// backoff.
 class Engine {
  public:
   // Opens the set. Refuses a spare formatted for another main (size or
@@ -180,8 +199,15 @@ class Engine {
   void for_each_entry(uint64_t first, uint64_t last,
                       const std::function<void(const RemapTable::Entry&)>& fn);
   EngineStats stats();
-  // Flushes and writes a clean checkpoint; the engine refuses I/O after.
-  Status close();
+  // Refuses new requests, waits for those in flight, flushes and writes a
+  // clean checkpoint; the engine refuses I/O after. With `wait`, gives up
+  // after that long: EBUSY, and the set is left as after a crash (the
+  // journal is consistent; nothing more is journaled, no clean mark is
+  // written). The engine must then outlive the requests still running:
+  // a frontend exits without destroying it.
+  Status close(std::optional<std::chrono::milliseconds> wait = std::nullopt);
+  // Requests running now.
+  int64_t in_flight() const { return active_.load(); }
 
   // A remap that finds this many slots in a row refusing writes records them
   // as bad before trying more; if that journal write fails too, the spare is
@@ -192,26 +218,40 @@ class Engine {
   Engine(std::shared_ptr<BlockDevice> main, std::shared_ptr<BlockDevice> spare,
          std::unique_ptr<MetadataStore> store, RemapTable table, const EngineOptions& options);
 
+  // Admission: every public request holds one while it runs, so that
+  // close() knows when none is left.
+  class Admit;
+  // A claim on one block (see the class comment); released on destruction.
+  class Claim;
+  // One remap, pending mark or list of bad slots on its way to the journal.
+  struct Commit;
+
   enum class Data { kBuffer, kZeroes };
   Status do_write(const char* src, Data kind, uint64_t len, uint64_t offset, bool fua);
   uint64_t slot_offset(uint64_t slot) const;
-  // Fast-path reads of [offset, offset+len) with the gate shared. Blocks
-  // main fails on go to `failed`, pending ones to `unreadable`.
-  // What a read found on its way: blocks main failed on (to retry),
-  // blocks that cannot be read (pending, or a slot the spare fails on), and
-  // the first byte not served because main is offline.
+  // What a read found on its way: blocks main failed on (to retry), with
+  // the reads of each that were made already; blocks that cannot be read
+  // (pending, or a slot the spare fails on); the first byte not served
+  // because main is offline; and when the first failed read began.
   struct ReadFindings {
-    std::vector<uint64_t> failed;
+    struct Failed {
+      uint64_t block;
+      unsigned attempts;
+    };
+    std::vector<Failed> failed;
     std::vector<uint64_t> unreadable;
     std::vector<uint64_t> bad_slot_reads;
     uint64_t offline_from = UINT64_MAX;
+    int64_t first_failure_ms = 0;
   };
-  void read_shared(char* buf, uint64_t len, uint64_t offset, ReadFindings& f);
+  // The fast path of a read: no lock is held while devices are read.
+  void read_fast(char* buf, uint64_t len, uint64_t offset, ReadFindings& f);
   // After a failed read of main's blocks [first, last): reads them one by
-  // one (clipped to the request) to name the blocks that fail.
+  // one (clipped to the request) to name the blocks that fail; each of
+  // those reads counts as an attempt.
   void read_main_narrowing(char* buf, uint64_t req_off, uint64_t req_len, uint64_t first,
                            uint64_t last, ReadFindings& f);
-  // With the gate exclusive: retries, rescues and pending marks.
+  // Each failed block, claimed in turn: retries, rescues and pending marks.
   void recover_reads(char* buf, uint64_t len, uint64_t offset, ReadFindings& f);
   // The read's result from its findings.
   Status finish_read(char* buf, uint64_t len, uint64_t offset, ReadFindings& f,
@@ -222,12 +262,15 @@ class Engine {
   // After main failed on blocks [first, last): true when the failure is
   // about those blocks; false when main as a whole failed (it is offline).
   bool failure_is_media(const Status& failure, uint64_t first, uint64_t last);
+  // A failure of main that says, by its errno alone, that main as a whole
+  // is gone. A request that timed out does not: one slow sector may.
+  static bool main_gone(const Status& failure);
   // Marks main offline (once) and wakes the thread that brings it back.
   void set_main_offline(const Status& why);
   // EIO for a request that needs main while it is offline.
   Status offline_error();
   // Up to kProbeBlocks random blocks outside [first, last) and not in the
-  // table, to probe main with (the gate must be held).
+  // table, to probe main with.
   static constexpr size_t kProbeBlocks = 6;
   std::vector<uint64_t> probe_candidates(uint64_t first, uint64_t last);
   // Ok when any candidate reads (or there is none).
@@ -242,18 +285,32 @@ class Engine {
   void start_lease();
   void stop_lease();
   void lease_loop();
-  // With the gate exclusive: the whole block's current data, or EIO.
-  // Retries main (`already_failed`: the first attempt was made already);
-  // rescues a weak block, marks a dead one pending.
-  Status read_block_exclusive(uint64_t block, char* out, bool already_failed);
-  // With the gate exclusive: writes one whole block wherever it belongs.
-  Status write_block_exclusive(uint64_t block, const char* data);
-  // With the gate exclusive: data to a fresh slot, flushed, journaled, then
-  // visible. Bad slots are journaled and skipped.
-  // `abandoned_slot`: the block's old slot, which failed and is marked bad.
+  // With `block` claimed: its whole current data, or EIO. Retries main
+  // (`attempts` reads were made already, the first at `since_ms`) within
+  // the budget; rescues a weak block, marks a dead one pending.
+  Status read_block_claimed(uint64_t block, char* out, unsigned attempts, int64_t since_ms);
+  // With `block` claimed: writes the whole block wherever it belongs.
+  Status write_block_claimed(uint64_t block, const char* data);
+  // With `block` claimed: data to a fresh slot, then a group commit (the
+  // slot's header, a flush, the journal record, then visible). Bad slots
+  // are journaled and skipped. `abandoned_slot`: the block's old slot,
+  // which failed and is marked bad.
   Status commit_remap(uint64_t block, const char* data, Cause cause,
                       std::optional<uint64_t> abandoned_slot = std::nullopt);
   Status mark_pending(uint64_t block);
+  // Queues `c` and waits until it is durable and applied (or failed). The
+  // first waiter to find no commit running leads one for everything queued.
+  Status group_commit(Commit& c);
+  void lead_commit(std::vector<Commit*>& batch);
+  // Runs `fn` while no group commit does (checkpoints: forget-pending,
+  // close).
+  Status with_commits_stopped(const std::function<Status()>& fn);
+  // A free slot above `above` (the block's current slot), or nullopt when
+  // the pool is used up.
+  std::optional<uint64_t> allocate_slot(std::optional<uint64_t> above);
+  // Slots handed out whose remap was abandoned before it was journaled
+  // (the spare went away): free again.
+  void give_back_slots(const std::vector<uint64_t>& slots);
   // EIO for a write that needs the spare while the spare as a whole fails
   // (a device errno): no slot is judged bad on that.
   Status spare_away(const Status& why);
@@ -266,21 +323,50 @@ class Engine {
   void revive_spare();
   // Starts the engine's thread if needed and wakes it.
   void wake_watch();
-  Status journal(const std::vector<Record>& records);
   Status refuse_writes_if_broken() const;
   // EIO once closed, or when the lease on the spare has lapsed.
   Status refuse_if_unusable() const;
 
+  // Writes on their way to each block, counted in a table of kInflight
+  // counters (block modulo its size), so that a claim can wait for them.
+  static constexpr size_t kInflight = size_t{1} << 16;
+  void count_writes(uint64_t first, uint64_t last, int delta);
+  // Claimed blocks in [first, last), sorted; empty at once when none is.
+  std::vector<uint64_t> claimed_in(uint64_t first, uint64_t last);
+
   std::shared_ptr<BlockDevice> main_;
   std::shared_ptr<BlockDevice> spare_;
   std::unique_ptr<MetadataStore> store_;
+  // Guarded by gate_: lookups shared, changes exclusive. Only a commit's
+  // leader, or a caller of with_commits_stopped(), changes it, so they may
+  // read it without the gate.
   RemapTable table_;
   const EngineOptions options_;
   const uint64_t size_;
   const uint32_t block_;
   GateLock gate_;
+  std::unique_ptr<std::atomic<uint32_t>[]> inflight_;
+  std::mutex claim_mu_;
+  std::condition_variable claim_cv_;
+  std::vector<uint64_t> claimed_;     // guarded by claim_mu_
+  std::atomic<uint32_t> claims_{0};  // claimed_.size()
+  std::mutex commit_mu_;
+  std::condition_variable commit_cv_;
+  std::vector<Commit*> commit_queue_;  // guarded by commit_mu_
+  bool committing_ = false;             // guarded by commit_mu_
+  // Slot allocation: the next slot never handed out, and slots given back
+  // (sorted). Guarded by commit_mu_.
+  uint64_t next_alloc_ = 0;
+  std::vector<uint64_t> free_slots_;
+  std::atomic<int64_t> active_{0};
+  std::atomic<bool> closing_{false};
+  std::mutex active_mu_;
+  std::condition_variable active_cv_;
   std::atomic<bool> journal_broken_{false};
+  // Set when no more metadata may be written: by close(), also when it
+  // gives up waiting. close_done_: the clean close was made (or tried).
   std::atomic<bool> closed_{false};
+  std::atomic<bool> close_done_{false};
   std::atomic<int64_t> offline_since_{0};
   std::atomic<bool> spare_revive_wanted_{false};
   // Guards the two reasons (short sections only).
@@ -293,8 +379,8 @@ class Engine {
   std::condition_variable watch_cv_;
   bool watch_stop_ = false;  // guarded by watch_mu_
   std::thread watch_thread_;
-  // Serialises the metadata store between the request paths (which also
-  // hold the gate exclusively) and the lease's heartbeat (which does not).
+  // Serialises the metadata store between the commit leader and the
+  // lease's heartbeat.
   std::mutex store_mu_;
   std::thread lease_thread_;
   std::atomic<bool> lease_active_{false};

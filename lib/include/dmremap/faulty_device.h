@@ -61,7 +61,10 @@ class PowerSwitch {
 //  - write errors at writeback (set_errors_at_flush): a write to a bad block
 //    "succeeds" without storing the bad part, and the next flush fails once,
 //    as the kernel reports a buffered write's error to one fsync only;
-//  - slow operations (set_delay): every read, write and flush first sleeps.
+//  - slow operations (set_delay): every read, write and flush first sleeps;
+//  - slow blocks (add_slow_block): a read touching the block first sleeps,
+//    as a disk retries a bad sector internally; the others do not wait;
+//  - slow flushes (set_flush_delay), as a disk's cache flush.
 // With a PowerSwitch attached it remembers every write not yet flushed, and
 // power_cut() then drops them, or tears them (each 512-byte sector
 // independently kept or lost); a read error that an undone write had cleared
@@ -85,6 +88,7 @@ class FaultyDevice final : public BlockDevice {
   void add_read_error(uint64_t block);
   void add_write_error(uint64_t block);
   void add_weak_block(uint64_t block, unsigned failures);
+  void add_slow_block(uint64_t block, std::chrono::milliseconds per_read);
   void clear_faults();
   bool has_read_error(uint64_t block) const;
   void set_gone(int err = EIO) { gone_.store(err); }
@@ -96,6 +100,7 @@ class FaultyDevice final : public BlockDevice {
   }
   void set_errors_at_flush(bool on);
   void set_delay(std::chrono::microseconds delay) { delay_us_.store(delay.count()); }
+  void set_flush_delay(std::chrono::microseconds delay) { flush_delay_us_.store(delay.count()); }
   Status reconnect() override;
   uint64_t reconnects() const { return reconnects_.load(); }
 
@@ -129,6 +134,7 @@ class FaultyDevice final : public BlockDevice {
   std::set<uint64_t> read_errors_;
   std::set<uint64_t> write_errors_;
   std::map<uint64_t, unsigned> weak_;
+  std::map<uint64_t, std::chrono::milliseconds> slow_;
   std::shared_ptr<PowerSwitch> power_;
   struct Undo {
     uint64_t offset;
@@ -142,6 +148,7 @@ class FaultyDevice final : public BlockDevice {
   std::atomic<uint64_t> failed_writes_{0};
   std::atomic<int> gone_{0};
   std::atomic<int64_t> delay_us_{0};
+  std::atomic<int64_t> flush_delay_us_{0};
   std::atomic<uint64_t> reconnects_{0};
   std::atomic<bool> new_device_{false};
   bool errors_at_flush_ = false;

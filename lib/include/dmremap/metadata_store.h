@@ -96,6 +96,16 @@ class MetadataStore {
   // (its other headers are then rewritten from `table`), degrades the set;
   // only a spare that is gone as a whole fails it.
   Status write_slot_header(uint64_t slot, uint64_t block, Cause cause, const RemapTable& table);
+  // The same for several slots at once (a group commit): one read and one
+  // write per header unit. Slots from `handed_out` on are not handed out:
+  // their headers in the units written are cleared.
+  struct SlotHeaderWrite {
+    uint64_t slot;
+    uint64_t block;
+    Cause cause;
+  };
+  Status write_slot_headers(std::vector<SlotHeaderWrite> slots, const RemapTable& table,
+                            uint64_t handed_out);
   // What works with one copy instead of two since open (a superblock or
   // journal copy that refuses writes), in words; empty when nothing does.
   // Thread-safe.

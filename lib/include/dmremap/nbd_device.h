@@ -2,6 +2,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
@@ -21,7 +22,10 @@ namespace dmremap {
 // crash: libnbd fails every call on a dead connection at once), and
 // reconnect() replaces the connections that are gone. FLUSH goes to one
 // connection when the server advertises multi-conn and to every connection
-// otherwise, so it always covers every completed write. Thread-safe.
+// otherwise, so it always covers every completed write. A request that gets
+// no answer within OpenOptions::request_timeout fails with ETIMEDOUT and its
+// connection is cut (the next request reconnects): a server stuck on a
+// dying disk is a failure, not a hang. Thread-safe.
 class NbdDevice final : public BlockDevice {
  public:
   static Result<std::shared_ptr<NbdDevice>> open(const std::string& uri, const std::string& role,
@@ -55,8 +59,12 @@ class NbdDevice final : public BlockDevice {
   void revive(nbd_handle*& h);
   void release(nbd_handle* h);
   Status failure(nbd_handle* h, const char* what, uint64_t offset) const;
+  // Waits for command `cookie` on `h`: 0 done, -1 failed (libnbd's error),
+  // -2 no answer within the timeout (the connection is then cut).
+  int complete(nbd_handle* h, int64_t cookie);
+  Status outcome(nbd_handle* h, int r, const char* what, uint64_t offset) const;
   template <class F>
-  Status chunked(const char* what, size_t len, uint64_t offset, F&& op);
+  Status chunked(const char* what, size_t len, uint64_t offset, F&& start);
 
   std::string uri_;
   uint64_t size_ = 0;
@@ -65,6 +73,7 @@ class NbdDevice final : public BlockDevice {
   bool can_zero_ = false;
   bool multi_conn_ = false;
   uint64_t max_request_ = 32 << 20;
+  std::chrono::milliseconds timeout_{0};
   std::vector<nbd_handle*> all_;
   std::mutex mu_;
   std::condition_variable cv_;

@@ -14,6 +14,8 @@ struct SetConfig {
   std::string spare;  // path or NBD URI
   bool read_only = false;
   IoMode io = IoMode::kAuto;
+  // NBD backends: a request with no answer after this long fails (0: never).
+  std::chrono::milliseconds io_timeout{30000};
   // Testing and demos: faults injected into main (see fault_spec.h).
   std::string inject;
   EngineOptions engine;

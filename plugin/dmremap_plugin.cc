@@ -131,6 +131,8 @@ int dmremap_config_unguarded(const char* key, const char* value) {
     std::free(abs);
   } else if (k == "inject") {
     g_config.inject = value;
+  } else if (k == "inject-spare") {
+    g_config.inject_spare = value;
   } else {
     nbdkit_error("unknown parameter '%s' (see: nbdkit dmremap --help)", key);
     return -1;
@@ -361,7 +363,8 @@ nbdkit_plugin make_plugin() {
       "control=SOCKET        answer `dmremap status --control SOCKET` on this Unix\n"
       "                      socket (created mode 0600: its owner only)\n"
       "inject=FAULTS         testing only: read:N[-M],write:N[-M],weak:N[-M]xK,\n"
-      "                      slow:N[-M]xMS on main";
+      "                      slow:N[-M]xMS on main\n"
+      "inject-spare=FAULTS   testing only: the same, and flush:MS, on the spare";
   p.magic_config_key = "main";
   p.get_ready = dmremap_get_ready;
   p.after_fork = dmremap_after_fork;

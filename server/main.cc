@@ -109,7 +109,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> tcp;
   std::string unix_path;
   std::string name;
-  unsigned threads = 16;
+  unsigned threads = 32;
   bool verbose = false;
   app.add_option("-m,--main", set.main, "The failing disk: file, block device or NBD URI")->required();
   app.add_option("-s,--spare", set.spare, "The spare, formatted by `dmremap format`")->required();
@@ -152,6 +152,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--inject", set.inject,
                  "Testing only: faults on main, e.g. read:10,write:20-21,weak:30x2,slow:40x1000");
+  app.add_option("--inject-spare", set.inject_spare,
+                 "Testing only: faults on the spare (512-byte units), and flush:MS, a slow flush");
   app.add_option("--threads", threads,
                  "Requests run at once per client: a connection uses one thread while the "
                  "disk keeps up, and up to this many when requests get stuck on a slow disk")

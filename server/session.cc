@@ -460,12 +460,16 @@ uint32_t Session<Socket>::validate(const Request& r) const {
 // Called every few milliseconds by the server's watchdog thread. A lane
 // runs its requests one after another, which costs the least CPU while the
 // disk is fast; when a request has held every lane for a while (a failing
-// disk retrying a block) and nobody is reading the socket, another lane
-// starts so that the connection's other requests go on.
+// disk retrying a block), or waits for a group commit of remaps, and nobody
+// is reading the socket, another lane starts so that the connection's other
+// requests go on.
 template <class Socket>
 void Session<Socket>::watch(int64_t now) {
   if (executing_ == 0 || readers_ > 0) return;
-  if (now - progress_ns_ < kStuckNs) return;
+  // A request waiting for a group commit is stuck at once: the commit
+  // grows with the requests that join it, so the connection's next ones
+  // should run now rather than queue behind it.
+  if (now - progress_ns_ < kStuckNs && info_.engine->waiting_for_commit() == 0) return;
   if (stop_) {
     // Nothing more will be read; a helper is useful only for requests
     // already queued behind the stuck one.

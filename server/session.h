@@ -62,7 +62,7 @@ class SessionBase {
 // What every session shares.
 struct ExportInfo {
   Engine* engine = nullptr;
-  unsigned max_lanes = 16;  // threads per connection, as nbdkit's default
+  unsigned max_lanes = 32;  // threads per connection (--threads)
   std::string name;          // the export's name ("" is the default export)
   std::string description;
   bool read_only = false;

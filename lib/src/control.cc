@@ -135,6 +135,11 @@ Json stats_json(const EngineStats& s, bool live) {
                  {"retry_successes", s.retry_successes},
                  {"unreadable_reads", s.unreadable_reads},
                  {"slot_write", s.slot_write_errors}};
+  // Group commit: how many remaps (and pending marks, bad slots) shared each
+  // journal append, and every flush the spare was asked for.
+  j["commits"] = {{"groups", s.commit_groups},
+                  {"records", s.commit_records},
+                  {"spare_flushes", s.spare_flushes}};
   return j;
 }
 

@@ -90,6 +90,9 @@ struct Engine::Commit {
   // with the group (none for a pending mark or bad slots alone).
   std::optional<MetadataStore::SlotHeaderWrite> header;
   Status result;
+  // Set by the round's leader when the result is final early (a failure);
+  // `done` (under commit_mu_) is what the waiter reads.
+  bool settled = false;
   bool done = false;
 };
 
@@ -1003,6 +1006,7 @@ Status Engine::commit_remap(uint64_t block, const char* data, Cause cause,
 }
 
 Status Engine::group_commit(Commit& c) {
+  commit_waiters_.fetch_add(1, std::memory_order_relaxed);
   std::unique_lock l(commit_mu_);
   commit_queue_.push_back(&c);
   while (!c.done) {
@@ -1010,96 +1014,128 @@ Status Engine::group_commit(Commit& c) {
       commit_cv_.wait(l);
       continue;
     }
-    // Leads one commit for everything queued now; those that arrive
-    // meanwhile form the next group.
+    // Leads one round for everything queued now (the batch) and the group
+    // left by the round before (carried); those that arrive meanwhile form
+    // the next batch.
     committing_ = true;
     std::vector<Commit*> batch;
+    std::vector<Commit*> carried;
     batch.swap(commit_queue_);
+    carried.swap(carried_);
     l.unlock();
-    lead_commit(batch);
+    commit_round(carried, batch);
     l.lock();
-    for (Commit* done : batch) done->done = true;
+    for (Commit* d : carried) d->done = true;
+    std::erase_if(batch, [](Commit* d) {
+      // Settled by the round (failed): done now, not carried.
+      d->done = d->settled;
+      return d->done;
+    });
+    if (!batch.empty() && commit_queue_.empty()) {
+      // No group follows whose flush could carry this one's records: they
+      // go now, with a flush of their own.
+      l.unlock();
+      std::vector<Commit*> none;
+      commit_round(batch, none);
+      l.lock();
+      for (Commit* d : batch) d->done = true;
+    } else {
+      carried_ = std::move(batch);
+    }
     committing_ = false;
     commit_cv_.notify_all();
   }
+  commit_waiters_.fetch_sub(1, std::memory_order_relaxed);
   return c.result;
 }
 
-void Engine::lead_commit(std::vector<Commit*>& batch) {
+void Engine::commit_round(std::vector<Commit*>& carried, std::vector<Commit*>& batch) {
+  // Settles a commit of the batch now (it is not carried).
+  auto settle = [](Commit* c, const Status& s) {
+    c->result = s;
+    c->settled = true;
+  };
   auto fail_all = [&](const Status& s) {
-    for (Commit* c : batch) c->result = s;
+    for (Commit* c : carried) c->result = s;
+    for (Commit* c : batch) settle(c, s);
   };
   if (closed_.load()) {
     // Past close()'s deadline: nothing is journaled after it gave up.
     return fail_all(Status::error(EIO, "the device is closed"));
   }
   if (auto s = refuse_writes_if_broken(); !s.is_ok()) return fail_all(s);
+  auto is_pending = [](const Commit* c) {
+    return std::any_of(c->records.begin(), c->records.end(),
+                       [](const Record& r) { return r.type == Record::kPending; });
+  };
   // Pending marks beyond the list's room are refused one by one.
   uint64_t pending_room = store_->superblock().pending_capacity - table_.pending();
-  std::vector<Commit*> go;
-  std::vector<MetadataStore::SlotHeaderWrite> headers;
   std::vector<Record> records;
+  for (Commit* c : carried) {
+    if (is_pending(c)) --pending_room;
+    records.insert(records.end(), c->records.begin(), c->records.end());
+  }
+  std::vector<MetadataStore::SlotHeaderWrite> headers;
+  for (Commit* c : batch) {
+    if (is_pending(c)) {
+      if (pending_room == 0) {
+        log(LogLevel::kError, "the pending list is full: " +
+                                  block_name(c->records.back().block, block_) +
+                                  " is unreadable but cannot be recorded");
+        settle(c, Status::error(ENOSPC, "pending list full"));
+        continue;
+      }
+      --pending_room;
+    }
+    if (c->header) headers.push_back(*c->header);
+  }
   uint64_t handed_out;
   {
     std::lock_guard l(commit_mu_);
     handed_out = next_alloc_;
   }
-  for (Commit* c : batch) {
-    const bool pending = std::any_of(c->records.begin(), c->records.end(),
-                                     [](const Record& r) { return r.type == Record::kPending; });
-    if (pending && pending_room == 0) {
-      log(LogLevel::kError, "the pending list is full: " +
-                                block_name(c->records.back().block, block_) +
-                                " is unreadable but cannot be recorded");
-      c->result = Status::error(ENOSPC, "pending list full");
-      continue;
-    }
-    if (pending) --pending_room;
-    go.push_back(c);
-    if (c->header) headers.push_back(*c->header);
-    records.insert(records.end(), c->records.begin(), c->records.end());
-  }
-  if (go.empty()) return;
   std::lock_guard store_lock(store_mu_);
-  // The slots' headers go with their data, before the flush that makes
-  // both durable.
+  // The batch's slot headers go with their data, before the flush that
+  // makes both durable.
   if (Status s = store_->write_slot_headers(headers, table_, handed_out); !s.is_ok()) {
     std::vector<uint64_t> back;
     for (const auto& h : headers) back.push_back(h.slot);
     give_back_slots(back);
     const Status away = spare_away(s);
-    for (Commit* c : go) c->result = away;
-    return;
+    for (Commit* c : batch) {
+      if (c->header && !c->settled) settle(c, away);
+    }
+    headers.clear();
   }
-  // Commit order: slot data durable, then the records durable, then
-  // visible. One flush covers every slot written before the group formed.
-  if (!headers.empty()) {
+  // The carried group's records: written, and made durable by the same
+  // flush as the batch's data. Order for each remap: its data durable (the
+  // round before), then its record durable (this flush), then visible.
+  if (!records.empty()) {
+    if (Status s = store_->append(records, table_, /*flush_last=*/false); !s.is_ok()) {
+      journal_broken_.store(true);
+      log(LogLevel::kError, "journal write failed (" + s.to_string() +
+                                "): writes are refused from now on, reads continue. Check the "
+                                "spare, then restart");
+      return fail_all(
+          Status::error(EIO, "the remap could not be recorded in the journal: " + s.to_string()));
+    }
+  }
+  if (!headers.empty() || !records.empty()) {
     if (Status s = spare_->flush(); !s.is_ok()) {
       journal_broken_.store(true);
       log(LogLevel::kError, "spare flush failed (" + s.to_string() +
                                 "): writes are refused from now on, reads continue");
-      const Status e = Status::error(EIO, "the remap could not be made durable: " + s.to_string());
-      for (Commit* c : go) c->result = e;
-      return;
+      return fail_all(Status::error(EIO, "the remap could not be made durable: " + s.to_string()));
     }
   }
-  if (Status s = store_->append(records, table_); !s.is_ok()) {
-    journal_broken_.store(true);
-    log(LogLevel::kError, "journal write failed (" + s.to_string() +
-                              "): writes are refused from now on, reads continue. Check the "
-                              "spare, then restart");
-    const Status e =
-        Status::error(EIO, "the remap could not be recorded in the journal: " + s.to_string());
-    for (Commit* c : go) c->result = e;
-    return;
-  }
+  if (records.empty()) return;
   {
     ExclusiveGuard g(gate_);
     for (const Record& r : records) table_.apply(r);
   }
   counters_->commit_groups.fetch_add(1, std::memory_order_relaxed);
   counters_->commit_records.fetch_add(records.size(), std::memory_order_relaxed);
-  for (Commit* c : go) c->result = Status::ok();
+  for (Commit* c : carried) c->result = Status::ok();
 }
 
 Status Engine::with_commits_stopped(const std::function<Status()>& fn) {

@@ -21,13 +21,19 @@ Status apply_fault_spec(FaultyDevice& dev, const std::string& spec) {
     if (item.empty()) continue;
     auto bad = [&](const std::string& why) {
       return Status::error(EINVAL, "fault \"" + item + "\": " + why +
-                                       " (expected read:N[-M[/S]], write:N[-M[/S]], weak:N[-M[/S]]xK or "
-                                       "slow:N[-M[/S]]xMS)");
+                                       " (expected read:N[-M[/S]], write:N[-M[/S]], weak:N[-M[/S]]xK , "
+                                       "slow:N[-M[/S]]xMS or flush:MS)");
     };
     const auto colon = item.find(':');
     if (colon == std::string::npos) return bad("no kind");
     const std::string kind = item.substr(0, colon);
     std::string range = item.substr(colon + 1);
+    if (kind == "flush") {
+      uint64_t ms = 0;
+      if (!parse_u64(range, ms) || ms > 60000) return bad("flush:MS takes milliseconds");
+      dev.set_flush_delay(std::chrono::milliseconds(ms));
+      continue;
+    }
     uint64_t times = 0;
     if (kind == "weak" || kind == "slow") {
       const auto x = range.find('x');

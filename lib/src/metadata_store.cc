@@ -748,20 +748,21 @@ Status MetadataStore::checkpoint(const RemapTable& table, bool clean) {
   return s;
 }
 
-Status MetadataStore::append(const std::vector<Record>& records, const RemapTable& table) {
+Status MetadataStore::append(const std::vector<Record>& records, const RemapTable& table,
+                             bool flush_last) {
   if (records.empty()) return Status::ok();
   const uint64_t units = (records.size() + kRecordsPerUnit - 1) / kRecordsPerUnit;
   if (units > sb_.journal_units()) {
     return Status::error(E2BIG, spare_->name() + ": too many records for one journal append");
   }
   if (failed_) return refused();
-  Status s = append_units(records, table, units);
+  Status s = append_units(records, table, units, flush_last);
   if (!s.is_ok()) failed_ = true;
   return s;
 }
 
 Status MetadataStore::append_units(const std::vector<Record>& records, const RemapTable& table,
-                                   uint64_t units) {
+                                   uint64_t units, bool flush_last) {
   if (journal_next_ + units > sb_.journal_units()) {
     if (auto s = checkpoint(table, false); !s.is_ok()) return s;
   }
@@ -795,8 +796,11 @@ Status MetadataStore::append_units(const std::vector<Record>& records, const Rem
     // One flush per unit: a later unit is never durable before an earlier
     // one, so replay can tell a crash (the journal just ends) from a lost
     // unit in the middle (refused). Records are independent, so a partly
-    // durable append that was never acknowledged is harmless.
-    if (auto s = spare_->flush(); !s.is_ok()) return s;
+    // durable append that was never acknowledged is harmless. The last
+    // unit's flush may be the caller's.
+    if (u + 1 < units || flush_last) {
+      if (auto s = spare_->flush(); !s.is_ok()) return s;
+    }
     ++journal_next_;
   }
   return Status::ok();

@@ -25,9 +25,18 @@ Result<std::unique_ptr<Engine>> open_set(const SetConfig& config) {
     log(LogLevel::kWarning, "injecting faults into main: " + config.inject);
     main_dev = faulty;
   }
+  std::shared_ptr<BlockDevice> spare_dev = spare.value();
+  if (!config.inject_spare.empty()) {
+    auto sb = read_superblock(*spare_dev);
+    if (!sb.is_ok()) return sb.take_status();
+    auto faulty = std::make_shared<FaultyDevice>(spare_dev, 512, "spare");
+    if (auto s = apply_fault_spec(*faulty, config.inject_spare); !s.is_ok()) return s;
+    log(LogLevel::kWarning, "injecting faults into the spare: " + config.inject_spare);
+    spare_dev = faulty;
+  }
   EngineOptions eo = config.engine;
   eo.read_only = config.read_only;
-  return Engine::open(main_dev, spare.value(), eo);
+  return Engine::open(main_dev, spare_dev, eo);
 }
 
 }  // namespace dmremap

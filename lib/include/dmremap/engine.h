@@ -208,6 +208,10 @@ class Engine {
   Status close(std::optional<std::chrono::milliseconds> wait = std::nullopt);
   // Requests running now.
   int64_t in_flight() const { return active_.load(); }
+  // Requests waiting for a group commit now: a frontend that runs requests
+  // one at a time while the disk keeps up should run more at once then, so
+  // that they share the commit.
+  int waiting_for_commit() const { return commit_waiters_.load(std::memory_order_relaxed); }
 
   // A remap that finds this many slots in a row refusing writes records them
   // as bad before trying more; if that journal write fails too, the spare is
@@ -299,9 +303,15 @@ class Engine {
                       std::optional<uint64_t> abandoned_slot = std::nullopt);
   Status mark_pending(uint64_t block);
   // Queues `c` and waits until it is durable and applied (or failed). The
-  // first waiter to find no commit running leads one for everything queued.
+  // first waiter to find no round running leads one for everything queued.
   Status group_commit(Commit& c);
-  void lead_commit(std::vector<Commit*>& batch);
+  // One round: the batch's slot headers, the carried group's journal
+  // records, then one flush that makes both durable (the batch's data
+  // before its records, which go in the next round); then the carried
+  // group is applied. In a stream of remaps that is one flush per group.
+  // Sets the result of every carried commit, and settles (done) the batch's
+  // commits that failed.
+  void commit_round(std::vector<Commit*>& carried, std::vector<Commit*>& batch);
   // Runs `fn` while no group commit does (checkpoints: forget-pending,
   // close).
   Status with_commits_stopped(const std::function<Status()>& fn);
@@ -353,12 +363,16 @@ class Engine {
   std::mutex commit_mu_;
   std::condition_variable commit_cv_;
   std::vector<Commit*> commit_queue_;  // guarded by commit_mu_
+  // Commits whose data is durable, waiting for the next round to write
+  // their records. Guarded by commit_mu_ (used by the round's leader).
+  std::vector<Commit*> carried_;
   bool committing_ = false;             // guarded by commit_mu_
   // Slot allocation: the next slot never handed out, and slots given back
   // (sorted). Guarded by commit_mu_.
   uint64_t next_alloc_ = 0;
   std::vector<uint64_t> free_slots_;
   std::atomic<int64_t> active_{0};
+  std::atomic<int> commit_waiters_{0};
   std::atomic<bool> closing_{false};
   std::mutex active_mu_;
   std::condition_variable active_cv_;

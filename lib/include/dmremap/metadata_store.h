@@ -78,7 +78,12 @@ class MetadataStore {
   // checkpoint the store refuses (EIO) every later one: what is on the spare
   // is no longer known (a checkpoint may be complete on disk while the
   // superblock is not), and only a reopen finds out.
-  Status append(const std::vector<Record>& records, const RemapTable& table);
+  // Without `flush_last`, the last unit is written but not flushed: the
+  // caller's next flush of the spare makes it durable (every earlier unit
+  // is flushed before the next is written, as always), and until then the
+  // records must not be relied on.
+  Status append(const std::vector<Record>& records, const RemapTable& table,
+                bool flush_last = true);
   // The lease on a spare that cannot be locked (an NBD export), in the way
   // of ext4's multi-mount protection: the owner rewrites the superblock
   // every few seconds (a new generation, nothing else changes), and stops
@@ -132,7 +137,7 @@ class MetadataStore {
   // Writes the checkpoint of `epoch` to every copy of `area`.
   Status write_checkpoint_area(uint32_t area, const RemapTable& table, uint64_t epoch);
   Status append_units(const std::vector<Record>& records, const RemapTable& table,
-                      uint64_t units);
+                      uint64_t units, bool flush_last);
   Status refused() const;
 
   std::shared_ptr<BlockDevice> spare_;

@@ -30,7 +30,7 @@ class NbdDevice final : public BlockDevice {
  public:
   static Result<std::shared_ptr<NbdDevice>> open(const std::string& uri, const std::string& role,
                                                  const OpenOptions& options,
-                                                 unsigned connections = 4);
+                                                 unsigned connections = 8);
   ~NbdDevice() override;
 
   uint64_t size() const override { return size_; }

@@ -18,6 +18,8 @@ struct SetConfig {
   std::chrono::milliseconds io_timeout{30000};
   // Testing and demos: faults injected into main (see fault_spec.h).
   std::string inject;
+  // The same for the spare (benchmarks: a spare whose flush takes 5 ms).
+  std::string inject_spare;
   EngineOptions engine;
 };
 

@@ -493,3 +493,47 @@ TEST_CASE("fault spec: slow blocks", "[concurrency]") {
   CHECK_FALSE(apply_fault_spec(dev, "slow:3").is_ok());
   CHECK_FALSE(apply_fault_spec(dev, "slow:3x0").is_ok());
 }
+
+TEST_CASE("latency 2: each failing block has its own time budget", "[concurrency]") {
+  // Blocks 5 and 6 both fail, 150 ms per read; retry-time 400 ms. Each gets
+  // its own reads: the range read and its naming read, then one more (450
+  // ms of its own reads). The second block's budget is not spent by the
+  // first one's retries.
+  test::SetParams p;
+  p.options.read_retries = 10;
+  p.options.retry_time = 400ms;
+  auto s = test::make_set(p);
+  for (uint64_t b : {5u, 6u}) {
+    s.main->add_read_error(b);
+    s.main->add_slow_block(b, 150ms);
+  }
+  std::vector<char> buf(2 * B);
+  const uint64_t before = s.main->failed_reads();
+  CHECK(s.engine->read(buf.data(), buf.size(), 5 * B).code() == EIO);
+  // 1 range read + 2 naming reads + one retry each.
+  CHECK(s.main->failed_reads() - before == 5);
+  CHECK(s.engine->stats().pending == 2);
+}
+
+TEST_CASE("shutdown: a FUA write in flight when close begins finishes whole",
+          "[concurrency][durability]") {
+  auto s = test::make_set();
+  s.main->set_delay(200ms);  // every operation on main takes 200 ms
+  const auto d = test::pattern(B, 77);
+  Status written;
+  std::thread writer([&] { written = s.engine->write(d.data(), B, 3 * B, /*fua=*/true); });
+  std::this_thread::sleep_for(50ms);
+  const Status closed = s.engine->close();
+  writer.join();
+  CHECK(closed.is_ok());
+  CHECK(written.is_ok());  // admitted before close began: its flush is part of it
+  s.main->set_delay(0us);
+  OpenReport rep;
+  s.engine.reset();
+  auto e = Engine::open(s.main, s.spare, EngineOptions{}, &rep);
+  REQUIRE(e.is_ok());
+  CHECK(rep.was_clean);
+  std::vector<char> buf(B);
+  REQUIRE(e.value()->read(buf.data(), B, 3 * B).is_ok());
+  CHECK(buf == d);
+}

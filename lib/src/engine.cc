@@ -259,6 +259,7 @@ Engine::Engine(std::shared_ptr<BlockDevice> main, std::shared_ptr<BlockDevice> s
       counters_(std::make_unique<Counters>()) {
   table_.enable_filter(size_ / block_);
   next_alloc_ = table_.next_slot();
+  committed_next_slot_ = next_alloc_;
   inflight_ = std::make_unique<std::atomic<uint32_t>[]>(kInflight);
   for (size_t i = 0; i < kInflight; ++i) inflight_[i].store(0, std::memory_order_relaxed);
 }
@@ -342,10 +343,17 @@ std::vector<uint64_t> Engine::claimed_in(uint64_t first, uint64_t last) {
   std::vector<uint64_t> out;
   if (claims_.load(std::memory_order_seq_cst) == 0) return out;
   std::lock_guard l(claim_mu_);
-  for (uint64_t b : claimed_) {
-    if (b >= first && b < last) out.push_back(b);
+  for (uint64_t c : claimed_) {
+    // The claimed block itself, and any block of the range that shares its
+    // in-flight counter: those take the slow path too, so that a claim
+    // never waits on a stream of writes to another block (ranges are
+    // shorter than the counter table, see kFastChunk).
+    const uint64_t index = c % kInflight;
+    uint64_t b = first + (index + kInflight - first % kInflight) % kInflight;
+    for (; b < last; b += kInflight) out.push_back(b);
   }
   std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
   return out;
 }
 
@@ -449,14 +457,14 @@ void Engine::read_fast(char* buf, uint64_t len, uint64_t offset, ReadFindings& f
       const int64_t started = now_ms();
       const Status s = main_->read(buf + (lo - offset), hi - lo, lo);
       if (s.is_ok()) continue;
+      const int64_t spent = now_ms() - started;
       counters_->main_read_errors.fetch_add(1, std::memory_order_relaxed);
-      if (f.first_failure_ms == 0) f.first_failure_ms = started;
       if (!failure_is_media(s, p.first, p.last)) {
         f.offline_from = lo;
       } else if (p.last - p.first == 1) {
-        f.failed.push_back({p.first, 1});  // that read was the block's first attempt
+        f.failed.push_back({p.first, 1, spent});  // that read was the block's first attempt
       } else {
-        read_main_narrowing(buf, offset, len, p.first, p.last, f);
+        read_main_narrowing(buf, offset, len, p.first, p.last, spent, f);
       }
       continue;
     }
@@ -495,7 +503,7 @@ void Engine::read_fast(char* buf, uint64_t len, uint64_t offset, ReadFindings& f
 }
 
 void Engine::read_main_narrowing(char* buf, uint64_t req_off, uint64_t req_len, uint64_t first,
-                                 uint64_t last, ReadFindings& f) {
+                                 uint64_t last, int64_t range_ms, ReadFindings& f) {
   // One read per block, not bisection: each read that includes a bad sector
   // may cost a failing disk seconds of internal retries, and a weak block
   // must not use up its failures on intermediate ranges before it is named.
@@ -504,6 +512,7 @@ void Engine::read_main_narrowing(char* buf, uint64_t req_off, uint64_t req_len, 
   for (uint64_t b = first; b < last; ++b) {
     const uint64_t lo = std::max(req_off, b * block_);
     const uint64_t hi = std::min(req_off + req_len, (b + 1) * block_);
+    const int64_t started = now_ms();
     const Status s = main_->read(buf + (lo - req_off), hi - lo, lo);
     if (s.is_ok()) continue;
     counters_->main_read_errors.fetch_add(1, std::memory_order_relaxed);
@@ -512,7 +521,7 @@ void Engine::read_main_narrowing(char* buf, uint64_t req_off, uint64_t req_len, 
       f.offline_from = lo;
       return;
     }
-    f.failed.push_back({b, 2});
+    f.failed.push_back({b, 2, range_ms + now_ms() - started});
   }
   if (f.failed.size() == before) {
     log(LogLevel::kWarning, main_->name() + ": a read of blocks " + std::to_string(first) + "-" +
@@ -523,13 +532,14 @@ void Engine::read_main_narrowing(char* buf, uint64_t req_off, uint64_t req_len, 
 
 void Engine::recover_reads(char* buf, uint64_t len, uint64_t offset, ReadFindings& f) {
   std::vector<char> data(block_);
-  for (const auto& [b, attempts] : f.failed) {
+  for (const auto& failed : f.failed) {
+    const uint64_t b = failed.block;
     const uint64_t lo = std::max(offset, b * block_);
     if (lo >= f.offline_from) break;
     Status s;
     {
       Claim claim(*this, b);
-      s = read_block_claimed(b, data.data(), attempts, f.first_failure_ms);
+      s = read_block_claimed(b, data.data(), failed.attempts, failed.spent_ms);
     }
     if (!s.is_ok()) {
       if (!main_online()) {
@@ -545,7 +555,7 @@ void Engine::recover_reads(char* buf, uint64_t len, uint64_t offset, ReadFinding
 }
 
 Status Engine::read_block_claimed(uint64_t block, char* out, unsigned attempts,
-                                  int64_t since_ms) {
+                                  int64_t spent_ms) {
   std::optional<uint64_t> v;
   {
     SharedGuard g(gate_);
@@ -563,17 +573,19 @@ Status Engine::read_block_claimed(uint64_t block, char* out, unsigned attempts,
                                        " failed to read");
   bool read = false;
   bool over_time = false;
-  for (unsigned done = attempts; !read; ++done) {
+  unsigned done = attempts;
+  for (; !read; ++done) {
     // The budget: in count (every read that included the block), and in
-    // time since the first failed one. A block not yet tried is always
-    // read once.
+    // the time those reads took (not the time spent waiting for a claim or
+    // on other blocks). A block not yet tried is always read once.
     if (done > 0 && done >= allowed) break;
-    if (done > 0 && now_ms() - since_ms >= options_.retry_time.count()) {
+    if (done > 0 && spent_ms >= options_.retry_time.count()) {
       over_time = true;
       break;
     }
-    if (since_ms == 0) since_ms = now_ms();
+    const int64_t started = now_ms();
     last = main_->read(out, block_, block * block_);
+    spent_ms += now_ms() - started;
     if (last.is_ok()) {
       read = true;
       attempts = done;
@@ -605,10 +617,10 @@ Status Engine::read_block_claimed(uint64_t block, char* out, unsigned attempts,
   // Before the block is declared lost: is it the block, or main as a whole?
   if (!failure_is_media(last, block, block + 1)) return offline_error();
   log(LogLevel::kError, block_name(block, block_) + " is unreadable after " +
-                            (over_time ? std::to_string(options_.retry_time.count() / 1000) +
-                                             " s of retries"
-                                       : std::to_string(options_.read_retries) + " retries") +
-                            ": " + last.to_string());
+                            std::to_string(done) + " reads in " +
+                            std::to_string(spent_ms / 1000) + "." +
+                            std::to_string(spent_ms % 1000 / 100) + " s" +
+                            (over_time ? " (retry-time reached)" : "") + ": " + last.to_string());
   if (!options_.read_only) (void)mark_pending(block);
   return last;
 }
@@ -661,6 +673,9 @@ Status Engine::probe_main(const std::vector<uint64_t>& candidates) {
     for (uint64_t b : candidates) {
       Status s = main_->read(data.data(), block_, b * block_);
       if (s.is_ok()) return s;
+      // A healthy block that gets no answer either: main as a whole is
+      // stuck. Eleven more reads would each wait out the timeout.
+      if (s.code() == ETIMEDOUT) return s;
       last_failure = std::move(s);
     }
   }
@@ -773,7 +788,7 @@ Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offse
                                      std::to_string(len) + ": beyond the end of the device");
   }
   if (auto s = refuse_writes_if_broken(); !s.is_ok()) return s;
-  if (len == 0) return fua ? flush() : Status::ok();
+  if (len == 0) return fua ? flush_both() : Status::ok();
   counters_->writes.fetch_add(1, std::memory_order_relaxed);
   counters_->bytes_written.fetch_add(len, std::memory_order_relaxed);
   const bool zero = kind == Data::kZeroes;
@@ -786,11 +801,18 @@ Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offse
     slow.push_back((offset + len - 1) / block_);
   }
   bool main_down = false;
-  if (full_first < full_end) {
+  // Blocks a write to which timed out: it may still land, later than a
+  // newer write, so they are never written again where they are (see
+  // write_block_claimed).
+  std::vector<uint64_t> suspect;
+  auto is_timeout = [](const Status& st) { return st.code() == ETIMEDOUT; };
+  // In chunks, each counted for no longer than its own I/O.
+  for (uint64_t chunk = full_first; chunk < full_end && !main_down; chunk += kFastChunk) {
+    const uint64_t chunk_end = std::min(full_end, chunk + kFastChunk);
     // Counted before the lookup, so that a claim taken after it waits for
     // this write; blocks claimed already are left to the slow path.
-    count_writes(full_first, full_end, +1);
-    const std::vector<uint64_t> claimed = claimed_in(full_first, full_end);
+    count_writes(chunk, chunk_end, +1);
+    const std::vector<uint64_t> claimed = claimed_in(chunk, chunk_end);
     for (uint64_t b : claimed) {
       count_writes(b, b + 1, -1);
       slow.push_back(b);
@@ -798,7 +820,7 @@ Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offse
     std::vector<Piece> pieces;
     {
       SharedGuard g(gate_);
-      plan_pieces(table_, full_first, full_end, pieces);
+      plan_pieces(table_, chunk, chunk_end, pieces);
     }
     auto is_claimed = [&](uint64_t b) {
       return std::binary_search(claimed.begin(), claimed.end(), b);
@@ -810,16 +832,19 @@ Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offse
         return;
       }
       const uint64_t n = (b - a) * block_;
-      const Status s = zero ? main_->write_zeroes(n, a * block_)
-                            : main_->write(src + (a * block_ - offset), n, a * block_);
-      if (s.is_ok()) return;
+      const Status st = zero ? main_->write_zeroes(n, a * block_)
+                             : main_->write(src + (a * block_ - offset), n, a * block_);
+      if (st.is_ok()) return;
       counters_->main_write_errors.fetch_add(1, std::memory_order_relaxed);
       // Main as a whole failing is no reason to remap anything.
-      if (!failure_is_media(s, a, b)) {
+      if (!failure_is_media(st, a, b)) {
         main_down = true;
         return;
       }
-      for (uint64_t b2 = a; b2 < b; ++b2) slow.push_back(b2);
+      for (uint64_t b2 = a; b2 < b; ++b2) {
+        slow.push_back(b2);
+        if (is_timeout(st)) suspect.push_back(b2);
+      }
     };
     for (const Piece& p : pieces) {
       if (p.value == Piece::kMain) {
@@ -839,11 +864,14 @@ Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offse
         continue;
       }
       const uint64_t at = slot_offset(RemapTable::slot_of(p.value));
-      const Status s = zero ? spare_->write_zeroes(block_, at)
-                            : spare_->write(src + (p.first * block_ - offset), block_, at);
-      if (!s.is_ok()) slow.push_back(p.first);
+      const Status st = zero ? spare_->write_zeroes(block_, at)
+                             : spare_->write(src + (p.first * block_ - offset), block_, at);
+      if (!st.is_ok()) {
+        slow.push_back(p.first);
+        if (is_timeout(st)) suspect.push_back(p.first);
+      }
     }
-    for (uint64_t b = full_first; b < full_end; ++b) {
+    for (uint64_t b = chunk; b < chunk_end; ++b) {
       if (!is_claimed(b)) count_writes(b, b + 1, -1);
     }
   }
@@ -875,16 +903,19 @@ Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offse
         } else {
           std::memcpy(dst, src + (lo - offset), hi - lo);
         }
-        s = write_block_claimed(b, data.data());
+        s = write_block_claimed(b, data.data(),
+                                std::find(suspect.begin(), suspect.end(), b) != suspect.end());
       }
       if (!s.is_ok() && result.is_ok()) result = std::move(s);
     }
   }
   if (!result.is_ok()) return result;
-  return fua ? flush() : Status::ok();
+  // The request's own flush: admitted with it, so one that was running
+  // when close() began finishes whole.
+  return fua ? flush_both() : Status::ok();
 }
 
-Status Engine::write_block_claimed(uint64_t block, const char* data) {
+Status Engine::write_block_claimed(uint64_t block, const char* data, bool suspect) {
   if (auto s = refuse_writes_if_broken(); !s.is_ok()) return s;
   std::optional<uint64_t> v;
   {
@@ -894,6 +925,12 @@ Status Engine::write_block_claimed(uint64_t block, const char* data) {
   if (v && RemapTable::is_pending(*v)) return commit_remap(block, data, Cause::kPendingWrite);
   if (v) {
     const uint64_t slot = RemapTable::slot_of(*v);
+    if (suspect) {
+      log(LogLevel::kWarning, "a write to slot " + std::to_string(slot) + " of " +
+                                  block_name(block, block_) +
+                                  " timed out and may still land: moving the block");
+      return commit_remap(block, data, RemapTable::cause_of(*v), slot);
+    }
     Status s = spare_->write(data, block_, slot_offset(slot));
     if (s.is_ok()) return s;
     counters_->slot_write_errors.fetch_add(1, std::memory_order_relaxed);
@@ -904,6 +941,12 @@ Status Engine::write_block_claimed(uint64_t block, const char* data) {
     return commit_remap(block, data, RemapTable::cause_of(*v), slot);
   }
   if (!main_online()) return offline_error();
+  if (suspect) {
+    // Writing main again could be overtaken by the write that timed out.
+    log(LogLevel::kWarning, main_->name() + ": a write to " + block_name(block, block_) +
+                                " timed out and may still land: remapping it");
+    return commit_remap(block, data, Cause::kWriteError);
+  }
   Status s = main_->write(data, block_, block * block_);
   if (s.is_ok()) return s;
   counters_->main_write_errors.fetch_add(1, std::memory_order_relaxed);
@@ -916,7 +959,12 @@ Status Engine::write_block_claimed(uint64_t block, const char* data) {
 // ------------------------------------------------------- remap machinery
 
 std::optional<uint64_t> Engine::allocate_slot(std::optional<uint64_t> above) {
-  std::lock_guard l(commit_mu_);
+  std::unique_lock l(commit_mu_);
+  // No more than kSlotsAhead slots in flight past the committed ones: a
+  // writable open clears only that many slots' headers after a crash.
+  commit_cv_.wait(l, [&] {
+    return !free_slots_.empty() || next_alloc_ < committed_next_slot_ + kSlotsAhead;
+  });
   // A slot given back is taken again only above the block's current slot:
   // each block's slots then only ever rise, which is what a rebuild from
   // the slot headers relies on (the highest slot naming a block is its
@@ -979,7 +1027,14 @@ Status Engine::commit_remap(uint64_t block, const char* data, Cause cause,
     // This slot is given back; those found bad before stay unrecorded and
     // will be found again.
     if (!spare_failure_is_slot(s)) {
-      give_back_slots({slot});
+      // A write that timed out may still land: that slot is never handed
+      // out again (recorded bad with the next commit).
+      if (s.code() == ETIMEDOUT) {
+        std::lock_guard l(commit_mu_);
+        slots_to_retire_.push_back(slot);
+      } else {
+        give_back_slots({slot});
+      }
       return spare_away(s);
     }
     log(LogLevel::kWarning, "slot " + std::to_string(slot) + " failed to write (" +
@@ -1026,6 +1081,7 @@ Status Engine::group_commit(Commit& c) {
     commit_round(carried, batch);
     l.lock();
     for (Commit* d : carried) d->done = true;
+    committed_next_slot_ = table_.next_slot();  // only leaders change it
     std::erase_if(batch, [](Commit* d) {
       // Settled by the round (failed): done now, not carried.
       d->done = d->settled;
@@ -1039,6 +1095,7 @@ Status Engine::group_commit(Commit& c) {
       commit_round(batch, none);
       l.lock();
       for (Commit* d : batch) d->done = true;
+      committed_next_slot_ = table_.next_slot();
     } else {
       carried_ = std::move(batch);
     }
@@ -1070,10 +1127,24 @@ void Engine::commit_round(std::vector<Commit*>& carried, std::vector<Commit*>& b
   };
   // Pending marks beyond the list's room are refused one by one.
   uint64_t pending_room = store_->superblock().pending_capacity - table_.pending();
-  std::vector<Record> records;
+  std::vector<std::vector<Record>> groups;
+  size_t record_count = 0;
+  {
+    // Slots whose write timed out while the spare did not answer.
+    std::lock_guard l(commit_mu_);
+    if (!slots_to_retire_.empty()) {
+      groups.emplace_back();
+      for (uint64_t slot : slots_to_retire_) {
+        groups.back().push_back(Record{Record::kBadSlot, Cause::kManual, 0, slot});
+      }
+      record_count += slots_to_retire_.size();
+      slots_to_retire_.clear();
+    }
+  }
   for (Commit* c : carried) {
     if (is_pending(c)) --pending_room;
-    records.insert(records.end(), c->records.begin(), c->records.end());
+    groups.push_back(c->records);
+    record_count += c->records.size();
   }
   std::vector<MetadataStore::SlotHeaderWrite> headers;
   for (Commit* c : batch) {
@@ -1110,8 +1181,8 @@ void Engine::commit_round(std::vector<Commit*>& carried, std::vector<Commit*>& b
   // The carried group's records: written, and made durable by the same
   // flush as the batch's data. Order for each remap: its data durable (the
   // round before), then its record durable (this flush), then visible.
-  if (!records.empty()) {
-    if (Status s = store_->append(records, table_, /*flush_last=*/false); !s.is_ok()) {
+  if (record_count > 0) {
+    if (Status s = store_->append_groups(groups, table_, /*flush_last=*/false); !s.is_ok()) {
       journal_broken_.store(true);
       log(LogLevel::kError, "journal write failed (" + s.to_string() +
                                 "): writes are refused from now on, reads continue. Check the "
@@ -1120,21 +1191,24 @@ void Engine::commit_round(std::vector<Commit*>& carried, std::vector<Commit*>& b
           Status::error(EIO, "the remap could not be recorded in the journal: " + s.to_string()));
     }
   }
-  if (!headers.empty() || !records.empty()) {
+  if (!headers.empty() || record_count > 0) {
     if (Status s = spare_->flush(); !s.is_ok()) {
       journal_broken_.store(true);
+      store_->refuse_from_now();
       log(LogLevel::kError, "spare flush failed (" + s.to_string() +
                                 "): writes are refused from now on, reads continue");
       return fail_all(Status::error(EIO, "the remap could not be made durable: " + s.to_string()));
     }
   }
-  if (records.empty()) return;
+  if (record_count == 0) return;
   {
     ExclusiveGuard g(gate_);
-    for (const Record& r : records) table_.apply(r);
+    for (const auto& group : groups) {
+      for (const Record& r : group) table_.apply(r);
+    }
   }
   counters_->commit_groups.fetch_add(1, std::memory_order_relaxed);
-  counters_->commit_records.fetch_add(records.size(), std::memory_order_relaxed);
+  counters_->commit_records.fetch_add(record_count, std::memory_order_relaxed);
   for (Commit* c : carried) c->result = Status::ok();
 }
 
@@ -1218,16 +1292,18 @@ Status Engine::trim(uint64_t len, uint64_t offset, bool fua) {
   counters_->trims.fetch_add(1, std::memory_order_relaxed);
   const uint64_t first = (offset + block_ - 1) / block_;
   const uint64_t end = (offset + len) / block_;
-  if (first < end) {
+  for (uint64_t chunk = first; chunk < end; chunk += kFastChunk) {
+    const uint64_t chunk_end = std::min(end, chunk + kFastChunk);
     // Counted as a write: a claimed block (a rescue reading it) is left
     // alone. Only whole unmapped blocks reach main; remapped and pending
     // blocks keep their state, so a trim never exposes stale main data.
-    count_writes(first, end, +1);
-    const std::vector<uint64_t> claimed = claimed_in(first, end);
+    count_writes(chunk, chunk_end, +1);
+    const std::vector<uint64_t> claimed = claimed_in(chunk, chunk_end);
+    for (uint64_t b : claimed) count_writes(b, b + 1, -1);
     std::vector<Piece> pieces;
     {
       SharedGuard g(gate_);
-      plan_pieces(table_, first, end, pieces);
+      plan_pieces(table_, chunk, chunk_end, pieces);
     }
     auto to_main = [&](uint64_t a, uint64_t b) {
       // A trim is advice: one that main cannot take now is simply dropped.
@@ -1246,15 +1322,21 @@ Status Engine::trim(uint64_t len, uint64_t offset, bool fua) {
       }
       to_main(a, p.last);
     }
-    count_writes(first, end, -1);
+    for (uint64_t b = chunk; b < chunk_end; ++b) {
+      if (!std::binary_search(claimed.begin(), claimed.end(), b)) count_writes(b, b + 1, -1);
+    }
   }
-  return fua ? flush() : Status::ok();
+  return fua ? flush_both() : Status::ok();
 }
 
 Status Engine::flush() {
   Admit admit(*this);
   if (!admit) return Status::error(EIO, "the device is closed");
   if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
+  return flush_both();
+}
+
+Status Engine::flush_both() {
   counters_->flushes.fetch_add(1, std::memory_order_relaxed);
   Status m = flush_device(*main_);
   Status s = flush_device(*spare_);
@@ -1473,9 +1555,29 @@ Status Engine::close(std::optional<std::chrono::milliseconds> wait) {
     if (wait) {
       if (!active_cv_.wait_for(l, *wait, drained)) {
         // They may be stuck in a device for minutes. Nothing more is
-        // journaled (lead_commit checks closed_), and no clean mark: the
-        // set is as after a crash, which the journal is made for.
+        // journaled (commit_round checks closed_), and no clean mark: the
+        // set is as after a crash, which the journal is made for. What was
+        // acknowledged is flushed if the devices answer within a few
+        // seconds (in a thread of its own: a stuck device would hold it).
         closed_.store(true);
+        l.unlock();
+        struct Flushed {
+          std::mutex mu;
+          std::condition_variable cv;
+          bool done = false;
+        };
+        auto flushed = std::make_shared<Flushed>();
+        std::thread([this, flushed] {
+          (void)flush_device(*main_);
+          (void)flush_device(*spare_);
+          std::lock_guard g(flushed->mu);
+          flushed->done = true;
+          flushed->cv.notify_all();
+        }).detach();
+        {
+          std::unique_lock g(flushed->mu);
+          flushed->cv.wait_for(g, std::chrono::seconds(5), [&] { return flushed->done; });
+        }
         return Status::error(EBUSY, std::to_string(active_.load()) +
                                         " request(s) still running: the spare is left as after "
                                         "a crash (consistent; the next open replays its "

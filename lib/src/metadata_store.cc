@@ -706,7 +706,10 @@ Status MetadataStore::clear_stale_slot_headers(uint64_t from, uint64_t keep) {
   MetaBuffer buf(kMetaUnit);
   const uint64_t first_unit = 1 + from / kSlotHeadersPerUnit;
   const uint64_t units = sb_.slot_header_bytes / kMetaUnit;
-  for (uint64_t index = first_unit; index < std::min(first_unit + 2, units); ++index) {
+  // The engine hands out at most kSlotsAhead slots past the table's
+  // next_slot before their remaps commit: their units are all looked at.
+  const uint64_t span = 2 + kSlotsAhead / kSlotHeadersPerUnit;
+  for (uint64_t index = first_unit; index < std::min(first_unit + span, units); ++index) {
     const uint64_t at = sb_.slot_header_offset + index * kMetaUnit;
     Status r = spare_->read(buf.data, kMetaUnit, at);
     if (!r.is_ok()) {
@@ -750,32 +753,48 @@ Status MetadataStore::checkpoint(const RemapTable& table, bool clean) {
 
 Status MetadataStore::append(const std::vector<Record>& records, const RemapTable& table,
                              bool flush_last) {
-  if (records.empty()) return Status::ok();
-  const uint64_t units = (records.size() + kRecordsPerUnit - 1) / kRecordsPerUnit;
-  if (units > sb_.journal_units()) {
+  return append_groups({records}, table, flush_last);
+}
+
+Status MetadataStore::append_groups(const std::vector<std::vector<Record>>& groups,
+                                    const RemapTable& table, bool flush_last) {
+  // Units, each holding whole groups (a group larger than a unit alone
+  // fills as many as it needs): the records of one change (a slot's move
+  // and its old slot marked bad) are never split across units, of which
+  // a crash may keep only the first.
+  std::vector<std::vector<Record>> units;
+  for (const auto& g : groups) {
+    if (g.empty()) continue;
+    if (units.empty() || units.back().size() + g.size() > kRecordsPerUnit) units.emplace_back();
+    for (const Record& r : g) {
+      if (units.back().size() == kRecordsPerUnit) units.emplace_back();
+      units.back().push_back(r);
+    }
+  }
+  if (units.empty()) return Status::ok();
+  if (units.size() > sb_.journal_units()) {
     return Status::error(E2BIG, spare_->name() + ": too many records for one journal append");
   }
   if (failed_) return refused();
-  Status s = append_units(records, table, units, flush_last);
+  Status s = append_units(units, table, flush_last);
   if (!s.is_ok()) failed_ = true;
   return s;
 }
 
-Status MetadataStore::append_units(const std::vector<Record>& records, const RemapTable& table,
-                                   uint64_t units, bool flush_last) {
-  if (journal_next_ + units > sb_.journal_units()) {
+Status MetadataStore::append_units(const std::vector<std::vector<Record>>& units,
+                                   const RemapTable& table, bool flush_last) {
+  // Room for all of them first: a checkpoint between two of them would
+  // write a table without the first.
+  if (journal_next_ + units.size() > sb_.journal_units()) {
     if (auto s = checkpoint(table, false); !s.is_ok()) return s;
   }
   MetaBuffer buf(kMetaUnit);
-  for (uint64_t u = 0; u < units; ++u) {
+  for (size_t u = 0; u < units.size(); ++u) {
     JournalUnit unit;
     unit.epoch = sb_.epoch;
     unit.sequence = journal_next_;
     unit.uuid = sb_.uuid;
-    const size_t from = u * kRecordsPerUnit;
-    const size_t to = std::min(records.size(), from + kRecordsPerUnit);
-    unit.records.assign(records.begin() + static_cast<ptrdiff_t>(from),
-                        records.begin() + static_cast<ptrdiff_t>(to));
+    unit.records = units[u];
     unit.encode(buf.data);
     // Both copies. One that refuses the write (a bad sector) leaves the
     // journal with one good copy of this unit: a loud warning, not a
@@ -795,16 +814,18 @@ Status MetadataStore::append_units(const std::vector<Record>& records, const Rem
     }
     // One flush per unit: a later unit is never durable before an earlier
     // one, so replay can tell a crash (the journal just ends) from a lost
-    // unit in the middle (refused). Records are independent, so a partly
+    // unit in the middle (refused). Groups are independent, so a partly
     // durable append that was never acknowledged is harmless. The last
     // unit's flush may be the caller's.
-    if (u + 1 < units || flush_last) {
+    if (u + 1 < units.size() || flush_last) {
       if (auto s = spare_->flush(); !s.is_ok()) return s;
     }
     ++journal_next_;
   }
   return Status::ok();
 }
+
+void MetadataStore::refuse_from_now() { failed_ = true; }
 
 Result<bool> spare_is_blank(BlockDevice& spare,
                             const std::function<void(uint64_t, uint64_t)>& progress) {

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 
 namespace dmremap {
@@ -28,6 +29,8 @@ class NbdDevice::Lease {
   Lease(const Lease&) = delete;
   Lease& operator=(const Lease&) = delete;
   nbd_handle* get() const { return h_; }
+  // The handle itself, for calls that may replace it (discard()).
+  nbd_handle*& handle() { return h_; }
 
  private:
   NbdDevice& dev_;
@@ -153,8 +156,8 @@ void NbdDevice::revive(nbd_handle*& h) {
     return;
   }
   // Before the new connection can carry a flush: it cannot vouch for what
-  // the old one acknowledged.
-  forfeit_unflushed();
+  // the old one acknowledged (unless this device cut it, see keeps_writes).
+  if (!keeps_writes(h)) forfeit_unflushed();
   nbd_close(h);
   {
     std::lock_guard l(mu_);
@@ -190,7 +193,7 @@ Status NbdDevice::reconnect() {
       } else {
         // Writes the old connection acknowledged may have died with the
         // server's cache: no later flush may vouch for them.
-        forfeit_unflushed();
+        if (!keeps_writes(h)) forfeit_unflushed();
         nbd_close(h);
         h = fresh.value();
         std::lock_guard l(mu_);
@@ -230,10 +233,11 @@ Status NbdDevice::failure(nbd_handle* h, const char* what, uint64_t offset) cons
   return Status::error(data_errno(err), where(what, offset) + (msg ? std::string(": ") + msg : ""));
 }
 
-int NbdDevice::complete(nbd_handle* h, int64_t cookie) {
+int NbdDevice::complete(nbd_handle*& h, int64_t cookie) {
   if (cookie == -1) return -1;
   const bool bounded = timeout_.count() > 0;
   const auto until = std::chrono::steady_clock::now() + timeout_;
+  bool timed_out = false;
   while (true) {
     const int done = nbd_aio_command_completed(h, cookie);
     if (done == 1) return 0;
@@ -243,27 +247,69 @@ int NbdDevice::complete(nbd_handle* h, int64_t cookie) {
       const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
                             until - std::chrono::steady_clock::now())
                             .count();
-      if (left <= 0) break;
+      if (left <= 0) {
+        timed_out = true;
+        break;
+      }
       wait = static_cast<int>(std::min<int64_t>(left, 60000));
     }
     if (nbd_poll(h, wait) == -1) {
-      // The connection failed under the command: it is retired with an
-      // error, which the next turn reads.
+      if (nbd_get_errno() == EINTR) continue;  // a signal, not the connection
+      // The connection failed under the command: libnbd retires it with
+      // an error, which the next turn reads.
       if (nbd_aio_command_completed(h, cookie) != 0) continue;
-      return -1;
+      break;
     }
   }
-  // Past the deadline: the server (or the disk under it) is stuck on this
-  // request. Its connection is cut, so that libnbd retires the command and
-  // lets go of the buffer; the next request on it reconnects.
-  if (const int fd = nbd_aio_get_fd(h); fd >= 0) ::shutdown(fd, SHUT_RDWR);
-  for (int turn = 0; turn < 100; ++turn) {
-    if (nbd_aio_command_completed(h, cookie) != 0) break;
-    if (nbd_poll(h, 100) == -1 && nbd_aio_is_dead(h) == 1) {
-      if (nbd_aio_command_completed(h, cookie) != 0) break;
+  if (timed_out) {
+    // The server (or the disk under it) is stuck on this request. Its
+    // connection is cut, so that libnbd retires the command and lets go
+    // of the buffer; the next request on it reconnects.
+    {
+      std::lock_guard l(mu_);
+      cut_.push_back(h);
+    }
+    if (const int fd = nbd_aio_get_fd(h); fd >= 0) ::shutdown(fd, SHUT_RDWR);
+    for (int turn = 0; turn < 50; ++turn) {
+      if (nbd_aio_command_completed(h, cookie) != 0) return -2;
+      if (nbd_poll(h, 100) == -1 && nbd_get_errno() != EINTR &&
+          nbd_aio_command_completed(h, cookie) != 0) {
+        return -2;
+      }
     }
   }
-  return -2;
+  // The command is still not retired: libnbd may yet write into (or read
+  // from) the caller's buffer. Closing the handle is the only way to make
+  // it let go before the caller reuses that memory; an unconnected handle
+  // takes its place, to be connected by the next request that gets it.
+  discard(h);
+  return timed_out ? -2 : -1;
+}
+
+void NbdDevice::discard(nbd_handle*& h) {
+  nbd_handle* fresh = nbd_create();
+  if (fresh == nullptr) std::abort();  // out of memory for a few hundred bytes
+  if (!keeps_writes(h)) forfeit_unflushed();
+  nbd_close(h);
+  std::lock_guard l(mu_);
+  *std::find(all_.begin(), all_.end(), h) = fresh;
+  h = fresh;
+}
+
+bool NbdDevice::keeps_writes(nbd_handle* h) {
+  // A connection this device cut itself (a request timed out) leaves the
+  // server's cache as it was: with multi-conn, a later flush on any
+  // connection covers what this one completed, as long as the same server
+  // is still there, which a connection still up proves. Otherwise the
+  // writes it acknowledged cannot be vouched for.
+  std::lock_guard l(mu_);
+  const auto it = std::find(cut_.begin(), cut_.end(), h);
+  if (it == cut_.end()) return false;
+  cut_.erase(it);
+  if (!multi_conn_) return false;
+  return std::any_of(all_.begin(), all_.end(), [&](nbd_handle* other) {
+    return other != h && (nbd_aio_is_ready(other) == 1 || nbd_aio_is_processing(other) == 1);
+  });
 }
 
 Status NbdDevice::outcome(nbd_handle* h, int r, const char* what, uint64_t offset) const {
@@ -282,7 +328,7 @@ Status NbdDevice::chunked(const char* what, size_t len, uint64_t offset, F&& sta
   size_t done = 0;
   while (done < len) {
     const size_t n = std::min<uint64_t>(len - done, max_request_);
-    const int r = complete(lease.get(), start(lease.get(), done, n, offset + done));
+    const int r = complete(lease.handle(), start(lease.get(), done, n, offset + done));
     if (r != 0) return outcome(lease.get(), r, what, offset + done);
     done += n;
   }
@@ -306,15 +352,16 @@ Status NbdDevice::do_write(const void* buf, size_t len, uint64_t offset) {
 Status NbdDevice::do_flush() {
   if (multi_conn_) {
     Lease lease(*this);
-    return outcome(lease.get(), complete(lease.get(), nbd_aio_flush(lease.get(), NBD_NULL_COMPLETION, 0)),
-                   "flush", 0);
+    const int r = complete(lease.handle(), nbd_aio_flush(lease.get(), NBD_NULL_COMPLETION, 0));
+    return outcome(lease.get(), r, "flush", 0);
   }
   // Without multi-conn a flush covers only its own connection's writes, so
   // every connection is flushed.
   for (size_t i = 0; i < all_.size(); ++i) {
     // A connection busy with a request is flushed once it is free.
     nbd_handle* h = take(i);
-    Status s = outcome(h, complete(h, nbd_aio_flush(h, NBD_NULL_COMPLETION, 0)), "flush", 0);
+    const int r = complete(h, nbd_aio_flush(h, NBD_NULL_COMPLETION, 0));
+    Status s = outcome(h, r, "flush", 0);
     release(h);
     if (!s.is_ok()) return s;
   }

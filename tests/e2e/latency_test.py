@@ -13,7 +13,7 @@ import unittest
 
 import nbd
 
-from nbd_harness import BLOCK, DemoSet, Tools, pattern
+from nbd_harness import BLOCK, DemoSet, NbdkitBackend, Tools, pattern
 
 TOOLS = Tools()
 
@@ -27,6 +27,27 @@ try:
     print("ok")
 except nbd.Error as e:
     print(e.errno)
+"""
+
+
+# A main whose block 50 never answers a read, nor block 60 a write (a disk
+# hung on a sector, a server stuck behind it): they sleep far longer than
+# any test runs.
+STALL_SCRIPT = r"""#!/usr/bin/env bash
+img=@IMG@
+case "$1" in
+  get_size) stat -c %s "$img" ;;
+  can_write|can_flush|can_multi_conn) exit 0 ;;
+  thread_model) echo parallel ;;
+  pread)
+    if [ $(($4 / 4096)) -le 50 ] && [ $((($4 + $3 - 1) / 4096)) -ge 50 ]; then sleep 600; fi
+    dd if="$img" skip="$4" count="$3" iflag=skip_bytes,count_bytes status=none ;;
+  pwrite)
+    if [ $(($4 / 4096)) -le 60 ] && [ $((($4 + $3 - 1) / 4096)) -ge 60 ]; then sleep 600; fi
+    dd of="$img" seek="$4" oflag=seek_bytes conv=notrunc status=none ;;
+  flush) exit 0 ;;
+  *) exit 2 ;;
+esac
 """
 
 
@@ -68,6 +89,39 @@ class LatencyTest(unittest.TestCase):
         self.assertEqual(st["pending"], 1)
         self.assertEqual(st["errors"]["main_read"], 4)  # retries=3: four reads in all
         h.shutdown()
+
+    def test_a_main_that_never_answers_is_a_failure_not_a_hang(self):
+        s = self.s
+        script = os.path.join(s.dir, "stall.sh")
+        with open(script, "w") as f:
+            f.write(STALL_SCRIPT.replace("@IMG@", s.main))
+        os.chmod(script, 0o755)
+        backend = NbdkitBackend(s.dir, "stall", ["sh", script])
+        self.addCleanup(backend.kill)
+        s.main = backend.uri
+        # io-timeout=1: each read of block 50 fails after a second (its
+        # connection is cut and made again); retries=1: two reads, then the
+        # probe finds main alive elsewhere and the block is pending.
+        s.start("io-timeout=1", "retries=1", s.control_param())
+        h = s.connect()
+        h.pwrite(pattern(7), 7 * BLOCK)
+        with self.assertRaises(nbd.Error):
+            h.pread(BLOCK, 50 * BLOCK)
+        # Main still serves everything else, on new connections.
+        self.assertEqual(h.pread(BLOCK, 7 * BLOCK), pattern(7))
+        # A write that hangs may still land later, over anything written
+        # to main meanwhile: the block is remapped instead, and the write
+        # succeeds.
+        h.pwrite(pattern(60), 60 * BLOCK)
+        self.assertEqual(h.pread(BLOCK, 60 * BLOCK), pattern(60))
+        h.flush()
+        st = s.live_status()
+        self.assertEqual(st["main"]["state"], "online")
+        self.assertEqual(st["pending"], 1)
+        self.assertEqual(st["remaps"], 1)
+        h.shutdown()
+        # And the frontend stops: nothing is left waiting on main.
+        self.assertEqual(s.stop(), 0)
 
     def test_a_burst_of_write_errors_commits_in_groups_and_loses_nothing(self):
         s = self.s

@@ -240,13 +240,13 @@ class Engine {
   struct ReadFindings {
     struct Failed {
       uint64_t block;
-      unsigned attempts;
+      unsigned attempts;  // reads that included it so far
+      int64_t spent_ms;   // and the time they took
     };
     std::vector<Failed> failed;
     std::vector<uint64_t> unreadable;
     std::vector<uint64_t> bad_slot_reads;
     uint64_t offline_from = UINT64_MAX;
-    int64_t first_failure_ms = 0;
   };
   // The fast path of a read: no lock is held while devices are read.
   void read_fast(char* buf, uint64_t len, uint64_t offset, ReadFindings& f);
@@ -254,7 +254,7 @@ class Engine {
   // one (clipped to the request) to name the blocks that fail; each of
   // those reads counts as an attempt.
   void read_main_narrowing(char* buf, uint64_t req_off, uint64_t req_len, uint64_t first,
-                           uint64_t last, ReadFindings& f);
+                           uint64_t last, int64_t range_ms, ReadFindings& f);
   // Each failed block, claimed in turn: retries, rescues and pending marks.
   void recover_reads(char* buf, uint64_t len, uint64_t offset, ReadFindings& f);
   // The read's result from its findings.
@@ -285,16 +285,20 @@ class Engine {
   void stop_watch();
   // Flushes one device; a failure with writes outstanding is sticky.
   Status flush_device(BlockDevice& dev);
+  // FLUSH's work, also a FUA request's own flush (inside its admission).
+  Status flush_both();
   // The lease's heartbeat thread (spares that cannot be locked).
   void start_lease();
   void stop_lease();
   void lease_loop();
   // With `block` claimed: its whole current data, or EIO. Retries main
-  // (`attempts` reads were made already, the first at `since_ms`) within
+  // (`attempts` reads of it were made already, taking `spent_ms`) within
   // the budget; rescues a weak block, marks a dead one pending.
-  Status read_block_claimed(uint64_t block, char* out, unsigned attempts, int64_t since_ms);
+  Status read_block_claimed(uint64_t block, char* out, unsigned attempts, int64_t spent_ms);
   // With `block` claimed: writes the whole block wherever it belongs.
-  Status write_block_claimed(uint64_t block, const char* data);
+  // `suspect`: a write to it timed out and may still land, so it is not
+  // written where it is again but moved (remapped, or to a new slot).
+  Status write_block_claimed(uint64_t block, const char* data, bool suspect = false);
   // With `block` claimed: data to a fresh slot, then a group commit (the
   // slot's header, a flush, the journal record, then visible). Bad slots
   // are journaled and skipped. `abandoned_slot`: the block's old slot,
@@ -340,6 +344,9 @@ class Engine {
   // Writes on their way to each block, counted in a table of kInflight
   // counters (block modulo its size), so that a claim can wait for them.
   static constexpr size_t kInflight = size_t{1} << 16;
+  // The fast path of a large write or trim goes in chunks of this many
+  // blocks, each counted only for its own I/O.
+  static constexpr uint64_t kFastChunk = 1024;
   void count_writes(uint64_t first, uint64_t last, int delta);
   // Claimed blocks in [first, last), sorted; empty at once when none is.
   std::vector<uint64_t> claimed_in(uint64_t first, uint64_t last);
@@ -370,7 +377,11 @@ class Engine {
   // Slot allocation: the next slot never handed out, and slots given back
   // (sorted). Guarded by commit_mu_.
   uint64_t next_alloc_ = 0;
+  uint64_t committed_next_slot_ = 0;  // the table's next_slot after the last round
   std::vector<uint64_t> free_slots_;
+  // Slots whose data write timed out: it may land later, so they are
+  // recorded bad with the next round. Guarded by commit_mu_.
+  std::vector<uint64_t> slots_to_retire_;
   std::atomic<int64_t> active_{0};
   std::atomic<int> commit_waiters_{0};
   std::atomic<bool> closing_{false};

@@ -14,6 +14,12 @@
 
 namespace dmremap {
 
+// Slots a writer may hand out past the table's next_slot before their
+// remaps are committed (a group commit's slots): a writable open clears the
+// headers of that many slots from next_slot on, so that a rebuild never
+// takes the header of a remap that did not commit.
+inline constexpr uint64_t kSlotsAhead = 8 * 63;
+
 // What open() found, for `dmremap check` and the logs.
 struct OpenReport {
   int superblock_copy = -1;          // which copy won (0 or 1)
@@ -84,6 +90,15 @@ class MetadataStore {
   // records must not be relied on.
   Status append(const std::vector<Record>& records, const RemapTable& table,
                 bool flush_last = true);
+  // The same for several independent changes at once (a group commit):
+  // each group's records go in one unit (one larger than a unit fills
+  // units of its own), so a crash keeps a group whole or not at all.
+  Status append_groups(const std::vector<std::vector<Record>>& groups, const RemapTable& table,
+                       bool flush_last = true);
+  // After a write of the caller's failed (its flush of an append): what is
+  // on the spare is no longer known, so nothing more is written, as after
+  // a failed append.
+  void refuse_from_now();
   // The lease on a spare that cannot be locked (an NBD export), in the way
   // of ext4's multi-mount protection: the owner rewrites the superblock
   // every few seconds (a new generation, nothing else changes), and stops
@@ -136,8 +151,8 @@ class MetadataStore {
   Status checkpoint_now(const RemapTable& table, bool clean);
   // Writes the checkpoint of `epoch` to every copy of `area`.
   Status write_checkpoint_area(uint32_t area, const RemapTable& table, uint64_t epoch);
-  Status append_units(const std::vector<Record>& records, const RemapTable& table,
-                      uint64_t units, bool flush_last);
+  Status append_units(const std::vector<std::vector<Record>>& units, const RemapTable& table,
+                      bool flush_last);
   Status refused() const;
 
   std::shared_ptr<BlockDevice> spare_;

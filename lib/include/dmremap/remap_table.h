@@ -24,6 +24,7 @@ struct Record {
   Cause cause;     // kRemap only
   uint64_t block;  // kRemap, kPending
   uint64_t slot;   // kRemap, kBadSlot
+  bool operator==(const Record&) const = default;
 };
 
 // A sorted map from block number to its state, plus the list of bad slots and

@@ -7,6 +7,8 @@
 #include <mutex>
 #include <shared_mutex>
 
+#include <boost/container/small_vector.hpp>
+
 #include "dmremap/log.h"
 
 namespace dmremap {
@@ -422,8 +424,12 @@ struct Piece {
   static constexpr uint64_t kMain = ~uint64_t{0} - 1;
 };
 
+// Most requests are one piece (no remap in their range): kept inline, so
+// the fast path does not allocate.
+using Pieces = boost::container::small_vector<Piece, 8>;
+
 template <class Table>
-void plan_pieces(const Table& table, uint64_t first, uint64_t last, std::vector<Piece>& out) {
+void plan_pieces(const Table& table, uint64_t first, uint64_t last, Pieces& out) {
   uint64_t cursor = first;
   table.for_range(first, last, [&](const RemapTable::Entry& e) {
     if (cursor < e.block) out.push_back(Piece{cursor, e.block, Piece::kMain});
@@ -441,7 +447,7 @@ void Engine::read_fast(char* buf, uint64_t len, uint64_t offset, ReadFindings& f
   auto clip = [&](uint64_t a, uint64_t b) {
     return std::pair{std::max(offset, a * block_), std::min(offset + len, b * block_)};
   };
-  std::vector<Piece> pieces;
+  Pieces pieces;
   {
     SharedGuard g(gate_);
     plan_pieces(table_, first, end, pieces);
@@ -817,7 +823,7 @@ Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offse
       count_writes(b, b + 1, -1);
       slow.push_back(b);
     }
-    std::vector<Piece> pieces;
+    Pieces pieces;
     {
       SharedGuard g(gate_);
       plan_pieces(table_, chunk, chunk_end, pieces);
@@ -1300,7 +1306,7 @@ Status Engine::trim(uint64_t len, uint64_t offset, bool fua) {
     count_writes(chunk, chunk_end, +1);
     const std::vector<uint64_t> claimed = claimed_in(chunk, chunk_end);
     for (uint64_t b : claimed) count_writes(b, b + 1, -1);
-    std::vector<Piece> pieces;
+    Pieces pieces;
     {
       SharedGuard g(gate_);
       plan_pieces(table_, chunk, chunk_end, pieces);
@@ -1376,7 +1382,7 @@ Status Engine::extents(uint64_t len, uint64_t offset,
   if (len == 0) return Status::ok();
   const uint64_t first = offset / block_;
   const uint64_t last = (offset + len + block_ - 1) / block_;
-  std::vector<Piece> pieces;
+  Pieces pieces;
   {
     SharedGuard g(gate_);
     plan_pieces(table_, first, last, pieces);

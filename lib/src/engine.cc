@@ -585,7 +585,9 @@ Status Engine::read_block_claimed(uint64_t block, char* out, unsigned attempts,
     // the time those reads took (not the time spent waiting for a claim or
     // on other blocks). A block not yet tried is always read once.
     if (done > 0 && done >= allowed) break;
-    if (done > 0 && spent_ms >= options_.retry_time.count()) {
+    // At least one retry whatever the time: a first read that timed out
+    // (io-timeout) may be one stall of a healthy block.
+    if (done > 1 && spent_ms >= options_.retry_time.count()) {
       over_time = true;
       break;
     }
@@ -969,7 +971,9 @@ std::optional<uint64_t> Engine::allocate_slot(std::optional<uint64_t> above) {
   // No more than kSlotsAhead slots in flight past the committed ones: a
   // writable open clears only that many slots' headers after a crash.
   commit_cv_.wait(l, [&] {
-    return !free_slots_.empty() || next_alloc_ < committed_next_slot_ + kSlotsAhead;
+    const bool usable_free = std::any_of(free_slots_.begin(), free_slots_.end(),
+                                         [&](uint64_t f) { return !above || f > *above; });
+    return usable_free || next_alloc_ < committed_next_slot_ + kSlotsAhead;
   });
   // A slot given back is taken again only above the block's current slot:
   // each block's slots then only ever rise, which is what a rebuild from
@@ -987,9 +991,12 @@ std::optional<uint64_t> Engine::allocate_slot(std::optional<uint64_t> above) {
 }
 
 void Engine::give_back_slots(const std::vector<uint64_t>& slots) {
-  std::lock_guard l(commit_mu_);
-  free_slots_.insert(free_slots_.end(), slots.begin(), slots.end());
-  std::sort(free_slots_.begin(), free_slots_.end());
+  {
+    std::lock_guard l(commit_mu_);
+    free_slots_.insert(free_slots_.end(), slots.begin(), slots.end());
+    std::sort(free_slots_.begin(), free_slots_.end());
+  }
+  commit_cv_.notify_all();  // allocate_slot may wait for one
 }
 
 Status Engine::commit_remap(uint64_t block, const char* data, Cause cause,
@@ -1567,22 +1574,27 @@ Status Engine::close(std::optional<std::chrono::milliseconds> wait) {
         // seconds (in a thread of its own: a stuck device would hold it).
         closed_.store(true);
         l.unlock();
+        // Each device in a thread of its own: one stuck does not keep the
+        // other from being flushed. The engine must outlive them (as it
+        // must outlive the stuck requests): a frontend exits without
+        // destroying it.
         struct Flushed {
           std::mutex mu;
           std::condition_variable cv;
-          bool done = false;
+          int done = 0;
         };
         auto flushed = std::make_shared<Flushed>();
-        std::thread([this, flushed] {
-          (void)flush_device(*main_);
-          (void)flush_device(*spare_);
-          std::lock_guard g(flushed->mu);
-          flushed->done = true;
-          flushed->cv.notify_all();
-        }).detach();
+        for (BlockDevice* dev : {main_.get(), spare_.get()}) {
+          std::thread([this, dev, flushed] {
+            (void)flush_device(*dev);
+            std::lock_guard g(flushed->mu);
+            ++flushed->done;
+            flushed->cv.notify_all();
+          }).detach();
+        }
         {
           std::unique_lock g(flushed->mu);
-          flushed->cv.wait_for(g, std::chrono::seconds(5), [&] { return flushed->done; });
+          flushed->cv.wait_for(g, std::chrono::seconds(5), [&] { return flushed->done == 2; });
         }
         return Status::error(EBUSY, std::to_string(active_.load()) +
                                         " request(s) still running: the spare is left as after "

@@ -156,13 +156,13 @@ void NbdDevice::revive(nbd_handle*& h) {
     return;
   }
   // Before the new connection can carry a flush: it cannot vouch for what
-  // the old one acknowledged (unless this device cut it, see keeps_writes).
-  if (!keeps_writes(h)) forfeit_unflushed();
-  nbd_close(h);
+  // the old one acknowledged (a placeholder acknowledged nothing).
+  if (!is_placeholder(h)) forfeit_unflushed();
   {
     std::lock_guard l(mu_);
     *std::find(all_.begin(), all_.end(), h) = fresh.value();
   }
+  nbd_close(h);
   h = fresh.value();
 }
 
@@ -193,7 +193,7 @@ Status NbdDevice::reconnect() {
       } else {
         // Writes the old connection acknowledged may have died with the
         // server's cache: no later flush may vouch for them.
-        if (!keeps_writes(h)) forfeit_unflushed();
+        if (!is_placeholder(h)) forfeit_unflushed();
         nbd_close(h);
         h = fresh.value();
         std::lock_guard l(mu_);
@@ -264,11 +264,8 @@ int NbdDevice::complete(nbd_handle*& h, int64_t cookie) {
   if (timed_out) {
     // The server (or the disk under it) is stuck on this request. Its
     // connection is cut, so that libnbd retires the command and lets go
-    // of the buffer; the next request on it reconnects.
-    {
-      std::lock_guard l(mu_);
-      cut_.push_back(h);
-    }
+    // of the buffer; the next request on it reconnects (and, as after any
+    // reconnect, forfeits the writes not yet flushed: see BlockDevice).
     if (const int fd = nbd_aio_get_fd(h); fd >= 0) ::shutdown(fd, SHUT_RDWR);
     for (int turn = 0; turn < 50; ++turn) {
       if (nbd_aio_command_completed(h, cookie) != 0) return -2;
@@ -283,33 +280,30 @@ int NbdDevice::complete(nbd_handle*& h, int64_t cookie) {
   // it let go before the caller reuses that memory; an unconnected handle
   // takes its place, to be connected by the next request that gets it.
   discard(h);
-  return timed_out ? -2 : -1;
+  return timed_out ? -2 : -3;
 }
 
 void NbdDevice::discard(nbd_handle*& h) {
   nbd_handle* fresh = nbd_create();
   if (fresh == nullptr) std::abort();  // out of memory for a few hundred bytes
-  if (!keeps_writes(h)) forfeit_unflushed();
+  // What the old connection acknowledged may be lost with it.
+  forfeit_unflushed();
+  {
+    // In its place before the old one is freed.
+    std::lock_guard l(mu_);
+    *std::find(all_.begin(), all_.end(), h) = fresh;
+    placeholders_.push_back(fresh);
+  }
   nbd_close(h);
-  std::lock_guard l(mu_);
-  *std::find(all_.begin(), all_.end(), h) = fresh;
   h = fresh;
 }
 
-bool NbdDevice::keeps_writes(nbd_handle* h) {
-  // A connection this device cut itself (a request timed out) leaves the
-  // server's cache as it was: with multi-conn, a later flush on any
-  // connection covers what this one completed, as long as the same server
-  // is still there, which a connection still up proves. Otherwise the
-  // writes it acknowledged cannot be vouched for.
+bool NbdDevice::is_placeholder(nbd_handle* h) {
   std::lock_guard l(mu_);
-  const auto it = std::find(cut_.begin(), cut_.end(), h);
-  if (it == cut_.end()) return false;
-  cut_.erase(it);
-  if (!multi_conn_) return false;
-  return std::any_of(all_.begin(), all_.end(), [&](nbd_handle* other) {
-    return other != h && (nbd_aio_is_ready(other) == 1 || nbd_aio_is_processing(other) == 1);
-  });
+  const auto it = std::find(placeholders_.begin(), placeholders_.end(), h);
+  if (it == placeholders_.end()) return false;
+  placeholders_.erase(it);
+  return true;
 }
 
 Status NbdDevice::outcome(nbd_handle* h, int r, const char* what, uint64_t offset) const {
@@ -318,6 +312,10 @@ Status NbdDevice::outcome(nbd_handle* h, int r, const char* what, uint64_t offse
     return Status::error(ETIMEDOUT, where(what, offset) + ": no answer within " +
                                         std::to_string(timeout_.count() / 1000) +
                                         " s (io-timeout); the connection was cut");
+  }
+  if (r == -3) {
+    return Status::error(ENOTCONN, where(what, offset) +
+                                       ": the connection failed under the request");
   }
   return failure(h, what, offset);
 }

@@ -100,11 +100,15 @@ class LatencyTest(unittest.TestCase):
         self.addCleanup(backend.kill)
         s.main = backend.uri
         # io-timeout=1: each read of block 50 fails after a second (its
-        # connection is cut and made again); retries=1: two reads, then the
-        # probe finds main alive elsewhere and the block is pending.
+        # connection is cut and made again); retries=1: two reads (at least
+        # one retry, whatever retry-time), then the probe finds main alive
+        # elsewhere and the block is pending.
         s.start("io-timeout=1", "retries=1", s.control_param())
         h = s.connect()
         h.pwrite(pattern(7), 7 * BLOCK)
+        # Flushed first: a connection cut with writes not yet flushed
+        # forfeits them (FLUSH then fails until restart, see design.md).
+        h.flush()
         with self.assertRaises(nbd.Error):
             h.pread(BLOCK, 50 * BLOCK)
         # Main still serves everything else, on new connections.

@@ -60,15 +60,16 @@ class NbdDevice final : public BlockDevice {
   void release(nbd_handle* h);
   Status failure(nbd_handle* h, const char* what, uint64_t offset) const;
   // Waits for command `cookie` on `h`: 0 done, -1 failed (libnbd's error),
-  // -2 no answer within the timeout (the connection is then cut). On
-  // return libnbd holds no reference to the command's buffer: if it could
-  // not be made to retire the command, `h` was closed and replaced.
+  // -2 no answer within the timeout (the connection is then cut), -3 the
+  // connection failed and the command could not be retired. On return
+  // libnbd holds no reference to the command's buffer: if it could not be
+  // made to retire the command, `h` was closed and replaced.
   int complete(nbd_handle*& h, int64_t cookie);
-  // Closes `h` and puts an unconnected handle in its place.
+  // Closes `h` (forfeiting unflushed writes) and puts an unconnected
+  // placeholder in its place.
   void discard(nbd_handle*& h);
-  // True when the writes `h` completed are still the server's to flush
-  // (see nbd_device.cc); forgets that `h` was cut.
-  bool keeps_writes(nbd_handle* h);
+  // True (once) when `h` is such a placeholder: it acknowledged nothing.
+  bool is_placeholder(nbd_handle* h);
   Status outcome(nbd_handle* h, int r, const char* what, uint64_t offset) const;
   template <class F>
   Status chunked(const char* what, size_t len, uint64_t offset, F&& start);
@@ -85,8 +86,8 @@ class NbdDevice final : public BlockDevice {
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<nbd_handle*> idle_;
-  // Connections cut because a request timed out (guarded by mu_).
-  std::vector<nbd_handle*> cut_;
+  // Unconnected handles put in place of discarded ones (guarded by mu_).
+  std::vector<nbd_handle*> placeholders_;
   std::atomic<int64_t> last_failed_revive_ms_{-1000000};
   static constexpr int kReconnectDeadlineMs = 3000;
 };

@@ -137,7 +137,8 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   double retry_seconds = 30;
   app.add_option("--retry-time", retry_seconds,
-                 "Seconds after a block's first failed read when no new attempt starts")
+                 "Seconds of a failing block's own reads after which no new attempt starts "
+                 "(one retry is always made)")
       ->check(CLI::Range(0.0, 86400.0))
       ->capture_default_str();
   double io_timeout_seconds = 30;
@@ -156,7 +157,8 @@ int main(int argc, char** argv) {
                  "Testing only: faults on the spare (512-byte units), and flush:MS, a slow flush");
   app.add_option("--threads", threads,
                  "Requests run at once per client: a connection uses one thread while the "
-                 "disk keeps up, and up to this many when requests get stuck on a slow disk")
+                 "disk keeps up, and up to this many when requests get stuck on a slow disk "
+                 "or wait for a group commit of remaps")
       ->check(CLI::Range(1u, 1024u))
       ->capture_default_str();
   bool stdio = false;

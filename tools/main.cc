@@ -128,7 +128,7 @@ int main(int argc, char** argv) {
   remap->add_option("--retries", ro.retries, "Extra reads of a failing block")
       ->capture_default_str();
   remap->add_option("--retry-time", ro.retry_seconds,
-                    "Seconds after a block's first failed read when no new attempt starts")
+                    "Seconds of a failing block's own reads after which no new attempt starts")
       ->check(CLI::Range(0.0, 86400.0))
       ->capture_default_str();
   remap->callback([&] {

@@ -256,6 +256,9 @@ Engine::Engine(std::shared_ptr<BlockDevice> main, std::shared_ptr<BlockDevice> s
       options_(options),
       size_(store_->superblock().main_size),
       block_(store_->superblock().block_size),
+      slot_base_(store_->superblock().slot_offset),
+      slot_count_(store_->superblock().slot_count),
+      pending_capacity_(store_->superblock().pending_capacity),
       rng_(static_cast<std::minstd_rand::result_type>(
           options.probe_seed != 0 ? options.probe_seed : std::random_device{}())),
       counters_(std::make_unique<Counters>()) {
@@ -305,7 +308,7 @@ void Engine::lease_loop() {
 }
 
 uint64_t Engine::slot_offset(uint64_t slot) const {
-  return store_->superblock().slot_offset + slot * block_;
+  return slot_base_ + slot * block_;
 }
 
 Status Engine::refuse_if_unusable() const {
@@ -986,7 +989,7 @@ std::optional<uint64_t> Engine::allocate_slot(std::optional<uint64_t> above) {
       return slot;
     }
   }
-  if (next_alloc_ >= store_->superblock().slot_count) return std::nullopt;
+  if (next_alloc_ >= slot_count_) return std::nullopt;
   return next_alloc_++;
 }
 
@@ -1028,7 +1031,7 @@ Status Engine::commit_remap(uint64_t block, const char* data, Cause cause,
                                 " cannot be remapped");
       return Status::error(ENOSPC, "no free slot on " + spare_->name() + " for " +
                                        block_name(block, block_) + ": all " +
-                                       std::to_string(store_->superblock().slot_count) +
+                                       std::to_string(slot_count_) +
                                        " slots are used");
     }
     slot = *got;
@@ -1139,7 +1142,7 @@ void Engine::commit_round(std::vector<Commit*>& carried, std::vector<Commit*>& b
                        [](const Record& r) { return r.type == Record::kPending; });
   };
   // Pending marks beyond the list's room are refused one by one.
-  uint64_t pending_room = store_->superblock().pending_capacity - table_.pending();
+  uint64_t pending_room = pending_capacity_ - table_.pending();
   std::vector<std::vector<Record>> groups;
   size_t record_count = 0;
   {
@@ -1555,7 +1558,12 @@ EngineStats Engine::stats() {
   }
   s.metadata_degraded = store_->degraded();
   SharedGuard g(gate_);
-  fill_table_stats(s, table_, store_->superblock(), options_.warn_percent);
+  // The geometry, which never changes: the superblock itself is rewritten
+  // by checkpoints and the lease while this runs.
+  Superblock geometry;
+  geometry.slot_count = slot_count_;
+  geometry.pending_capacity = pending_capacity_;
+  fill_table_stats(s, table_, geometry, options_.warn_percent);
   return s;
 }
 

@@ -152,6 +152,7 @@ class Engine {
   // True when write_zeroes() never falls back to writing buffers of zeros on
   // healthy blocks.
   bool can_fast_zero() const { return main_->can_fast_zero() && spare_->can_fast_zero(); }
+  // Not while requests run: checkpoints and the lease rewrite it.
   const Superblock& superblock() const { return store_->superblock(); }
 
   // Out of range: EINVAL. An unreadable block: EIO, with error_offset() the
@@ -361,6 +362,11 @@ class Engine {
   const EngineOptions options_;
   const uint64_t size_;
   const uint32_t block_;
+  // The spare's geometry, copied at open: the superblock is rewritten by
+  // checkpoints and the lease while requests run.
+  const uint64_t slot_base_;
+  const uint64_t slot_count_;
+  const uint64_t pending_capacity_;
   GateLock gate_;
   std::unique_ptr<std::atomic<uint32_t>[]> inflight_;
   std::mutex claim_mu_;

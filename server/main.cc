@@ -28,6 +28,11 @@
 
 namespace {
 
+// Seconds as given on the command line, as a duration.
+std::chrono::milliseconds to_ms(double seconds) {
+  return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+}
+
 namespace asio = boost::asio;
 using dmremap::server::ExportInfo;
 using dmremap::server::Session;
@@ -135,18 +140,18 @@ int main(int argc, char** argv) {
   app.add_option("--retries", set.engine.read_retries,
                  "Extra reads of a failing block before it is unreadable")
       ->capture_default_str();
+  // Durations are given in seconds (decimals allowed), up to a day.
+  auto seconds_option = [&](const char* option, double& value, const char* help) {
+    app.add_option(option, value, help)->check(CLI::Range(0.0, 86400.0))->capture_default_str();
+  };
   double retry_seconds = 30;
-  app.add_option("--retry-time", retry_seconds,
+  seconds_option("--retry-time", retry_seconds,
                  "Seconds of a failing block's own reads after which no new attempt starts "
-                 "(one retry is always made)")
-      ->check(CLI::Range(0.0, 86400.0))
-      ->capture_default_str();
+                 "(one retry is always made)");
   double io_timeout_seconds = 30;
-  app.add_option("--io-timeout", io_timeout_seconds,
+  seconds_option("--io-timeout", io_timeout_seconds,
                  "An NBD main or spare that does not answer a request within this many seconds "
-                 "has failed it (0: wait for ever)")
-      ->check(CLI::Range(0.0, 86400.0))
-      ->capture_default_str();
+                 "has failed it (0: wait for ever)");
   std::string unreadable = "error";
   app.add_option("--unreadable", unreadable, "error, or zero (salvage: unreadable blocks read as zeros, logged)")
       ->check(CLI::IsMember({"error", "zero"}))
@@ -186,8 +191,8 @@ int main(int argc, char** argv) {
   app.set_version_flag("-V,--version", "dmremap-server " DMREMAP_VERSION);
   CLI11_PARSE(app, argc, argv);
   set.engine.unreadable_zero = unreadable == "zero";
-  set.engine.retry_time = std::chrono::milliseconds(static_cast<int64_t>(retry_seconds * 1000));
-  set.io_timeout = std::chrono::milliseconds(static_cast<int64_t>(io_timeout_seconds * 1000));
+  set.engine.retry_time = to_ms(retry_seconds);
+  set.io_timeout = to_ms(io_timeout_seconds);
   (void)dmremap::parse_io_mode(io_mode, set.io);
   dmremap::set_log_debug(verbose);
   dmremap::set_log_sink([](dmremap::LogLevel level, const std::string& line) {
@@ -210,7 +215,7 @@ int main(int argc, char** argv) {
   info.min_block = info.engine->block_size();
   info.preferred_block = std::max<uint32_t>(info.engine->block_size(), 4096);
   info.handshake_timeout =
-      std::chrono::milliseconds(static_cast<int64_t>(handshake_seconds * 1000));
+      to_ms(handshake_seconds);
   const std::vector<int> passed = activation_fds();
   if (stdio && (!tcp.empty() || !unix_path.empty() || !passed.empty())) {
     std::fprintf(stderr, "dmremap-server: --stdio serves one client; it takes no --tcp or --unix\n");
@@ -329,7 +334,7 @@ int main(int argc, char** argv) {
     for (auto& a : tcp_acceptors) a->close();
     if (unix_acceptor) unix_acceptor->close();
     drain_deadline = std::chrono::steady_clock::now() +
-                     std::chrono::milliseconds(static_cast<int64_t>(drain_seconds * 1000));
+                     to_ms(drain_seconds);
     info.drain_all();
     poll_drained();
   });

@@ -85,6 +85,37 @@ class Engine::Claim {
   uint64_t block_;
 };
 
+// A chunk of a write or trim on its way to its blocks: counted (see Claim)
+// from before its lookup until it is destroyed, after its I/O. Blocks claimed
+// already (and those sharing a claimed block's counter) are not counted:
+// they are left to the slow path.
+class Engine::CountedChunk {
+ public:
+  CountedChunk(Engine& e, uint64_t first, uint64_t last) : e_(e), first_(first), last_(last) {
+    e_.count_writes(first_, last_, +1);
+    claimed_ = e_.claimed_in(first_, last_);
+    for (uint64_t b : claimed_) e_.count_writes(b, b + 1, -1);
+  }
+  ~CountedChunk() {
+    if (claimed_.empty()) {
+      e_.count_writes(first_, last_, -1);
+      return;
+    }
+    for (uint64_t b = first_; b < last_; ++b) {
+      if (!claimed(b)) e_.count_writes(b, b + 1, -1);
+    }
+  }
+  CountedChunk(const CountedChunk&) = delete;
+  CountedChunk& operator=(const CountedChunk&) = delete;
+  bool claimed(uint64_t b) const { return std::binary_search(claimed_.begin(), claimed_.end(), b); }
+  const std::vector<uint64_t>& claimed_blocks() const { return claimed_; }
+
+ private:
+  Engine& e_;
+  const uint64_t first_, last_;
+  std::vector<uint64_t> claimed_;  // sorted
+};
+
 // What a group commit writes for one request.
 struct Engine::Commit {
   std::vector<Record> records;
@@ -822,20 +853,14 @@ Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offse
     const uint64_t chunk_end = std::min(full_end, chunk + kFastChunk);
     // Counted before the lookup, so that a claim taken after it waits for
     // this write; blocks claimed already are left to the slow path.
-    count_writes(chunk, chunk_end, +1);
-    const std::vector<uint64_t> claimed = claimed_in(chunk, chunk_end);
-    for (uint64_t b : claimed) {
-      count_writes(b, b + 1, -1);
-      slow.push_back(b);
-    }
+    const CountedChunk counted(*this, chunk, chunk_end);
+    slow.insert(slow.end(), counted.claimed_blocks().begin(), counted.claimed_blocks().end());
     Pieces pieces;
     {
       SharedGuard g(gate_);
       plan_pieces(table_, chunk, chunk_end, pieces);
     }
-    auto is_claimed = [&](uint64_t b) {
-      return std::binary_search(claimed.begin(), claimed.end(), b);
-    };
+    auto is_claimed = [&](uint64_t b) { return counted.claimed(b); };
     auto to_main = [&](uint64_t a, uint64_t b) {
       if (main_down) return;
       if (!main_online()) {
@@ -881,9 +906,6 @@ Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offse
         slow.push_back(p.first);
         if (is_timeout(st)) suspect.push_back(p.first);
       }
-    }
-    for (uint64_t b = chunk; b < chunk_end; ++b) {
-      if (!is_claimed(b)) count_writes(b, b + 1, -1);
     }
   }
   if (main_down) return offline_error();
@@ -1313,9 +1335,7 @@ Status Engine::trim(uint64_t len, uint64_t offset, bool fua) {
     // Counted as a write: a claimed block (a rescue reading it) is left
     // alone. Only whole unmapped blocks reach main; remapped and pending
     // blocks keep their state, so a trim never exposes stale main data.
-    count_writes(chunk, chunk_end, +1);
-    const std::vector<uint64_t> claimed = claimed_in(chunk, chunk_end);
-    for (uint64_t b : claimed) count_writes(b, b + 1, -1);
+    const CountedChunk counted(*this, chunk, chunk_end);
     Pieces pieces;
     {
       SharedGuard g(gate_);
@@ -1331,15 +1351,12 @@ Status Engine::trim(uint64_t len, uint64_t offset, bool fua) {
     for (const Piece& p : pieces) {
       if (p.value != Piece::kMain) continue;
       uint64_t a = p.first;
-      for (uint64_t b : claimed) {
+      for (uint64_t b : counted.claimed_blocks()) {
         if (b < p.first || b >= p.last) continue;
         to_main(a, b);
         a = b + 1;
       }
       to_main(a, p.last);
-    }
-    for (uint64_t b = chunk; b < chunk_end; ++b) {
-      if (!std::binary_search(claimed.begin(), claimed.end(), b)) count_writes(b, b + 1, -1);
     }
   }
   return fua ? flush_both() : Status::ok();

@@ -26,8 +26,9 @@ struct EngineOptions {
   // Extra reads of a block that failed, before it is declared unreadable:
   // every read that included the block counts, so 3 means four in all.
   unsigned read_retries = 3;
-  // ... and no new attempt starts once this much time has passed since the
-  // first failed one (a disk without TLER may spend minutes per attempt).
+  // ... and no new attempt starts once the block's own reads have taken this
+  // long in all (a disk without TLER may spend minutes per attempt); one
+  // retry is always made.
   std::chrono::milliseconds retry_time{30000};
   // Refuse writes (EPERM); nothing on the spare is written, not even rescues.
   bool read_only = false;
@@ -228,6 +229,9 @@ class Engine {
   class Admit;
   // A claim on one block (see the class comment); released on destruction.
   class Claim;
+  // A chunk of a write or trim, counted against claims while it is on its
+  // way to its blocks.
+  class CountedChunk;
   // One remap, pending mark or list of bad slots on its way to the journal.
   struct Commit;
 

@@ -21,6 +21,7 @@
 
 #include "dmremap/control.h"
 #include "dmremap/engine.h"
+#include "dmremap/export.h"
 #include "dmremap/open_set.h"
 #include "dmremap/log.h"
 
@@ -40,18 +41,21 @@ void drop_control() {
   g_control = nullptr;
 }
 
+using dmremap::RequestKind;
+
 // Every callback runs through here: no exception may cross into nbdkit, and
-// every error reaches the client with its errno.
+// every error reaches the client with the errno lib's one table chooses
+// (dmremap::client_errno), the same as dmremap-server's.
 template <class F>
-int guarded(const char* what, F&& body) {
+int guarded(const char* what, RequestKind kind, F&& body) {
   try {
     const dmremap::Status s = body();
     if (s.is_ok()) return 0;
     nbdkit_error("%s: %s", what, s.to_string().c_str());
-    nbdkit_set_error(s.code());
+    nbdkit_set_error(dmremap::client_errno(s.code(), kind));
   } catch (const std::bad_alloc&) {
     nbdkit_error("%s: out of memory", what);
-    nbdkit_set_error(ENOMEM);
+    nbdkit_set_error(EIO);
   } catch (const std::exception& e) {
     nbdkit_error("%s: %s", what, e.what());
     nbdkit_set_error(EIO);
@@ -193,7 +197,7 @@ bool opens_after_fork() {
 // thread must run in the process that serves, so it starts after.
 int dmremap_get_ready() {
   route_logs();
-  const int r = guarded("dmremap", [] {
+  const int r = guarded("dmremap", RequestKind::kOther, [] {
     if (!opens_after_fork()) {
       if (dmremap::Status s = open_engine(); !s.is_ok()) return s;
     }
@@ -212,7 +216,7 @@ int dmremap_get_ready() {
 }
 
 int dmremap_after_fork() {
-  const int r = guarded("dmremap", [] {
+  const int r = guarded("dmremap", RequestKind::kOther, [] {
     if (opens_after_fork()) {
       dmremap::Status s = open_engine();
       if (!s.is_ok()) return s;
@@ -233,7 +237,7 @@ int dmremap_after_fork() {
 void dmremap_cleanup() {
   drop_control();
   if (!g_engine) return;
-  (void)guarded("shutdown", [] { return g_engine->close(); });
+  (void)guarded("shutdown", RequestKind::kOther, [] { return g_engine->close(); });
   g_engine.reset();
 }
 
@@ -246,11 +250,10 @@ void* dmremap_open(int /*readonly*/) {
 int64_t dmremap_get_size(void*) { return static_cast<int64_t>(g_engine->size()); }
 
 int dmremap_block_size(void*, uint32_t* minimum, uint32_t* preferred, uint32_t* maximum) {
-  *minimum = g_engine->block_size();
-  *preferred = std::max<uint32_t>(g_engine->block_size(), 4096);
-  // What nbdkit accepts in one request (it refuses larger ones itself), so
-  // clients split their requests instead of failing.
-  *maximum = 32 << 20;
+  const dmremap::BlockSizes b = dmremap::block_sizes(*g_engine);
+  *minimum = b.minimum;
+  *preferred = b.preferred;
+  *maximum = b.maximum;
   return 0;
 }
 
@@ -259,37 +262,39 @@ int dmremap_can_flush(void*) { return 1; }
 int dmremap_can_fua(void*) { return NBDKIT_FUA_NATIVE; }
 int dmremap_can_trim(void*) { return 1; }
 int dmremap_can_zero(void*) { return 1; }
-int dmremap_can_fast_zero(void*) { return 1; }
+int dmremap_can_fast_zero(void*) { return dmremap::offers_fast_zero(*g_engine); }
 // Honest: the engine is shared and flush() flushes main and spare, so a
 // flush on one connection covers writes completed on every connection.
 int dmremap_can_multi_conn(void*) { return 1; }
 int dmremap_can_cache(void*) { return NBDKIT_CACHE_NATIVE; }
 
 int dmremap_pread(void*, void* buf, uint32_t count, uint64_t offset, uint32_t) {
-  return guarded("read", [&] { return g_engine->read(buf, count, offset); });
+  return guarded("read", RequestKind::kRead, [&] { return g_engine->read(buf, count, offset); });
 }
 
 int dmremap_pwrite(void*, const void* buf, uint32_t count, uint64_t offset, uint32_t flags) {
-  return guarded("write", [&] {
+  return guarded("write", RequestKind::kWrite, [&] {
     return g_engine->write(buf, count, offset, flags & NBDKIT_FLAG_FUA);
   });
 }
 
 int dmremap_flush(void*, uint32_t) {
-  return guarded("flush", [] { return g_engine->flush(); });
+  return guarded("flush", RequestKind::kOther, [] { return g_engine->flush(); });
 }
 
 int dmremap_trim(void*, uint32_t count, uint64_t offset, uint32_t flags) {
-  return guarded("trim", [&] { return g_engine->trim(count, offset, flags & NBDKIT_FLAG_FUA); });
+  return guarded("trim", RequestKind::kWrite,
+                 [&] { return g_engine->trim(count, offset, flags & NBDKIT_FLAG_FUA); });
 }
 
 int dmremap_zero(void*, uint32_t count, uint64_t offset, uint32_t flags) {
-  // FAST_ZERO: fail at once when zeroing would be no faster than writing.
-  if ((flags & NBDKIT_FLAG_FAST_ZERO) && !g_engine->can_fast_zero()) {
+  // FAST_ZERO: fail at once when zeroing would be no faster than writing
+  // (ENOTSUP is the documented answer, so it goes out as it is).
+  if ((flags & NBDKIT_FLAG_FAST_ZERO) && !dmremap::fast_zero_check(*g_engine).is_ok()) {
     nbdkit_set_error(ENOTSUP);
     return -1;
   }
-  return guarded("zero", [&] {
+  return guarded("zero", RequestKind::kWrite, [&] {
     return g_engine->write_zeroes(count, offset, flags & NBDKIT_FLAG_FUA);
   });
 }
@@ -297,11 +302,8 @@ int dmremap_zero(void*, uint32_t count, uint64_t offset, uint32_t flags) {
 // Reading is the native cache: it also finds weak blocks early and rescues
 // them before a client needs them.
 int dmremap_cache(void*, uint32_t count, uint64_t offset, uint32_t) {
-  return guarded("cache", [&] {
-    thread_local std::vector<char> scratch;
-    scratch.resize(count);
-    return g_engine->read(scratch.data(), count, offset);
-  });
+  return guarded("cache", RequestKind::kRead,
+                 [&] { return dmremap::cache(*g_engine, count, offset); });
 }
 
 // Holes in main (a sparse file) are reported so that qemu-img, nbdcopy and
@@ -310,7 +312,7 @@ int dmremap_can_extents(void*) { return 1; }
 
 int dmremap_extents(void*, uint32_t count, uint64_t offset, uint32_t flags,
                     nbdkit_extents* extents) {
-  return guarded("extents", [&] {
+  return guarded("extents", RequestKind::kOther, [&] {
     bool done = false;
     int add_error = 0;
     dmremap::Status s = g_engine->extents(count, offset, [&](uint64_t off, uint64_t len, bool hole) {

@@ -81,16 +81,8 @@ std::string main_mismatch(const std::string& spec, uint64_t main_size,
                           const std::string& main_identity) {
   auto dev = open_for_inspection(spec, "main");
   if (!dev.is_ok()) return dev.status().to_string();
-  if (dev.value()->size() != main_size) {
-    return fmt::format("{} is {} bytes, but the set was formatted for a main of {} bytes", spec,
-                       dev.value()->size(), main_size);
-  }
-  const std::string id = dev.value()->identity();
-  if (!id.empty() && !main_identity.empty() && id.substr(0, 63) != main_identity) {
-    return fmt::format("{} is \"{}\", but the set was formatted for \"{}\"", spec, id,
-                       main_identity);
-  }
-  return {};
+  const std::string why = dmremap::main_mismatch(*dev.value(), main_size, main_identity);
+  return why.empty() ? why : spec + ": " + why;
 }
 
 // Main and spare must be two different devices: formatting a disk as its own

@@ -40,18 +40,15 @@ int main(int argc, char** argv) {
   app.set_version_flag("-V,--version", "dmremap " DMREMAP_VERSION);
   app.require_subcommand(1);
   bool verbose = false;
-  app.add_flag("-v,--verbose", verbose, "Also print the library's progress lines")
+  app.add_flag("-v,--verbose", verbose,
+               "Every log line: the library's progress and debug lines too (without it, "
+               "warnings and errors only: the commands print their own results)")
       ->configurable(false);
-  // The commands print their own results; the library's info lines only
-  // repeat them, so they show with --verbose alone.
-  dmremap::set_log_sink([&verbose](dmremap::LogLevel level, const std::string& line) {
-    if (level == dmremap::LogLevel::kInfo && !verbose) return;
-    if (level == dmremap::LogLevel::kDebug) return;
-    const char* tag = level == dmremap::LogLevel::kError     ? "error: "
-                      : level == dmremap::LogLevel::kWarning ? "warning: "
-                                                             : "";
-    fmt::print(stderr, "dmremap: {}{}\n", tag, line);
+  app.parse_complete_callback([&verbose] {
+    dmremap::log_to_stderr("dmremap", verbose ? dmremap::LogLevel::kDebug
+                                              : dmremap::LogLevel::kWarning);
   });
+  dmremap::log_to_stderr("dmremap", dmremap::LogLevel::kWarning);
 
   FormatOptions fo;
   CLI::App* format = app.add_subcommand(

@@ -1,5 +1,7 @@
 #include "dmremap/engine.h"
 
+#include "dmremap/open_set.h"
+
 #include <algorithm>
 #include <cstring>
 #include <ctime>
@@ -228,21 +230,10 @@ Result<std::unique_ptr<Engine>> Engine::open(std::shared_ptr<BlockDevice> main,
   auto found = read_superblock(*spare);
   if (!found.is_ok()) return found.take_status();
   const Superblock& sb = found->sb;
-  if (main->size() != sb.main_size) {
-    return Status::error(EINVAL, main->name() + " is " + std::to_string(main->size()) +
-                                     " bytes, but " + spare->name() +
-                                     " was formatted for a main of " +
-                                     std::to_string(sb.main_size) + " bytes (set " +
-                                     uuid_string(sb.uuid) +
+  if (const std::string why = main_mismatch(*main, sb.main_size, sb.main_identity); !why.empty()) {
+    return Status::error(EINVAL, why + " (" + spare->name() + " holds set " + uuid_string(sb.uuid) +
                                      "). Is this the right main? Use the main it was formatted "
                                      "for, or format a new spare for this one");
-  }
-  const std::string id = main->identity();
-  if (!id.empty() && !sb.main_identity.empty() && id != sb.main_identity.substr(0, 63) &&
-      id.substr(0, 63) != sb.main_identity) {
-    return Status::error(EINVAL, main->name() + " is \"" + id + "\", but " + spare->name() +
-                                     " was formatted for \"" + sb.main_identity + "\" (set " +
-                                     uuid_string(sb.uuid) + "). Use the main it belongs to");
   }
   for (const BlockDevice* dev : {main.get(), spare.get()}) {
     if (dev->alignment() > sb.block_size) {
@@ -1324,7 +1315,7 @@ Status Engine::trim(uint64_t len, uint64_t offset, bool fua) {
   if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
   if (options_.read_only) return Status::error(EPERM, "the device is read-only");
   if (offset > size_ || len > size_ - offset) {
-    return Status::error(ENOSPC, "trim at offset " + std::to_string(offset) +
+    return Status::error(EINVAL, "trim at offset " + std::to_string(offset) +
                                      ": beyond the end of the device");
   }
   counters_->trims.fetch_add(1, std::memory_order_relaxed);

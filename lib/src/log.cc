@@ -26,4 +26,14 @@ void log(LogLevel level, const std::string& message) {
   std::fprintf(stderr, "dmremap: %s: %s\n", kNames[static_cast<int>(level)], message.c_str());
 }
 
+void log_to_stderr(std::string program, LogLevel least) {
+  set_log_debug(least == LogLevel::kDebug);
+  set_log_sink([program = std::move(program), least](LogLevel level, const std::string& line) {
+    if (level < least) return;
+    static const char* const kTag[] = {"debug: ", "", "warning: ", "error: "};
+    std::fprintf(stderr, "%s: %s%s\n", program.c_str(), kTag[static_cast<int>(level)],
+                 line.c_str());
+  });
+}
+
 }  // namespace dmremap

@@ -39,4 +39,19 @@ Result<std::unique_ptr<Engine>> open_set(const SetConfig& config) {
   return Engine::open(main_dev, spare_dev, eo);
 }
 
+std::string main_mismatch(const BlockDevice& main, uint64_t main_size,
+                          const std::string& main_identity) {
+  if (main.size() != main_size) {
+    return main.name() + " is " + std::to_string(main.size()) +
+           " bytes, but the set was formatted for a main of " + std::to_string(main_size) +
+           " bytes";
+  }
+  const std::string id = main.identity();
+  if (!id.empty() && !main_identity.empty() && id.substr(0, 63) != main_identity.substr(0, 63)) {
+    return main.name() + " is \"" + id + "\", but the set was formatted for \"" + main_identity +
+           "\"";
+  }
+  return {};
+}
+
 }  // namespace dmremap

@@ -111,7 +111,7 @@ class GateLock {
 };
 
 // Reads and writes the virtual disk (exactly main's size) as
-// ../docs/semantics.md says. All public methods are thread-safe and may be
+// docs/behaviour.md says. All public methods are thread-safe and may be
 // called from many threads at once.
 //
 // Concurrency. No lock is held across device I/O on the fast path: a
@@ -169,7 +169,7 @@ class Engine {
   Status write(const void* buf, uint64_t len, uint64_t offset, bool fua);
   Status write_zeroes(uint64_t len, uint64_t offset, bool fua);
   // Passed to main for unmapped blocks; remapped and pending blocks keep
-  // their state.
+  // their state. Past the end: EINVAL (the NBD rule for trims).
   Status trim(uint64_t len, uint64_t offset, bool fua);
   // Makes every write that has completed durable on main and spare. A
   // flush that fails while writes are outstanding is sticky: this and every

@@ -17,4 +17,9 @@ void set_log_sink(LogSink sink);
 void set_log_debug(bool enabled);
 void log(LogLevel level, const std::string& message);
 
+// The sink of a command-line program: "PROGRAM: warning: LINE" on stderr,
+// dropping lines below `least` (debug lines are enabled when `least` is
+// kDebug). Both dmremap and dmremap-server use it; their -v sets kDebug.
+void log_to_stderr(std::string program, LogLevel least);
+
 }  // namespace dmremap

@@ -28,4 +28,11 @@ struct SetConfig {
 // engine. Errors say what to do.
 Result<std::unique_ptr<Engine>> open_set(const SetConfig& config);
 
+// Says why `main` is not the disk a set was formatted for (its size, or its
+// identity: a block device's serial number, stored cut to 63 bytes), or ""
+// when it is. The engine refuses to open on it; `dmremap check` and `status`
+// report it.
+std::string main_mismatch(const BlockDevice& main, uint64_t main_size,
+                          const std::string& main_identity);
+
 }  // namespace dmremap

@@ -81,7 +81,7 @@ class Recorder:
 def libnbd_session(uri):
     h = nbd.NBD()
     h.add_meta_context("base:allocation")
-    h.add_meta_context("dmremap:remapped")
+    h.add_meta_context("x-dmremap:remapped")
     h.connect_uri(uri)
     h.pwrite(b"\x5a" * 8192, 4096, nbd.CMD_FLAG_FUA)
     h.pread(8192, 4096)
@@ -116,7 +116,7 @@ def capture_server(server_bin, cli_bin):
         uri = f"nbd+unix:///?socket={proxy}"
         try:
             for args in (["--size"], ["--can", "structured-reply"], ["--map"],
-                         ["--map=dmremap:remapped"], ["--list"], ["--json"]):
+                         ["--map=x-dmremap:remapped"], ["--list"], ["--json"]):
                 subprocess.run(["nbdinfo", *args, uri], check=True, capture_output=True)
             libnbd_session(uri)
             subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x33 0 64k",

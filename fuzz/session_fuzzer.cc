@@ -1,4 +1,7 @@
-// libFuzzer target: arbitrary bytes from a client of dmremap-server.
+// libFuzzer target: arbitrary bytes from a client of dmremap-server, through
+// a whole Session: handshake I/O, lanes, read-ahead, in-flight budget and
+// replies on a socket. Slower than server_fuzzer (one session, with its
+// threads, per input); they share the seed corpus fuzz/corpus/server.
 //
 // Each input is what one client sends, from the first byte of the handshake
 // on. A real Session (the server's own code) serves it over a socketpair on
@@ -45,7 +48,7 @@ constexpr uint64_t kMainSize = 4 << 20;
 constexpr uint32_t kBlock = 4096;
 
 [[noreturn]] void die(const char* what) {
-  std::fprintf(stderr, "server_fuzzer: %s\n", what);
+  std::fprintf(stderr, "session_fuzzer: %s\n", what);
   std::abort();
 }
 
@@ -178,7 +181,7 @@ void witness(uint64_t n) {
   // replies of 16 bytes in any order, the read's followed by its data.
   size_t at = 18 + 10;
   if (r.size() != at + 3 * 16 + kBlock) {
-    std::fprintf(stderr, "server_fuzzer: the honest client got %zu bytes, not %zu\n", r.size(),
+    std::fprintf(stderr, "session_fuzzer: the honest client got %zu bytes, not %zu\n", r.size(),
                  at + 3 * 16 + kBlock);
     die("the honest client got a short answer");
   }

@@ -20,6 +20,7 @@ inline constexpr uint32_t kClientNoZeroes = 2;
 inline constexpr uint32_t kOptExportName = 1;
 inline constexpr uint32_t kOptAbort = 2;
 inline constexpr uint32_t kOptList = 3;
+inline constexpr uint32_t kOptStartTls = 5;
 inline constexpr uint32_t kOptInfo = 6;
 inline constexpr uint32_t kOptGo = 7;
 inline constexpr uint32_t kOptStructuredReply = 8;
@@ -34,6 +35,7 @@ inline constexpr uint32_t kRepMetaContext = 4;
 inline constexpr uint32_t kRepErrUnsup = 0x80000001;
 inline constexpr uint32_t kRepErrInvalid = 0x80000003;
 inline constexpr uint32_t kRepErrUnknown = 0x80000006;
+inline constexpr uint32_t kRepErrShutdown = 0x80000007;
 inline constexpr uint32_t kRepErrTooBig = 0x80000009;
 
 // NBD_INFO types.
@@ -76,12 +78,14 @@ inline constexpr uint16_t kCmdFlagDf = 1 << 2;
 inline constexpr uint16_t kCmdFlagReqOne = 1 << 3;
 inline constexpr uint16_t kCmdFlagFastZero = 1 << 4;
 
-// Meta contexts: ours are numbered by us.
+// Meta contexts: ours are numbered by us. "x-dmremap:remapped" is ours
+// (docs/server.md defines it); "dmremap:remapped" is its old name, still
+// accepted by SET_META_CONTEXT for one release.
 inline constexpr uint32_t kContextAllocation = 1;  // "base:allocation"
-inline constexpr uint32_t kContextRemapped = 2;    // "dmremap:remapped"
+inline constexpr uint32_t kContextRemapped = 2;    // "x-dmremap:remapped"
 inline constexpr uint32_t kStateHole = 1;          // base:allocation
 inline constexpr uint32_t kStateZero = 2;
-inline constexpr uint32_t kStateRemapped = 1;      // dmremap:remapped
+inline constexpr uint32_t kStateRemapped = 1;      // x-dmremap:remapped
 inline constexpr uint32_t kStatePending = 2;
 
 // Structured reply chunks.
@@ -92,7 +96,7 @@ inline constexpr uint16_t kChunkBlockStatus = 5;
 inline constexpr uint16_t kChunkError = 0x8001;
 inline constexpr uint16_t kChunkErrorOffset = 0x8002;
 
-// Errors on the wire.
+// Errors on the wire. Their numbers are Linux's errno values.
 inline constexpr uint32_t kEperm = 1;
 inline constexpr uint32_t kEio = 5;
 inline constexpr uint32_t kEnomem = 12;
@@ -102,14 +106,14 @@ inline constexpr uint32_t kEoverflow = 75;
 inline constexpr uint32_t kEnotsup = 95;
 inline constexpr uint32_t kEshutdown = 108;
 
-// Maps a system errno to the NBD error the client sees; anything without
-// an NBD code becomes EIO.
+// The NBD error for an errno already narrowed by dmremap::client_errno()
+// (or chosen by the frontend itself); anything else is EIO.
 inline uint32_t wire_error(int err) {
   switch (err) {
     case 1: return kEperm;
     case 12: return kEnomem;
     case 22: return kEinval;
-    case 28: case 27: case 122: return kEnospc;  // ENOSPC, EFBIG, EDQUOT
+    case 28: return kEnospc;
     case 75: return kEoverflow;
     case 95: return kEnotsup;
     case 108: return kEshutdown;
@@ -139,6 +143,19 @@ inline uint64_t get64(const char* p) {
   uint64_t v = 0;
   for (int i = 0; i < 8; ++i) v = (v << 8) | static_cast<uint8_t>(p[i]);
   return v;
+}
+
+// A request's header, as it came.
+struct Request {
+  uint16_t flags = 0;
+  uint16_t type = 0;
+  uint64_t cookie = 0;
+  uint64_t offset = 0;
+  uint32_t length = 0;
+};
+// `h` holds kRequestBytes bytes; the magic is checked by the caller.
+inline Request parse_request(const char* h) {
+  return Request{get16(h + 4), get16(h + 6), get64(h + 8), get64(h + 16), get32(h + 24)};
 }
 
 }  // namespace dmremap::nbd

@@ -60,8 +60,8 @@ class ClientsTest(unittest.TestCase):
         holes = [e for e in mapping if e["type"] != 0]
         self.assertTrue(all(e["type"] == 3 for e in holes), holes)
         if TOOLS.frontend == "server":
-            # dmremap:remapped: flag 1 for remapped blocks, 2 for pending.
-            remapped = json.loads(run("nbdinfo", "--map=dmremap:remapped", "--json",
+            # x-dmremap:remapped: flag 1 for remapped blocks, 2 for pending.
+            remapped = json.loads(run("nbdinfo", "--map=x-dmremap:remapped", "--json",
                                       self.s.uri).stdout)
             self.assertEqual([(e["offset"], e["length"], e["type"]) for e in remapped
                               if e["type"] != 0],

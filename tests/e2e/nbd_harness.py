@@ -45,7 +45,7 @@ def frontend_command(tools, sock, main, spare, params=()):
         cmd = [tools.server, "--unix", sock, "--main", main, "--spare", spare]
         for p in params:
             key, value = p.split("=", 1)
-            if key in ("readonly", "direct"):
+            if key in ("readonly", "direct", "verbose"):
                 if value.lower() in ("1", "true", "yes", "on"):
                     cmd.append("--" + key)
             else:

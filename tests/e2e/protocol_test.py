@@ -185,8 +185,9 @@ class BadRequestsTest(ServerCase):
         self.assertEqual(c.simple_reply(), (NBD_EINVAL, 1))
         c.request(CMD_READ, 0, BLOCK, flags=0x80, cookie=2)
         self.assertEqual(c.simple_reply(), (NBD_EINVAL, 2))
-        # FUA is a write flag, not a read flag.
-        c.request(CMD_READ, 0, BLOCK, flags=FLAG_FUA, cookie=3)
+        # REQ_ONE is for BLOCK_STATUS only (FUA, by contrast, is accepted on
+        # every command: conformance_test checks it).
+        c.request(CMD_READ, 0, BLOCK, flags=8, cookie=3)
         self.assertEqual(c.simple_reply(), (NBD_EINVAL, 3))
         # FLUSH takes no range; BLOCK_STATUS needs a negotiated context.
         c.request(CMD_FLUSH, 4096, 0, cookie=4)
@@ -454,6 +455,97 @@ class StartAndStopTest(unittest.TestCase):
             for i in range(8):
                 f.seek(i * BLOCK)
                 self.assertEqual(f.read(BLOCK), pattern(i))
+
+
+@unittest.skipUnless(TOOLS.frontend == "server", "dmremap-server only")
+class ServerFlagsTest(unittest.TestCase):
+    """dmremap-server's options refuse what would do harm or mean nothing, and
+    say why; bad usage exits 2, as dmremap does."""
+
+    def setUp(self):
+        self.s = DemoSet(TOOLS)
+        self.addCleanup(self.s.close)
+
+    def run_server(self, *args, timeout=30):
+        return subprocess.run([TOOLS.server, "--main", self.s.main, "--spare", self.s.spare, *args],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def test_unix_refuses_to_replace_a_file(self):
+        before = open(self.s.spare, "rb").read()
+        r = self.run_server("--unix", self.s.spare)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("is not a socket", r.stderr)
+        self.assertEqual(open(self.s.spare, "rb").read(), before)
+        self.assertTrue(self.s.status()["clean"])
+
+    def test_unix_refuses_a_live_socket_and_replaces_a_stale_one(self):
+        path = os.path.join(self.s.dir, "live.sock")
+        live = socket.socket(socket.AF_UNIX)
+        live.bind(path)
+        live.listen()
+        r = self.run_server("--unix", path)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("a server is listening there already", r.stderr)
+        live.close()  # the socket file stays, with nobody behind it: stale
+        self.assertTrue(os.path.exists(path))
+        srv = subprocess.Popen([TOOLS.server, "--main", self.s.main, "--spare", self.s.spare,
+                                "--unix", path], stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                h = nbd.NBD()
+                try:
+                    h.connect_unix(path)
+                    break
+                except nbd.Error:
+                    self.assertLess(time.monotonic(), deadline)
+                    time.sleep(0.05)
+            self.assertEqual(h.get_size(), 64 << 20)
+            h.shutdown()
+        finally:
+            srv.send_signal(signal.SIGTERM)
+            _, err = srv.communicate(timeout=30)
+        self.assertIn("replacing the stale socket", err)
+        self.assertEqual(srv.returncode, 0, err)
+
+    def test_bad_tcp_ports_are_usage_errors(self):
+        for spec in ("70000", "abc", "127.0.0.1:", "nohost:10809"):
+            r = self.run_server("--tcp", spec)
+            self.assertEqual(r.returncode, 2, (spec, r.stderr))
+            self.assertIn("--tcp", r.stderr)
+        self.assertIn("from 0 to 65535", self.run_server("--tcp", "70000").stderr)
+
+    def test_bad_usage_exits_2_and_help_says_so(self):
+        r = self.run_server("--no-such-option")
+        self.assertEqual(r.returncode, 2, r.stderr)
+        r = self.run_server("--stdio", "--unix", "x.sock")
+        self.assertEqual(r.returncode, 2, r.stderr)
+        r = subprocess.run([TOOLS.server, "--help"], capture_output=True, text=True, timeout=30)
+        self.assertEqual(r.returncode, 0)
+        self.assertIn("Exit status: 0", r.stdout)
+        self.assertIn("2 bad usage", r.stdout)
+
+    def test_an_unknown_export_name_is_logged(self):
+        self.s.start("name=disk")
+        h = nbd.NBD()
+        h.set_export_name("nosuch")
+        with self.assertRaises(nbd.Error):
+            h.connect_unix(self.s.sock)
+        h = self.s.connect()  # "" is the default export
+        h.shutdown()
+        self.s.stop()
+        self.assertIn("asked for export 'nosuch'", self.s.read_log())
+
+    def test_verbose_means_debug_lines(self):
+        self.s.start("verbose=1")
+        c = RawClient(self.s.sock)
+        c.go()
+        c.request(99, 0, BLOCK, cookie=1)
+        self.assertEqual(c.simple_reply(), (NBD_EINVAL, 1))
+        c.close()
+        self.s.stop()
+        log = self.s.read_log()
+        self.assertIn("debug: refused a request: unknown command", log)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,9 @@ class BlockDevice {
   // True when a write, trim or write-zeroes has completed since the start of
   // the last flush that succeeded: a flush that fails now may lose data.
   bool has_unflushed_writes() const { return changed_.load() != flushed_.load(); }
+  // Writes, trims and write-zeroes completed since open (tests and fuzzers
+  // check with it that nothing wrote).
+  uint64_t changes() const { return changed_.load(); }
   // Flushes asked of the device since open (for benchmarks and status).
   uint64_t flush_calls() const { return flush_calls_.load(std::memory_order_relaxed); }
   // True once acknowledged writes may have been lost (see flush()).

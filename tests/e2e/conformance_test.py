@@ -1,0 +1,444 @@
+"""Both frontends against the rules of the NBD protocol (NetworkBlockDevice/nbd
+doc/proto.md), over a raw socket. Each test names the rule it checks, quoted
+or paraphrased from the section named in its docstring.
+
+The plugin answers through nbdkit, which decides some things itself; where the
+two frontends must differ the test says so, and docs/server.md lists each
+difference ("Where the two frontends differ").
+"""
+import ctypes
+import os
+import signal
+import socket
+import struct
+import subprocess
+import time
+import unittest
+
+from nbd_harness import BLOCK, DemoSet, NbdkitBackend, Tools, pattern
+from protocol_test import (CMD_BLOCK_STATUS, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, FLAG_FUA,
+                           IHAVEOPT, NBD_EINVAL, NBD_ENOSPC, NBD_EPERM, OPT_ABORT, OPT_GO,
+                           OPT_STRUCTURED, REP_ACK, REP_ERR_INVALID, REP_ERR_UNSUP, RawClient,
+                           recv_exact)
+
+TOOLS = Tools()
+SERVER = TOOLS.frontend == "server"
+
+CMD_CACHE, CMD_WRITE_ZEROES = 5, 6
+FLAG_DF, FLAG_REQ_ONE, FLAG_FAST_ZERO = 4, 8, 16
+OPT_INFO, OPT_LIST_META, OPT_SET_META = 6, 9, 10
+REP_META_CONTEXT = 4
+REP_ERR_UNKNOWN, REP_ERR_SHUTDOWN, REP_ERR_TOO_BIG = 0x80000006, 0x80000007, 0x80000009
+NBD_EIO, NBD_EOVERFLOW, NBD_ENOTSUP, NBD_ESHUTDOWN = 5, 75, 95, 108
+SEND_FUA, SEND_TRIM, SEND_WRITE_ZEROES, SEND_DF, SEND_FAST_ZERO = 8, 32, 64, 128, 2048
+CHUNK_NONE, CHUNK_OFFSET_DATA, CHUNK_BLOCK_STATUS = 0, 1, 5
+CHUNK_ERROR, CHUNK_ERROR_OFFSET = 0x8001, 0x8002
+
+
+def meta_request(names, export=b""):
+    data = struct.pack(">I", len(export)) + export + struct.pack(">I", len(names))
+    for n in names:
+        data += struct.pack(">I", len(n)) + n
+    return data
+
+
+def read_structured(c, cookie):
+    """Every chunk of one structured reply, up to the one flagged DONE."""
+    chunks = []
+    while True:
+        flags, ctype, got, data = c.chunk()
+        assert got == cookie, (got, cookie)
+        chunks.append((ctype, data))
+        if flags & 1:
+            return chunks
+
+
+def error_of(chunks):
+    """The NBD error of a structured reply, 0 when it has none."""
+    for ctype, data in chunks:
+        if ctype & 0x8000:
+            return struct.unpack(">I", data[:4])[0]
+    return 0
+
+
+class Conformance(unittest.TestCase):
+    """A set on a 64 MiB main served by the frontend under test."""
+
+    params = ()
+    main_size = 64 << 20
+
+    def setUp(self):
+        self.s = DemoSet(TOOLS, main_size=self.main_size)
+        self.addCleanup(self.s.close)
+        self.s.start(*self.params)
+
+    def client(self):
+        c = RawClient(self.s.sock)
+        self.addCleanup(c.close)
+        return c
+
+    def raw(self, structured=False):
+        c = self.client()
+        c.go(structured)
+        return c
+
+    def meta(self, c, opt, names, export=b""):
+        """Sends a LIST or SET_META_CONTEXT; returns ([(id, name)], final reply type)."""
+        c.option(opt, meta_request(names, export))
+        contexts = []
+        while True:
+            _, rtype, data = c.option_reply()
+            if rtype != REP_META_CONTEXT:
+                return contexts, rtype
+            contexts.append((struct.unpack(">I", data[:4])[0], data[4:].decode()))
+
+
+class CommandFlagsTest(Conformance):
+    def test_fua_is_accepted_on_every_command(self):
+        """Request flags: a server that advertises NBD_FLAG_SEND_FUA "MUST accept
+        all commands with this bit set (even by ignoring the bit)"."""
+        c = self.client()
+        c.option(OPT_STRUCTURED)
+        self.assertEqual(c.option_reply()[1], REP_ACK)
+        self.assertEqual(self.meta(c, OPT_SET_META, [b"base:allocation"])[1], REP_ACK)
+        c.go(structured=False)
+        c.structured = True
+        self.assertTrue(c.flags & SEND_FUA)
+        c.request(CMD_READ, 0, BLOCK, flags=FLAG_FUA, cookie=1)
+        chunks = read_structured(c, 1)
+        self.assertEqual((error_of(chunks), chunks[-1][0]), (0, CHUNK_OFFSET_DATA))
+        for cookie, cmd in ((2, CMD_FLUSH), (3, CMD_CACHE)):
+            c.request(cmd, 0, 0 if cmd == CMD_FLUSH else BLOCK, flags=FLAG_FUA, cookie=cookie)
+            self.assertEqual(c.simple_reply(), (0, cookie))
+        c.request(CMD_BLOCK_STATUS, 0, BLOCK, flags=FLAG_FUA, cookie=4)
+        chunks = read_structured(c, 4)
+        self.assertEqual((error_of(chunks), chunks[0][0]), (0, CHUNK_BLOCK_STATUS))
+
+    def test_trim_past_the_end_is_einval(self):
+        """Error values: the server "SHOULD return NBD_EINVAL if it receives a read
+        or trim request including one or more sectors beyond the size of the
+        device", and NBD_ENOSPC for a write."""
+        c = self.raw()
+        c.request(CMD_TRIM, c.size - BLOCK, 2 * BLOCK, cookie=1)
+        self.assertEqual(c.simple_reply(), (NBD_EINVAL, 1))
+        c.request(CMD_WRITE_ZEROES, c.size - BLOCK, 2 * BLOCK, cookie=2)
+        self.assertEqual(c.simple_reply(), (NBD_ENOSPC, 2))
+        c.request(CMD_WRITE, c.size, BLOCK, cookie=3, payload=bytes(BLOCK))
+        self.assertEqual(c.simple_reply(), (NBD_ENOSPC, 3))
+
+    def test_unadvertised_flags_are_einval(self):
+        """Error values: "SHOULD return NBD_EINVAL if it receives a request with a
+        flag not explicitly documented as applicable to the given request"; DF
+        needs structured replies, REQ_ONE is for BLOCK_STATUS, NO_HOLE for
+        WRITE_ZEROES."""
+        c = self.raw()
+        self.assertFalse(c.flags & SEND_DF)
+        for cookie, (cmd, flags) in enumerate(((CMD_READ, FLAG_DF), (CMD_READ, FLAG_REQ_ONE),
+                                               (CMD_WRITE, 2), (CMD_READ, 0x80)), 1):
+            payload = bytes(BLOCK) if cmd == CMD_WRITE else b""
+            c.request(cmd, 0, BLOCK, flags=flags, cookie=cookie, payload=payload)
+            self.assertEqual(c.simple_reply(), (NBD_EINVAL, cookie))
+
+
+class ReadOnlyExportTest(Conformance):
+    params = ("readonly=1",)
+
+    def test_read_only_export_offers_no_write_commands(self):
+        """Transmission flags: TRIM, WRITE_ZEROES and FUA mean nothing on a
+        read-only export, and a write or trim there "SHOULD return NBD_EPERM"."""
+        c = self.raw()
+        self.assertEqual(c.flags & (SEND_FUA | SEND_TRIM | SEND_WRITE_ZEROES | SEND_FAST_ZERO), 0)
+        self.assertTrue(c.flags & 2)  # NBD_FLAG_READ_ONLY
+        c.request(CMD_WRITE_ZEROES, 0, BLOCK, cookie=1)
+        self.assertEqual(c.simple_reply(), (NBD_EPERM, 1))
+        # FUA was not offered, so it is an unknown flag here.
+        c.request(CMD_READ, 0, BLOCK, flags=FLAG_FUA, cookie=2)
+        self.assertEqual(c.simple_reply(), (NBD_EINVAL, 2))
+
+
+class FastZeroTest(Conformance):
+    """Main over NBD from an nbdkit that cannot zero quickly: the set cannot."""
+
+    def setUp(self):
+        self.s = DemoSet(TOOLS)
+        self.addCleanup(self.s.close)
+        backend = NbdkitBackend(self.s.dir, "slowzero",
+                                ["--filter=nozero", "file", self.s.main, "fastzeromode=none"])
+        backend.start()
+        self.addCleanup(backend.kill)
+        self.s.main = backend.uri
+        self.s.start()
+
+    def test_fast_zero_fails_at_once_when_zeroing_is_not_fast(self):
+        """NBD_CMD_WRITE_ZEROES: with NBD_CMD_FLAG_FAST_ZERO, a server that cannot
+        zero faster than it writes "MUST fail quickly with NBD_ENOTSUP". Both
+        frontends offer the flag on every writable set (nbdkit 1.32 aborts when
+        a client sends it to a plugin that declined it), so it is never an
+        unoffered flag there; on a read-only export it is not offered."""
+        c = self.raw()
+        self.assertTrue(c.flags & SEND_WRITE_ZEROES)
+        self.assertTrue(c.flags & SEND_FAST_ZERO)
+        c.request(CMD_WRITE_ZEROES, 0, BLOCK, flags=FLAG_FAST_ZERO, cookie=1)
+        self.assertEqual(c.simple_reply(), (NBD_ENOTSUP, 1))
+        # Without the flag, zeroing works; on any other command the flag is
+        # not applicable (NBD_EINVAL).
+        c.request(CMD_WRITE_ZEROES, 0, BLOCK, cookie=2)
+        self.assertEqual(c.simple_reply(), (0, 2))
+        c.request(CMD_READ, 0, BLOCK, flags=FLAG_FAST_ZERO, cookie=3)
+        self.assertEqual(c.simple_reply(), (NBD_EINVAL, 3))
+
+
+class MetaContextTest(Conformance):
+    def test_list_replies_carry_context_id_zero(self):
+        """NBD_OPT_LIST_META_CONTEXT: "The metadata context ID in these replies is
+        reserved and SHOULD be set to zero"."""
+        c = self.client()
+        contexts, final = self.meta(c, OPT_LIST_META, [])
+        self.assertEqual(final, REP_ACK)
+        self.assertIn("base:allocation", [name for _, name in contexts])
+        self.assertEqual({cid for cid, _ in contexts}, {0})
+
+    def test_failed_set_replaces_the_selection(self):
+        """NBD_OPT_SET_META_CONTEXT "replaces all previously-set metadata contexts
+        (including when this command fails)": BLOCK_STATUS then has no context
+        and gets NBD_EINVAL."""
+        c = self.client()
+        c.option(OPT_STRUCTURED)
+        self.assertEqual(c.option_reply()[1], REP_ACK)
+        contexts, final = self.meta(c, OPT_SET_META, [b"base:allocation"])
+        self.assertEqual((len(contexts), final), (1, REP_ACK))
+        self.assertNotEqual(contexts[0][0], 0)
+        # A query whose length runs past the option's end.
+        c.option(OPT_SET_META, struct.pack(">II", 0, 1) + struct.pack(">I", 500) + b"base:")
+        self.assertEqual(c.option_reply()[1], REP_ERR_INVALID)
+        c.go()
+        c.structured = True
+        c.request(CMD_BLOCK_STATUS, 0, BLOCK, cookie=1)
+        self.assertEqual(error_of(read_structured(c, 1)), NBD_EINVAL)
+
+    @unittest.skipUnless(SERVER, "the plugin has no dmremap context: nbdkit offers base: only")
+    def test_our_namespace_is_x_prefixed(self):
+        """Metadata querying: a namespace MUST be "base", "nbd-server", "x-*" or a
+        registered one. Ours is x-dmremap:; the old "dmremap:remapped" still
+        selects it for one release."""
+        c = self.client()
+        contexts, _ = self.meta(c, OPT_LIST_META, [])
+        self.assertEqual(sorted(n for _, n in contexts), ["base:allocation", "x-dmremap:remapped"])
+        contexts, _ = self.meta(c, OPT_LIST_META, [b"x-dmremap:"])
+        self.assertEqual(contexts, [(0, "x-dmremap:remapped")])
+        c.option(OPT_STRUCTURED)
+        self.assertEqual(c.option_reply()[1], REP_ACK)
+        contexts, final = self.meta(c, OPT_SET_META, [b"dmremap:remapped"])
+        self.assertEqual((len(contexts), contexts[0][1], final), (1, "dmremap:remapped", REP_ACK))
+        contexts, final = self.meta(c, OPT_SET_META, [b"x-dmremap:remapped"])
+        self.assertEqual((len(contexts), contexts[0][1], final), (1, "x-dmremap:remapped", REP_ACK))
+        remapped_id = contexts[0][0]
+        c.go()
+        c.structured = True
+        c.request(CMD_BLOCK_STATUS, 0, 4 * BLOCK, cookie=1)
+        chunks = read_structured(c, 1)
+        self.assertEqual(chunks[0][0], CHUNK_BLOCK_STATUS)
+        self.assertEqual(struct.unpack(">III", chunks[0][1][:12]), (remapped_id, 4 * BLOCK, 0))
+
+
+class HandshakeLimitsTest(Conformance):
+    def test_oversize_option_is_too_big_and_the_handshake_goes_on(self):
+        """Option reply types: NBD_REP_ERR_TOO_BIG, "The request or the reply is
+        too large to process"; the server MUST otherwise "error inbound options"
+        rather than disconnect."""
+        c = self.client()
+        c.option(0x4242, bytes(1 << 20))
+        # nbdkit reads it whole and answers what it thinks of the option.
+        self.assertEqual(c.option_reply()[1], REP_ERR_TOO_BIG if SERVER else REP_ERR_UNSUP)
+        self.assertEqual(c.go(), 64 << 20)
+
+    @unittest.skipUnless(SERVER, "nbdkit serves any export name to a plugin without a list")
+    def test_error_messages_are_short_and_valid_utf8(self):
+        """Conventions: a string "SHOULD be no longer than 256 bytes" and is UTF-8;
+        an unknown export name is not echoed back whole."""
+        c = self.client()
+        name = ("é" * 20000).encode()[:-1]  # 39999 bytes, the last character cut
+        c.option(OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+        _, rtype, data = c.option_reply()
+        self.assertEqual(rtype, REP_ERR_UNKNOWN)
+        self.assertLessEqual(len(data), 256)
+        data.decode("utf-8")  # raises if cut inside a character
+        self.assertEqual(c.go(), 64 << 20)
+
+
+@unittest.skipUnless(SERVER, "nbdkit sends a 48 MiB read as one chunk (its own choice)")
+class LargeReadTest(Conformance):
+    def test_structured_read_over_the_maximum_payload_is_split(self):
+        """Block size constraints: a reply larger than the advertised maximum
+        payload MUST NOT be one chunk (beyond its header); under DF the server
+        answers NBD_EOVERFLOW and sends no content chunk."""
+        with open(self.s.main, "r+b") as f:
+            f.seek(40 << 20)
+            f.write(pattern(5))
+        c = self.raw(structured=True)
+        c.request(CMD_READ, 0, 48 << 20, cookie=1)
+        chunks = read_structured(c, 1)
+        self.assertEqual(error_of(chunks), 0)
+        sizes = [len(d) - 8 for t, d in chunks if t == CHUNK_OFFSET_DATA]
+        self.assertEqual(sum(sizes), 48 << 20)
+        self.assertLessEqual(max(sizes), 32 << 20)
+        data = {struct.unpack(">Q", d[:8])[0]: d[8:] for t, d in chunks if t == CHUNK_OFFSET_DATA}
+        base = max(o for o in data if o <= 40 << 20)
+        self.assertEqual(data[base][(40 << 20) - base:(40 << 20) - base + BLOCK], pattern(5))
+        c.request(CMD_READ, 0, 48 << 20, flags=FLAG_DF, cookie=2)
+        chunks = read_structured(c, 2)
+        self.assertEqual([t for t, _ in chunks], [CHUNK_ERROR])
+        self.assertEqual(error_of(chunks), NBD_EOVERFLOW)
+
+
+class SlowBlockTest(Conformance):
+    params = ("inject=slow:9x2000",)
+
+    def test_a_finished_reply_does_not_wait_behind_a_slow_request(self):
+        """Transmission: replies "MAY be sent out of order"; a read of a healthy
+        block pipelined ahead of a 2 s read is answered at once, not at 2 s."""
+        c = self.raw()
+        start = time.monotonic()
+        c.sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, 1, 0, BLOCK) +
+                       struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, 2, 9 * BLOCK, BLOCK))
+        first = c.simple_reply()
+        fast = time.monotonic() - start
+        self.assertEqual(first, (0, 1))
+        recv_exact(c.sock, BLOCK)
+        self.assertEqual(c.simple_reply(), (0, 2))
+        recv_exact(c.sock, BLOCK)
+        slow = time.monotonic() - start
+        self.assertGreater(slow, 1.5)
+        self.assertLess(fast, 0.5, f"the fast reply came after {fast:.3f} s")
+
+
+@unittest.skipUnless(SERVER, "nbdkit 1.32 answers options normally while it shuts down")
+class ShutdownTest(Conformance):
+    params = ("inject=slow:9x2000",)
+
+    def test_shutdown_refuses_options_and_later_requests(self):
+        """Terminating the transmission phase: on a server shutdown, requests in
+        flight are served, and "any subsequently received requests SHOULD be
+        NBD_ESHUTDOWN"; in the handshake, options SHOULD get
+        NBD_REP_ERR_SHUTDOWN."""
+        waiting = self.client()  # still in the handshake
+        busy = self.raw()
+        busy.request(CMD_READ, 9 * BLOCK, BLOCK, cookie=1)  # takes 2 s
+        time.sleep(0.3)
+        pid = self.s.daemon_pid if getattr(self.s, "daemon_pid", None) else self.s.proc.pid
+        os.kill(pid, signal.SIGTERM)
+        time.sleep(0.3)
+        waiting.option(OPT_GO, struct.pack(">IH", 0, 0))
+        self.assertEqual(waiting.option_reply()[1], REP_ERR_SHUTDOWN)
+        busy.request(CMD_READ, 0, BLOCK, cookie=2)
+        replies = {}
+        for _ in range(2):
+            err, cookie = busy.simple_reply()
+            replies[cookie] = err
+            if err == 0:
+                recv_exact(busy.sock, BLOCK)
+        self.assertEqual(replies, {1: 0, 2: NBD_ESHUTDOWN})
+
+
+class PoolFullTest(unittest.TestCase):
+    def test_a_write_that_needs_a_slot_when_none_is_left_is_enospc(self):
+        """docs/server.md, x-dmremap:remapped: a block main refuses needs a spare
+        slot; with none left its write fails with NBD_ENOSPC, although
+        base:allocation calls the block allocated (proto.md allows ENOSPC there
+        "for reasons specified in the definition of another context")."""
+        small = DemoSet(TOOLS, main_size=4 << 20, spare_size=1 << 20,
+                        extra_format=("--journal-size", "64K"))
+        self.addCleanup(small.close)
+        slots = small.status()["slots_total"]
+        small.start(f"inject=write:0-{slots + 2}")
+        c = RawClient(small.sock)
+        self.addCleanup(c.close)
+        c.go()
+        for b in range(slots):
+            c.request(CMD_WRITE, b * BLOCK, BLOCK, cookie=b, payload=pattern(b))
+            self.assertEqual(c.simple_reply(), (0, b))
+        c.request(CMD_WRITE, slots * BLOCK, BLOCK, cookie=99, payload=pattern(99))
+        self.assertEqual(c.simple_reply(), (NBD_ENOSPC, 99))
+
+
+class TcpNoDelayTest(unittest.TestCase):
+    """Protocol phases: "the server SHOULD set TCP_NODELAY" (and so should the
+    client); read off the server's own accepted socket with pidfd_getfd(2)."""
+
+    def test_accepted_tcp_sockets_have_nodelay(self):
+        s = DemoSet(TOOLS)
+        self.addCleanup(s.close)
+        port = free_port()
+        if SERVER:
+            cmd = [TOOLS.server, "--main", s.main, "--spare", s.spare, "--tcp", f"127.0.0.1:{port}"]
+        else:
+            cmd = ["nbdkit", "--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p",
+                   str(port), TOOLS.plugin, f"main={s.main}", f"spare={s.spare}"]
+        proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.terminate)
+        sock = connect_tcp(port)
+        self.addCleanup(sock.close)
+        magic = recv_exact(sock, 18)
+        self.assertEqual(magic[:8], b"NBDMAGIC")
+        found = server_tcp_sockets(proc.pid, sock.getsockname()[1])
+        for fd in found:
+            self.addCleanup(fd.close)
+        self.assertTrue(found, "the server's end of the connection was not found")
+        for fd in found:
+            self.assertEqual(fd.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connect_tcp(port, timeout=20):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+            return sock
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def server_tcp_sockets(pid, client_port):
+    """Sockets of process `pid` connected to our `client_port`, duplicated into
+    this process with pidfd_getfd(2)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    found = []
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue
+            fd = libc.syscall(438, pidfd, int(name), 0)  # SYS_pidfd_getfd
+            if fd < 0:
+                continue
+            try:
+                s = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)
+                continue
+            try:
+                if s.family in (socket.AF_INET, socket.AF_INET6) and s.getpeername()[1] == client_port:
+                    found.append(s)
+                    continue
+            except OSError:
+                pass
+            s.close()
+    finally:
+        os.close(pidfd)
+    return found
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,4 +1,4 @@
-// Latency under failure (semantics.md): a bad block holds up only the
+// Latency under failure (docs/behaviour.md): a bad block holds up only the
 // requests that touch it, retries have a budget in count and in time,
 // remaps that are ready together share their flushes, and shutdown never
 // writes after the clean checkpoint. Plus a sector-level oracle for many

@@ -1,5 +1,5 @@
 // Power cuts at every point of random workloads over a failing main, checked
-// against an oracle (semantics.md, "Durability").
+// against an oracle (docs/behaviour.md, "Durability").
 //
 // A workload is a seeded list of writes (some FUA, some unaligned, some
 // write-zeroes), flushes and reads, with bad blocks appearing on main between

@@ -1,4 +1,4 @@
-// semantics.md, "Failures of the spare and of the pool" and "Safety around
+// docs/behaviour.md, "Failures of the spare and of the pool" and "Safety around
 // the data".
 #include <catch2/catch.hpp>
 #include <cstring>

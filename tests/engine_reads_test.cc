@@ -1,4 +1,4 @@
-// semantics.md, "Reads": one test per rule.
+// docs/behaviour.md, "Reads": one test per rule.
 #include <catch2/catch.hpp>
 #include <cstring>
 

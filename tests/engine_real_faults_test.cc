@@ -1,5 +1,5 @@
-// semantics.md reads rule 7 (a device failure is not a bad block), writes
-// rule 5 (no write error is lost) and the faults of issue "real failing
+// docs/behaviour.md, reads rule 7 (a device failure is not a bad block),
+// writes rule 5 (no write error is lost) and the faults of issue "real failing
 // disks": main gone and back, weak blocks that fail once, a spare slot that
 // fails inside a read, errors reported only at writeback.
 #include <catch2/catch.hpp>

@@ -1,5 +1,5 @@
 // No single fault in the spare's metadata loses anything (issue "the spare
-// survives its own bad sectors"; semantics.md durability 5 and 6).
+// survives its own bad sectors"; docs/behaviour.md, durability rules 5-6).
 //
 // Every 4 KiB unit of the metadata of a set with remaps both in its
 // checkpoint and in its journal is made, in turn, unreadable, unwritable,

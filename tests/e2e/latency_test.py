@@ -1,8 +1,9 @@
 """Latency under failure, through a real NBD client, on both frontends
-(semantics.md): a bad block holds up only the requests that touch it, and a
-burst of write errors is committed in groups without losing a write, even
-when the frontend is killed right after. No assertion is about time: the
-checks count what finished while a slow bad block was still being read.
+(docs/behaviour.md, "Latency under failure"): a bad block holds up only the
+requests that touch it, and a burst of write errors is committed in groups
+without losing a write, even when the frontend is killed right after. No
+assertion is about time: the checks count what finished while a slow bad
+block was still being read.
 bench/failure_bench.sh measures the same scenarios for speed.
 """
 import os

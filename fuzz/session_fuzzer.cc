@@ -6,7 +6,10 @@
 // Each input is what one client sends, from the first byte of the handshake
 // on. A real Session (the server's own code) serves it over a socketpair on
 // an engine in memory, while this side reads and drops every reply; the
-// input's end is the client closing its side. The properties:
+// input's end is the client closing its side. The server's watchdog runs, and
+// two blocks of main are slow, so helper lanes start and the outbox is sent
+// by them; the input's first byte may ask for a drain (SIGTERM's) half way.
+// The properties:
 // - the server never crashes, hangs or allocates without bound (libFuzzer's
 //   -timeout, -rss_limit_mb and -malloc_limit_mb, and the sanitizers);
 // - the session ends when the client goes away, whatever it sent;
@@ -17,6 +20,7 @@
 #include <utility>  // before Asio, for Boost 1.74
 
 #include <boost/asio.hpp>
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
@@ -32,6 +36,7 @@
 #include <vector>
 
 #include "dmremap/engine.h"
+#include "dmremap/faulty_device.h"
 #include "dmremap/log.h"
 #include "dmremap/memory_device.h"
 #include "dmremap/metadata_store.h"
@@ -53,7 +58,7 @@ constexpr uint32_t kBlock = 4096;
 }
 
 struct World {
-  std::shared_ptr<MemoryDevice> main;
+  std::shared_ptr<MemoryDevice> main_mem;
   std::unique_ptr<Engine> engine;
   server::ExportInfo rw, ro;
 };
@@ -67,13 +72,18 @@ World& world() {
       set_log_sink([](LogLevel, const std::string&) {});
     }
     auto* x = new World;
-    x->main = std::make_shared<MemoryDevice>(kMainSize, "main");
+    x->main_mem = std::make_shared<MemoryDevice>(kMainSize, "main");
+    // Two slow blocks, so that requests get stuck and the watchdog starts
+    // helper lanes and sends replies that wait (Session::watch).
+    auto main = std::make_shared<FaultyDevice>(x->main_mem, kBlock, "main");
+    main->add_slow_block(100, std::chrono::milliseconds(4));
+    main->add_slow_block(700, std::chrono::milliseconds(4));
     auto spare = std::make_shared<MemoryDevice>(2 << 20, "spare");
     LayoutParams lp;
     lp.main_size = kMainSize;
     lp.block_size = kBlock;
     if (!MetadataStore::format(*spare, lp, "").is_ok()) die("format failed");
-    auto e = Engine::open(x->main, spare, {});
+    auto e = Engine::open(main, spare, {});
     if (!e.is_ok()) die("open failed");
     x->engine = std::move(e.value());
     for (auto* info : {&x->rw, &x->ro}) {
@@ -83,6 +93,14 @@ World& world() {
       info->handshake_timeout = std::chrono::milliseconds(5000);
     }
     x->ro.read_only = true;
+    // The server's watchdog, as main.cc runs it.
+    std::thread([x] {
+      while (true) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        x->rw.watch_all();
+        x->ro.watch_all();
+      }
+    }).detach();
     return x;
   }();
   return *w;
@@ -107,7 +125,10 @@ size_t thread_count() {
 }
 
 // Serves `input` as one client's bytes; returns everything the server sent.
-std::string serve(server::ExportInfo& info, const uint8_t* input, size_t size) {
+// With `drain_at` below `size`, the session is drained (as on SIGTERM) once
+// that many bytes have been sent.
+std::string serve(server::ExportInfo& info, const uint8_t* input, size_t size,
+                  size_t drain_at = SIZE_MAX) {
   const size_t threads_before = thread_count();
   Socket server_side(loop()), client_side(loop());
   asio::local::connect_pair(server_side, client_side);
@@ -118,11 +139,17 @@ std::string serve(server::ExportInfo& info, const uint8_t* input, size_t size) {
   asio::co_spawn(session->strand(),
                  [session]() -> asio::awaitable<void> { co_await session->run(); },
                  [&ended](std::exception_ptr) { ended.set_value(); });
+  std::weak_ptr<server::Session<Socket>> weak = session;
   session.reset();
   std::thread writer([&] {
     size_t done = 0;
     while (done < size) {
-      const ssize_t n = ::send(client, input + done, size - done, MSG_NOSIGNAL);
+      if (done >= drain_at) {
+        if (auto s = weak.lock()) s->drain();
+        drain_at = SIZE_MAX;
+      }
+      const size_t until = std::min(size, drain_at);  // stop at the drain first
+      const ssize_t n = ::send(client, input + done, until - done, MSG_NOSIGNAL);
       if (n < 0 && errno == EINTR) continue;  // libFuzzer's timer signal
       if (n <= 0) break;  // the server closed on us: allowed
       done += static_cast<size_t>(n);
@@ -207,13 +234,17 @@ void witness(uint64_t n) {
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static uint64_t runs = 0;
   World& w = world();
-  const bool read_only = size > 0 && (data[0] & 1);
-  if (read_only) {
-    const std::vector<char> before = w.main->contents();
-    serve(w.ro, data + 1, size - 1);
-    if (w.main->contents() != before) die("a read-only export changed the disk");
+  // The first byte: bit 0 the read-only export, bit 1 a drain (as on
+  // SIGTERM) half way through the rest.
+  const uint8_t mode = size > 0 ? data[0] : 0;
+  const size_t rest = size - (size > 0);
+  const size_t drain_at = (mode & 2) ? rest / 2 : SIZE_MAX;
+  if (mode & 1) {
+    const uint64_t before = w.main_mem->changes();
+    serve(w.ro, data + 1, rest, drain_at);
+    if (w.main_mem->changes() != before) die("a read-only export changed the disk");
   } else {
-    serve(w.rw, data + (size > 0), size - (size > 0));
+    serve(w.rw, data + (size > 0), rest, drain_at);
   }
   witness(++runs);
   return 0;

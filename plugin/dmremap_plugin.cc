@@ -288,14 +288,11 @@ int dmremap_trim(void*, uint32_t count, uint64_t offset, uint32_t flags) {
 }
 
 int dmremap_zero(void*, uint32_t count, uint64_t offset, uint32_t flags) {
-  // FAST_ZERO: fail at once when zeroing would be no faster than writing
-  // (ENOTSUP is the documented answer, so it goes out as it is).
-  if ((flags & NBDKIT_FLAG_FAST_ZERO) && !dmremap::fast_zero_check(*g_engine).is_ok()) {
-    nbdkit_set_error(ENOTSUP);
-    return -1;
-  }
-  return guarded("zero", RequestKind::kWrite, [&] {
-    return g_engine->write_zeroes(count, offset, flags & NBDKIT_FLAG_FUA);
+  // FAST_ZERO: the engine fails at once with ENOTSUP when zeroing would be
+  // no faster than writing, and that ENOTSUP goes to the client as it is.
+  const bool fast = flags & NBDKIT_FLAG_FAST_ZERO;
+  return guarded("zero", fast ? RequestKind::kFastZero : RequestKind::kWrite, [&] {
+    return g_engine->write_zeroes(count, offset, flags & NBDKIT_FLAG_FUA, fast);
   });
 }
 
@@ -315,7 +312,7 @@ int dmremap_extents(void*, uint32_t count, uint64_t offset, uint32_t flags,
   return guarded("extents", RequestKind::kOther, [&] {
     bool done = false;
     int add_error = 0;
-    dmremap::Status s = g_engine->extents(count, offset, [&](uint64_t off, uint64_t len, bool hole) {
+    auto run = [&](uint64_t off, uint64_t len, bool hole) {
       // nbdkit clips what lies outside the request; with REQ_ONE one run
       // is enough.
       if (done) return;
@@ -325,7 +322,8 @@ int dmremap_extents(void*, uint32_t count, uint64_t offset, uint32_t flags,
         done = true;
       }
       if ((flags & NBDKIT_FLAG_REQ_ONE) && off + len > offset) done = true;
-    });
+    };
+    dmremap::Status s = dmremap::allocation(*g_engine, count, offset, run);
     if (s.is_ok() && add_error) s = dmremap::Status::error(add_error, "nbdkit_add_extent failed");
     return s;
   });

@@ -15,18 +15,20 @@ namespace {
 // protocol lets a server describe less than was asked).
 constexpr size_t kMaxStatusRuns = 8192;
 
-RequestKind kind_of(uint16_t type) {
-  switch (type) {
+RequestKind kind_of(const nbd::Request& r) {
+  switch (r.type) {
     case nbd::kCmdRead: case nbd::kCmdCache: return RequestKind::kRead;
-    case nbd::kCmdWrite: case nbd::kCmdTrim: case nbd::kCmdWriteZeroes: return RequestKind::kWrite;
+    case nbd::kCmdWriteZeroes:
+      return (r.flags & nbd::kCmdFlagFastZero) ? RequestKind::kFastZero : RequestKind::kWrite;
+    case nbd::kCmdWrite: case nbd::kCmdTrim: return RequestKind::kWrite;
     default: return RequestKind::kOther;
   }
 }
 
 // `s` with its errno narrowed to what a client may see.
-Status for_client(const Status& s, uint16_t type) {
+Status for_client(const Status& s, const nbd::Request& r) {
   if (s.is_ok()) return s;
-  Status out = Status::error(client_errno(s.code(), kind_of(type)), s.message());
+  Status out = Status::error(client_errno(s.code(), kind_of(r)), s.message());
   if (auto at = s.error_offset()) out = std::move(out).with_offset(*at);
   return out;
 }
@@ -48,7 +50,7 @@ Reply block_status(const nbd::Request& r, const Negotiated& n, Engine& e, Status
   std::vector<std::pair<uint32_t, Runs>> contexts;
   if (n.allocation) {
     Runs runs;
-    s = e.extents(r.length, r.offset, [&](uint64_t off, uint64_t len, bool hole) {
+    s = allocation(e, r.length, r.offset, [&](uint64_t off, uint64_t len, bool hole) {
       add(runs, off, len, hole ? (nbd::kStateHole | nbd::kStateZero) : 0);
     });
     if (!s.is_ok()) return {};
@@ -132,8 +134,8 @@ Verdict validate(const nbd::Request& r, const Negotiated& n, const ExportInfo& i
     case nbd::kCmdBlockStatus: allowed |= nbd::kCmdFlagReqOne; break;
   }
   if (r.flags & ~allowed) return {nbd::kEinval, "a flag this command does not take here"};
-  if ((r.type == nbd::kCmdRead || r.type == nbd::kCmdWrite || r.type == nbd::kCmdCache) &&
-      r.length > info.accept_request) {
+  // CACHE of any length is read in pieces (as nbdkit allows it too).
+  if ((r.type == nbd::kCmdRead || r.type == nbd::kCmdWrite) && r.length > info.accept_request) {
     return {nbd::kEinval, "the request is larger than the server accepts"};
   }
   if (r.type == nbd::kCmdBlockStatus) {
@@ -162,20 +164,14 @@ Reply execute(const nbd::Request& r, Buffer& payload, const Negotiated& n,
         out.data = Buffer(r.length);
         s = e.read(out.data.data(), r.length, r.offset, &out.unreadable);
         if (!s.is_ok()) log(LogLevel::kWarning, "request failed: " + s.to_string());
-        out.status = for_client(s, r.type);
-        return read_reply(r, n.structured, e.block_size(), kMaxPayload, std::move(out));
+        out.status = for_client(s, r);
+        return read_reply(r, n.structured, e.block_size(), info.max_reply_chunk, std::move(out));
       }
       case nbd::kCmdWrite: s = e.write(payload.data(), r.length, r.offset, fua); break;
       case nbd::kCmdFlush: s = e.flush(); break;
       case nbd::kCmdTrim: s = e.trim(r.length, r.offset, fua); break;
       case nbd::kCmdWriteZeroes:
-        if (r.flags & nbd::kCmdFlagFastZero) {
-          // ENOTSUP is the documented answer here: it goes out as it is.
-          if (Status f = fast_zero_check(e); !f.is_ok()) {
-            return failure(r, n, nbd::kEnotsup, f.message());
-          }
-        }
-        s = e.write_zeroes(r.length, r.offset, fua);
+        s = e.write_zeroes(r.length, r.offset, fua, r.flags & nbd::kCmdFlagFastZero);
         break;
       case nbd::kCmdCache: s = cache(e, r.length, r.offset); break;
       case nbd::kCmdBlockStatus: {
@@ -186,7 +182,7 @@ Reply execute(const nbd::Request& r, Buffer& payload, const Negotiated& n,
     }
     if (s.is_ok()) return simple_reply(r.cookie, 0);
     log(LogLevel::kWarning, "request failed: " + s.to_string());
-    return failure(r, n, nbd::wire_error(client_errno(s.code(), kind_of(r.type))), s.message());
+    return failure(r, n, nbd::wire_error(client_errno(s.code(), kind_of(r))), s.message());
   } catch (const std::bad_alloc&) {
     log(LogLevel::kError, "request failed: out of memory");
     return failure(r, n, nbd::kEio, "the server is out of memory");

@@ -33,6 +33,7 @@ struct ExportInfo {
   std::string description;
   bool read_only = false;  // no write, trim or zero is offered or served
   uint32_t accept_request = kAcceptedPayload;  // larger reads and writes are refused
+  uint32_t max_reply_chunk = kMaxPayload;      // structured reads: data per chunk (advertised)
   uint64_t max_in_flight_bytes = 256 << 20;    // per session, then reading pauses
   std::chrono::milliseconds handshake_timeout{30000};
 

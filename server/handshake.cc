@@ -107,7 +107,11 @@ Handshake::Outcome Handshake::oversized(uint32_t option, uint32_t length, std::s
   // EXPORT_NAME has no error reply: the connection ends.
   if (option == nbd::kOptExportName) return Outcome::kEnd;
   if (option == nbd::kOptSetMetaContext) n_.allocation = n_.remapped = false;
-  refuse(out, option, nbd::kRepErrTooBig, "option data too long");
+  if (shutting_down_) {
+    refuse(out, option, nbd::kRepErrShutdown, "the server is shutting down");
+  } else {
+    refuse(out, option, nbd::kRepErrTooBig, "option data too long");
+  }
   return Outcome::kMore;
 }
 

@@ -114,12 +114,14 @@ bool stale_socket_at(const std::string& path) {
   }
   addr.sun_family = AF_UNIX;
   std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  // Non-blocking: a live server whose backlog is full answers EAGAIN
+  // instead of holding up the start.
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (fd < 0) throw std::runtime_error("socket: " + std::string(std::strerror(errno)));
   const int r = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
   const int err = errno;
   ::close(fd);
-  if (r == 0) {
+  if (r == 0 || err == EAGAIN || err == EINPROGRESS) {
     throw std::runtime_error("--unix " + path + ": a server is listening there already");
   }
   if (err != ECONNREFUSED) {
@@ -204,6 +206,8 @@ void Listeners::listen_unix(const std::string& path) {
   unix_ = std::make_unique<asio::local::stream_protocol::acceptor>(
       io_, asio::local::stream_protocol::endpoint(path));
   created_socket_ = path;
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0) created_inode_ = {st.st_dev, st.st_ino};
   asio::co_spawn(io_, accept_loop(*unix_, info_), asio::detached);
   std::fprintf(stderr, "dmremap-server: listening on %s\n", path.c_str());
 }
@@ -240,8 +244,15 @@ void Listeners::close() {
   }
 }
 
+// Only if the path is still the socket this server made: another server
+// may have taken the path over since.
 void Listeners::remove_socket_file() {
-  if (!created_socket_.empty()) ::unlink(created_socket_.c_str());
+  if (created_socket_.empty()) return;
+  struct stat st {};
+  if (::lstat(created_socket_.c_str(), &st) == 0 &&
+      std::make_pair(st.st_dev, st.st_ino) == created_inode_) {
+    ::unlink(created_socket_.c_str());
+  }
 }
 
 }  // namespace dmremap::server

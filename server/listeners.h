@@ -9,6 +9,8 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <sys/types.h>
+#include <utility>
 #include <vector>
 
 #include "export_info.h"
@@ -53,6 +55,7 @@ class Listeners {
   std::vector<std::unique_ptr<asio::ip::tcp::acceptor>> tcp_;
   std::unique_ptr<asio::local::stream_protocol::acceptor> unix_;
   std::string created_socket_;
+  std::pair<dev_t, ino_t> created_inode_{};
 };
 
 }  // namespace dmremap::server

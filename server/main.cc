@@ -116,9 +116,10 @@ void add_options(CLI::App& app, Options& o) {
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   app.add_option("--shutdown-timeout", o.drain_seconds,
-                 "On SIGTERM/SIGINT, seconds to wait for requests in flight. Past it the server "
-                 "exits with status 1 and the spare is left as after a crash (its journal "
-                 "replays at the next start)")
+                 "On SIGTERM/SIGINT, seconds to wait for requests in flight. Past it, clients "
+                 "still busy are cut; if a request is still stuck in a disk, the server exits "
+                 "with status 1 and the spare is left as after a crash (its journal replays at "
+                 "the next start)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   app.add_flag("-v,--verbose", o.verbose,
@@ -280,7 +281,14 @@ int serve(Options& o) {
   watchdog.join();
   listeners.remove_socket_file();
   control.reset();
-  return close_set(e, shutdown->close_wait());
+  const int status = close_set(e, shutdown->close_wait());
+  if (info.live() != 0) {
+    // Clients cut at the deadline may still have threads here (blocked on
+    // their sockets), using the export: end without destroying it.
+    std::fflush(stderr);
+    std::_Exit(status);
+  }
+  return status;
 }
 
 }  // namespace

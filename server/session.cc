@@ -7,6 +7,7 @@
 #include <string_view>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <system_error>
 #include <thread>
 #include <type_traits>
 
@@ -79,14 +80,18 @@ void Session<Socket>::stop_lanes() {
   room_.notify_all();
 }
 
+// Draining: once nothing runs, nothing is queued and no payload is half
+// read, the read side is shut. The reader still gets what had arrived
+// before (requests whole in the read-ahead buffer or the kernel's), answers
+// each ESHUTDOWN, then meets end-of-file and the lanes end.
 template <class Socket>
 void Session<Socket>::end_reading_if_idle() {
-  if (executing_ > 0) return;
+  if (executing_ > 0 || receiving_) return;
   {
     std::lock_guard lock(queue_mu_);
     if (!queued_.empty()) return;
   }
-  stop_lanes();
+  if (fd_ >= 0) ::shutdown(fd_, SHUT_RD);
 }
 
 template <class Socket>
@@ -216,22 +221,19 @@ awaitable<bool> Session<Socket>::handshake() {
 template <class Socket>
 void Session<Socket>::watch(int64_t now) {
   const int64_t since = outbox_since_.load();
-  const bool replies_wait = since != 0 && now - since > kReplyWaitNs;
-  if (!replies_wait) {
-    if (executing_ == 0 || readers_ > 0) return;
-    // A request waiting for a group commit is stuck at once: the commit
-    // grows with the requests that join it, so the connection's next ones
-    // should run now rather than queue behind it.
-    if (now - progress_ns_ < kStuckNs && info_.engine->waiting_for_commit() == 0) return;
-    if (stop_) {
-      // Nothing more will be read; a helper is useful only for requests
-      // already queued behind the stuck one.
-      std::lock_guard lock(queue_mu_);
-      if (queued_.empty()) return;
-    }
+  if (since != 0 && now - since > kReplyWaitNs && !flusher_) start_flusher();
+  if (executing_ == 0 || readers_ > 0) return;
+  // A request waiting for a group commit is stuck at once: the commit
+  // grows with the requests that join it, so the connection's next ones
+  // should run now rather than queue behind it.
+  if (now - progress_ns_ < kStuckNs && info_.engine->waiting_for_commit() == 0) return;
+  if (stop_) {
+    // Nothing more will be read; a helper is useful only for requests
+    // already queued behind the stuck one.
+    std::lock_guard lock(queue_mu_);
+    if (queued_.empty()) return;
   }
-  if (now - progress_ns_ < kReplyWaitNs) return;  // one more lane per period at most
-  progress_ns_ = now;
+  progress_ns_ = now;  // one more lane per period at most
   start_lane(/*first=*/false);
 }
 
@@ -239,22 +241,64 @@ void Session<Socket>::watch(int64_t now) {
 // lane still runs (checked under the same lock as the last lane's exit), so
 // no lane can start after the session has closed its socket.
 template <class Socket>
-void Session<Socket>::start_lane(bool first) {
+template <class Body>
+bool Session<Socket>::spawn(bool first, bool capped, Body body) {
   {
     std::lock_guard lock(lanes_mu_);
-    if (!first && (lanes_ == 0 || lanes_ >= info_.max_lanes)) return;
+    if (!first && (lanes_ == 0 || (capped && lanes_ >= info_.max_lanes))) return false;
     ++lanes_;
   }
-  std::thread([self = this->shared_from_this(), this] { lane(); }).detach();
+  try {
+    std::thread([self = this->shared_from_this(), body] { body(); }).detach();
+    return true;
+  } catch (const std::system_error& e) {
+    // Out of threads (a pids limit): this connection goes on with the
+    // threads it has; with none, it ends.
+    log(LogLevel::kWarning, std::string("cannot start a thread for a client: ") + e.what());
+    lane_done();
+    return false;
+  }
+}
+
+template <class Socket>
+void Session<Socket>::start_lane(bool first) {
+  if (!spawn(first, /*capped=*/true, [this] { lane(); }) && first) stop_lanes();
+}
+
+template <class Socket>
+void Session<Socket>::start_flusher() {
+  flusher_ = true;
+  if (!spawn(/*first=*/false, /*capped=*/false, [this] {
+        flush_outbox();
+        flusher_ = false;
+        lane_done();
+      })) {
+    flusher_ = false;
+  }
+}
+
+template <class Socket>
+void Session<Socket>::lane_done() {
+  bool last = false;
+  {
+    std::lock_guard lock(lanes_mu_);
+    last = --lanes_ == 0;
+  }
+  if (last) {
+    // Wake run() on the strand: the session is over.
+    asio::post(strand_, [self = this->shared_from_this(), this] { wake_.cancel(); });
+  }
 }
 
 template <class Socket>
 void Session<Socket>::lane() {
-  // A helper may have been started to send replies that wait.
-  flush_outbox();
   while (true) {
     Item item;
-    if (!take_queued(item)) {
+    if (take_queued(item)) {
+      // Replies that have waited long enough go out before another request.
+      const int64_t since = outbox_since_.load();
+      if (since != 0 && now_ns() - since > kReplyWaitNs) flush_outbox();
+    } else {
       // Nothing received is waiting: the replies go out before this lane
       // waits for the client, which may be waiting for them.
       flush_outbox();
@@ -274,15 +318,7 @@ void Session<Socket>::lane() {
     if (draining_) end_reading_if_idle();
   }
   flush_outbox();
-  bool last = false;
-  {
-    std::lock_guard lock(lanes_mu_);
-    last = --lanes_ == 0;
-  }
-  if (last) {
-    // Wake run() on the strand: the session is over.
-    asio::post(strand_, [self = this->shared_from_this(), this] { wake_.cancel(); });
-  }
+  lane_done();
 }
 
 template <class Socket>
@@ -400,7 +436,7 @@ template <class Socket>
 uint64_t Session<Socket>::cost_of(const nbd::Request& r, const Verdict& v) const {
   uint64_t cost = kRequestOverhead;
   if (r.type == nbd::kCmdWrite) cost += r.length;
-  if (v.error == 0 && (r.type == nbd::kCmdRead || r.type == nbd::kCmdCache)) cost += r.length;
+  if (v.error == 0 && r.type == nbd::kCmdRead) cost += r.length;
   if (v.error == 0 && r.type == nbd::kCmdBlockStatus) cost += kMaxStatusReplyBytes;
   return cost;
 }
@@ -464,8 +500,18 @@ bool Session<Socket>::next_batch(std::vector<Item>& batch) {
         return false;
       }
       item.payload = Buffer(r.length);
-      if (!recv_exact(item.payload.data(), r.length)) {
-        release(item.cost);
+      receiving_ = true;
+      const bool whole = recv_exact(item.payload.data(), r.length);
+      receiving_ = false;
+      if (!whole) {
+        // Cut short. During a drain the client still gets an answer for
+        // the request whose header came: ESHUTDOWN.
+        if (draining_) {
+          item.late = true;
+          batch.push_back(std::move(item));
+        } else {
+          release(item.cost);
+        }
         return false;
       }
     }

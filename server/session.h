@@ -52,7 +52,16 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
     Buffer payload;
   };
   void start_lane(bool first);
+  // A thread that only sends the outbox: started when replies wait behind
+  // slow requests, beyond --threads if need be (it runs no request).
+  void start_flusher();
+  // Runs `body` on a new thread of this session, counted in lanes_ (so that
+  // run() waits for it); false when there is no such thread.
+  template <class Body>
+  bool spawn(bool first, bool capped, Body body);
   void lane();
+  // A lane or flusher ends; the last one wakes run().
+  void lane_done();
   // Takes the next request off the socket, and any more that have already
   // arrived whole (under read_mu_). False: nothing more is to be read.
   bool next_batch(std::vector<Item>& batch);
@@ -85,6 +94,8 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
 
   std::atomic<bool> stop_{false};      // lanes: take no more requests
   std::atomic<bool> draining_{false};  // requests read from now on: ESHUTDOWN
+  std::atomic<bool> receiving_{false};  // a lane is between a write's header and its payload
+  std::atomic<bool> flusher_{false};    // a flusher runs
   std::mutex read_mu_;                 // one lane reads the socket at a time
   std::vector<char> ahead_;            // bytes read ahead of the current request
   size_t ahead_pos_ = 0, ahead_end_ = 0;

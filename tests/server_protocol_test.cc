@@ -307,12 +307,17 @@ TEST_CASE("commands: an exception during a structured read is an error chunk, EI
 
 TEST_CASE("errno table: clients see only the errors NBD defines, by its rules",
           "[server][errno]") {
-  // Error values: EDQUOT/EFBIG are ENOSPC; ENOTSUP, EOVERFLOW and ESHUTDOWN
-  // are not passed through from a device; ENOMEM is avoided.
+  // Error values: EDQUOT/EFBIG are ENOSPC; ENOTSUP (but for a fast zero),
+  // EOVERFLOW and ESHUTDOWN are not passed through from a device; ENOMEM is
+  // avoided.
   using K = RequestKind;
   CHECK(client_errno(EPERM, K::kWrite) == EPERM);
   CHECK(client_errno(EROFS, K::kWrite) == EPERM);
-  CHECK(client_errno(EINVAL, K::kRead) == EINVAL);
+  // EINVAL from below is a device's complaint: the frontends check ranges
+  // and flags before the engine sees a request.
+  CHECK(client_errno(EINVAL, K::kRead) == EIO);
+  CHECK(client_errno(ENOTSUP, K::kFastZero) == ENOTSUP);
+  CHECK(client_errno(ENOSPC, K::kFastZero) == ENOSPC);
   CHECK(client_errno(ENOSPC, K::kWrite) == ENOSPC);
   CHECK(client_errno(EDQUOT, K::kWrite) == ENOSPC);
   CHECK(client_errno(EFBIG, K::kWrite) == ENOSPC);
@@ -324,4 +329,85 @@ TEST_CASE("errno table: clients see only the errors NBD defines, by its rules",
   }
   // The server's wire numbers are Linux's errno values.
   for (int err : {EPERM, EIO, EINVAL, ENOSPC}) CHECK(nbd::wire_error(err) == static_cast<uint32_t>(err));
+}
+
+TEST_CASE("commands: unreadable blocks get ERROR_OFFSET chunks; every good byte is sent",
+          "[server][replies]") {
+  nbd::Request r{0, nbd::kCmdRead, 5, 4096, 5 * 4096};  // blocks 1..5
+  ReadOutcome out;
+  out.data = Buffer(r.length);
+  for (uint32_t i = 0; i < r.length; ++i) out.data.data()[i] = static_cast<char>(i % 251);
+  out.status = Status::error(EIO, "block 2 cannot be read").with_offset(2 * 4096);
+  out.unreadable = {2, 4};
+  const std::string w = wire(read_reply(r, true, 4096, kMaxPayload, std::move(out)));
+  // data [1], error 2, data [3], error 4, data [5] (DONE)
+  std::vector<std::pair<uint16_t, uint64_t>> chunks;  // type, offset
+  size_t at = 0;
+  uint16_t flags = 0;
+  while (at < w.size()) {
+    const uint16_t type = nbd::get16(w.data() + at + 6);
+    const uint32_t len = nbd::get32(w.data() + at + 16);
+    const char* body = w.data() + at + 20;
+    flags = nbd::get16(w.data() + at + 4);
+    if (type == nbd::kChunkOffsetData) {
+      const uint64_t off = nbd::get64(body);
+      for (uint32_t i = 0; i < len - 8; ++i) {
+        REQUIRE(body[8 + i] == static_cast<char>((off - r.offset + i) % 251));
+      }
+      chunks.emplace_back(type, off);
+    } else {
+      REQUIRE(type == nbd::kChunkErrorOffset);
+      CHECK(nbd::get32(body) == nbd::kEio);
+      chunks.emplace_back(type, nbd::get64(body + 6 + nbd::get16(body + 4)));
+    }
+    at += 20 + len;
+  }
+  CHECK(chunks == std::vector<std::pair<uint16_t, uint64_t>>{{nbd::kChunkOffsetData, 4096},
+                                                             {nbd::kChunkErrorOffset, 8192},
+                                                             {nbd::kChunkOffsetData, 12288},
+                                                             {nbd::kChunkErrorOffset, 16384},
+                                                             {nbd::kChunkOffsetData, 20480}});
+  CHECK(flags == nbd::kReplyFlagDone);
+}
+
+TEST_CASE("commands: a refused request with structured replies carries its reason",
+          "[server][replies]") {
+  const std::string w = wire(refuse({0, nbd::kCmdWrite, 3, 0, 4096},
+                                    {nbd::kEshutdown, "the server is shutting down"},
+                                    {.structured = true}));
+  CHECK(nbd::get16(w.data() + 6) == nbd::kChunkError);
+  CHECK(nbd::get32(w.data() + 20) == nbd::kEshutdown);
+  CHECK(w.substr(26) == "the server is shutting down");
+  const std::string simple =
+      wire(refuse({0, nbd::kCmdWrite, 3, 0, 4096}, {nbd::kEshutdown, "x"}, {}));
+  CHECK(simple.size() == 16);
+  CHECK(nbd::get32(simple.data() + 4) == nbd::kEshutdown);
+}
+
+TEST_CASE("commands: FAST_ZERO fails at once where zeroing would write", "[server][commands]") {
+  // NBD_CMD_WRITE_ZEROES: with FAST_ZERO the server MUST fail quickly with
+  // ENOTSUP when it cannot zero faster than it writes. Zeros for a remapped
+  // block are written to its slot: not fast.
+  Fixture f;
+  REQUIRE(f.set.engine->remap_block(3).is_ok());
+  Buffer none;
+  const Negotiated n;
+  std::string w = wire(execute({nbd::kCmdFlagFastZero, nbd::kCmdWriteZeroes, 1, 2 * 4096, 2 * 4096},
+                               none, n, f.info));
+  CHECK(nbd::get32(w.data() + 4) == nbd::kEnotsup);
+  w = wire(execute({nbd::kCmdFlagFastZero, nbd::kCmdWriteZeroes, 2, 8 * 4096, 2 * 4096}, none, n,
+                   f.info));
+  CHECK(nbd::get32(w.data() + 4) == 0);
+  w = wire(execute({0, nbd::kCmdWriteZeroes, 3, 2 * 4096, 2 * 4096}, none, n, f.info));
+  CHECK(nbd::get32(w.data() + 4) == 0);
+}
+
+TEST_CASE("commands: CACHE of any length reads in pieces", "[server][commands]") {
+  Fixture f;
+  const Negotiated n;
+  const nbd::Request r{0, nbd::kCmdCache, 1, 0, 1 << 20};
+  f.info.accept_request = 4096;  // CACHE is not bound by it
+  CHECK(validate(r, n, f.info).error == 0);
+  Buffer none;
+  CHECK(nbd::get32(wire(execute(r, none, n, f.info)).data() + 4) == 0);
 }

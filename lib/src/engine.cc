@@ -806,7 +806,18 @@ Status Engine::write(const void* buf, uint64_t len, uint64_t offset, bool fua) {
   return do_write(static_cast<const char*>(buf), Data::kBuffer, len, offset, fua);
 }
 
-Status Engine::write_zeroes(uint64_t len, uint64_t offset, bool fua) {
+Status Engine::write_zeroes(uint64_t len, uint64_t offset, bool fua, bool fast) {
+  if (fast && offset <= size_ && len <= size_ - offset && len > 0) {
+    if (!can_fast_zero()) {
+      return Status::error(ENOTSUP, "zeroing is not fast here: it would write zeros");
+    }
+    bool slots = false;
+    for_each_entry(offset / block_, (offset + len + block_ - 1) / block_,
+                   [&](const RemapTable::Entry&) { slots = true; });
+    if (slots) {
+      return Status::error(ENOTSUP, "zeroing remapped or pending blocks writes zeros to the spare");
+    }
+  }
   counters_->zeroes.fetch_add(1, std::memory_order_relaxed);
   return do_write(nullptr, Data::kZeroes, len, offset, fua);
 }

@@ -241,6 +241,36 @@ class MetaContextTest(Conformance):
         self.assertEqual(struct.unpack(">III", chunks[0][1][:12]), (remapped_id, 4 * BLOCK, 0))
 
 
+class BigBlockTest(Conformance):
+    """A set of 64 KiB blocks on a sparse main."""
+
+    def setUp(self):
+        self.s = DemoSet(TOOLS, extra_format=("--block-size", "65536"))
+        self.addCleanup(self.s.close)
+        with open(self.s.main, "r+b") as f:  # data in the middle of block 1 only
+            f.seek(65536 + 4096)
+            f.write(pattern(1))
+        self.s.start()
+
+    def test_block_status_descriptors_are_whole_blocks(self):
+        """NBD_REPLY_TYPE_BLOCK_STATUS: the server "SHOULD use descriptor lengths
+        that are an integer multiple of any advertised minimum block size"."""
+        c = self.client()
+        c.option(OPT_STRUCTURED)
+        self.assertEqual(c.option_reply()[1], REP_ACK)
+        self.assertEqual(self.meta(c, OPT_SET_META, [b"base:allocation"])[1], REP_ACK)
+        c.go()
+        c.structured = True
+        c.request(CMD_BLOCK_STATUS, 0, 4 * 65536, cookie=1)
+        chunks = read_structured(c, 1)
+        self.assertEqual(error_of(chunks), 0)
+        body = chunks[0][1][4:]
+        runs = [struct.unpack(">II", body[i:i + 8]) for i in range(0, len(body), 8)]
+        self.assertTrue(all(length % 65536 == 0 for length, _ in runs), runs)
+        self.assertEqual(runs[0], (65536, 3))  # block 0: a hole that reads as zeros
+        self.assertEqual(runs[1][1], 0)         # block 1: data
+
+
 class HandshakeLimitsTest(Conformance):
     def test_oversize_option_is_too_big_and_the_handshake_goes_on(self):
         """Option reply types: NBD_REP_ERR_TOO_BIG, "The request or the reply is
@@ -292,7 +322,7 @@ class LargeReadTest(Conformance):
 
 
 class SlowBlockTest(Conformance):
-    params = ("inject=slow:9x2000",)
+    params = ("inject=slow:9-10x2000",)
 
     def test_a_finished_reply_does_not_wait_behind_a_slow_request(self):
         """Transmission: replies "MAY be sent out of order"; a read of a healthy
@@ -311,33 +341,93 @@ class SlowBlockTest(Conformance):
         self.assertGreater(slow, 1.5)
         self.assertLess(fast, 0.5, f"the fast reply came after {fast:.3f} s")
 
+    @unittest.skipUnless(SERVER, "--threads is dmremap-server's")
+    def test_replies_go_out_when_every_thread_is_busy(self):
+        """The same with --threads 2 and both threads held by slow blocks: the
+        replies that are ready do not wait for a free thread."""
+        self.s.stop()
+        self.s.start("inject=slow:9-10x2000", "threads=2")
+        c = self.raw()
+        start = time.monotonic()
+        c.sock.sendall(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, cookie, off, BLOCK)
+                                for cookie, off in ((1, 9 * BLOCK), (2, 0), (3, 10 * BLOCK))))
+        first = c.simple_reply()
+        fast = time.monotonic() - start
+        self.assertEqual(first, (0, 2))
+        self.assertLess(fast, 0.5, f"the fast reply came after {fast:.3f} s")
 
-@unittest.skipUnless(SERVER, "nbdkit 1.32 answers options normally while it shuts down")
+
 class ShutdownTest(Conformance):
     params = ("inject=slow:9x2000",)
 
-    def test_shutdown_refuses_options_and_later_requests(self):
+    def sigterm(self):
+        pid = self.s.daemon_pid if getattr(self.s, "daemon_pid", None) else self.s.proc.pid
+        os.kill(pid, signal.SIGTERM)
+
+    def replies(self, c, count):
+        """The next `count` simple replies, by cookie (data of good reads skipped)."""
+        got = {}
+        for _ in range(count):
+            err, cookie = c.simple_reply()
+            self.assertNotIn(cookie, got, "a request answered twice")
+            got[cookie] = err
+            if err == 0 and cookie < 100:
+                recv_exact(c.sock, BLOCK)
+        return got
+
+    def test_requests_after_a_shutdown_began_get_eshutdown(self):
         """Terminating the transmission phase: on a server shutdown, requests in
         flight are served, and "any subsequently received requests SHOULD be
-        NBD_ESHUTDOWN"; in the handshake, options SHOULD get
-        NBD_REP_ERR_SHUTDOWN."""
-        waiting = self.client()  # still in the handshake
+        NBD_ESHUTDOWN" (nbdkit does the same for the plugin)."""
         busy = self.raw()
         busy.request(CMD_READ, 9 * BLOCK, BLOCK, cookie=1)  # takes 2 s
         time.sleep(0.3)
-        pid = self.s.daemon_pid if getattr(self.s, "daemon_pid", None) else self.s.proc.pid
-        os.kill(pid, signal.SIGTERM)
+        self.sigterm()
+        time.sleep(0.3)
+        for cookie in (2, 3, 4):
+            busy.request(CMD_READ, 0, BLOCK, cookie=cookie)
+        self.assertEqual(self.replies(busy, 4), {1: 0, 2: NBD_ESHUTDOWN, 3: NBD_ESHUTDOWN,
+                                                 4: NBD_ESHUTDOWN})
+
+    @unittest.skipUnless(SERVER, "nbdkit 1.32 answers options normally while it shuts down")
+    def test_options_after_a_shutdown_began_get_err_shutdown(self):
+        """Option haggling: a server being shut down "SHOULD error further options
+        received (other than an NBD_OPT_ABORT) with NBD_REP_ERR_SHUTDOWN"."""
+        waiting = self.client()  # still in the handshake
+        busy = self.raw()
+        busy.request(CMD_READ, 9 * BLOCK, BLOCK, cookie=1)
+        time.sleep(0.3)
+        self.sigterm()
         time.sleep(0.3)
         waiting.option(OPT_GO, struct.pack(">IH", 0, 0))
         self.assertEqual(waiting.option_reply()[1], REP_ERR_SHUTDOWN)
-        busy.request(CMD_READ, 0, BLOCK, cookie=2)
-        replies = {}
-        for _ in range(2):
-            err, cookie = busy.simple_reply()
-            replies[cookie] = err
-            if err == 0:
-                recv_exact(busy.sock, BLOCK)
-        self.assertEqual(replies, {1: 0, 2: NBD_ESHUTDOWN})
+        waiting.option(0x4242, bytes(1 << 17))  # oversize too
+        self.assertEqual(waiting.option_reply()[1], REP_ERR_SHUTDOWN)
+        self.assertEqual(self.replies(busy, 1), {1: 0})
+
+    @unittest.skipUnless(SERVER, "the plugin's reading of requests is nbdkit's")
+    def test_no_request_already_sent_goes_unanswered(self):
+        """Every request the server received before or after the signal gets a
+        reply, as many as fit in its read-ahead and one whose payload was still
+        arriving; none is dropped with the connection."""
+        self.s.stop()
+        self.s.start("inject=slow:9x2000", "threads=1")
+        c = self.raw()
+        msgs = b"".join(struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, cookie,
+                                    (9 if cookie == 1 else 0) * BLOCK, BLOCK)
+                        for cookie in range(1, 41))
+        c.sock.sendall(msgs)
+        payload = pattern(3)
+        c.sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, CMD_WRITE, 100, 3 * BLOCK, BLOCK) +
+                       payload[:BLOCK // 2])
+        time.sleep(0.3)
+        self.sigterm()
+        time.sleep(0.3)
+        c.sock.sendall(payload[BLOCK // 2:])
+        got = self.replies(c, 41)
+        self.assertEqual(set(got), set(range(1, 41)) | {100})
+        self.assertEqual(got[1], 0)
+        self.assertEqual(set(got.values()) - {0, NBD_ESHUTDOWN}, set())
 
 
 class PoolFullTest(unittest.TestCase):

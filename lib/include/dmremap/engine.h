@@ -167,7 +167,11 @@ class Engine {
   // Past the end: ENOSPC. Read-only: EPERM. Needs a slot and none is left:
   // ENOSPC. Journal broken: EIO. With `fua`, durable before it returns.
   Status write(const void* buf, uint64_t len, uint64_t offset, bool fua);
-  Status write_zeroes(uint64_t len, uint64_t offset, bool fua);
+  // With `fast` (NBD's FAST_ZERO), ENOTSUP at once, having done nothing,
+  // when zeroing would not be faster than writing: a device that cannot
+  // zero quickly, or remapped or pending blocks in the range (their zeros
+  // are written to the spare).
+  Status write_zeroes(uint64_t len, uint64_t offset, bool fua, bool fast = false);
   // Passed to main for unmapped blocks; remapped and pending blocks keep
   // their state. Past the end: EINVAL (the NBD rule for trims).
   Status trim(uint64_t len, uint64_t offset, bool fua);

@@ -1,15 +1,12 @@
 #include "listeners.h"
 
-#include <cerrno>
 #include <cstdlib>
-#include <cstring>
 #include <stdexcept>
 #include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include "dmremap/log.h"
+#include "dmremap/unix_socket.h"
 #include "session.h"
 
 namespace dmremap::server {
@@ -94,43 +91,6 @@ std::vector<int> activation_fds() {
   return fds;
 }
 
-// Only a stale socket (nobody listening) may be replaced at `path`; a file,
-// a device or a live server's socket is refused, so that a mistyped --unix
-// cannot delete the spare. True when a stale socket is there.
-bool stale_socket_at(const std::string& path) {
-  struct stat st {};
-  if (::lstat(path.c_str(), &st) != 0) {
-    if (errno == ENOENT) return false;
-    throw std::runtime_error("--unix " + path + ": " + std::strerror(errno));
-  }
-  if (!S_ISSOCK(st.st_mode)) {
-    throw std::runtime_error("--unix " + path +
-                             ": exists and is not a socket; refusing to replace it (choose "
-                             "another path)");
-  }
-  sockaddr_un addr{};
-  if (path.size() >= sizeof addr.sun_path) {
-    throw std::runtime_error("--unix " + path + ": path too long for a Unix socket");
-  }
-  addr.sun_family = AF_UNIX;
-  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-  // Non-blocking: a live server whose backlog is full answers EAGAIN
-  // instead of holding up the start.
-  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-  if (fd < 0) throw std::runtime_error("socket: " + std::string(std::strerror(errno)));
-  const int r = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
-  const int err = errno;
-  ::close(fd);
-  if (r == 0 || err == EAGAIN || err == EINPROGRESS) {
-    throw std::runtime_error("--unix " + path + ": a server is listening there already");
-  }
-  if (err != ECONNREFUSED) {
-    throw std::runtime_error("--unix " + path + ": cannot tell whether the socket is in use: " +
-                             std::strerror(err));
-  }
-  return true;
-}
-
 }  // namespace
 
 std::string check_tcp_spec(const std::string& spec) {
@@ -147,7 +107,10 @@ std::string check_tcp_spec(const std::string& spec) {
 }
 
 void Listeners::check(const Spec& spec) {
-  if (!spec.unix_path.empty()) (void)stale_socket_at(spec.unix_path);
+  if (spec.unix_path.empty()) return;
+  if (Status s = make_way_for_socket(spec.unix_path, "--unix"); !s.is_ok()) {
+    throw std::runtime_error(s.to_string());
+  }
 }
 
 void Listeners::open(const Spec& spec, std::function<void()> on_stdio_end) {
@@ -197,17 +160,14 @@ void Listeners::listen_activated(int fd) {
 }
 
 void Listeners::listen_unix(const std::string& path) {
-  if (stale_socket_at(path)) {
-    log(LogLevel::kInfo, "replacing the stale socket " + path);
-    if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
-      throw std::runtime_error("--unix " + path + ": " + std::strerror(errno));
-    }
+  // Checked before the set was opened; a stale socket that appeared since
+  // is replaced, anything else refused.
+  if (Status s = make_way_for_socket(path, "--unix"); !s.is_ok()) {
+    throw std::runtime_error(s.to_string());
   }
   unix_ = std::make_unique<asio::local::stream_protocol::acceptor>(
       io_, asio::local::stream_protocol::endpoint(path));
-  created_socket_ = path;
-  struct stat st {};
-  if (::stat(path.c_str(), &st) == 0) created_inode_ = {st.st_dev, st.st_ino};
+  socket_file_ = SocketFile::bound_at(path);
   asio::co_spawn(io_, accept_loop(*unix_, info_), asio::detached);
   std::fprintf(stderr, "dmremap-server: listening on %s\n", path.c_str());
 }
@@ -244,15 +204,6 @@ void Listeners::close() {
   }
 }
 
-// Only if the path is still the socket this server made: another server
-// may have taken the path over since.
-void Listeners::remove_socket_file() {
-  if (created_socket_.empty()) return;
-  struct stat st {};
-  if (::lstat(created_socket_.c_str(), &st) == 0 &&
-      std::make_pair(st.st_dev, st.st_ino) == created_inode_) {
-    ::unlink(created_socket_.c_str());
-  }
-}
+void Listeners::remove_socket_file() { socket_file_.remove(); }
 
 }  // namespace dmremap::server

@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "dmremap/unix_socket.h"
 #include "export_info.h"
 
 namespace dmremap::server {
@@ -54,8 +55,7 @@ class Listeners {
   ExportInfo& info_;
   std::vector<std::unique_ptr<asio::ip::tcp::acceptor>> tcp_;
   std::unique_ptr<asio::local::stream_protocol::acceptor> unix_;
-  std::string created_socket_;
-  std::pair<dev_t, ino_t> created_inode_{};
+  SocketFile socket_file_;  // the --unix socket this server bound
 };
 
 }  // namespace dmremap::server

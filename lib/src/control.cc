@@ -17,6 +17,7 @@
 
 #include "dmremap/log.h"
 #include "dmremap/remap_table.h"
+#include "dmremap/unix_socket.h"
 
 namespace dmremap {
 namespace {
@@ -24,45 +25,6 @@ namespace {
 // A request line longer than this is refused and its connection closed.
 constexpr size_t kMaxLine = 1 << 20;
 constexpr size_t kMaxClients = 32;
-
-Result<sockaddr_un> unix_address(const std::string& path) {
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  if (path.empty() || path.size() >= sizeof addr.sun_path) {
-    return Status::error(ENAMETOOLONG, "control socket " + path + ": a Unix socket path must be 1 to " +
-                                           std::to_string(sizeof addr.sun_path - 1) + " bytes");
-  }
-  std::memcpy(addr.sun_path, path.data(), path.size());
-  return addr;
-}
-
-// A connected socket to `path`, or the connect's errno. A listener whose
-// queue is full makes a blocking connect wait for ever; this one gives up
-// at `deadline` with ETIMEDOUT.
-Result<int> connect_to(const std::string& path, std::chrono::steady_clock::time_point deadline) {
-  auto addr = unix_address(path);
-  if (!addr.is_ok()) return addr.take_status();
-  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-  if (fd < 0) return Status::from_errno("control socket " + path);
-  for (;;) {
-    if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr.value()), sizeof(sockaddr_un)) ==
-        0) {
-      break;
-    }
-    const int err = errno;
-    if ((err == EAGAIN || err == EINTR) && std::chrono::steady_clock::now() < deadline) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      continue;
-    }
-    ::close(fd);
-    return Status::error(err == EAGAIN ? ETIMEDOUT : err,
-                         "control socket " + path +
-                             (err == EAGAIN ? ": the server accepts no connection" : ""));
-  }
-  const int flags = ::fcntl(fd, F_GETFL);
-  (void)::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
-  return fd;
-}
 
 // Replies are JSON; strings from the system (a disk's serial, strerror in
 // some locale) need not be UTF-8, and must not make dump() throw.
@@ -149,25 +111,9 @@ Result<std::unique_ptr<ControlServer>> ControlServer::listen(const std::string& 
 
 Result<std::unique_ptr<ControlServer>> ControlServer::listen(const std::string& path,
                                                              Options options) {
-  auto addr = unix_address(path);
+  auto addr = unix_address(path, "control socket");
   if (!addr.is_ok()) return addr.take_status();
-  struct stat st {};
-  if (::lstat(path.c_str(), &st) == 0) {
-    if (!S_ISSOCK(st.st_mode)) {
-      return Status::error(EEXIST, "control socket " + path +
-                                       ": a file that is not a socket is in the way");
-    }
-    // Only a refused connection proves the owner gone. A busy server
-    // (ETIMEDOUT) or one we may not reach (EACCES) keeps its socket.
-    auto other = connect_to(path, std::chrono::steady_clock::now() + std::chrono::seconds(1));
-    if (other.is_ok() || other.status().code() == ETIMEDOUT) {
-      if (other.is_ok()) ::close(other.value());
-      return Status::error(EADDRINUSE, "control socket " + path +
-                                           ": another running server answers on it");
-    }
-    if (other.status().code() != ECONNREFUSED) return other.take_status();
-    ::unlink(path.c_str());  // left by a process that is gone
-  }
+  if (Status s = make_way_for_socket(path, "control socket"); !s.is_ok()) return s;
   const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (fd < 0) return Status::from_errno("control socket " + path);
   // Linux creates the socket file with the socket's own mode (less the
@@ -187,7 +133,7 @@ Result<std::unique_ptr<ControlServer>> ControlServer::listen(const std::string& 
     return s;
   }
   std::unique_ptr<ControlServer> server(new ControlServer(path, fd, wake, options));
-  if (::stat(path.c_str(), &st) == 0) server->inode_ = st.st_ino;
+  server->file_ = SocketFile::bound_at(path);
   return server;
 }
 
@@ -219,11 +165,7 @@ ControlServer::~ControlServer() {
   if (thread_.joinable()) thread_.join();
   ::close(listen_fd_);
   ::close(wake_fd_);
-  // Only our own socket: another server may have taken the path since.
-  struct stat st {};
-  if (::lstat(path_.c_str(), &st) == 0 && S_ISSOCK(st.st_mode) && st.st_ino == inode_) {
-    ::unlink(path_.c_str());
-  }
+  file_.remove();  // only if it is still ours
 }
 
 void ControlServer::run() {
@@ -399,7 +341,7 @@ ControlServer::Handler engine_commands(Engine& engine) {
 Result<Json> control_call(const std::string& path, const Json& request,
                           std::chrono::milliseconds timeout) {
   const auto deadline = std::chrono::steady_clock::now() + timeout;
-  auto fd = connect_to(path, deadline);
+  auto fd = connect_unix(path, deadline, "control socket");
   if (!fd.is_ok()) {
     const int code = fd.status().code();
     if (code == ENOENT || code == ECONNREFUSED) {

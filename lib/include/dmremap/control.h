@@ -19,6 +19,7 @@
 #include "dmremap/engine.h"
 #include "dmremap/metadata.h"
 #include "dmremap/status.h"
+#include "dmremap/unix_socket.h"
 
 namespace dmremap {
 
@@ -84,7 +85,7 @@ class ControlServer {
   std::string path_;
   int listen_fd_;
   int wake_fd_;
-  ino_t inode_ = 0;
+  SocketFile file_;  // the socket this server bound
   Options options_;
   Handler handler_;
   std::thread thread_;

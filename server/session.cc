@@ -4,6 +4,9 @@
 #include <climits>
 #include <cstring>
 #include <fcntl.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <string_view>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -40,6 +43,8 @@ constexpr int64_t kStuckNs = 3'000'000;
 // Options arriving after a shutdown began are refused for this long; then a
 // client still in the handshake is dropped.
 constexpr std::chrono::seconds kShutdownGrace{2};
+// After a thread could not be created, none is tried for this long.
+constexpr int64_t kSpawnBackoffNs = 1'000'000'000;
 
 }  // namespace
 
@@ -66,32 +71,31 @@ void Session<Socket>::drain() {
       });
       return;
     }
-    end_reading_if_idle();
+    wake_reader();
   });
 }
 
-// Lanes finish the request they hold and send its reply; a lane blocked
-// reading the socket wakes up with end-of-file.
+// A reader waiting between requests re-checks the drain (recv_exact).
+template <class Socket>
+void Session<Socket>::wake_reader() {
+  if (wake_fd_ >= 0) {
+    const uint64_t one = 1;
+    (void)!::write(wake_fd_, &one, sizeof one);
+  }
+}
+
+// Lanes finish the request they hold and send its reply; a lane waiting on
+// the socket wakes up with end-of-file, and the sender ends.
 template <class Socket>
 void Session<Socket>::stop_lanes() {
   stop_ = true;
   if (fd_ >= 0) ::shutdown(fd_, SHUT_RD);
-  std::lock_guard lock(lanes_mu_);
-  room_.notify_all();
-}
-
-// Draining: once nothing runs, nothing is queued and no payload is half
-// read, the read side is shut. The reader still gets what had arrived
-// before (requests whole in the read-ahead buffer or the kernel's), answers
-// each ESHUTDOWN, then meets end-of-file and the lanes end.
-template <class Socket>
-void Session<Socket>::end_reading_if_idle() {
-  if (executing_ > 0 || receiving_) return;
   {
-    std::lock_guard lock(queue_mu_);
-    if (!queued_.empty()) return;
+    std::lock_guard lock(lanes_mu_);
+    room_.notify_all();
   }
-  if (fd_ >= 0) ::shutdown(fd_, SHUT_RD);
+  std::lock_guard lock(outbox_mu_);
+  send_cv_.notify_all();
 }
 
 template <class Socket>
@@ -128,14 +132,19 @@ awaitable<void> Session<Socket>::run() {
   }
   in_handshake_ = false;
   if (go) log(LogLevel::kDebug, "a client has finished its handshake");
-  if (go && !draining_ && !closed_) {
+  // Transmission even if a drain began meanwhile: requests the client sent
+  // right after GO are then answered ESHUTDOWN, not dropped.
+  if (go && !closed_) {
     // Transmission: blocking I/O on the lanes, off the Asio threads.
     // The lanes own a duplicate of the socket, and Asio's copy is closed:
     // otherwise its reactor would still wake on every packet that arrives.
     fd_ = ::fcntl(socket_.native_handle(), F_DUPFD_CLOEXEC, 0);
     socket_.close(ec);
-    if (fd_ >= 0) {
-      ::fcntl(fd_, F_SETFL, ::fcntl(fd_, F_GETFL) & ~O_NONBLOCK);
+    wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (fd_ >= 0 && wake_fd_ >= 0) {
+      // Non-blocking: a reader with nothing to read waits in poll(), where a
+      // drain can wake it (recv_exact).
+      ::fcntl(fd_, F_SETFL, ::fcntl(fd_, F_GETFL) | O_NONBLOCK);
       // Room for a few 1 MiB requests and replies in the kernel, so that big
       // transfers take fewer system calls and wake-ups.
       const int bytes = 4 << 20;
@@ -164,6 +173,10 @@ void Session<Socket>::close() {
     ::shutdown(fd_, SHUT_RDWR);
     ::close(fd_);
     fd_ = -1;
+  }
+  if (wake_fd_ >= 0) {
+    ::close(wake_fd_);
+    wake_fd_ = -1;
   }
 }
 
@@ -221,7 +234,15 @@ awaitable<bool> Session<Socket>::handshake() {
 template <class Socket>
 void Session<Socket>::watch(int64_t now) {
   const int64_t since = outbox_since_.load();
-  if (since != 0 && now - since > kReplyWaitNs && !flusher_) start_flusher();
+  if (since != 0 && now - since > kReplyWaitNs) {
+    if (!sender_) {
+      start_sender();
+    } else {
+      std::lock_guard lock(outbox_mu_);
+      send_due_ = true;
+      send_cv_.notify_one();
+    }
+  }
   if (executing_ == 0 || readers_ > 0) return;
   // A request waiting for a group commit is stuck at once: the commit
   // grows with the requests that join it, so the connection's next ones
@@ -243,19 +264,24 @@ void Session<Socket>::watch(int64_t now) {
 template <class Socket>
 template <class Body>
 bool Session<Socket>::spawn(bool first, bool capped, Body body) {
+  if (now_ns() < no_spawn_until_) return false;
   {
     std::lock_guard lock(lanes_mu_);
     if (!first && (lanes_ == 0 || (capped && lanes_ >= info_.max_lanes))) return false;
     ++lanes_;
   }
   try {
-    std::thread([self = this->shared_from_this(), body] { body(); }).detach();
+    std::thread([self = this->shared_from_this(), body]() mutable {
+      body();
+      self->lane_done(std::move(self));
+    }).detach();
     return true;
-  } catch (const std::system_error& e) {
-    // Out of threads (a pids limit): this connection goes on with the
-    // threads it has; with none, it ends.
+  } catch (const std::exception& e) {
+    // Out of threads (a pids limit) or memory: this connection goes on with
+    // the threads it has (with none, it ends), and tries again later.
+    no_spawn_until_ = now_ns() + kSpawnBackoffNs;
     log(LogLevel::kWarning, std::string("cannot start a thread for a client: ") + e.what());
-    lane_done();
+    lane_done(this->shared_from_this());
     return false;
   }
 }
@@ -266,27 +292,33 @@ void Session<Socket>::start_lane(bool first) {
 }
 
 template <class Socket>
-void Session<Socket>::start_flusher() {
-  flusher_ = true;
-  if (!spawn(/*first=*/false, /*capped=*/false, [this] {
-        flush_outbox();
-        flusher_ = false;
-        lane_done();
-      })) {
-    flusher_ = false;
-  }
+void Session<Socket>::start_sender() {
+  sender_ = true;
+  if (!spawn(/*first=*/false, /*capped=*/false, [this] { sender(); })) sender_ = false;
 }
 
 template <class Socket>
-void Session<Socket>::lane_done() {
+void Session<Socket>::sender() {
+  while (flush_outbox()) {
+    std::unique_lock lock(outbox_mu_);
+    send_cv_.wait(lock, [this] { return send_due_ || stop_; });
+    if (stop_) break;
+    send_due_ = false;
+  }
+  flush_outbox();
+}
+
+template <class Socket>
+void Session<Socket>::lane_done(std::shared_ptr<Session> self) {
   bool last = false;
   {
     std::lock_guard lock(lanes_mu_);
     last = --lanes_ == 0;
   }
   if (last) {
-    // Wake run() on the strand: the session is over.
-    asio::post(strand_, [self = this->shared_from_this(), this] { wake_.cancel(); });
+    // Wake run() on the strand: the session is over. The last reference
+    // this thread held goes with the handler, to the io thread.
+    asio::post(strand_, [self = std::move(self)] { self->wake_.cancel(); });
   }
 }
 
@@ -315,10 +347,9 @@ void Session<Socket>::lane() {
     progress_ns_ = now_ns();
     post(std::move(reply), item.cost);
     --executing_;
-    if (draining_) end_reading_if_idle();
+    if (draining_) wake_reader();
   }
   flush_outbox();
-  lane_done();
 }
 
 template <class Socket>
@@ -394,25 +425,28 @@ Reply Session<Socket>::answer(Item& item) {
 }
 
 template <class Socket>
-bool Session<Socket>::recv_exact(char* out, size_t n) {
+bool Session<Socket>::recv_exact(char* out, size_t n, bool boundary) {
+  const size_t want = n;
   const size_t have = std::min(n, ahead_end_ - ahead_pos_);
   std::memcpy(out, ahead_.data() + ahead_pos_, have);
   ahead_pos_ += have;
   out += have;
   n -= have;
+  if (have > 0) boundary = false;
   while (n > 0) {
     ssize_t got;
     if (n >= ahead_.size() / 4) {
       // Big payloads go straight to their buffer.
-      got = ::recv(fd_, out, n, 0);
+      got = ::recv(fd_, out, n, MSG_DONTWAIT);
       if (got > 0) {
         out += got;
         n -= static_cast<size_t>(got);
+        boundary = false;
         continue;
       }
     } else {
       // Read ahead: at queue depth 32 one call brings many requests.
-      got = ::recv(fd_, ahead_.data(), ahead_.size(), 0);
+      got = ::recv(fd_, ahead_.data(), ahead_.size(), MSG_DONTWAIT);
       if (got > 0) {
         const size_t take = std::min(n, static_cast<size_t>(got));
         std::memcpy(out, ahead_.data(), take);
@@ -420,13 +454,45 @@ bool Session<Socket>::recv_exact(char* out, size_t n) {
         ahead_end_ = static_cast<size_t>(got);
         out += take;
         n -= take;
+        boundary = false;
         continue;
       }
     }
-    if (got < 0 && errno == EINTR) continue;
-    return false;  // end of file, shut down, or an error
+    if (got == 0) return false;  // end of file, or the read side shut
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) return false;
+    // Nothing has arrived. Draining, reading ends between requests once no
+    // request runs or waits (read_after_drain). Otherwise wait for data, and
+    // between requests for a drain or a request's end too.
+    if (boundary && draining_ && !read_after_drain()) return false;
+    pollfd fds[2] = {{fd_, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
+    if (::poll(fds, boundary ? 2 : 1, -1) < 0 && errno != EINTR) return false;
+    if (fds[1].revents & POLLIN) {
+      uint64_t count;
+      (void)!::read(wake_fd_, &count, sizeof count);
+    }
   }
+  delivered_ += want;
   return true;
+}
+
+// Draining, between requests: while requests run, what arrives is read
+// (and answered ESHUTDOWN). Once none runs or waits, only the bytes that had
+// arrived by then are read, so that a client that never stops sending does
+// not hold the shutdown up; false: reading ends. Under read_mu_.
+template <class Socket>
+bool Session<Socket>::read_after_drain() {
+  if (executing_ > 0) return true;
+  {
+    std::lock_guard lock(queue_mu_);
+    if (!queued_.empty()) return true;
+  }
+  if (drain_budget_ == UINT64_MAX) {
+    int in_kernel = 0;
+    if (::ioctl(fd_, FIONREAD, &in_kernel) != 0) in_kernel = 0;
+    drain_budget_ = delivered_ + (ahead_end_ - ahead_pos_) + static_cast<uint64_t>(in_kernel);
+  }
+  return delivered_ < drain_budget_;
 }
 
 // What a request holds until its reply has left: its payload, the data it
@@ -455,6 +521,7 @@ bool Session<Socket>::next_batch(std::vector<Item>& batch) {
   while (batch.size() < kMaxBatch) {
     const bool first = batch.empty();
     char head[nbd::kRequestBytes];
+    if (first && draining_ && !read_after_drain()) return false;
     if (!first) {
       // More only from what is already read ahead, and only whole requests:
       // the lane never waits on the client with requests in hand.
@@ -470,7 +537,7 @@ bool Session<Socket>::next_batch(std::vector<Item>& batch) {
       std::lock_guard lock(lanes_mu_);
       if (in_flight_bytes_ + cost > info_.max_in_flight_bytes) break;
     }
-    if (!recv_exact(head, sizeof head)) return false;
+    if (!recv_exact(head, sizeof head, /*boundary=*/true)) return false;
     if (nbd::get32(head) != nbd::kRequestMagic) {
       log(LogLevel::kWarning, "client sent a request with a bad magic: disconnecting it");
       return false;
@@ -500,10 +567,7 @@ bool Session<Socket>::next_batch(std::vector<Item>& batch) {
         return false;
       }
       item.payload = Buffer(r.length);
-      receiving_ = true;
-      const bool whole = recv_exact(item.payload.data(), r.length);
-      receiving_ = false;
-      if (!whole) {
+      if (!recv_exact(item.payload.data(), r.length)) {
         // Cut short. During a drain the client still gets an answer for
         // the request whose header came: ESHUTDOWN.
         if (draining_) {
@@ -556,6 +620,11 @@ bool Session<Socket>::send_replies(std::vector<Reply>& replies) {
     ssize_t sent = ::sendmsg(fd_, &msg, MSG_NOSIGNAL);
     if (sent < 0) {
       if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        // The socket's buffer is full: wait until the client reads.
+        pollfd out{fd_, POLLOUT, 0};
+        if (::poll(&out, 1, -1) >= 0 || errno == EINTR) continue;
+      }
       ok = false;
       break;
     }

@@ -52,16 +52,19 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
     Buffer payload;
   };
   void start_lane(bool first);
-  // A thread that only sends the outbox: started when replies wait behind
-  // slow requests, beyond --threads if need be (it runs no request).
-  void start_flusher();
+  // The sender: one thread per session, started the first time replies wait
+  // behind slow requests, beyond --threads if need be (it runs no request);
+  // the watchdog wakes it whenever they wait again. It ends with reading.
+  void start_sender();
+  void sender();
   // Runs `body` on a new thread of this session, counted in lanes_ (so that
   // run() waits for it); false when there is no such thread.
   template <class Body>
   bool spawn(bool first, bool capped, Body body);
   void lane();
-  // A lane or flusher ends; the last one wakes run().
-  void lane_done();
+  // A lane or the sender has ended; the last one wakes run(), handing it
+  // `self` so that the session is destroyed on the io thread.
+  void lane_done(std::shared_ptr<Session> self);
   // Takes the next request off the socket, and any more that have already
   // arrived whole (under read_mu_). False: nothing more is to be read.
   bool next_batch(std::vector<Item>& batch);
@@ -70,14 +73,16 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   bool read_more(Item& item);
   Reply answer(Item& item);
   // Fills `out` with exactly `n` bytes, from what was read ahead first.
-  bool recv_exact(char* out, size_t n);
+  // `boundary`: these are a request's first bytes; while draining, finding
+  // nothing there ends reading (false) instead of waiting.
+  bool recv_exact(char* out, size_t n, bool boundary = false);
   void release(uint64_t cost);
   void stop_lanes();
-  // Draining: once no request is running or queued, reading ends.
-  void end_reading_if_idle();
+  void wake_reader();
+  bool read_after_drain();
 
-  // Finished replies wait in the outbox until a lane (or the watchdog's
-  // helper lane) sends them. Any lane may send any reply.
+  // Finished replies wait in the outbox until a lane (or the sender) sends
+  // them. Any lane may send any reply.
   void post(Reply reply, uint64_t cost);
   // Sends what is in the outbox; false when the client is gone.
   bool flush_outbox();
@@ -94,16 +99,21 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
 
   std::atomic<bool> stop_{false};      // lanes: take no more requests
   std::atomic<bool> draining_{false};  // requests read from now on: ESHUTDOWN
-  std::atomic<bool> receiving_{false};  // a lane is between a write's header and its payload
-  std::atomic<bool> flusher_{false};    // a flusher runs
+  int wake_fd_ = -1;                   // eventfd: the drain wakes a reader waiting in poll()
+  std::atomic<bool> sender_{false};    // the sender thread runs
+  std::atomic<int64_t> no_spawn_until_{0};  // after a failed thread creation: hold off
   std::mutex read_mu_;                 // one lane reads the socket at a time
   std::vector<char> ahead_;            // bytes read ahead of the current request
   size_t ahead_pos_ = 0, ahead_end_ = 0;
+  uint64_t delivered_ = 0;             // bytes of requests taken so far (under read_mu_)
+  uint64_t drain_budget_ = UINT64_MAX;  // draining: read up to this many (read_after_drain)
   std::mutex queue_mu_;
   std::deque<Item> queued_;  // received, not yet taken by a lane
   std::mutex write_mu_;      // one sender at a time on the wire
   thread_local static inline std::vector<iovec> iov_;
   std::mutex outbox_mu_;
+  std::condition_variable send_cv_;    // wakes the sender
+  bool send_due_ = false;              // under outbox_mu_
   std::vector<Reply> outbox_;          // under outbox_mu_
   uint64_t outbox_cost_ = 0;           // under outbox_mu_
   std::atomic<int64_t> outbox_since_{0};  // when the oldest waiting reply was posted; 0: empty

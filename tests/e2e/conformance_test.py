@@ -7,13 +7,17 @@ two frontends must differ the test says so, and docs/server.md lists each
 difference ("Where the two frontends differ").
 """
 import ctypes
+import errno
 import os
 import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 import unittest
+
+import nbd
 
 from nbd_harness import BLOCK, DemoSet, NbdkitBackend, Tools, pattern
 from protocol_test import (CMD_BLOCK_STATUS, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, FLAG_FUA,
@@ -428,6 +432,90 @@ class ShutdownTest(Conformance):
         self.assertEqual(set(got), set(range(1, 41)) | {100})
         self.assertEqual(got[1], 0)
         self.assertEqual(set(got.values()) - {0, NBD_ESHUTDOWN}, set())
+
+
+@unittest.skipUnless(SERVER, "how nbdkit reads during its shutdown is its own")
+class ShutdownReadingTest(unittest.TestCase):
+    def setUp(self):
+        self.s = DemoSet(TOOLS)
+        self.addCleanup(self.s.close)
+
+    def test_a_write_still_arriving_gets_eshutdown_through_libnbd(self):
+        """A client's 8 MiB write, still being sent when the signal comes (the
+        only thread is busy on a 2-second read), is read to its end and
+        answered ESHUTDOWN; libnbd sees that error, not a broken connection."""
+        self.s.start("inject=slow:9x2000", "threads=1")
+        h = self.s.connect()
+        slow = h.aio_pread(nbd.Buffer(BLOCK), 9 * BLOCK)
+        big = h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(8 << 20)), 16 * BLOCK)
+        time.sleep(0.3)
+        os.kill(self.s.proc.pid, signal.SIGTERM)
+        errors = {}
+        deadline = time.monotonic() + 30
+        for cookie in (slow, big):
+            while True:
+                try:
+                    if h.aio_command_completed(cookie):
+                        errors[cookie] = 0
+                        break
+                except nbd.Error as e:
+                    errors[cookie] = e.errnum
+                    break
+                self.assertLess(time.monotonic(), deadline)
+                h.poll(1000)
+        self.assertEqual(errors, {slow: 0, big: errno.ESHUTDOWN})
+
+    def test_a_client_that_keeps_sending_does_not_hold_the_shutdown_up(self):
+        """Over TCP, data sent after the signal keeps arriving: the server reads
+        only what had arrived once nothing runs, and ends at once, not at
+        --shutdown-timeout."""
+        port = free_port()
+        srv = subprocess.Popen([TOOLS.server, "--main", self.s.main, "--spare", self.s.spare,
+                                "--tcp", f"127.0.0.1:{port}", "--shutdown-timeout", "20"],
+                               stderr=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: srv.poll() is None and srv.kill())
+        c = RawClient.__new__(RawClient)
+        c.sock = connect_tcp(port)
+        self.addCleanup(c.sock.close)
+        recv_exact(c.sock, 18)
+        c.sock.sendall(struct.pack(">I", 3))
+        c.go()
+        stop = threading.Event()
+
+        def flood():
+            msg = struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, 7, 0, BLOCK) * 64
+            try:
+                while not stop.is_set():
+                    c.sock.sendall(msg)
+            except OSError:
+                pass
+
+        def drain_replies():
+            try:
+                while c.sock.recv(1 << 20):
+                    pass
+            except OSError:
+                pass
+
+        threads = [threading.Thread(target=flood), threading.Thread(target=drain_replies)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        start = time.monotonic()
+        srv.send_signal(signal.SIGTERM)
+        try:
+            _, err = srv.communicate(timeout=15)
+        finally:
+            stop.set()
+            try:
+                c.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # the server has closed it already
+            for t in threads:
+                t.join()
+        self.assertLess(time.monotonic() - start, 10, err)
+        self.assertEqual(srv.returncode, 0, err)
+        self.assertIn("closed cleanly", err)
 
 
 class PoolFullTest(unittest.TestCase):

@@ -684,14 +684,20 @@ std::vector<uint64_t> Engine::probe_candidates(uint64_t first, uint64_t last) {
   // Blocks picked at random, so that a cache in front of a dead disk (an
   // NBD server's page cache) is unlikely to hold them, and none known bad.
   // Six, so that a disk with many bad sectors not found yet (15 % of them:
-  // one chance in 100,000) is not taken for a dead one.
+  // one chance in 100,000) is not taken for a dead one. None near the
+  // failing range either: bad sectors come in clusters, so a neighbour says
+  // little about the disk as a whole (and may be the next block this very
+  // request is about to name).
   const uint64_t blocks = size_ / block_;
+  const uint64_t margin = std::min<uint64_t>(64, blocks / 16);
+  const uint64_t near_lo = first > margin ? first - margin : 0;
+  const uint64_t near_hi = last + margin;
   std::vector<uint64_t> out;
   std::lock_guard l(rng_mu_);
   SharedGuard g(gate_);
   for (int draw = 0; draw < 32 && out.size() < kProbeBlocks; ++draw) {
     const uint64_t b = std::uniform_int_distribution<uint64_t>(0, blocks - 1)(rng_);
-    if ((b >= first && b < last) || table_.find(b)) continue;
+    if ((b >= near_lo && b < near_hi) || table_.find(b)) continue;
     if (std::find(out.begin(), out.end(), b) == out.end()) out.push_back(b);
   }
   return out;

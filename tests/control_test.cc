@@ -308,3 +308,79 @@ TEST_CASE("control: idle clients are dropped, and past the limit a client gets E
   // ... and their places are free again.
   CHECK(control_call(path, Json{{"command", "status"}}).is_ok());
 }
+
+TEST_CASE("control: list pages through the table; remap and forget-pending change it",
+          "[control]") {
+  TempDir dir;
+  auto s = test::make_set();
+  const std::string path = dir.path + "/ctl";
+  auto server = ControlServer::start(path, engine_commands(*s.engine));
+  REQUIRE(server.is_ok());
+  for (uint64_t b : {3u, 7u, 9u}) REQUIRE(s.engine->remap_block(b).is_ok());
+  s.main->add_read_error(20);
+  auto remapped = control_call(path, Json{{"command", "remap"}, {"blocks", {7, 20, 99999}}});
+  REQUIRE(remapped.is_ok());
+  const Json& r = remapped.value()["results"];
+  REQUIRE(r.size() == 3);
+  CHECK(r[0]["result"] == "already");
+  CHECK(r[1]["result"] == "pending");
+  CHECK(r[2]["result"] == "past_end");
+
+  // Two entries a page: 3 7 | 9 20.
+  auto first = control_call(path, Json{{"command", "list"}, {"limit", 2}});
+  REQUIRE(first.is_ok());
+  CHECK(first.value()["remaps"].size() == 2);
+  CHECK(first.value()["next"] == 9);
+  auto second = control_call(path, Json{{"command", "list"}, {"limit", 2}, {"from", 9}});
+  REQUIRE(second.is_ok());
+  CHECK(second.value()["remaps"][0]["block"] == 9);
+  CHECK(second.value()["pending"][0]["block"] == 20);
+  CHECK(second.value()["next"].is_null());
+  auto only_pending = control_call(path, Json{{"command", "list"}, {"remapped", false}});
+  REQUIRE(only_pending.is_ok());
+  CHECK(only_pending.value()["remaps"].empty());
+  CHECK(only_pending.value()["pending"].size() == 1);
+
+  // Still unreadable: kept. Then the sector recovers: cleared.
+  auto kept = control_call(path, Json{{"command", "forget-pending"}, {"all", true}});
+  REQUIRE(kept.is_ok());
+  CHECK(kept.value()["kept"] == Json{20});
+  s.main->clear_faults();
+  auto cleared = control_call(path, Json{{"command", "forget-pending"}, {"blocks", {20}}});
+  REQUIRE(cleared.is_ok());
+  CHECK(cleared.value()["cleared"] == Json{20});
+  CHECK(s.engine->stats().pending == 0);
+
+  auto bad = control_call(path, Json{{"command", "list"}, {"limit", "ten"}});
+  CHECK(bad.status().code() == EINVAL);
+}
+
+TEST_CASE("control: only root or the serving user may change the set", "[control]") {
+  // The server adds the kernel's word about the client (SO_PEERCRED) as
+  // "peer"; a client's own "peer" is replaced. Here the handler is called
+  // directly, as for a client of another user.
+  auto s = test::make_set();
+  auto handler = engine_commands(*s.engine);
+  const Json stranger{{"uid", 4242424}, {"pid", 1}};
+  CHECK(handler(Json{{"command", "status"}, {"peer", stranger}})["served"] == true);
+  CHECK(handler(Json{{"command", "list"}, {"peer", stranger}})["remaps"].empty());
+  for (const char* cmd : {"remap", "forget-pending"}) {
+    CAPTURE(cmd);
+    try {
+      handler(Json{{"command", cmd}, {"blocks", {1}}, {"peer", stranger}});
+      FAIL("a stranger changed the set");
+    } catch (const ControlError& e) {
+      CHECK(e.code == EPERM);
+    }
+  }
+  CHECK(s.engine->stats().remaps == 0);
+  // Through the socket the peer is this process's own user: allowed, and a
+  // "peer" the client claims is not believed.
+  TempDir dir;
+  auto server = ControlServer::start(dir.path + "/ctl", engine_commands(*s.engine));
+  REQUIRE(server.is_ok());
+  auto done = control_call(dir.path + "/ctl",
+                           Json{{"command", "remap"}, {"blocks", {1}}, {"peer", stranger}});
+  REQUIRE(done.is_ok());
+  CHECK(done.value()["results"][0]["result"] == "remapped");
+}

@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <ctime>
@@ -17,6 +18,7 @@
 #include "dmremap/control.h"
 #include "dmremap/engine.h"
 #include "dmremap/metadata_store.h"
+#include "dmremap/set_actions.h"
 
 namespace dmremap::cli {
 namespace {
@@ -119,14 +121,6 @@ class Progress {
   bool shown_ = false;
   std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
 };
-
-bool is_pending(Engine& e, uint64_t block) {
-  bool pending = false;
-  e.for_each_entry(block, block + 1, [&](const RemapTable::Entry& en) {
-    pending = RemapTable::is_pending(en.value);
-  });
-  return pending;
-}
 
 }  // namespace
 
@@ -332,59 +326,131 @@ int run_status(const StatusOptions& o) {
   return kExitOk;
 }
 
-int run_list(const ListOptions& o) {
-  auto loaded = load_spare(o.spare);
-  if (!loaded.is_ok()) return fail(loaded.status());
-  Loaded& l = *loaded.value();
-  const uint64_t bs = l.store->superblock().block_size;
-  const uint64_t slots_at = l.store->superblock().slot_offset;
-  const bool want_remaps = !o.only_pending;
-  const bool want_pending = !o.only_remapped;
+namespace {
 
+// A command sent to the running frontend; its reply without "ok".
+Result<Json> ask(const std::string& control, const Json& request) {
+  auto reply = control_call(control, request);
+  if (!reply.is_ok()) return reply.take_status();
+  Json j = std::move(reply.value());
+  j.erase("ok");
+  return j;
+}
+
+void print_list(const Json& j, const ListOptions& o) {
   if (o.json) {
-    Json remaps = Json::array();
-    Json pending = Json::array();
-    l.table.for_each([&](const RemapTable::Entry& e) {
-      if (RemapTable::is_pending(e.value)) {
-        if (want_pending) pending.push_back({{"block", e.block}, {"offset", e.block * bs}});
-      } else if (want_remaps) {
-        remaps.push_back({{"block", e.block},
-                          {"offset", e.block * bs},
-                          {"slot", RemapTable::slot_of(e.value)},
-                          {"spare_offset", slots_at + RemapTable::slot_of(e.value) * bs},
-                          {"cause", cause_name(RemapTable::cause_of(e.value))}});
-      }
-    });
-    Json j;
-    j["block_size"] = bs;
-    j["remaps"] = std::move(remaps);
-    j["pending"] = std::move(pending);
-    j["bad_slots"] = l.table.bad_slots();
-    fmt::print("{}\n", j.dump(2));
-    return kExitOk;
+    Json out = j;
+    out.erase("next");
+    fmt::print("{}\n", out.dump(2));
+    return;
   }
   fmt::print("{:>14} {:>18} {:<10} {:>10} {}\n", "BLOCK", "OFFSET", "STATE", "SLOT", "CAUSE");
-  uint64_t shown = 0;
-  l.table.for_each([&](const RemapTable::Entry& e) {
-    if (RemapTable::is_pending(e.value)) {
-      if (!want_pending) return;
-      fmt::print("{:>14} {:>18} {:<10} {:>10} {}\n", e.block, e.block * bs, "pending", "-",
-                 "unreadable; the next write moves it");
-    } else {
-      if (!want_remaps) return;
-      fmt::print("{:>14} {:>18} {:<10} {:>10} {}\n", e.block, e.block * bs, "remapped",
-                 RemapTable::slot_of(e.value), cause_name(RemapTable::cause_of(e.value)));
-    }
-    ++shown;
+  // Remapped and pending blocks, in block order.
+  std::vector<const Json*> rows;
+  for (const Json& e : j["remaps"]) rows.push_back(&e);
+  for (const Json& e : j["pending"]) rows.push_back(&e);
+  std::sort(rows.begin(), rows.end(), [](const Json* a, const Json* b) {
+    return (*a)["block"].get<uint64_t>() < (*b)["block"].get<uint64_t>();
   });
-  if (!l.table.bad_slots().empty()) {
-    fmt::print("bad slots: {}\n", fmt::join(l.table.bad_slots(), " "));
+  for (const Json* e : rows) {
+    if (e->contains("slot")) {
+      fmt::print("{:>14} {:>18} {:<10} {:>10} {}\n", (*e)["block"].get<uint64_t>(),
+                 (*e)["offset"].get<uint64_t>(), "remapped", (*e)["slot"].get<uint64_t>(),
+                 (*e)["cause"].get<std::string>());
+    } else {
+      fmt::print("{:>14} {:>18} {:<10} {:>10} {}\n", (*e)["block"].get<uint64_t>(),
+                 (*e)["offset"].get<uint64_t>(), "pending", "-",
+                 "unreadable; the next write moves it");
+    }
   }
-  if (shown == 0) fmt::print("(none)\n");
+  if (!j["bad_slots"].empty()) {
+    fmt::print("bad slots: {}\n", fmt::join(j["bad_slots"].get<std::vector<uint64_t>>(), " "));
+  }
+  if (rows.empty()) fmt::print("(none)\n");
+}
+
+// Prints what remap_json() found, one line per block; the exit status.
+int print_remap(const Json& j) {
+  int rc = kExitOk;
+  for (const Json& r : j["results"]) {
+    const uint64_t b = r["block"].get<uint64_t>();
+    const std::string result = r["result"].get<std::string>();
+    if (result == "remapped") {
+      fmt::print("block {}: remapped, data copied\n", b);
+    } else if (result == "already") {
+      fmt::print("block {}: already remapped\n", b);
+    } else if (result == "pending") {
+      fmt::print("block {}: unreadable on main; marked pending, the next write gives it a slot\n",
+                 b);
+    } else {
+      print_error(r.contains("error") ? r["error"].get<std::string>()
+                                      : fmt::format("block {}: {}", b, result));
+      rc = kExitFailed;
+    }
+  }
+  return rc;
+}
+
+int print_forget(const Json& j) {
+  for (const Json& b : j["cleared"]) {
+    fmt::print("block {}: reads now; pending mark cleared\n", b.get<uint64_t>());
+  }
+  for (const Json& b : j["kept"]) {
+    fmt::print("block {}: still unreadable; kept pending\n", b.get<uint64_t>());
+  }
+  if (j.value("none_pending", false)) fmt::print("no pending blocks\n");
+  return j["kept"].empty() ? kExitOk : kExitFailed;
+}
+
+}  // namespace
+
+int run_list(const ListOptions& o) {
+  ListQuery q;
+  q.remapped = !o.only_pending;
+  q.pending = !o.only_remapped;
+  Json j;
+  if (!o.control.empty()) {
+    // Page by page: a set with millions of entries is not one reply.
+    Json request{{"command", "list"}, {"remapped", q.remapped}, {"pending", q.pending}};
+    while (true) {
+      auto page = ask(o.control, request);
+      if (!page.is_ok()) return fail(page.status());
+      if (j.is_null()) {
+        j = std::move(page.value());
+      } else {
+        for (const char* key : {"remaps", "pending"}) {
+          for (auto& e : page.value()[key]) j[key].push_back(std::move(e));
+        }
+        j["next"] = page.value()["next"];
+      }
+      if (j["next"].is_null()) break;
+      request["from"] = j["next"];
+    }
+  } else {
+    auto loaded = load_spare(o.spare);
+    if (!loaded.is_ok()) return fail(loaded.status());
+    q.limit = ~uint64_t{0};
+    j = list_json(loaded.value()->table, loaded.value()->store->superblock(), q);
+  }
+  print_list(j, o);
   return kExitOk;
 }
 
 int run_remap(const RemapOptions& o) {
+  std::vector<uint64_t> blocks = o.blocks;
+  if (!o.control.empty()) {
+    uint64_t block_size = 0;
+    if (!o.sectors.empty()) {
+      auto status = ask(o.control, Json{{"command", "status"}});
+      if (!status.is_ok()) return fail(status.status());
+      block_size = status.value().value("block_size", 0u);
+      if (block_size == 0) return fail(Status::error(EIO, o.control + ": no block size in status"));
+    }
+    for (uint64_t lba : o.sectors) blocks.push_back(lba * 512 / block_size);
+    auto reply = ask(o.control, Json{{"command", "remap"}, {"blocks", blocks}});
+    if (!reply.is_ok()) return fail(reply.status());
+    return print_remap(reply.value());
+  }
   SetConfig config;
   config.main = o.main;
   config.spare = o.spare;
@@ -394,36 +460,20 @@ int run_remap(const RemapOptions& o) {
   auto engine = open_set(config);
   if (!engine.is_ok()) return fail(engine.status());
   Engine& e = *engine.value();
-
-  std::vector<uint64_t> blocks = o.blocks;
   for (uint64_t lba : o.sectors) blocks.push_back(lba * 512 / e.block_size());
-  int rc = kExitOk;
-  for (uint64_t b : blocks) {
-    if (b >= e.size() / e.block_size()) {
-      print_error(fmt::format("block {} is past the end (main has {} blocks)", b,
-                              e.size() / e.block_size()));
-      rc = kExitFailed;
-      continue;
-    }
-    const Status s = e.remap_block(b);
-    if (s.is_ok()) {
-      fmt::print("block {}: remapped, data copied\n", b);
-    } else if (s.code() == EEXIST) {
-      fmt::print("block {}: already remapped\n", b);
-    } else if (s.code() == EIO && is_pending(e, b)) {
-      fmt::print("block {}: unreadable on main; marked pending, the next write gives it a slot\n",
-                 b);
-    } else {
-      print_error(fmt::format("block {}: {}", b, s.to_string()));
-      rc = kExitFailed;
-    }
-  }
+  const int rc = print_remap(remap_json(e, blocks));
   const Status c = e.close();
   if (!c.is_ok()) return fail(c);
   return rc;
 }
 
 int run_forget_pending(const ForgetPendingOptions& o) {
+  if (!o.control.empty()) {
+    auto reply = ask(o.control, Json{{"command", "forget-pending"}, {"blocks", o.blocks},
+                                     {"all", o.all}});
+    if (!reply.is_ok()) return fail(reply.status());
+    return print_forget(reply.value());
+  }
   SetConfig config;
   config.main = o.main;
   config.spare = o.spare;
@@ -431,21 +481,16 @@ int run_forget_pending(const ForgetPendingOptions& o) {
   auto engine = open_set(config);
   if (!engine.is_ok()) return fail(engine.status());
   Engine& e = *engine.value();
-  std::vector<uint64_t> blocks = o.blocks;
-  if (o.all) {
-    e.for_each_entry(0, ~uint64_t{0}, [&](const RemapTable::Entry& en) {
-      if (RemapTable::is_pending(en.value)) blocks.push_back(en.block);
-    });
+  Json j;
+  try {
+    j = forget_pending_json(e, o.blocks, o.all);
+  } catch (const ControlError& err) {
+    (void)e.close();
+    return fail(Status::error(err.code, err.message));
   }
-  std::vector<uint64_t> cleared, kept;
-  const Status s = e.forget_pending(blocks, cleared, kept);
-  for (uint64_t b : cleared) fmt::print("block {}: reads now; pending mark cleared\n", b);
-  for (uint64_t b : kept) fmt::print("block {}: still unreadable; kept pending\n", b);
-  if (o.all && blocks.empty()) fmt::print("no pending blocks\n");
   const Status c = e.close();
-  if (!s.is_ok()) return fail(s);
   if (!c.is_ok()) return fail(c);
-  return kept.empty() ? kExitOk : kExitFailed;
+  return print_forget(j);
 }
 
 int run_check(const CheckOptions& o) {

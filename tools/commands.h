@@ -35,6 +35,7 @@ int run_status(const StatusOptions& o);
 
 struct ListOptions {
   std::string spare;
+  std::string control;  // or ask the running frontend
   bool json = false;
   bool only_remapped = false;
   bool only_pending = false;
@@ -44,6 +45,7 @@ int run_list(const ListOptions& o);
 struct RemapOptions {
   std::string main;
   std::string spare;
+  std::string control;  // or ask the running frontend
   std::vector<uint64_t> blocks;
   std::vector<uint64_t> sectors;  // 512-byte LBAs, as SMART and the kernel log name them
   IoMode io = IoMode::kAuto;
@@ -55,6 +57,7 @@ int run_remap(const RemapOptions& o);
 struct ForgetPendingOptions {
   std::string main;
   std::string spare;
+  std::string control;  // or ask the running frontend
   std::vector<uint64_t> blocks;
   bool all = false;
   IoMode io = IoMode::kAuto;

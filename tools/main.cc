@@ -31,6 +31,31 @@ void add_spare(CLI::App* cmd, std::string& spare) {
       ->required();
 }
 
+// The set named by the spare (and main), or by the control socket of the
+// frontend that serves it: the command then goes through that frontend.
+void add_set_or_control(CLI::App* cmd, std::string* main, std::string& spare,
+                        std::string& control) {
+  auto* c = cmd->add_option(
+      "-c,--control", control,
+      "The control socket of the frontend that serves the set (nbdkit control=PATH, "
+      "dmremap-server --control PATH): the command runs there, while the set is served");
+  if (main) cmd->add_option("-m,--main", *main, "The set's main")->excludes(c);
+  cmd->add_option("-s,--spare", spare, "The spare: a file, a block device or an NBD URI")
+      ->excludes(c);
+}
+
+// In a command's callback: the set must be named one way or the other.
+void require_set(const CLI::App* cmd, bool needs_main) {
+  if (cmd->count("--control") > 0) return;
+  if (cmd->count("--spare") == 0 || (needs_main && cmd->count("--main") == 0)) {
+    throw CLI::ValidationError(cmd->get_name(),
+                               needs_main ? "name the set: --main MAIN --spare SPARE, or "
+                                            "--control SOCKET while it is served"
+                                          : "name the set: --spare SPARE, or --control SOCKET "
+                                            "while it is served");
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -101,19 +126,22 @@ int main(int argc, char** argv) {
   ListOptions lo;
   CLI::App* list = app.add_subcommand(
       "list", "List remapped blocks (with slot and cause), pending blocks and bad slots.");
-  add_spare(list, lo.spare);
+  add_set_or_control(list, nullptr, lo.spare, lo.control);
   list->add_flag("--json", lo.json, "Machine-readable output");
   auto* rem = list->add_flag("--remapped", lo.only_remapped, "Only remapped blocks");
   list->add_flag("--pending", lo.only_pending, "Only pending (unreadable) blocks")->excludes(rem);
-  list->callback([&] { rc = run_list(lo); });
+  list->callback([&] {
+    require_set(list, false);
+    rc = run_list(lo);
+  });
 
   RemapOptions ro;
   CLI::App* remap = app.add_subcommand(
       "remap",
       "Move blocks to the spare now, copying their data when main can read it; an unreadable "
-      "block is marked pending and moves on its next write. Needs the set not to be served.");
-  remap->add_option("-m,--main", ro.main, "The set's main")->required();
-  add_spare(remap, ro.spare);
+      "block is marked pending and moves on its next write. While the set is served, through "
+      "its frontend's --control socket.");
+  add_set_or_control(remap, &ro.main, ro.spare, ro.control);
   remap->add_option("block", ro.blocks, "Block numbers (in the set's block size)");
   remap->add_option("--lba", ro.sectors,
                     "512-byte sector numbers, as SMART and the kernel log report them");
@@ -129,6 +157,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.0, 86400.0))
       ->capture_default_str();
   remap->callback([&] {
+    require_set(remap, true);
     if (ro.blocks.empty() && ro.sectors.empty()) {
       throw CLI::ValidationError("remap", "name at least one BLOCK or --lba SECTOR");
     }
@@ -142,9 +171,9 @@ int main(int argc, char** argv) {
       "Clear wrong pending marks: each named block (or --all) that main reads now stops being "
       "pending and is served from main again; a block that still fails keeps its mark. For "
       "marks left by an outage that older versions took for bad sectors, or sectors that "
-      "recovered. Needs the set not to be served. Exit 1 when a block is still unreadable.");
-  forget->add_option("-m,--main", fpo.main, "The set's main")->required();
-  add_spare(forget, fpo.spare);
+      "recovered. While the set is served, through its frontend's --control socket. Exit 1 when "
+      "a block is still unreadable.");
+  add_set_or_control(forget, &fpo.main, fpo.spare, fpo.control);
   forget->add_option("block", fpo.blocks, "Pending block numbers (in the set's block size)");
   forget->add_flag("--all", fpo.all, "Every pending block");
   std::string forget_io = "auto";
@@ -152,6 +181,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"auto", "direct", "buffered"}))
       ->capture_default_str();
   forget->callback([&] {
+    require_set(forget, true);
     if (fpo.blocks.empty() && !fpo.all) {
       throw CLI::ValidationError("forget-pending", "name at least one BLOCK, or --all");
     }

@@ -17,6 +17,7 @@
 
 #include "dmremap/log.h"
 #include "dmremap/remap_table.h"
+#include "dmremap/set_actions.h"
 #include "dmremap/unix_socket.h"
 
 namespace dmremap {
@@ -175,6 +176,7 @@ void ControlServer::run() {
   constexpr size_t kMaxQueued = 1 << 20;
   struct Client {
     int fd;
+    Json peer;  // who connected (SO_PEERCRED), added to each request
     std::string in;
     size_t scanned = 0;  // bytes of `in` known to hold no newline
     std::string out;
@@ -185,12 +187,13 @@ void ControlServer::run() {
   };
   std::vector<Client> clients;
   Clock::time_point listen_paused_until{};
-  auto answer = [this](const std::string& line) -> std::string {
+  auto answer = [this](const Client& c, const std::string& line) -> std::string {
     try {
       Json request = Json::parse(line, nullptr, /*allow_exceptions=*/false);
       if (request.is_discarded() || !request.is_object()) {
         return dump_line(error_reply(EINVAL, "a request is one JSON object on one line"));
       }
+      request["peer"] = c.peer;  // the kernel's word, not the client's
       Json out;
       out["ok"] = true;
       out.update(handler_(request));
@@ -209,7 +212,7 @@ void ControlServer::run() {
         c.scanned = c.in.size();
         break;
       }
-      c.out += answer(c.in.substr(0, nl));
+      c.out += answer(c, c.in.substr(0, nl));
       c.in.erase(0, nl + 1);
       c.scanned = 0;
     }
@@ -313,12 +316,49 @@ void ControlServer::run() {
         (void)::send(fd, busy.data(), busy.size(), MSG_NOSIGNAL);
         ::close(fd);
       } else {
-        clients.push_back(Client{fd});
+        ucred cred{};
+        socklen_t len = sizeof cred;
+        Json peer = nullptr;
+        if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) {
+          peer = {{"uid", cred.uid}, {"pid", cred.pid}};
+        }
+        clients.push_back(Client{fd, std::move(peer)});
       }
     }
   }
   for (const Client& c : clients) ::close(c.fd);
 }
+
+namespace {
+
+// Changing the set is for the user the frontend runs as, and root; anyone
+// else who may open the socket (its mode or group widened by an admin) may
+// only look.
+void require_admin(const Json& request, const std::string& command) {
+  const Json& peer = request.contains("peer") ? request["peer"] : Json();
+  const bool admin = peer.is_object() && peer.contains("uid") && peer["uid"].is_number() &&
+                     (peer["uid"] == 0 || peer["uid"] == ::geteuid());
+  if (!admin) {
+    throw ControlError{EPERM, "\"" + command + "\" changes the set: only root or the user " +
+                                  std::to_string(::geteuid()) + " that serves it may"};
+  }
+}
+
+std::vector<uint64_t> blocks_of(const Json& request) {
+  std::vector<uint64_t> blocks;
+  if (!request.contains("blocks")) return blocks;
+  const Json& list = request["blocks"];
+  if (!list.is_array()) throw ControlError{EINVAL, "\"blocks\" must be a list of block numbers"};
+  for (const Json& b : list) {
+    if (!b.is_number_unsigned()) {
+      throw ControlError{EINVAL, "\"blocks\" must be a list of block numbers"};
+    }
+    blocks.push_back(b.get<uint64_t>());
+  }
+  return blocks;
+}
+
+}  // namespace
 
 ControlServer::Handler engine_commands(Engine& engine) {
   // Fixed at format; copied now so the control thread never reads the
@@ -333,8 +373,18 @@ ControlServer::Handler engine_commands(Engine& engine) {
       j.update(stats_json(engine.stats(), /*live=*/true));
       return j;
     }
+    if (cmd == "list") return list_json(engine, list_query(request));
+    if (cmd == "remap") {
+      require_admin(request, "remap");
+      return remap_json(engine, blocks_of(request));
+    }
+    if (cmd == "forget-pending") {
+      require_admin(request, "forget-pending");
+      const bool all = request.contains("all") && request["all"] == true;
+      return forget_pending_json(engine, blocks_of(request), all);
+    }
     throw ControlError{EINVAL, "unknown command \"" + cmd.get<std::string>() +
-                                   "\" (this server knows: status)"};
+                                   "\" (this server knows: status, list, remap, forget-pending)"};
   };
 }
 

@@ -1552,6 +1552,11 @@ void Engine::for_each_entry(uint64_t first, uint64_t last,
   table_.for_range(first, last, fn);
 }
 
+std::vector<uint64_t> Engine::bad_slots() {
+  SharedGuard g(gate_);
+  return table_.bad_slots();
+}
+
 EngineStats Engine::stats() {
   EngineStats s;
   const Counters& c = *counters_;

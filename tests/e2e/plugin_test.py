@@ -4,6 +4,7 @@ dmremap-server: see nbd_harness), driven by real NBD clients
 injected by the plugin's inject= parameter, i.e. lib's FaultyDevice).
 """
 import errno
+import json
 import os
 import subprocess
 import unittest
@@ -222,6 +223,52 @@ class PluginTest(unittest.TestCase):
         st = self.s.status()
         self.assertTrue(st["clean"])
         self.assertEqual(st["remaps"], 1)
+
+
+class ServedSetTest(unittest.TestCase):
+    """dmremap list, remap and forget-pending while the set is served: through
+    the frontend's control socket, with the answers they give offline."""
+
+    def test_list_remap_and_forget_pending_through_the_control_socket(self):
+        s = DemoSet(TOOLS)
+        self.addCleanup(s.close)
+        s.start("inject=read:20", s.control_param())
+        h = s.connect()
+        h.pwrite(pattern(5), 5 * BLOCK)
+        h.flush()
+
+        def cli(*args):
+            return subprocess.run([TOOLS.cli, *args, "--control", s.control],
+                                  capture_output=True, text=True, timeout=120)
+
+        r = cli("remap", "5", "20", "--lba", str(9 * BLOCK // 512))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("block 5: remapped, data copied", r.stdout)
+        self.assertIn("block 20: unreadable on main; marked pending", r.stdout)
+        self.assertIn("block 9: remapped, data copied", r.stdout)
+        listed = json.loads(cli("list", "--json").stdout)
+        self.assertEqual([e["block"] for e in listed["remaps"]], [5, 9])
+        self.assertEqual([e["block"] for e in listed["pending"]], [20])
+        self.assertEqual(h.pread(BLOCK, 5 * BLOCK), pattern(5))  # data came along
+        r = cli("forget-pending", "--all")
+        self.assertEqual(r.returncode, 1, r.stderr)  # block 20 still fails
+        self.assertIn("block 20: still unreadable; kept pending", r.stdout)
+        r = cli("list", "--pending")
+        self.assertIn("pending", r.stdout)
+        h.shutdown()
+        s.stop()
+        # Offline, the spare says the same.
+        offline = json.loads(s.cli("list", "--spare", s.spare, "--json").stdout)
+        self.assertEqual(offline, listed)
+
+    def test_naming_the_set_both_ways_is_bad_usage(self):
+        s = DemoSet(TOOLS)
+        self.addCleanup(s.close)
+        r = s.cli("list", "--spare", s.spare, "--control", s.control, check=False)
+        self.assertEqual(r.returncode, 2, r.stderr)
+        r = s.cli("remap", "5", check=False)
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn("--control SOCKET", r.stderr)
 
 
 if __name__ == "__main__":

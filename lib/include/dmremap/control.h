@@ -53,7 +53,9 @@ class ControlServer {
  public:
   // Takes a request, returns the reply (without "ok", which is added). A
   // handler reports failure by throwing ControlError; it is called on the
-  // server's thread, one request at a time.
+  // server's thread, one request at a time. The server adds "peer":
+  // {"uid", "pid"} to each request, as the kernel reports the client
+  // (SO_PEERCRED), replacing whatever the client put there.
   using Handler = std::function<Json(const Json& request)>;
   using Options = ControlOptions;
 
@@ -97,7 +99,10 @@ struct ControlError {
   std::string message;
 };
 
-// The commands a served set answers: "status". Unknown commands get EINVAL.
+// The commands a served set answers (docs/design.md, "The control
+// channel"): "status" and "list" for anyone who may connect; "remap" and
+// "forget-pending" (they change the set) only for root and the user the
+// frontend runs as. Unknown commands get EINVAL.
 ControlServer::Handler engine_commands(Engine& engine);
 
 // Client side: connects to `path`, sends one request, waits up to `timeout`

@@ -204,6 +204,10 @@ class Engine {
   // Calls fn(entry) for every remapped or pending block in [first, last).
   void for_each_entry(uint64_t first, uint64_t last,
                       const std::function<void(const RemapTable::Entry&)>& fn);
+  // The spare's bad slots, sorted.
+  std::vector<uint64_t> bad_slots();
+  // Where `slot` lies on the spare, in bytes.
+  uint64_t slot_spare_offset(uint64_t slot) const { return slot_offset(slot); }
   EngineStats stats();
   // Refuses new requests, waits for those in flight, flushes and writes a
   // clean checkpoint; the engine refuses I/O after. With `wait`, gives up

@@ -1,0 +1,145 @@
+#include "dmremap/set_actions.h"
+
+#include <cerrno>
+#include <string>
+
+namespace dmremap {
+
+namespace {
+
+using ForRange = std::function<void(uint64_t, uint64_t, const std::function<void(
+                                                           const RemapTable::Entry&)>&)>;
+
+Json page(uint32_t block_size, const std::vector<uint64_t>& bad_slots,
+          const std::function<uint64_t(uint64_t)>& spare_offset, const ListQuery& q,
+          const ForRange& for_range) {
+  Json remaps = Json::array();
+  Json pending = Json::array();
+  uint64_t taken = 0;
+  Json next = nullptr;
+  for_range(q.from, ~uint64_t{0}, [&](const RemapTable::Entry& e) {
+    if (!next.is_null()) return;
+    const bool is_pending = RemapTable::is_pending(e.value);
+    if (is_pending ? !q.pending : !q.remapped) return;
+    if (taken == q.limit) {
+      next = e.block;
+      return;
+    }
+    ++taken;
+    const uint64_t offset = e.block * block_size;
+    if (is_pending) {
+      pending.push_back({{"block", e.block}, {"offset", offset}});
+    } else {
+      const uint64_t slot = RemapTable::slot_of(e.value);
+      remaps.push_back({{"block", e.block},
+                        {"offset", offset},
+                        {"slot", slot},
+                        {"spare_offset", spare_offset(slot)},
+                        {"cause", cause_name(RemapTable::cause_of(e.value))}});
+    }
+  });
+  Json j;
+  j["block_size"] = block_size;
+  j["remaps"] = std::move(remaps);
+  j["pending"] = std::move(pending);
+  j["bad_slots"] = bad_slots;
+  j["next"] = next;
+  return j;
+}
+
+}  // namespace
+
+Json list_json(Engine& engine, const ListQuery& q) {
+  return page(
+      engine.block_size(), engine.bad_slots(),
+      [&](uint64_t slot) { return engine.slot_spare_offset(slot); }, q,
+      [&](uint64_t first, uint64_t last, const std::function<void(const RemapTable::Entry&)>& fn) {
+        engine.for_each_entry(first, last, fn);
+      });
+}
+
+Json list_json(const RemapTable& table, const Superblock& sb, const ListQuery& q) {
+  return page(
+      sb.block_size, table.bad_slots(),
+      [&](uint64_t slot) { return sb.slot_offset + slot * sb.block_size; }, q,
+      [&](uint64_t first, uint64_t last, const std::function<void(const RemapTable::Entry&)>& fn) {
+        table.for_range(first, last, fn);
+      });
+}
+
+ListQuery list_query(const Json& request) {
+  ListQuery q;
+  auto number = [&](const char* key, uint64_t& out) {
+    if (!request.contains(key)) return;
+    if (!request[key].is_number_unsigned()) {
+      throw ControlError{EINVAL, std::string("\"") + key + "\" must be a block number"};
+    }
+    out = request[key].get<uint64_t>();
+  };
+  auto flag = [&](const char* key, bool& out) {
+    if (!request.contains(key)) return;
+    if (!request[key].is_boolean()) throw ControlError{EINVAL, std::string("\"") + key + "\" must be true or false"};
+    out = request[key].get<bool>();
+  };
+  number("from", q.from);
+  number("limit", q.limit);
+  flag("remapped", q.remapped);
+  flag("pending", q.pending);
+  if (q.limit == 0) throw ControlError{EINVAL, "\"limit\" must be at least 1"};
+  return q;
+}
+
+Json remap_json(Engine& engine, const std::vector<uint64_t>& blocks) {
+  const uint64_t end = engine.size() / engine.block_size();
+  Json results = Json::array();
+  for (const uint64_t b : blocks) {
+    Json r{{"block", b}};
+    if (b >= end) {
+      r["result"] = "past_end";
+      r["error"] = "block " + std::to_string(b) + " is past the end (main has " +
+                   std::to_string(end) + " blocks)";
+      results.push_back(std::move(r));
+      continue;
+    }
+    const Status s = engine.remap_block(b);
+    bool pending = false;
+    if (s.code() == EIO) {
+      engine.for_each_entry(b, b + 1, [&](const RemapTable::Entry& e) {
+        pending = RemapTable::is_pending(e.value);
+      });
+    }
+    if (s.is_ok()) {
+      r["result"] = "remapped";
+    } else if (s.code() == EEXIST) {
+      r["result"] = "already";
+    } else if (pending) {
+      r["result"] = "pending";
+    } else {
+      r["result"] = "failed";
+      r["errno"] = s.code();
+      r["error"] = s.to_string();
+    }
+    results.push_back(std::move(r));
+  }
+  return Json{{"results", std::move(results)}};
+}
+
+Json forget_pending_json(Engine& engine, std::vector<uint64_t> blocks, bool all) {
+  if (all) {
+    engine.for_each_entry(0, ~uint64_t{0}, [&](const RemapTable::Entry& e) {
+      if (RemapTable::is_pending(e.value)) blocks.push_back(e.block);
+    });
+  }
+  Json j;
+  j["none_pending"] = all && blocks.empty();
+  std::vector<uint64_t> cleared, kept;
+  if (!blocks.empty()) {
+    const Status s = engine.forget_pending(blocks, cleared, kept);
+    if (!s.is_ok()) throw ControlError{s.code(), s.to_string()};
+  }
+  j["cleared"] = cleared;
+  j["kept"] = kept;
+  return j;
+}
+
+}  // namespace dmremap

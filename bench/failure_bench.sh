@@ -179,7 +179,7 @@ for c in "${storm_cases[@]}"; do
     fio --name=storm --ioengine=nbd --uri="nbd+unix:///?socket=$fe_sock" --rw=randwrite \
       --bs=4k --iodepth=32 --direct=1 --time_based --runtime="$secs" --size=1G \
       --randrepeat=0 >/dev/null 2>&1
-    storm[$fe/$spare_kind]=$("$cli" status --control "$ctl" --json | "$py" -c '
+    storm[$fe/$spare_kind]=$({ "$cli" status --control "$ctl" --json || true; } | "$py" -c '
 import json, sys
 j = json.load(sys.stdin)
 c = j["commits"]

@@ -121,7 +121,7 @@ h.flush()
 h.shutdown()
 PY
 stop
-remaps=$("$cli" status --spare "$spare1" --json | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["remaps"])')
+remaps=$({ "$cli" status --spare "$spare1" --json || true; } | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["remaps"])')
 
 labels=("nbdkit file" "dmremap.so, 0 remaps" "dmremap.so, 1 % remapped"
   "dmremap-server, 0 remaps" "dmremap-server, 1 % remapped" "nbdkit null" "qemu-nbd"

@@ -49,7 +49,8 @@ for cmd in "" format status list remap forget-pending check; do
   contains "help ${cmd:-top} has usage" "Usage: dmremap"
 done
 expect "no subcommand is bad usage" 2 "$cli"
-expect "unknown option is bad usage" 2 "$cli" status --spare x --bogus
+expect "status: unknown option is unknown (3)" 3 "$cli" status --spare x --bogus
+expect "unknown option is bad usage" 2 "$cli" list --spare x --bogus
 expect "--version" 0 "$cli" --version
 contains "--version names the tool" "dmremap "
 
@@ -136,18 +137,18 @@ expect "format with options" 0 "$cli" format --main main.img --spare dirty.img -
 equals "block size 512" "$(json 'j["block_size"]')" 512
 equals "journal 512K" "$(json 'j["journal_bytes"]')" 524288
 equals "pending capacity" "$(json 'j["pending_capacity"]')" 100
-expect "status names no set" 2 "$cli" status
+expect "status names no set: unknown (3)" 3 "$cli" status
 contains "status without a set says what to name" "--control SOCKET"
-expect "status --control with nothing behind it" 1 "$cli" status --control nobody.sock
+expect "status --control with nothing behind it" 3 "$cli" status --control nobody.sock
 contains "nothing serves: says so" "no running dmremap answers"
-expect "status of a missing spare" 1 "$cli" status --spare nonexistent.img
+expect "status of a missing spare" 3 "$cli" status --spare nonexistent.img
 contains "missing spare named" "nonexistent.img"
-expect "status of an unformatted spare" 1 "$cli" status --spare tiny.img
+expect "status of an unformatted spare" 3 "$cli" status --spare tiny.img
 contains "unformatted spare says how to format" "dmremap format"
 
 # A main of a different size is refused by every command that opens the set.
 truncate -s 32M other.img
-expect "status --main refuses a different main" 1 "$cli" status --spare spare.img --main other.img
+expect "status --main refuses a different main: failing (2)" 2 "$cli" status --spare spare.img --main other.img
 contains "size mismatch explained" "formatted for a main of 67108864 bytes"
 expect "remap refuses a different main" 1 "$cli" remap --main other.img --spare spare.img 1
 contains "remap mismatch explained" "formatted for a main of 67108864 bytes"
@@ -191,7 +192,7 @@ print(0, 8192)
 PY
   dd if=/dev/zero of=wiped.img bs=4096 seek=$((off / 4096)) count=$((len / 4096)) conv=notrunc status=none
 done
-expect "a wiped set does not open" 1 "$cli" status --spare wiped.img
+expect "a wiped set does not open" 3 "$cli" status --spare wiped.img
 expect "rebuild from the slot headers" 0 "$cli" rebuild --spare wiped.img --json
 equals "rebuild found the geometry's copy" "$(json 'j["geometry_from_backup"]')" True
 expect "list after the rebuild" 0 "$cli" list --spare wiped.img --remapped --json
@@ -216,7 +217,7 @@ if command -v nbdkit >/dev/null; then
   expect "status --control with the set's spare" 0 "$cli" status --control ctl.sock --spare spare.img
   truncate -s 16M other-spare.img
   "$cli" format --main other.img --spare other-spare.img >/dev/null
-  expect "status --control with another set's spare" 1 "$cli" status --control ctl.sock --spare other-spare.img
+  expect "status --control with another set's spare" 3 "$cli" status --control ctl.sock --spare other-spare.img
   contains "another set: says which" "holds set"
   expect "remap refuses a served set" 1 "$cli" remap --main main.img --spare spare.img 4
   contains "served set: says why" "Stop nbdkit or dmremap-server first"
@@ -264,7 +265,7 @@ if command -v nbdkit >/dev/null; then
   contains "unreadable block marked pending" "marked pending"
   expect "list --pending" 0 "$cli" list --spare spare.img --pending --json
   equals "pending block listed" "$(json '[e["block"] for e in j["pending"]]')" "[20]"
-  expect "status counts pending" 0 "$cli" status --spare spare.img --json
+  expect "status counts pending: a warning (1)" 1 "$cli" status --spare spare.img --json
   equals "one pending" "$(json 'j["pending"]')" 1
   equals "pending gives a warning" "$(json 'j["health"]')" warning
   # forget-pending keeps a mark while the block still fails...

@@ -13,6 +13,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <thread>
 
 #include "dmremap/block_device.h"
 #include "dmremap/control.h"
@@ -263,26 +264,33 @@ void print_status(const Json& j, const std::string& control) {
 
 }  // namespace
 
-int run_status(const StatusOptions& o) {
+namespace {
+
+// One look at the set: prints it, returns the exit status.
+int status_once(const StatusOptions& o) {
+  auto unknown = [](const Status& st) {
+    (void)fail(st);
+    return kStatusUnknown;
+  };
   Json j;
   if (!o.control.empty()) {
     auto reply = control_call(o.control, Json{{"command", "status"}});
-    if (!reply.is_ok()) return fail(reply.status());
+    if (!reply.is_ok()) return unknown(reply.status());
     j = std::move(reply.value());
     j.erase("ok");
     if (!o.spare.empty()) {
       auto loaded = load_spare(o.spare);
-      if (!loaded.is_ok()) return fail(loaded.status());
+      if (!loaded.is_ok()) return unknown(loaded.status());
       const std::string uuid = uuid_string(loaded.value()->store->superblock().uuid);
       if (uuid != j.value("uuid", std::string())) {
         print_error(fmt::format("{} serves set {}, but {} holds set {}", o.control,
                                 j.value("uuid", std::string()), o.spare, uuid));
-        return kExitFailed;
+        return kStatusUnknown;
       }
     }
   } else {
     auto loaded = load_spare(o.spare);
-    if (!loaded.is_ok()) return fail(loaded.status());
+    if (!loaded.is_ok()) return unknown(loaded.status());
     Loaded& l = *loaded.value();
     const Superblock& sb = l.store->superblock();
     EngineStats s;
@@ -310,20 +318,40 @@ int run_status(const StatusOptions& o) {
       o.main.empty() ? std::string()
                      : main_mismatch(o.main, j.value("main_size", 0ull),
                                      j.value("main_identity", std::string()));
+  const std::string health = j.value("health", std::string());
+  int rc = health == "ok" ? kStatusOk : health == "warning" ? kStatusWarning : kStatusFailing;
+  if (!mismatch.empty()) rc = kStatusFailing;
   if (o.json) {
     if (!o.main.empty()) {
       j["main_matches"] = mismatch.empty();
       if (!mismatch.empty()) j["main_problem"] = mismatch;
     }
-    fmt::print("{}\n", j.dump(2));
-    return mismatch.empty() ? kExitOk : kExitFailed;
+    // Watching: one object per line, for a log or a pipe.
+    fmt::print("{}\n", o.watch_seconds > 0 ? j.dump() : j.dump(2));
+    return rc;
   }
   print_status(j, o.control);
-  if (!mismatch.empty()) {
-    print_error("main does not belong to this set: " + mismatch);
-    return kExitFailed;
+  if (!mismatch.empty()) print_error("main does not belong to this set: " + mismatch);
+  return rc;
+}
+
+}  // namespace
+
+int run_status(const StatusOptions& o) {
+  if (o.watch_seconds <= 0) return status_once(o);
+  // As watch(1) shows a command: the screen redrawn in place on a terminal,
+  // one report after another otherwise. Until interrupted; a set that
+  // cannot be read is reported and tried again.
+  const bool tty = ::isatty(STDOUT_FILENO) && !o.json;
+  const auto period = std::chrono::milliseconds(static_cast<int64_t>(o.watch_seconds * 1000));
+  while (true) {
+    if (tty) fmt::print("\033[H\033[2J");
+    fmt::print("{}{}", o.json ? "" : format_time(static_cast<uint64_t>(std::time(nullptr))),
+               o.json ? "" : fmt::format(", every {} s\n", o.watch_seconds));
+    (void)status_once(o);
+    std::fflush(stdout);
+    std::this_thread::sleep_for(period);
   }
-  return kExitOk;
 }
 
 namespace {

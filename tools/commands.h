@@ -30,7 +30,12 @@ struct StatusOptions {
   std::string main;  // optional: also check that it belongs to the set
   bool json = false;
   unsigned warn_percent = 80;
+  double watch_seconds = 0;  // > 0: again every so many seconds, until interrupted
 };
+// Exit status of `dmremap status`, as monitoring plugins (Nagios, Icinga,
+// Zabbix's) read it: 0 health ok, 1 warning, 2 failing (or main does not
+// belong to the set), 3 unknown: the set could not be read, or bad usage.
+inline constexpr int kStatusOk = 0, kStatusWarning = 1, kStatusFailing = 2, kStatusUnknown = 3;
 int run_status(const StatusOptions& o);
 
 struct ListOptions {

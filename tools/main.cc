@@ -23,7 +23,8 @@ constexpr const char* kIoHelp =
     "auto: direct on block devices, buffered on image files";
 
 constexpr const char* kFooter =
-    "Exit status: 0 success, 1 failure or problems found, 2 bad usage.\n"
+    "Exit status: 0 success, 1 failure or problems found, 2 bad usage (status: 0 ok, 1 "
+    "warning, 2 failing, 3 unknown, as monitoring plugins read it).\n"
     "Each command has its own --help, e.g. dmremap format --help.";
 
 void add_spare(CLI::App* cmd, std::string& spare) {
@@ -116,6 +117,13 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 100))
       ->capture_default_str()
       ->excludes(control_opt);
+  status->add_option("--watch", so.watch_seconds,
+                     "Show it again every SECONDS (on a terminal, in place), until interrupted; "
+                     "with --json, one object per line")
+      ->check(CLI::Range(0.1, 86400.0));
+  status->footer(
+      "Exit status, as monitoring plugins read it: 0 health ok, 1 warning, 2 failing (or --main "
+      "is not the set's main), 3 unknown (the set cannot be read, or bad usage).");
   status->callback([&] {
     if (spare_opt->count() == 0 && control_opt->count() == 0) {
       throw CLI::ValidationError("status", "name the set: --spare SPARE, or --control SOCKET");
@@ -231,6 +239,10 @@ int main(int argc, char** argv) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
     app.exit(e);
+    // status speaks the monitoring plugins' language: 3 is unknown.
+    for (const CLI::App* sub : app.get_subcommands()) {
+      if (sub->get_name() == "status") return dmremap::cli::kStatusUnknown;
+    }
     return 2;
   } catch (const std::exception& e) {
     fmt::print(stderr, "dmremap: {}\n", e.what());

@@ -145,8 +145,20 @@ class DemoSet:
             raise AssertionError(f"dmremap {' '.join(args)} failed: {r.stderr}")
         return r
 
+    def health_cli(self, *args):
+        """`dmremap status` speaks the monitoring plugins' language: 0 ok, 1
+        warning, 2 failing; 3 (unknown) is an error here."""
+        r = self.cli("status", *args, "--json", check=False)
+        if r.returncode not in (0, 1, 2):
+            raise AssertionError(f"dmremap status {' '.join(args)} failed: {r.stderr}")
+        j = json.loads(r.stdout)
+        expected = {"ok": 0, "warning": 1, "failing": 2}[j["health"]]
+        if r.returncode != expected and "main_problem" not in j:
+            raise AssertionError(f"status exited {r.returncode} for health {j['health']}")
+        return j
+
     def status(self):
-        return json.loads(self.cli("status", "--spare", self.spare, "--json").stdout)
+        return self.health_cli("--spare", self.spare)
 
     @property
     def control(self):
@@ -158,7 +170,7 @@ class DemoSet:
 
     def live_status(self):
         """`dmremap status --control`: what the running frontend reports."""
-        return json.loads(self.cli("status", "--control", self.control, "--json").stdout)
+        return self.health_cli("--control", self.control)
 
     def listing(self):
         return json.loads(self.cli("list", "--spare", self.spare, "--json").stdout)

@@ -22,6 +22,7 @@
 #include "dmremap/control.h"
 #include "dmremap/engine.h"
 #include "dmremap/export.h"
+#include "dmremap/health_log.h"
 #include "dmremap/open_set.h"
 #include "dmremap/log.h"
 
@@ -31,6 +32,9 @@ namespace {
 
 dmremap::SetConfig g_config;
 std::unique_ptr<dmremap::Engine> g_engine;
+// Health changes and a periodic summary in nbdkit's log (log-interval=).
+std::chrono::milliseconds g_log_interval{3600 * 1000};
+std::unique_ptr<dmremap::HealthLog> g_health;
 std::string g_control_path;
 // Not a unique_ptr: in background mode nbdkit's parent process exits
 // through exit() after the fork, and a static destructor there would
@@ -101,7 +105,7 @@ int dmremap_config_unguarded(const char* key, const char* value) {
     unsigned n = 0;
     if (nbdkit_parse_unsigned(key, value, &n) == -1) return -1;
     g_config.engine.read_retries = n;
-  } else if (k == "retry-time" || k == "io-timeout") {
+  } else if (k == "retry-time" || k == "io-timeout" || k == "log-interval") {
     char* end = nullptr;
     const double secs = std::strtod(value, &end);
     if (end == value || *end != '\0' || !(secs >= 0) || secs > 86400) {
@@ -109,7 +113,9 @@ int dmremap_config_unguarded(const char* key, const char* value) {
       return -1;
     }
     const auto ms = std::chrono::milliseconds(static_cast<int64_t>(secs * 1000));
-    (k == "retry-time" ? g_config.engine.retry_time : g_config.io_timeout) = ms;
+    (k == "retry-time"   ? g_config.engine.retry_time
+     : k == "io-timeout" ? g_config.io_timeout
+                         : g_log_interval) = ms;
   } else if (k == "warn") {
     unsigned n = 0;
     if (nbdkit_parse_unsigned(key, value, &n) == -1 || n > 100) {
@@ -221,12 +227,15 @@ int dmremap_after_fork() {
       dmremap::Status s = open_engine();
       if (!s.is_ok()) return s;
     }
+    // In the process that serves (the thread would not survive the fork).
+    g_health = std::make_unique<dmremap::HealthLog>(*g_engine, g_log_interval);
     if (g_control) return g_control->serve(dmremap::engine_commands(*g_engine));
     return dmremap::Status::ok();
   });
   // As above; and the socket goes too.
   if (r != 0) {
     drop_control();
+    g_health.reset();
     if (g_engine) (void)g_engine->close();
     g_engine.reset();
   }
@@ -236,6 +245,7 @@ int dmremap_after_fork() {
 // Shutdown: nbdkit has finished every request; flush and leave clean metadata.
 void dmremap_cleanup() {
   drop_control();
+  g_health.reset();
   if (!g_engine) return;
   (void)guarded("shutdown", RequestKind::kOther, [] { return g_engine->close(); });
   g_engine.reset();
@@ -361,6 +371,8 @@ nbdkit_plugin make_plugin() {
       "                      this long has failed it (30; 0: wait for ever)\n"
       "unreadable=error|zero salvage: zero = unreadable blocks read as zeros, logged (error)\n"
       "warn=PERCENT          health warns when this much of the pool is used (80)\n"
+      "log-interval=SECONDS  log a summary of the set's figures this often (3600;\n"
+      "                      0: never); health changes are logged at once\n"
       "control=SOCKET        answer `dmremap status --control SOCKET` on this Unix\n"
       "                      socket (created mode 0600: its owner only)\n"
       "inject=FAULTS         testing only: read:N[-M],write:N[-M],weak:N[-M]xK,\n"

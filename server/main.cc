@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "dmremap/control.h"
+#include "dmremap/health_log.h"
 #include "dmremap/log.h"
 #include "dmremap/open_set.h"
 #include "listeners.h"
@@ -53,6 +54,7 @@ struct Options {
   double io_timeout_seconds = 30;
   double handshake_seconds = 30;
   double drain_seconds = 30;
+  double log_interval_seconds = 3600;
 };
 
 void add_options(CLI::App& app, Options& o) {
@@ -93,6 +95,13 @@ void add_options(CLI::App& app, Options& o) {
   seconds("--io-timeout", o.io_timeout_seconds,
           "An NBD main or spare that does not answer a request within this many seconds "
           "has failed it (0: wait for ever)");
+  app.add_option("--warn", o.set.engine.warn_percent,
+                 "Health is 'warning' from this percentage of the spare's slots used")
+      ->check(CLI::Range(0u, 100u))
+      ->capture_default_str();
+  seconds("--log-interval", o.log_interval_seconds,
+          "Log a summary of the set's figures this often (0: never); a change of health is "
+          "logged when it happens");
   app.add_option("--unreadable", o.unreadable,
                  "error, or zero (salvage: unreadable blocks read as zeros, logged)")
       ->check(CLI::IsMember({"error", "zero"}))
@@ -264,6 +273,9 @@ int serve(Options& o) {
   }
   shutdown = std::make_unique<Shutdown>(io, info, listeners, to_ms(o.drain_seconds));
   std::signal(SIGPIPE, SIG_IGN);
+
+  // Health changes and a periodic summary, in the log.
+  const dmremap::HealthLog health(e, to_ms(o.log_interval_seconds));
 
   // A watchdog gives a connection another lane when its lanes are stuck on a
   // slow disk, or replies wait behind a slow request (see Session::watch).

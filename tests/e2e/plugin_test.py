@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import subprocess
+import time
 import unittest
 
 import nbd
@@ -260,6 +261,23 @@ class ServedSetTest(unittest.TestCase):
         # Offline, the spare says the same.
         offline = json.loads(s.cli("list", "--spare", s.spare, "--json").stdout)
         self.assertEqual(offline, listed)
+
+    def test_health_changes_and_summaries_are_logged(self):
+        s = DemoSet(TOOLS)
+        self.addCleanup(s.close)
+        s.start("inject=read:20", "log-interval=1")
+        h = s.connect()
+        with self.assertRaises(nbd.Error):
+            h.pread(BLOCK, 20 * BLOCK)  # unreadable: pending, health warning
+        deadline = time.monotonic() + 30
+        while "summary: health warning" not in s.read_log():
+            self.assertLess(time.monotonic(), deadline, s.read_log())
+            time.sleep(0.2)
+        h.shutdown()
+        s.stop()
+        log = s.read_log()
+        self.assertIn("health: warning (was ok)", log)
+        self.assertIn("1 pending", log)
 
     def test_naming_the_set_both_ways_is_bad_usage(self):
         s = DemoSet(TOOLS)

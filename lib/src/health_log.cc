@@ -1,0 +1,70 @@
+#include "dmremap/health_log.h"
+
+#include <iterator>
+
+#include "dmremap/log.h"
+
+namespace dmremap {
+
+std::string summary_line(const EngineStats& s) {
+  auto n = [](uint64_t v) { return std::to_string(v); };
+  std::string causes;
+  for (size_t c = 1; c < std::size(s.remaps_by_cause); ++c) {
+    if (s.remaps_by_cause[c] == 0) continue;
+    causes += (causes.empty() ? "" : ", ") + n(s.remaps_by_cause[c]) + " " +
+              cause_name(static_cast<Cause>(c));
+  }
+  return "summary: health " + std::string(health_name(s.health)) + "; " + n(s.remaps) +
+         " remapped" + (causes.empty() ? "" : " (" + causes + ")") + ", " + n(s.pending) +
+         " pending; slots " + n(s.slots_used) + " used, " + n(s.slots_bad) + " bad, " +
+         n(s.slots_free) + " free of " + n(s.slots_total) + "; since start " + n(s.reads) +
+         " reads, " + n(s.writes) + " writes, " + n(s.main_read_errors) + " read errors and " +
+         n(s.main_write_errors) + " write errors on main, " + n(s.retry_successes) +
+         " reads saved by a retry, " + n(s.unreadable_reads) + " unreadable; main " +
+         (s.main_offline_since != 0 ? "offline since " + utc_time(s.main_offline_since)
+                                    : std::string("online"));
+}
+
+HealthLog::HealthLog(Engine& engine, std::chrono::milliseconds summary,
+                     std::chrono::milliseconds poll)
+    : engine_(engine), summary_(summary), poll_(poll), last_(engine.stats().health) {
+  // The health when it was made is the one changes are told against.
+  thread_ = std::thread([this] { run(); });
+}
+
+HealthLog::~HealthLog() {
+  {
+    std::lock_guard lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+}
+
+void HealthLog::run() {
+  using Clock = std::chrono::steady_clock;
+  Health last = last_;
+  auto next_summary = Clock::now() + summary_;
+  std::unique_lock lock(mu_);
+  while (!cv_.wait_for(lock, poll_, [this] { return stop_; })) {
+    lock.unlock();
+    const EngineStats s = engine_.stats();
+    if (s.health != last) {
+      const std::string line = std::string("health: ") + health_name(s.health) + " (was " +
+                               health_name(last) + ")" +
+                               (s.health_reason.empty() ? "" : ": " + s.health_reason);
+      log(s.health == Health::kFailing   ? LogLevel::kError
+          : s.health == Health::kWarning ? LogLevel::kWarning
+                                         : LogLevel::kInfo,
+          line);
+      last = s.health;
+    }
+    if (summary_.count() > 0 && Clock::now() >= next_summary) {
+      log(LogLevel::kInfo, summary_line(s));
+      next_summary = Clock::now() + summary_;
+    }
+    lock.lock();
+  }
+}
+
+}  // namespace dmremap

@@ -265,6 +265,19 @@ if command -v nbdkit >/dev/null; then
   contains "unreadable block marked pending" "marked pending"
   expect "list --pending" 0 "$cli" list --spare spare.img --pending --json
   equals "pending block listed" "$(json '[e["block"] for e in j["pending"]]')" "[20]"
+  # The same set as a ddrescue mapfile: block 20 is '-', the rest '+'. GNU
+  # ddrescuelog reads it, and nbdkit's ddrescue filter fails exactly block 20.
+  expect "list --format=ddrescue" 0 "$cli" list --spare spare.img --format=ddrescue
+  printf '%s\n' "$out" > exported.map
+  expect "ddrescuelog reads the map" 0 ddrescuelog -t exported.map
+  expect "ddrescuelog: the bad blocks" 0 ddrescuelog -b 4096 -l- exported.map
+  equals "ddrescuelog lists block 20 alone" "$out" 20
+  expect "ddrescuelog: the rescued size" 0 ddrescuelog -b 4096 -l+ exported.map
+  equals "every other block rescued" "$(wc -l <<<"$out")" $((64 * 256 - 1))
+  expect "nbdkit's ddrescue filter takes the map" 0 nbdkit -U - --filter=ddrescue \
+    file "$work/main.img" ddrescue-mapfile="$work/exported.map" \
+    --run 'qemu-io -r -f raw -c "read 0 81920" -c "read 86016 4096" "$uri" &&
+           ! qemu-io -r -f raw -c "read 81920 4096" "$uri"'
   expect "status counts pending: a warning (1)" 1 "$cli" status --spare spare.img --json
   equals "one pending" "$(json 'j["pending"]')" 1
   equals "pending gives a warning" "$(json 'j["health"]')" warning

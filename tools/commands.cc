@@ -365,8 +365,42 @@ Result<Json> ask(const std::string& control, const Json& request) {
   return j;
 }
 
+// A GNU ddrescue mapfile of main: pending blocks (unreadable, their data
+// lost) are '-', every other byte '+' (finished). ddrescuelog, ddrescueview
+// and nbdkit's ddrescue filter read it.
+void print_ddrescue_map(const Json& j) {
+  const uint64_t size = j["main_size"].get<uint64_t>();
+  const uint64_t bs = j["block_size"].get<uint64_t>();
+  fmt::print("# Mapfile. Created by dmremap {}\n", DMREMAP_VERSION);
+  fmt::print("# Pending blocks (main cannot read them; their data is lost) are '-'.\n");
+  fmt::print("# Every other byte, on main or remapped to the spare, reads: '+'.\n");
+  fmt::print("# current_pos  current_status  current_pass\n");
+  fmt::print("0x{:08X}     +               1\n", 0);
+  fmt::print("#      pos        size  status\n");
+  uint64_t pos = 0;
+  auto run = [&](uint64_t end, char status) {
+    if (end > pos) fmt::print("0x{:08X}  0x{:08X}  {}\n", pos, end - pos, status);
+    pos = end;
+  };
+  std::vector<uint64_t> pending;
+  for (const Json& e : j["pending"]) pending.push_back(e["block"].get<uint64_t>());
+  std::sort(pending.begin(), pending.end());
+  for (size_t i = 0; i < pending.size();) {
+    size_t k = i;  // a run of consecutive pending blocks
+    while (k + 1 < pending.size() && pending[k + 1] == pending[k] + 1) ++k;
+    run(pending[i] * bs, '+');
+    run(std::min(size, (pending[k] + 1) * bs), '-');
+    i = k + 1;
+  }
+  run(size, '+');
+}
+
 void print_list(const Json& j, const ListOptions& o) {
-  if (o.json) {
+  if (o.format == "ddrescue") {
+    print_ddrescue_map(j);
+    return;
+  }
+  if (o.format == "json") {
     Json out = j;
     out.erase("next");
     fmt::print("{}\n", out.dump(2));
@@ -434,7 +468,7 @@ int print_forget(const Json& j) {
 
 int run_list(const ListOptions& o) {
   ListQuery q;
-  q.remapped = !o.only_pending;
+  q.remapped = !o.only_pending && o.format != "ddrescue";
   q.pending = !o.only_remapped;
   Json j;
   if (!o.control.empty()) {

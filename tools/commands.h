@@ -41,7 +41,7 @@ int run_status(const StatusOptions& o);
 struct ListOptions {
   std::string spare;
   std::string control;  // or ask the running frontend
-  bool json = false;
+  std::string format = "text";  // text, json, ddrescue
   bool only_remapped = false;
   bool only_pending = false;
 };

@@ -10,7 +10,7 @@ namespace {
 using ForRange = std::function<void(uint64_t, uint64_t, const std::function<void(
                                                            const RemapTable::Entry&)>&)>;
 
-Json page(uint32_t block_size, const std::vector<uint64_t>& bad_slots,
+Json page(uint64_t main_size, uint32_t block_size, const std::vector<uint64_t>& bad_slots,
           const std::function<uint64_t(uint64_t)>& spare_offset, const ListQuery& q,
           const ForRange& for_range) {
   Json remaps = Json::array();
@@ -39,6 +39,7 @@ Json page(uint32_t block_size, const std::vector<uint64_t>& bad_slots,
     }
   });
   Json j;
+  j["main_size"] = main_size;
   j["block_size"] = block_size;
   j["remaps"] = std::move(remaps);
   j["pending"] = std::move(pending);
@@ -51,7 +52,7 @@ Json page(uint32_t block_size, const std::vector<uint64_t>& bad_slots,
 
 Json list_json(Engine& engine, const ListQuery& q) {
   return page(
-      engine.block_size(), engine.bad_slots(),
+      engine.size(), engine.block_size(), engine.bad_slots(),
       [&](uint64_t slot) { return engine.slot_spare_offset(slot); }, q,
       [&](uint64_t first, uint64_t last, const std::function<void(const RemapTable::Entry&)>& fn) {
         engine.for_each_entry(first, last, fn);
@@ -60,7 +61,7 @@ Json list_json(Engine& engine, const ListQuery& q) {
 
 Json list_json(const RemapTable& table, const Superblock& sb, const ListQuery& q) {
   return page(
-      sb.block_size, table.bad_slots(),
+      sb.main_size, sb.block_size, table.bad_slots(),
       [&](uint64_t slot) { return sb.slot_offset + slot * sb.block_size; }, q,
       [&](uint64_t first, uint64_t last, const std::function<void(const RemapTable::Entry&)>& fn) {
         table.for_range(first, last, fn);

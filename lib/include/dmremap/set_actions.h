@@ -24,7 +24,7 @@ struct ListQuery {
   bool pending = true;
 };
 
-// {"block_size", "remaps": [{block, offset, slot, spare_offset, cause}],
+// {"main_size", "block_size", "remaps": [{block, offset, slot, spare_offset, cause}],
 //  "pending": [{block, offset}], "bad_slots": [...],
 //  "next": the block to ask from for the next page, or null at the end}.
 Json list_json(Engine& engine, const ListQuery& q);

@@ -150,6 +150,8 @@ contains "unformatted spare says how to format" "dmremap format"
 truncate -s 32M other.img
 expect "status --main refuses a different main: failing (2)" 2 "$cli" status --spare spare.img --main other.img
 contains "size mismatch explained" "formatted for a main of 67108864 bytes"
+expect "status --main that cannot be opened: unknown (3)" 3 "$cli" status --spare spare.img \
+  --main no-such-disk.img
 expect "remap refuses a different main" 1 "$cli" remap --main other.img --spare spare.img 1
 contains "remap mismatch explained" "formatted for a main of 67108864 bytes"
 expect "check refuses a different main" 1 "$cli" check --spare spare.img --main other.img
@@ -267,6 +269,10 @@ if command -v nbdkit >/dev/null; then
   equals "pending block listed" "$(json '[e["block"] for e in j["pending"]]')" "[20]"
   # The same set as a ddrescue mapfile: block 20 is '-', the rest '+'. GNU
   # ddrescuelog reads it, and nbdkit's ddrescue filter fails exactly block 20.
+  expect "list --format=ddrescue --remapped still maps the pending block" 0 "$cli" list \
+    --spare spare.img --format=ddrescue --remapped
+  contains "the pending block is '-'" "0x00001000  -"
+  expect "--json with --format is bad usage" 2 "$cli" list --spare spare.img --json --format text
   expect "list --format=ddrescue" 0 "$cli" list --spare spare.img --format=ddrescue
   printf '%s\n' "$out" > exported.map
   expect "ddrescuelog reads the map" 0 ddrescuelog -t exported.map

@@ -319,8 +319,15 @@ int status_once(const StatusOptions& o) {
                      : main_mismatch(o.main, j.value("main_size", 0ull),
                                      j.value("main_identity", std::string()));
   const std::string health = j.value("health", std::string());
-  int rc = health == "ok" ? kStatusOk : health == "warning" ? kStatusWarning : kStatusFailing;
-  if (!mismatch.empty()) rc = kStatusFailing;
+  int rc = health == "ok"        ? kStatusOk
+           : health == "warning" ? kStatusWarning
+           : health == "failing" ? kStatusFailing
+                                 : kStatusUnknown;
+  if (!mismatch.empty()) {
+    // A main that cannot be opened says nothing about the set: unknown.
+    auto dev = open_for_inspection(o.main, "main");
+    rc = dev.is_ok() ? kStatusFailing : kStatusUnknown;
+  }
   if (o.json) {
     if (!o.main.empty()) {
       j["main_matches"] = mismatch.empty();
@@ -468,8 +475,9 @@ int print_forget(const Json& j) {
 
 int run_list(const ListOptions& o) {
   ListQuery q;
+  // A ddrescue map is of the whole disk: its '-' are every pending block.
   q.remapped = !o.only_pending && o.format != "ddrescue";
-  q.pending = !o.only_remapped;
+  q.pending = !o.only_remapped || o.format == "ddrescue";
   Json j;
   if (!o.control.empty()) {
     // Page by page: a set with millions of entries is not one reply.

@@ -135,13 +135,14 @@ int main(int argc, char** argv) {
   CLI::App* list = app.add_subcommand(
       "list", "List remapped blocks (with slot and cause), pending blocks and bad slots.");
   add_set_or_control(list, nullptr, lo.spare, lo.control);
-  list->add_option("--format", lo.format,
+  auto* list_format = list->add_option("--format", lo.format,
                    "text; json; or ddrescue: a GNU ddrescue mapfile of main, pending blocks '-', "
                    "every other byte '+' (for ddrescueview, ddrescuelog, nbdkit's ddrescue "
                    "filter)")
       ->check(CLI::IsMember({"text", "json", "ddrescue"}))
       ->capture_default_str();
-  list->add_flag_callback("--json", [&lo] { lo.format = "json"; }, "Same as --format json");
+  list->add_flag_callback("--json", [&lo] { lo.format = "json"; }, "Same as --format json")
+      ->excludes(list_format);
   auto* rem = list->add_flag("--remapped", lo.only_remapped, "Only remapped blocks");
   list->add_flag("--pending", lo.only_pending, "Only pending (unreadable) blocks")->excludes(rem);
   list->callback([&] {
@@ -252,6 +253,9 @@ int main(int argc, char** argv) {
     return 2;
   } catch (const std::exception& e) {
     fmt::print(stderr, "dmremap: {}\n", e.what());
+    for (const CLI::App* sub : app.get_subcommands()) {
+      if (sub->get_name() == "status") return dmremap::cli::kStatusUnknown;
+    }
     return 1;
   }
   return rc;

@@ -373,8 +373,9 @@ nbdkit_plugin make_plugin() {
       "warn=PERCENT          health warns when this much of the pool is used (80)\n"
       "log-interval=SECONDS  log a summary of the set's figures this often (3600;\n"
       "                      0: never); health changes are logged at once\n"
-      "control=SOCKET        answer `dmremap status --control SOCKET` on this Unix\n"
-      "                      socket (created mode 0600: its owner only)\n"
+      "control=SOCKET        answer dmremap status, list, remap and forget-pending\n"
+      "                      --control SOCKET on this Unix socket (mode 0600; only\n"
+      "                      root and this user may change the set through it)\n"
       "inject=FAULTS         testing only: read:N[-M],write:N[-M],weak:N[-M]xK,\n"
       "                      slow:N[-M]xMS on main\n"
       "inject-spare=FAULTS   testing only: the same, and flush:MS, on the spare";

@@ -71,8 +71,9 @@ void add_options(CLI::App& app, Options& o) {
                  "Listen on this Unix socket. A stale socket there is replaced; anything else "
                  "(a file, a live server's socket) is refused");
   app.add_option("--control", o.control_path,
-                 "Answer `dmremap status --control SOCKET` on this Unix socket (created mode "
-                 "0600: its owner only)");
+                 "Answer dmremap status, list, remap and forget-pending --control SOCKET on this "
+                 "Unix socket (created mode 0600; only root and this user may change the set "
+                 "through it)");
   app.add_option("--name", o.name, "The export's name (clients may also ask for \"\")");
   app.add_flag("-r,--readonly", o.set.read_only, "Serve read-only; nothing is remapped");
   app.add_option("--io", o.io_mode,
@@ -275,7 +276,7 @@ int serve(Options& o) {
   std::signal(SIGPIPE, SIG_IGN);
 
   // Health changes and a periodic summary, in the log.
-  const dmremap::HealthLog health(e, to_ms(o.log_interval_seconds));
+  auto health = std::make_unique<dmremap::HealthLog>(e, to_ms(o.log_interval_seconds));
 
   // A watchdog gives a connection another lane when its lanes are stuck on a
   // slow disk, or replies wait behind a slow request (see Session::watch).
@@ -293,6 +294,7 @@ int serve(Options& o) {
   watchdog.join();
   listeners.remove_socket_file();
   control.reset();
+  health.reset();  // as the plugin: no health line while the set closes
   const int status = close_set(e, shutdown->close_wait());
   if (info.live() != 0) {
     // Clients cut at the deadline may still have threads here (blocked on

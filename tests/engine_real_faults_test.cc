@@ -487,6 +487,60 @@ TEST_CASE("reads 7 for the spare: a spare that does not answer marks no slot bad
   CHECK((st.remaps == 2 && st.slots_bad == 0 && st.health == Health::kOk));
 }
 
+// Seen in CI: nbdkit serving the spare was killed between a lease renewal's
+// write and its flush. The reconnect forfeited that write, and with it
+// every later flush of the spare: no new remap could commit again.
+TEST_CASE("writes 5 for the spare: a lease renewal cut off before its flush forfeits nothing",
+          "[engine][spare][offline][lease]") {
+  EngineOptions o;
+  o.lease_interval = std::chrono::milliseconds(20);
+  test::SetParams p;
+  p.options = o;
+  p.spare_leased = true;
+  auto s = test::make_set(p);
+  const auto d = test::pattern(B, 1);
+  s.main->add_write_error(2);
+  s.main->add_write_error(3);
+  REQUIRE(s.engine->write(d.data(), B, 2 * B, false).is_ok());  // block 2 -> slot 0
+  REQUIRE(s.engine->flush().is_ok());
+
+  // The next renewal's flush is in flight when the spare's server goes.
+  s.spare->set_flush_delay(std::chrono::milliseconds(300));
+  const uint64_t flushes = s.spare->flush_calls();
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (s.spare->flush_calls() == flushes) {
+    REQUIRE(std::chrono::steady_clock::now() < deadline);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  s.spare->set_gone(ENOTCONN);
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));
+  s.spare->set_flush_delay(std::chrono::microseconds(0));
+  s.spare->set_back(/*new_device=*/true);  // a new connection: its cache is new
+
+  // Nothing that mattered was unflushed: remaps commit again.
+  Status w;
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!(w = s.engine->write(d.data(), B, 3 * B, false)).is_ok()) {
+    REQUIRE(std::chrono::steady_clock::now() < until);  // the spare's reconnect is a thread's
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  REQUIRE(s.engine->flush().is_ok());
+  CHECK_FALSE(s.spare->lost_writes());
+  CHECK(s.engine->stats().remaps == 2);
+
+  // A client's write to a slot that nobody flushed is another matter: it
+  // may have gone with the old connection, so flush fails from then on.
+  const auto e = test::pattern(B, 2);
+  REQUIRE(s.engine->write(e.data(), B, 2 * B, false).is_ok());  // into slot 0
+  s.spare->set_gone(ENOTCONN);
+  std::vector<char> buf(B);
+  CHECK(s.engine->read(buf.data(), B, 2 * B).code() == EIO);
+  s.spare->set_back(/*new_device=*/true);
+  REQUIRE(s.spare->reconnect().is_ok());
+  CHECK(s.spare->lost_writes());
+  CHECK(s.engine->flush().code() == EIO);
+}
+
 TEST_CASE("reads 7: a file or disk that shrinks under dmremap reads as gone (ENXIO), not bad",
           "[device]") {
   char tmpl[] = "/tmp/dmremap-gone-XXXXXX";

@@ -22,6 +22,7 @@ Set make_set(const SetParams& p) {
   s.spare_mem = std::make_shared<MemoryDevice>(p.spare_size, "spare");
   s.main = std::make_shared<FaultyDevice>(s.main_mem, p.block, "main");
   s.spare = std::make_shared<FaultyDevice>(s.spare_mem, 512, "spare");
+  if (p.spare_leased) s.spare->set_unlockable();
   LayoutParams lp;
   lp.main_size = p.main_size;
   lp.block_size = p.block;

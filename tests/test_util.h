@@ -26,6 +26,7 @@ struct SetParams {
   uint32_t block = 4096;
   uint64_t journal_bytes = 0;
   uint64_t pending_capacity = 0;
+  bool spare_leased = false;  // as an NBD spare: nothing locks it
   EngineOptions options{};
 };
 

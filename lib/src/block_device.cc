@@ -39,6 +39,15 @@ Status BlockDevice::write(const void* buf, size_t len, uint64_t offset) {
   return s;
 }
 
+Status BlockDevice::write_expendable(const void* buf, size_t len, uint64_t offset) {
+  if (auto s = check_range("write", len, offset); !s.is_ok()) return s;
+  if (auto s = check_writable("write", offset); !s.is_ok()) return s;
+  if (len == 0) return Status::ok();
+  Status s = do_write(buf, len, offset);
+  if (s.is_ok()) expendable_.fetch_add(1, std::memory_order_relaxed);
+  return s;
+}
+
 Status BlockDevice::flush() {
   if (lost_.load()) {
     return Status::error(EIO, name_ + ": flush refused: an earlier flush failed, or the device "

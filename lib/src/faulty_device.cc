@@ -87,7 +87,6 @@ Status FaultyDevice::reconnect() {
   if (const int err = gone_.load(); err != 0) {
     return Status::error(ENODEV, name() + ": not back yet");
   }
-  if (new_device_.exchange(false)) forfeit_unflushed();
   return inner_->reconnect();
 }
 
@@ -223,6 +222,10 @@ Status FaultyDevice::do_flush() {
   if (auto s = enter("flush", 0); !s.is_ok()) return s;
   if (const int64_t us = flush_delay_us_.load(); us > 0) {
     std::this_thread::sleep_for(std::chrono::microseconds(us));
+    // The device went while the flush was in flight: it never got there.
+    if (const int err = gone_.load(); err != 0) {
+      return Status::error(err, name() + ": flush: the device went away during it");
+    }
   }
   std::lock_guard lock(mu_);
   if (std::exchange(writeback_error_, false)) {

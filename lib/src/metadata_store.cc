@@ -481,7 +481,7 @@ Status MetadataStore::repair_on_open(const RemapTable& table, OpenReport& rep,
   return write_superblock(next);
 }
 
-Result<int> MetadataStore::put_superblock(const Superblock& next) {
+Result<int> MetadataStore::put_superblock(const Superblock& next, bool renewal) {
   MetaBuffer buf(kMetaUnit);
   next.encode(buf.data);
   // The older copy, so that a torn write leaves the newer one. When that
@@ -491,14 +491,23 @@ Result<int> MetadataStore::put_superblock(const Superblock& next) {
   // as a whole (a device errno) gets no second try.
   int copy = 1 - sb_copy_;
   if (copy == bad_sb_copy_) copy = sb_copy_;
-  Status w = spare_->write(buf.data, kMetaUnit, kSuperblockOffset[copy]);
+  // A renewal written over the older copy is expendable: lost, it leaves
+  // the current one as it was, so it must not cost the remaps' unflushed
+  // writes when the spare drops before its flush. Written over the only
+  // copy kept up to date, it is not.
+  auto put = [&](int which) {
+    return renewal && which != sb_copy_
+               ? spare_->write_expendable(buf.data, kMetaUnit, kSuperblockOffset[which])
+               : spare_->write(buf.data, kMetaUnit, kSuperblockOffset[which]);
+  };
+  Status w = put(copy);
   if (!w.is_ok() && copy != sb_copy_ && classify_failure(w.code()) != FailureKind::kDevice) {
     bad_sb_copy_ = copy;
     note_degraded("superblock copy " + std::to_string(copy) + " refuses writes (" +
                   w.to_string() + "); copy " + std::to_string(sb_copy_) +
                   " is the only one kept up to date until the set is reopened");
     copy = sb_copy_;
-    w = spare_->write(buf.data, kMetaUnit, kSuperblockOffset[copy]);
+    w = put(copy);
   }
   if (!w.is_ok()) return w;
   if (auto s = spare_->flush(); !s.is_ok()) return s;
@@ -567,7 +576,7 @@ Status MetadataStore::heartbeat() {
   // A failed heartbeat leaves the other copy valid; the next one tries
   // again. Only the generation changes: readers of the other fields (the
   // engine's stats) run at the same time.
-  auto copy = put_superblock(next);
+  auto copy = put_superblock(next, /*renewal=*/true);
   if (!copy.is_ok()) return copy.take_status();
   sb_.generation = generation;
   sb_copy_ = copy.value();

@@ -38,9 +38,12 @@ def _die_with_parent():
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)
 
 
-def frontend_command(tools, sock, main, spare, params=()):
+def frontend_command(tools, sock, main, spare, params=(), keep_log=False):
     """The command that serves main+spare on `sock`. params are the plugin's
-    key=value strings; for the server they become its options."""
+    key=value strings; for the server they become its options. keep_log:
+    a backgrounded nbdkit keeps writing to the test's log. By default its
+    errors go to syslog once it has forked, and without -v its stderr is
+    /dev/null, so it needs both --log=stderr and -v."""
     if tools.frontend == "server":
         cmd = [tools.server, "--unix", sock, "--main", main, "--spare", spare]
         for p in params:
@@ -55,7 +58,7 @@ def frontend_command(tools, sock, main, spare, params=()):
         # No -f: nbdkit forks, and its parent exits once the socket is ready.
         # The filter only makes sure it goes when the test does (it acts
         # when no client is connected).
-        return ["nbdkit", "-P", sock + ".pid", "--unix", sock,
+        return ["nbdkit", *(["-v", "--log=stderr"] if keep_log else []), "-P", sock + ".pid", "--unix", sock,
                 "--filter=exitwhen", tools.plugin, f"main={main}", f"spare={spare}", *params,
                 f"exit-when-process-exits={os.getpid()}", "exit-when-poll=1"]
     return ["nbdkit", "--foreground", "--exit-with-parent", "--unix", sock,
@@ -179,15 +182,16 @@ class DemoSet:
     def uri(self):
         return f"nbd+unix:///?socket={self.sock}"
 
-    def start(self, *params):
-        """Starts the frontend; params are plugin-style key=value strings."""
+    def start(self, *params, keep_log=False):
+        """Starts the frontend; params are plugin-style key=value strings.
+        keep_log: see frontend_command."""
         self.stop()
         for stale in (self.sock, self.sock + ".pid"):
             if os.path.exists(stale):
                 os.unlink(stale)
         self.logf = open(self.log, "a")
         self.proc = subprocess.Popen(
-            frontend_command(self.tools, self.sock, self.main, self.spare, params),
+            frontend_command(self.tools, self.sock, self.main, self.spare, params, keep_log),
             stdout=self.logf, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         # An NBD spare that was not closed cleanly is watched for 8 s first
         # (the lease), through a scripted nbdkit in some tests, on a loaded

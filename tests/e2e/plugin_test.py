@@ -265,7 +265,9 @@ class ServedSetTest(unittest.TestCase):
     def test_health_changes_and_summaries_are_logged(self):
         s = DemoSet(TOOLS)
         self.addCleanup(s.close)
-        s.start("inject=read:20", "log-interval=1")
+        # Also in the background: the thread that logs must run in the
+        # process nbdkit forked, not in the parent that exited.
+        s.start("inject=read:20", "log-interval=1", keep_log=True)
         h = s.connect()
         with self.assertRaises(nbd.Error):
             h.pread(BLOCK, 20 * BLOCK)  # unreadable: pending, health warning

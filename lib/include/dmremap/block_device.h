@@ -58,6 +58,11 @@ class BlockDevice {
 
   Status read(void* buf, size_t len, uint64_t offset);
   Status write(const void* buf, size_t len, uint64_t offset);
+  // A write whose loss harms no one, because a valid copy stays beside it
+  // and the next one replaces it (a lease renewal). It is not counted as
+  // unflushed: when the device goes away before its flush, or that flush
+  // fails, the writes that matter are not forfeited with it.
+  Status write_expendable(const void* buf, size_t len, uint64_t offset);
   // Makes every completed write durable. Once a flush has failed with
   // writes outstanding (other than with a device errno, which reconnect()
   // settles), or they were forfeited, every later flush fails (EIO): the
@@ -67,9 +72,9 @@ class BlockDevice {
   // True when a write, trim or write-zeroes has completed since the start of
   // the last flush that succeeded: a flush that fails now may lose data.
   bool has_unflushed_writes() const { return changed_.load() != flushed_.load(); }
-  // Writes, trims and write-zeroes completed since open (tests and fuzzers
-  // check with it that nothing wrote).
-  uint64_t changes() const { return changed_.load(); }
+  // Writes (expendable ones too), trims and write-zeroes completed since
+  // open (tests and fuzzers check with it that nothing wrote).
+  uint64_t changes() const { return changed_.load() + expendable_.load(); }
   // Flushes asked of the device since open (for benchmarks and status).
   uint64_t flush_calls() const { return flush_calls_.load(std::memory_order_relaxed); }
   // True once acknowledged writes may have been lost (see flush()).
@@ -118,6 +123,7 @@ class BlockDevice {
   std::string name_;
   std::atomic<uint64_t> changed_{0};
   std::atomic<uint64_t> flushed_{0};
+  std::atomic<uint64_t> expendable_{0};
   std::atomic<uint64_t> flush_calls_{0};
   std::atomic<bool> lost_{false};
 };

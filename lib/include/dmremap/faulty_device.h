@@ -64,7 +64,8 @@ class PowerSwitch {
 //  - slow operations (set_delay): every read, write and flush first sleeps;
 //  - slow blocks (add_slow_block): a read touching the block first sleeps,
 //    as a disk retries a bad sector internally; the others do not wait;
-//  - slow flushes (set_flush_delay), as a disk's cache flush.
+//  - slow flushes (set_flush_delay), as a disk's cache flush; a device that
+//    goes (set_gone) during one fails it with its errno;
 // With a PowerSwitch attached it remembers every write not yet flushed, and
 // power_cut() then drops them, or tears them (each 512-byte sector
 // independently kept or lost); a read error that an undone write had cleared
@@ -79,7 +80,10 @@ class FaultyDevice final : public BlockDevice {
   bool can_trim() const override { return inner_->can_trim(); }
   bool can_fast_zero() const override { return inner_->can_fast_zero(); }
   size_t alignment() const override { return inner_->alignment(); }
-  bool locked() const override { return inner_->locked(); }
+  bool locked() const override { return !unlockable_.load() && inner_->locked(); }
+  // As an NBD export: nothing locks it against a second opener, so an
+  // engine leases it (heartbeats on its superblock).
+  void set_unlockable() { unlockable_.store(true); }
   uint64_t next_data(uint64_t offset) const override { return inner_->next_data(offset); }
   uint64_t next_hole(uint64_t offset) const override { return inner_->next_hole(offset); }
   const std::shared_ptr<BlockDevice>& inner() const { return inner_; }
@@ -92,11 +96,13 @@ class FaultyDevice final : public BlockDevice {
   void clear_faults();
   bool has_read_error(uint64_t block) const;
   void set_gone(int err = EIO) { gone_.store(err); }
-  // With `new_device`, it returns as a new connection or device node, whose
-  // reconnect() forfeits the writes not yet flushed.
+  // With `new_device`, it returns as a new connection or device node,
+  // which cannot vouch for the writes the old one had not flushed: they are
+  // forfeited now, before any request reaches it (NbdDevice reconnects on
+  // the first request that finds its connection dead).
   void set_back(bool new_device = false) {
-    new_device_.store(new_device);
     gone_.store(0);
+    if (new_device) forfeit_unflushed();
   }
   void set_errors_at_flush(bool on);
   void set_delay(std::chrono::microseconds delay) { delay_us_.store(delay.count()); }
@@ -149,8 +155,8 @@ class FaultyDevice final : public BlockDevice {
   std::atomic<int> gone_{0};
   std::atomic<int64_t> delay_us_{0};
   std::atomic<int64_t> flush_delay_us_{0};
+  std::atomic<bool> unlockable_{false};
   std::atomic<uint64_t> reconnects_{0};
-  std::atomic<bool> new_device_{false};
   bool errors_at_flush_ = false;
   bool writeback_error_ = false;
   // Fails with the gone errno, after the delay.

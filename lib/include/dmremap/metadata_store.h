@@ -146,7 +146,8 @@ class MetadataStore {
   Status write_superblock(Superblock next);
   // Writes `next` to the older superblock copy, or to the current one when
   // the older refuses writes; returns the copy written.
-  Result<int> put_superblock(const Superblock& next);
+  // renewal: a lease heartbeat (see BlockDevice::write_expendable).
+  Result<int> put_superblock(const Superblock& next, bool renewal = false);
   void note_degraded(const std::string& what);
   Status checkpoint_now(const RemapTable& table, bool clean);
   // Writes the checkpoint of `epoch` to every copy of `area`.

@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "dmremap/control.h"
+#include "dmremap/set_actions.h"
 #include "test_util.h"
 
 using namespace dmremap;
@@ -336,6 +337,8 @@ TEST_CASE("control: list pages through the table; remap and forget-pending chang
   CHECK(second.value()["remaps"][0]["block"] == 9);
   CHECK(second.value()["pending"][0]["block"] == 20);
   CHECK(second.value()["next"].is_null());
+  CHECK(first.value()["bad_slots"].is_array());
+  CHECK_FALSE(second.value().contains("bad_slots"));  // said once, on the first page
   auto only_pending = control_call(path, Json{{"command", "list"}, {"remapped", false}});
   REQUIRE(only_pending.is_ok());
   CHECK(only_pending.value()["remaps"].empty());
@@ -362,8 +365,8 @@ TEST_CASE("control: only root or the serving user may change the set", "[control
   auto s = test::make_set();
   auto handler = engine_commands(*s.engine);
   const Json stranger{{"uid", 4242424}, {"pid", 1}};
-  CHECK(handler(Json{{"command", "status"}, {"peer", stranger}})["served"] == true);
-  CHECK(handler(Json{{"command", "list"}, {"peer", stranger}})["remaps"].empty());
+  CHECK(handler(Json{{"command", "status"}, {"peer", stranger}}).reply["served"] == true);
+  CHECK(handler(Json{{"command", "list"}, {"peer", stranger}}).reply["remaps"].empty());
   for (const char* cmd : {"remap", "forget-pending"}) {
     CAPTURE(cmd);
     try {
@@ -383,4 +386,85 @@ TEST_CASE("control: only root or the serving user may change the set", "[control
                            Json{{"command", "remap"}, {"blocks", {1}}, {"peer", stranger}});
   REQUIRE(done.is_ok());
   CHECK(done.value()["results"][0]["result"] == "remapped");
+}
+
+TEST_CASE("control: a long remap holds up neither status nor the server's stop", "[control]") {
+  // Each of these blocks takes 300 ms to read, as a disk retries a bad
+  // sector inside (a real one takes seconds).
+  auto s = test::make_set();
+  for (uint64_t b = 1; b < 40; ++b) s.main->add_slow_block(b, std::chrono::milliseconds(300));
+  TempDir dir;
+  const std::string path = dir.path + "/ctl";
+  auto server = ControlServer::start(path, engine_commands(*s.engine));
+  REQUIRE(server.is_ok());
+  auto remaps = [&] { return s.engine->stats().remaps; };
+  auto wait_for_remaps = [&](uint64_t n) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (remaps() < n) {
+      REQUIRE(std::chrono::steady_clock::now() < deadline);
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  };
+
+  SECTION("status is answered while a remap works") {
+    Result<Json> done = Status::ok();
+    std::thread admin([&] {
+      done = control_call(path, Json{{"command", "remap"}, {"blocks", {1, 2, 3, 4, 5}}});
+    });
+    wait_for_remaps(1);
+    auto st = control_call(path, Json{{"command", "status"}});
+    const uint64_t seen = remaps();
+    admin.join();
+    REQUIRE(st.is_ok());
+    CHECK(seen < 5);  // answered before the remap was over
+    REQUIRE(done.is_ok());
+    CHECK(done.value()["results"].size() == 5);
+    CHECK(remaps() == 5);
+  }
+  SECTION("a client that gives up stops its remap after the block it is on") {
+    auto gave_up = control_call(path, Json{{"command", "remap"}, {"blocks", {10, 11, 12, 13, 14,
+                                                                            15, 16, 17, 18, 19}}},
+                                std::chrono::milliseconds(500));
+    CHECK(gave_up.status().code() == ETIMEDOUT);
+    // Long enough for all ten (3 s) had it gone on.
+    std::this_thread::sleep_for(std::chrono::seconds(4));
+    CHECK(remaps() < 5);
+    // The server still answers.
+    REQUIRE(control_call(path, Json{{"command", "status"}}).is_ok());
+  }
+  SECTION("the server's stop waits for one block, not for the whole list") {
+    Result<Json> done = Status::ok();
+    std::thread admin([&] {
+      std::vector<uint64_t> blocks;
+      for (uint64_t b = 20; b < 40; ++b) blocks.push_back(b);
+      done = control_call(path, Json{{"command", "remap"}, {"blocks", blocks}});
+    });
+    wait_for_remaps(1);
+    server.value().reset();
+    const uint64_t at_stop = remaps();
+    admin.join();
+    CHECK_FALSE(done.is_ok());  // the connection closed unanswered
+    CHECK(at_stop < 20);
+    std::this_thread::sleep_for(std::chrono::milliseconds(700));
+    CHECK(remaps() == at_stop);  // nothing goes on behind the stop
+  }
+}
+
+TEST_CASE("list: a page never holds more than kMaxListLimit entries, whatever the limit",
+          "[control]") {
+  RemapTable table;
+  const uint64_t n = kMaxListLimit + 100;
+  for (uint64_t b = 0; b < n; ++b) table.apply(Record{Record::kPending, Cause::kManual, 2 * b, 0});
+  Superblock sb;
+  sb.main_size = 4 * n * 4096;
+  sb.block_size = 4096;
+  ListQuery q;
+  q.limit = ~uint64_t{0};
+  const Json first = list_json(table, sb, q);
+  CHECK(first["pending"].size() == kMaxListLimit);
+  CHECK(first["next"] == 2 * kMaxListLimit);
+  q.from = first["next"].get<uint64_t>();
+  const Json rest = list_json(table, sb, q);
+  CHECK(rest["pending"].size() == 100);
+  CHECK(rest["next"].is_null());
 }

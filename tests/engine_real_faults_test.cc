@@ -377,14 +377,16 @@ TEST_CASE("forget-pending clears a mark only when main reads the block now", "[e
   CHECK(s.engine->read(buf.data(), B, 13 * B).code() == EIO);
   REQUIRE(s.engine->stats().pending == 2);
 
-  std::vector<uint64_t> cleared, kept;
-  CHECK(s.engine->forget_pending({12, 14}, cleared, kept).code() == EINVAL);  // 14 is not pending
-  CHECK(cleared.empty());
+  Engine::ForgetResult r;
+  CHECK(s.engine->forget_pending({12, 14}, true, r).code() == EINVAL);  // 14 is not pending
+  CHECK(r.cleared.empty());
   s.main->clear_faults();  // 12 reads again (main was away); 13 is still bad
   s.main->add_read_error(13);
-  REQUIRE(s.engine->forget_pending({12, 13}, cleared, kept).is_ok());
-  CHECK(cleared == std::vector<uint64_t>{12});
-  CHECK(kept == std::vector<uint64_t>{13});
+  r = {};
+  REQUIRE(s.engine->forget_pending({12, 13}, true, r).is_ok());
+  CHECK(r.cleared == std::vector<uint64_t>{12});
+  CHECK(r.kept == std::vector<uint64_t>{13});
+  CHECK((r.moved.empty() && r.untried.empty()));
   REQUIRE(s.engine->read(buf.data(), B, 12 * B).is_ok());
   CHECK(buf == d);
   CHECK(s.engine->stats().pending == 1);
@@ -393,6 +395,46 @@ TEST_CASE("forget-pending clears a mark only when main reads the block now", "[e
   CHECK(s.engine->stats().pending == 1);
   REQUIRE(s.engine->read(buf.data(), B, 12 * B).is_ok());
   CHECK(buf == d);
+}
+
+TEST_CASE("forget-pending holds no claim while it reads: a write meanwhile wins, a stop is honoured",
+          "[engine][offline]") {
+  auto s = test::make_set();
+  std::vector<char> buf(B);
+  for (uint64_t b : {20, 21, 22}) {
+    s.main->add_read_error(b);
+    CHECK(s.engine->read(buf.data(), B, b * B).code() == EIO);
+  }
+  REQUIRE(s.engine->stats().pending == 3);
+  s.main->clear_faults();  // all three read now
+  const auto d = test::pattern(B, 9);
+  int asked = 0;
+  Engine::ForgetResult r;
+  // --all: the list is what was pending when the command began.
+  REQUIRE(s.engine
+              ->forget_pending({20, 21, 22}, false, r,
+                               [&] {
+                                 // A client writes block 21 while block 20 is
+                                 // read: it gets a slot, and nothing waits.
+                                 if (++asked == 1) {
+                                   REQUIRE(s.engine->write(d.data(), B, 21 * B, false).is_ok());
+                                 }
+                                 return asked == 3;  // stop before block 22
+                               })
+              .is_ok());
+  CHECK(r.cleared == std::vector<uint64_t>{20});
+  CHECK(r.moved == std::vector<uint64_t>{21});
+  CHECK(r.untried == std::vector<uint64_t>{22});
+  CHECK(r.kept.empty());
+  const auto st = s.engine->stats();
+  CHECK((st.pending == 1 && st.remaps == 1));
+  REQUIRE(s.engine->read(buf.data(), B, 21 * B).is_ok());
+  CHECK(buf == d);
+  // Without the list (--all), a block that is not pending is reported, not refused.
+  r = {};
+  REQUIRE(s.engine->forget_pending({20, 22}, false, r).is_ok());
+  CHECK(r.moved == std::vector<uint64_t>{20});
+  CHECK(r.cleared == std::vector<uint64_t>{22});
 }
 
 TEST_CASE("safety 3: a spare that cannot be locked (NBD) is leased: a second opener is refused",

@@ -78,3 +78,44 @@ TEST_CASE("health log: no summary when its interval is zero", "[health]") {
   std::lock_guard lock(log.mu);
   for (const auto& l : log.lines) CHECK(l.second.rfind("summary:", 0) != 0);
 }
+
+TEST_CASE("health log: another reason at the same level is a line too; the summary says why",
+          "[health]") {
+  test::SetParams p;
+  p.options.warn_percent = 1;  // one used slot is "nearly full"
+  auto s = test::make_set(p);
+  Captured log;
+  HealthLog health(*s.engine, 200ms, 10ms);
+  std::vector<char> buf(4096);
+  s.main->add_read_error(5);
+  REQUIRE(s.engine->read(buf.data(), buf.size(), 5 * 4096).code() == EIO);
+  REQUIRE(log.wait_for("health: warning (was ok): 1 block(s) are unreadable"));
+  // Still a warning, now for the pool: said at once.
+  for (uint64_t b = 10; s.engine->stats().health_problems.front() == "pending"; ++b) {
+    REQUIRE(b < 60);
+    s.main->add_write_error(b);
+    REQUIRE(s.engine->write(buf.data(), buf.size(), b * 4096, true).is_ok());
+  }
+  const auto other = log.wait_for("health: warning (another reason): ");
+  REQUIRE(other);
+  CHECK(other->second.find("% of the spare pool is used") != std::string::npos);
+  std::this_thread::sleep_for(400ms);  // two summaries' time
+  {
+    std::lock_guard lock(log.mu);
+    bool said = false;
+    for (const auto& l : log.lines) {
+      said = said || (l.second.rfind("summary: ", 0) == 0 &&
+                      l.second.find("; because ") != std::string::npos &&
+                      l.second.find("; problems: pool_nearly_full, pending") != std::string::npos);
+    }
+    CHECK(said);
+  }
+  // A figure that moves within the same reason waits for the summary.
+  s.main->add_read_error(6);
+  REQUIRE(s.engine->read(buf.data(), buf.size(), 6 * 4096).code() == EIO);
+  std::this_thread::sleep_for(100ms);
+  std::lock_guard lock(log.mu);
+  size_t health_lines = 0;
+  for (const auto& l : log.lines) health_lines += l.second.rfind("health: ", 0) == 0;
+  CHECK(health_lines == 2);
+}

@@ -364,8 +364,14 @@ int run_status(const StatusOptions& o) {
 namespace {
 
 // A command sent to the running frontend; its reply without "ok".
-Result<Json> ask(const std::string& control, const Json& request) {
-  auto reply = control_call(control, request);
+// A request that changes the set reads main, with retries, and a disk
+// without TLER may spend minutes on one sector: the frontend answers
+// status meanwhile, and stops the work when this client goes (Ctrl-C).
+constexpr std::chrono::minutes kChangeTimeout{10};
+
+Result<Json> ask(const std::string& control, const Json& request,
+                 std::chrono::milliseconds timeout = std::chrono::seconds(30)) {
+  auto reply = control_call(control, request, timeout);
   if (!reply.is_ok()) return reply.take_status();
   Json j = std::move(reply.value());
   j.erase("ok");
@@ -451,6 +457,9 @@ int print_remap(const Json& j) {
     } else if (result == "pending") {
       fmt::print("block {}: unreadable on main; marked pending, the next write gives it a slot\n",
                  b);
+    } else if (result == "untried") {
+      fmt::print("block {}: not tried: the frontend is stopping\n", b);
+      rc = kExitFailed;
     } else {
       print_error(r.contains("error") ? r["error"].get<std::string>()
                                       : fmt::format("block {}: {}", b, result));
@@ -467,8 +476,16 @@ int print_forget(const Json& j) {
   for (const Json& b : j["kept"]) {
     fmt::print("block {}: still unreadable; kept pending\n", b.get<uint64_t>());
   }
+  for (const Json& b : j.value("moved", Json::array())) {
+    fmt::print("block {}: written meanwhile; it has a slot now, nothing to clear\n",
+               b.get<uint64_t>());
+  }
+  const Json untried = j.value("untried", Json::array());
+  for (const Json& b : untried) {
+    fmt::print("block {}: not tried: the frontend is stopping\n", b.get<uint64_t>());
+  }
   if (j.value("none_pending", false)) fmt::print("no pending blocks\n");
-  return j["kept"].empty() ? kExitOk : kExitFailed;
+  return j["kept"].empty() && untried.empty() ? kExitOk : kExitFailed;
 }
 
 }  // namespace
@@ -478,29 +495,40 @@ int run_list(const ListOptions& o) {
   // A ddrescue map is of the whole disk: its '-' are every pending block.
   q.remapped = !o.only_pending && o.format != "ddrescue";
   q.pending = !o.only_remapped || o.format == "ddrescue";
-  Json j;
+  q.limit = kMaxListLimit;
+  std::function<Result<Json>(const ListQuery&)> fetch;
+  std::unique_ptr<Loaded> loaded;
   if (!o.control.empty()) {
-    // Page by page: a set with millions of entries is not one reply.
-    Json request{{"command", "list"}, {"remapped", q.remapped}, {"pending", q.pending}};
-    while (true) {
-      auto page = ask(o.control, request);
-      if (!page.is_ok()) return fail(page.status());
-      if (j.is_null()) {
-        j = std::move(page.value());
-      } else {
-        for (const char* key : {"remaps", "pending"}) {
-          for (auto& e : page.value()[key]) j[key].push_back(std::move(e));
-        }
-        j["next"] = page.value()["next"];
-      }
-      if (j["next"].is_null()) break;
-      request["from"] = j["next"];
-    }
+    fetch = [&](const ListQuery& page) {
+      return ask(o.control, Json{{"command", "list"},
+                                 {"remapped", page.remapped},
+                                 {"pending", page.pending},
+                                 {"from", page.from},
+                                 {"limit", page.limit}});
+    };
   } else {
-    auto loaded = load_spare(o.spare);
-    if (!loaded.is_ok()) return fail(loaded.status());
-    q.limit = ~uint64_t{0};
-    j = list_json(loaded.value()->table, loaded.value()->store->superblock(), q);
+    auto spare = load_spare(o.spare);
+    if (!spare.is_ok()) return fail(spare.status());
+    loaded = std::move(spare.value());
+    fetch = [&](const ListQuery& page) -> Result<Json> {
+      return list_json(loaded->table, loaded->store->superblock(), page);
+    };
+  }
+  // Page by page: a set with millions of entries is not one reply.
+  Json j;
+  while (true) {
+    auto page = fetch(q);
+    if (!page.is_ok()) return fail(page.status());
+    if (j.is_null()) {
+      j = std::move(page.value());
+    } else {
+      for (const char* key : {"remaps", "pending"}) {
+        for (auto& e : page.value()[key]) j[key].push_back(std::move(e));
+      }
+      j["next"] = page.value()["next"];
+    }
+    if (j["next"].is_null()) break;
+    q.from = j["next"].get<uint64_t>();
   }
   print_list(j, o);
   return kExitOk;
@@ -517,9 +545,22 @@ int run_remap(const RemapOptions& o) {
       if (block_size == 0) return fail(Status::error(EIO, o.control + ": no block size in status"));
     }
     for (uint64_t lba : o.sectors) blocks.push_back(lba * 512 / block_size);
-    auto reply = ask(o.control, Json{{"command", "remap"}, {"blocks", blocks}});
-    if (!reply.is_ok()) return fail(reply.status());
-    return print_remap(reply.value());
+    // One block per request: each line is printed as its block is done.
+    int rc = kExitOk;
+    for (const uint64_t b : blocks) {
+      auto reply = ask(o.control, Json{{"command", "remap"}, {"blocks", {b}}}, kChangeTimeout);
+      if (!reply.is_ok()) {
+        if (reply.status().code() == ETIMEDOUT) {
+          print_error(fmt::format("block {}: no answer within {} minutes; the frontend may "
+                                  "still finish it (see `dmremap list`)",
+                                  b, kChangeTimeout.count()));
+        }
+        return fail(reply.status());
+      }
+      rc = std::max(rc, print_remap(reply.value()));
+      std::fflush(stdout);
+    }
+    return rc;
   }
   SetConfig config;
   config.main = o.main;
@@ -531,7 +572,11 @@ int run_remap(const RemapOptions& o) {
   if (!engine.is_ok()) return fail(engine.status());
   Engine& e = *engine.value();
   for (uint64_t lba : o.sectors) blocks.push_back(lba * 512 / e.block_size());
-  const int rc = print_remap(remap_json(e, blocks));
+  int rc = kExitOk;
+  for (const uint64_t b : blocks) {  // each line as its block is done
+    rc = std::max(rc, print_remap(remap_json(e, {b})));
+    std::fflush(stdout);
+  }
   const Status c = e.close();
   if (!c.is_ok()) return fail(c);
   return rc;
@@ -539,8 +584,9 @@ int run_remap(const RemapOptions& o) {
 
 int run_forget_pending(const ForgetPendingOptions& o) {
   if (!o.control.empty()) {
-    auto reply = ask(o.control, Json{{"command", "forget-pending"}, {"blocks", o.blocks},
-                                     {"all", o.all}});
+    auto reply = ask(o.control,
+                     Json{{"command", "forget-pending"}, {"blocks", o.blocks}, {"all", o.all}},
+                     kChangeTimeout);
     if (!reply.is_ok()) return fail(reply.status());
     return print_forget(reply.value());
   }

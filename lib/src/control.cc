@@ -68,6 +68,7 @@ Json stats_json(const EngineStats& s, bool live) {
   Json j;
   j["health"] = health_name(s.health);
   j["health_reason"] = s.health_reason;
+  j["health_problems"] = s.health_problems;
   j["remaps"] = s.remaps;
   Json causes = Json::object();
   for (int c = 1; c <= 4; ++c) causes[cause_name(static_cast<Cause>(c))] = s.remaps_by_cause[c];
@@ -127,13 +128,15 @@ Result<std::unique_ptr<ControlServer>> ControlServer::listen(const std::string& 
     return s;
   }
   const int wake = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  if (wake < 0) {
+  const int done = wake < 0 ? -1 : ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (done < 0) {
     Status s = Status::from_errno("control socket " + path + ": eventfd");
+    if (wake >= 0) ::close(wake);
     ::close(fd);
     ::unlink(path.c_str());
     return s;
   }
-  std::unique_ptr<ControlServer> server(new ControlServer(path, fd, wake, options));
+  std::unique_ptr<ControlServer> server(new ControlServer(path, fd, wake, done, options));
   server->file_ = SocketFile::bound_at(path);
   return server;
 }
@@ -142,11 +145,63 @@ Status ControlServer::serve(Handler handler) {
   if (thread_.joinable()) return Status::error(EALREADY, "control socket " + path_ + ": served");
   handler_ = std::move(handler);
   try {
+    worker_ = std::thread([this] { work(); });
     thread_ = std::thread([this] { run(); });
   } catch (const std::system_error& e) {
+    if (worker_.joinable()) {
+      {
+        std::lock_guard l(jobs_mu_);
+        stopping_ = true;
+      }
+      jobs_cv_.notify_all();
+      worker_.join();
+    }
     return Status::error(e.code().value(), "control socket " + path_ + ": no thread");
   }
   return Status::ok();
+}
+
+// A request whose handler gave work: the worker runs it, the answering
+// thread sends its reply.
+struct ControlServer::Job {
+  uint64_t client;  // the Client's id
+  ControlReply::Work work;
+  std::atomic<bool> cancelled{false};  // its client has gone
+  std::string reply;                   // the reply line, once done
+};
+
+void ControlServer::work() {
+  for (;;) {
+    std::shared_ptr<Job> job;
+    {
+      std::unique_lock l(jobs_mu_);
+      jobs_cv_.wait(l, [&] { return stopping_ || !queued_.empty(); });
+      if (stopping_) return;
+      job = std::move(queued_.front());
+      queued_.pop_front();
+    }
+    if (!job->cancelled.load()) {
+      const std::function<bool()> stopping = [this, &job] {
+        return stop_work_.load() || job->cancelled.load();
+      };
+      try {
+        Json out;
+        out["ok"] = true;
+        out.update(job->work(stopping));
+        job->reply = dump_line(out);
+      } catch (const ControlError& e) {
+        job->reply = dump_line(error_reply(e.code, e.message));
+      } catch (const std::exception& e) {
+        job->reply = dump_line(error_reply(EIO, std::string("internal error: ") + e.what()));
+      }
+    }
+    {
+      std::lock_guard l(jobs_mu_);
+      finished_.push_back(std::move(job));
+    }
+    const uint64_t one = 1;
+    if (::write(done_fd_, &one, sizeof one) < 0) { /* already readable: nothing lost */ }
+  }
 }
 
 Result<std::unique_ptr<ControlServer>> ControlServer::start(const std::string& path,
@@ -157,15 +212,30 @@ Result<std::unique_ptr<ControlServer>> ControlServer::start(const std::string& p
   return server;
 }
 
-ControlServer::ControlServer(std::string path, int listen_fd, int wake_fd, Options options)
-    : path_(std::move(path)), listen_fd_(listen_fd), wake_fd_(wake_fd), options_(options) {}
+ControlServer::ControlServer(std::string path, int listen_fd, int wake_fd, int done_fd,
+                             Options options)
+    : path_(std::move(path)),
+      listen_fd_(listen_fd),
+      wake_fd_(wake_fd),
+      done_fd_(done_fd),
+      options_(options) {}
 
 ControlServer::~ControlServer() {
+  // Work under way stops after the block it is on; queued work is dropped
+  // (its clients are about to be disconnected).
+  stop_work_.store(true);
+  {
+    std::lock_guard l(jobs_mu_);
+    stopping_ = true;
+  }
+  jobs_cv_.notify_all();
   const uint64_t one = 1;
   if (::write(wake_fd_, &one, sizeof one) < 0) { /* the thread still polls the listener */ }
   if (thread_.joinable()) thread_.join();
+  if (worker_.joinable()) worker_.join();
   ::close(listen_fd_);
   ::close(wake_fd_);
+  ::close(done_fd_);
   file_.remove();  // only if it is still ours
 }
 
@@ -176,7 +246,9 @@ void ControlServer::run() {
   constexpr size_t kMaxQueued = 1 << 20;
   struct Client {
     int fd;
+    uint64_t id;
     Json peer;  // who connected (SO_PEERCRED), added to each request
+    std::shared_ptr<Job> job;  // its request being worked on, if any
     std::string in;
     size_t scanned = 0;  // bytes of `in` known to hold no newline
     std::string out;
@@ -186,17 +258,32 @@ void ControlServer::run() {
     Clock::time_point active = Clock::now();
   };
   std::vector<Client> clients;
+  uint64_t next_id = 0;
   Clock::time_point listen_paused_until{};
-  auto answer = [this](const Client& c, const std::string& line) -> std::string {
+  // The reply line, or "" when the request went to the worker (c.job).
+  auto answer = [this](Client& c, const std::string& line) -> std::string {
     try {
       Json request = Json::parse(line, nullptr, /*allow_exceptions=*/false);
       if (request.is_discarded() || !request.is_object()) {
         return dump_line(error_reply(EINVAL, "a request is one JSON object on one line"));
       }
       request["peer"] = c.peer;  // the kernel's word, not the client's
+      ControlReply r = handler_(request);
+      if (r.work) {
+        auto job = std::make_shared<Job>();
+        job->client = c.id;
+        job->work = std::move(r.work);
+        {
+          std::lock_guard l(jobs_mu_);
+          queued_.push_back(job);
+        }
+        jobs_cv_.notify_one();
+        c.job = std::move(job);
+        return "";
+      }
       Json out;
       out["ok"] = true;
-      out.update(handler_(request));
+      out.update(r.reply);
       return dump_line(out);
     } catch (const ControlError& e) {
       return dump_line(error_reply(e.code, e.message));
@@ -206,7 +293,7 @@ void ControlServer::run() {
   };
   // Answers the complete lines in `c.in`, as far as the queue allows.
   auto answer_lines = [&](Client& c) {
-    while (!c.closing && c.out.size() - c.sent < kMaxQueued) {
+    while (!c.closing && !c.job && c.out.size() - c.sent < kMaxQueued) {
       const size_t nl = c.in.find('\n', c.scanned);
       if (nl == std::string::npos) {
         c.scanned = c.in.size();
@@ -222,20 +309,22 @@ void ControlServer::run() {
       c.closing = true;
     }
     // A client that said all it will say is closed once answered.
-    if (c.eof && c.in.find('\n') == std::string::npos) c.closing = true;
+    if (c.eof && !c.job && c.in.find('\n') == std::string::npos) c.closing = true;
   };
   for (;;) {
     const Clock::time_point now = Clock::now();
     std::vector<pollfd> fds;
     fds.push_back({wake_fd_, POLLIN, 0});
     fds.push_back({now >= listen_paused_until ? listen_fd_ : -1, POLLIN, 0});
+    fds.push_back({done_fd_, POLLIN, 0});
+    constexpr size_t kFirstClient = 3;
     Clock::time_point wake_at = now + options_.idle_timeout;
     for (const Client& c : clients) {
       short ev = 0;
       if (!c.eof && !c.closing && c.out.size() - c.sent < kMaxQueued) ev |= POLLIN;
       if (c.sent < c.out.size()) ev |= POLLOUT;
       fds.push_back({c.fd, ev, 0});
-      wake_at = std::min(wake_at, c.active + options_.idle_timeout);
+      if (!c.job) wake_at = std::min(wake_at, c.active + options_.idle_timeout);
     }
     if (now < listen_paused_until) wake_at = std::min(wake_at, listen_paused_until);
     const auto wait_ms = std::chrono::duration_cast<std::chrono::milliseconds>(wake_at - now);
@@ -246,10 +335,33 @@ void ControlServer::run() {
       break;
     }
     if (fds[0].revents != 0) break;
+    if (fds[2].revents != 0) {
+      uint64_t count;
+      if (::read(done_fd_, &count, sizeof count) < 0) { /* raced with another read: fine */ }
+      std::vector<std::shared_ptr<Job>> done;
+      {
+        std::lock_guard l(jobs_mu_);
+        done.swap(finished_);
+      }
+      for (const auto& job : done) {
+        for (Client& c : clients) {
+          if (c.id != job->client || c.job != job) continue;
+          c.out += job->reply;  // then answer_lines goes on with its next request
+          c.job.reset();
+          c.active = Clock::now();
+        }
+      }
+    }
     for (size_t i = 0; i < clients.size(); ++i) {
       Client& c = clients[i];
-      const short ev = fds[i + 2].revents;
+      const short ev = fds[i + kFirstClient].revents;
       try {
+        // Gone altogether (not just done sending): its work stops.
+        if ((ev & (POLLHUP | POLLERR)) && c.job) {
+          c.job->cancelled.store(true);
+          c.job.reset();
+          c.closing = true;
+        }
         if ((ev & (POLLIN | POLLHUP | POLLERR)) && !c.eof && !c.closing) {
           char buf[65536];
           const ssize_t n = ::recv(c.fd, buf, sizeof buf, 0);
@@ -283,8 +395,9 @@ void ControlServer::run() {
           c.out.clear();
           c.sent = 0;
         }
-        // Neither a request nor a reply taken for a whole idle timeout.
-        if (Clock::now() - c.active > options_.idle_timeout) {
+        // Neither a request nor a reply taken for a whole idle timeout
+        // (work under way for it does not count).
+        if (!c.job && Clock::now() - c.active > options_.idle_timeout) {
           c.closing = true;
           c.out.clear();
           c.sent = 0;
@@ -298,6 +411,7 @@ void ControlServer::run() {
     }
     for (size_t i = clients.size(); i-- > 0;) {
       if (clients[i].closing && clients[i].out.empty()) {
+        if (clients[i].job) clients[i].job->cancelled.store(true);
         ::close(clients[i].fd);
         clients.erase(clients.begin() + static_cast<std::ptrdiff_t>(i));
       }
@@ -322,11 +436,14 @@ void ControlServer::run() {
         if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) {
           peer = {{"uid", cred.uid}, {"pid", cred.pid}};
         }
-        clients.push_back(Client{fd, std::move(peer)});
+        clients.push_back(Client{fd, next_id++, std::move(peer)});
       }
     }
   }
-  for (const Client& c : clients) ::close(c.fd);
+  for (const Client& c : clients) {
+    if (c.job) c.job->cancelled.store(true);
+    ::close(c.fd);
+  }
 }
 
 namespace {
@@ -364,7 +481,7 @@ ControlServer::Handler engine_commands(Engine& engine) {
   // Fixed at format; copied now so the control thread never reads the
   // superblock while the lease rewrites it.
   const Json identity = identity_json(engine.superblock());
-  return [&engine, identity](const Json& request) -> Json {
+  return [&engine, identity](const Json& request) -> ControlReply {
     const Json& cmd = request.contains("command") ? request["command"] : Json();
     if (!cmd.is_string()) throw ControlError{EINVAL, "the request names no \"command\""};
     if (cmd == "status") {
@@ -374,14 +491,22 @@ ControlServer::Handler engine_commands(Engine& engine) {
       return j;
     }
     if (cmd == "list") return list_json(engine, list_query(request));
+    // The commands that change the set read main, with retries: the
+    // worker runs them, so that status and list are answered meanwhile.
     if (cmd == "remap") {
       require_admin(request, "remap");
-      return remap_json(engine, blocks_of(request));
+      return ControlReply::later(
+          [&engine, blocks = blocks_of(request)](const std::function<bool()>& stopping) {
+            return remap_json(engine, blocks, stopping);
+          });
     }
     if (cmd == "forget-pending") {
       require_admin(request, "forget-pending");
       const bool all = request.contains("all") && request["all"] == true;
-      return forget_pending_json(engine, blocks_of(request), all);
+      return ControlReply::later(
+          [&engine, blocks = blocks_of(request), all](const std::function<bool()>& stopping) {
+            return forget_pending_json(engine, blocks, all, stopping);
+          });
     }
     throw ControlError{EINVAL, "unknown command \"" + cmd.get<std::string>() +
                                    "\" (this server knows: status, list, remap, forget-pending)"};

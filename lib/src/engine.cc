@@ -167,35 +167,48 @@ const char* health_name(Health h) {
 }
 
 void assess_health(EngineStats& s, unsigned warn_percent) {
+  // Every problem that applies, worst first; the first one is the reason.
+  s.health = Health::kOk;
+  s.health_reason.clear();
+  s.health_problems.clear();
+  auto problem = [&](Health level, const char* key, const std::string& reason) {
+    if (s.health_problems.empty()) {
+      s.health = level;
+      s.health_reason = reason;
+    }
+    s.health_problems.emplace_back(key);
+  };
   if (s.main_offline_since != 0) {
-    s.health = Health::kFailing;
-    s.health_reason = "main offline since " + utc_time(s.main_offline_since) + " (" +
-                      s.main_offline_reason +
-                      "): requests that need main fail with EIO; remapped blocks are served";
-  } else if (!s.flush_failure.empty()) {
-    s.health = Health::kFailing;
-    s.health_reason = "a flush failed (" + s.flush_failure +
-                      "): writes acknowledged before it may be lost; FLUSH and FUA fail "
-                      "until restart";
-  } else if (s.journal_broken) {
-    s.health = Health::kFailing;
-    s.health_reason = "the journal on the spare cannot be written: writes are refused";
-  } else if (s.slots_free == 0) {
-    s.health = Health::kFailing;
-    s.health_reason = "the spare pool is exhausted: writes that need a slot fail with ENOSPC";
-  } else if (!s.metadata_degraded.empty()) {
-    s.health = Health::kWarning;
-    s.health_reason = "the spare's metadata is degraded: " + s.metadata_degraded.front();
-  } else if ((s.slots_used + s.slots_bad) * 100 >= uint64_t{warn_percent} * s.slots_total) {
-    s.health = Health::kWarning;
-    s.health_reason = std::to_string((s.slots_used + s.slots_bad) * 100 / s.slots_total) +
-                      "% of the spare pool is used";
-  } else if (s.pending > 0) {
-    s.health = Health::kWarning;
-    s.health_reason = std::to_string(s.pending) + " block(s) are unreadable (pending)";
-  } else {
-    s.health = Health::kOk;
-    s.health_reason.clear();
+    problem(Health::kFailing, "main_offline",
+            "main offline since " + utc_time(s.main_offline_since) + " (" + s.main_offline_reason +
+                "): requests that need main fail with EIO; remapped blocks are served");
+  }
+  if (!s.flush_failure.empty()) {
+    problem(Health::kFailing, "flush_failed",
+            "a flush failed (" + s.flush_failure +
+                "): writes acknowledged before it may be lost; FLUSH and FUA fail until restart");
+  }
+  if (s.journal_broken) {
+    problem(Health::kFailing, "journal_broken",
+            "the journal on the spare cannot be written: writes are refused");
+  }
+  if (s.slots_free == 0) {
+    problem(Health::kFailing, "pool_exhausted",
+            "the spare pool is exhausted: writes that need a slot fail with ENOSPC");
+  }
+  if (!s.metadata_degraded.empty()) {
+    problem(Health::kWarning, "metadata_degraded",
+            "the spare's metadata is degraded: " + s.metadata_degraded.front());
+  }
+  if (s.slots_free != 0 &&
+      (s.slots_used + s.slots_bad) * 100 >= uint64_t{warn_percent} * s.slots_total) {
+    problem(Health::kWarning, "pool_nearly_full",
+            std::to_string((s.slots_used + s.slots_bad) * 100 / s.slots_total) +
+                "% of the spare pool is used");
+  }
+  if (s.pending > 0) {
+    problem(Health::kWarning, "pending",
+            std::to_string(s.pending) + " block(s) are unreadable (pending)");
   }
 }
 
@@ -1483,8 +1496,8 @@ Status Engine::remap_block(uint64_t block) {
   return commit_remap(block, data.data(), Cause::kManual);
 }
 
-Status Engine::forget_pending(const std::vector<uint64_t>& blocks, std::vector<uint64_t>& cleared,
-                              std::vector<uint64_t>& kept) {
+Status Engine::forget_pending(const std::vector<uint64_t>& blocks, bool listed,
+                              ForgetResult& result, const std::function<bool()>& stopping) {
   Admit admit(*this);
   if (!admit) return Status::error(EIO, "the device is closed");
   if (options_.read_only) return Status::error(EPERM, "the device is read-only");
@@ -1492,37 +1505,60 @@ Status Engine::forget_pending(const std::vector<uint64_t>& blocks, std::vector<u
   std::vector<uint64_t> sorted = blocks;
   std::sort(sorted.begin(), sorted.end());
   sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
-  for (uint64_t b : sorted) {
-    if (b >= size_ / block_) return Status::error(EINVAL, "block " + std::to_string(b) + " is not pending");
-  }
-  // Claimed in ascending order (the only place that holds several claims).
-  std::vector<std::unique_ptr<Claim>> claims;
-  for (uint64_t b : sorted) claims.push_back(std::make_unique<Claim>(*this, b));
+  auto still_pending = [&](uint64_t b) {
+    const auto v = table_.find(b);
+    return v && RemapTable::is_pending(*v);
+  };
   {
     SharedGuard g(gate_);
+    std::vector<uint64_t> pending;
     for (uint64_t b : sorted) {
-      const auto v = table_.find(b);
-      if (!v || !RemapTable::is_pending(*v)) {
+      if (b < size_ / block_ && still_pending(b)) {
+        pending.push_back(b);
+      } else if (listed) {
         return Status::error(EINVAL, "block " + std::to_string(b) + " is not pending");
+      } else {
+        result.moved.push_back(b);
       }
     }
+    sorted = std::move(pending);
   }
   if (!main_online()) return offline_error();
+  // No claim while reading: a pending block is never written on main (a
+  // write gives it a slot), so what this read sees stays true unless the
+  // block leaves the pending list, which is checked again below.
+  std::vector<uint64_t> readable;
   std::vector<char> data(block_);
-  for (uint64_t b : sorted) {
+  for (size_t i = 0; i < sorted.size(); ++i) {
+    if (stopping && stopping()) {
+      result.untried.assign(sorted.begin() + static_cast<std::ptrdiff_t>(i), sorted.end());
+      break;
+    }
     // One read, with no retries: a mark is cleared only on clear evidence.
-    if (main_->read(data.data(), block_, b * block_).is_ok()) {
-      cleared.push_back(b);
+    if (main_->read(data.data(), block_, sorted[i] * block_).is_ok()) {
+      readable.push_back(sorted[i]);
     } else {
-      kept.push_back(b);
+      result.kept.push_back(sorted[i]);
     }
   }
-  if (cleared.empty()) return Status::ok();
+  if (readable.empty()) return Status::ok();
+  // Claimed in ascending order (the only place that holds several claims).
+  std::vector<std::unique_ptr<Claim>> claims;
+  for (uint64_t b : readable) claims.push_back(std::make_unique<Claim>(*this, b));
+  std::vector<uint64_t> cleared;
   Status s = with_commits_stopped([&] {
     {
       ExclusiveGuard g(gate_);
-      for (uint64_t b : cleared) table_.erase_pending(b);
+      for (uint64_t b : readable) {
+        if (!still_pending(b)) {
+          result.moved.push_back(b);
+          continue;
+        }
+        table_.erase_pending(b);
+        cleared.push_back(b);
+      }
     }
+    if (cleared.empty()) return Status::ok();
     Status written;
     {
       std::lock_guard l(store_mu_);
@@ -1535,14 +1571,16 @@ Status Engine::forget_pending(const std::vector<uint64_t>& blocks, std::vector<u
     }
     return written;
   });
+  std::sort(result.moved.begin(), result.moved.end());
   if (!s.is_ok()) {
-    cleared.clear();  // they read, but stay marked: the error says why
+    // They read, but stay marked: the error says why.
     return Status::error(EIO, "the cleared marks could not be recorded: " + s.to_string());
   }
   for (uint64_t b : cleared) {
     log(LogLevel::kWarning, block_name(b, block_) +
                                 ": pending mark cleared, main reads it now (dmremap forget-pending)");
   }
+  result.cleared = std::move(cleared);
   return Status::ok();
 }
 
@@ -1550,6 +1588,18 @@ void Engine::for_each_entry(uint64_t first, uint64_t last,
                             const std::function<void(const RemapTable::Entry&)>& fn) {
   SharedGuard g(gate_);
   table_.for_range(first, last, fn);
+}
+
+std::vector<RemapTable::Entry> Engine::entries(
+    uint64_t from, size_t max, const std::function<bool(const RemapTable::Entry&)>& want) {
+  std::vector<RemapTable::Entry> out;
+  if (max == 0) return out;
+  SharedGuard g(gate_);
+  table_.for_range(from, ~uint64_t{0}, [&](const RemapTable::Entry& e) {
+    if (want(e)) out.push_back(e);
+    return out.size() < max;
+  });
+  return out;
 }
 
 std::vector<uint64_t> Engine::bad_slots() {

@@ -6,6 +6,14 @@
 
 namespace dmremap {
 
+namespace {
+std::string join(const std::vector<std::string>& parts, const char* sep) {
+  std::string out;
+  for (const std::string& p : parts) out += (out.empty() ? "" : sep) + p;
+  return out;
+}
+}  // namespace
+
 std::string summary_line(const EngineStats& s) {
   auto n = [](uint64_t v) { return std::to_string(v); };
   std::string causes;
@@ -22,12 +30,14 @@ std::string summary_line(const EngineStats& s) {
          n(s.main_write_errors) + " write errors on main, " + n(s.retry_successes) +
          " reads saved by a retry, " + n(s.unreadable_reads) + " unreadable; main " +
          (s.main_offline_since != 0 ? "offline since " + utc_time(s.main_offline_since)
-                                    : std::string("online"));
+                                    : std::string("online")) +
+         (s.health_reason.empty() ? "" : "; because " + s.health_reason) +
+         (s.health_problems.size() > 1 ? "; problems: " + join(s.health_problems, ", ") : "");
 }
 
 HealthLog::HealthLog(Engine& engine, std::chrono::milliseconds summary,
                      std::chrono::milliseconds poll)
-    : engine_(engine), summary_(summary), poll_(poll), last_(engine.stats().health) {
+    : engine_(engine), summary_(summary), poll_(poll), last_(engine.stats()) {
   // The health when it was made is the one changes are told against.
   thread_ = std::thread([this] { run(); });
 }
@@ -43,21 +53,28 @@ HealthLog::~HealthLog() {
 
 void HealthLog::run() {
   using Clock = std::chrono::steady_clock;
-  Health last = last_;
+  Health last = last_.health;
+  std::string last_problem = last_.health_problems.empty() ? "" : last_.health_problems.front();
   auto next_summary = Clock::now() + summary_;
   std::unique_lock lock(mu_);
   while (!cv_.wait_for(lock, poll_, [this] { return stop_; })) {
     lock.unlock();
     const EngineStats s = engine_.stats();
-    if (s.health != last) {
-      const std::string line = std::string("health: ") + health_name(s.health) + " (was " +
-                               health_name(last) + ")" +
+    // A new level, or the same level for another reason (main came back
+    // but the journal broke): a line. A figure that moves within one
+    // reason (more pending blocks) waits for the summary.
+    const std::string problem = s.health_problems.empty() ? "" : s.health_problems.front();
+    if (s.health != last || problem != last_problem) {
+      const std::string was = s.health != last ? std::string(" (was ") + health_name(last) + ")"
+                                               : std::string(" (another reason)");
+      const std::string line = std::string("health: ") + health_name(s.health) + was +
                                (s.health_reason.empty() ? "" : ": " + s.health_reason);
       log(s.health == Health::kFailing   ? LogLevel::kError
           : s.health == Health::kWarning ? LogLevel::kWarning
                                          : LogLevel::kInfo,
           line);
       last = s.health;
+      last_problem = problem;
     }
     if (summary_.count() > 0 && Clock::now() >= next_summary) {
       log(LogLevel::kInfo, summary_line(s));

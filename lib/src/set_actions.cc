@@ -1,5 +1,6 @@
 #include "dmremap/set_actions.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <string>
 
@@ -7,27 +8,31 @@ namespace dmremap {
 
 namespace {
 
-using ForRange = std::function<void(uint64_t, uint64_t, const std::function<void(
-                                                           const RemapTable::Entry&)>&)>;
+// The entries of a page and the one after it (the next page's first), as
+// Engine::entries gives them.
+using Fetch = std::function<std::vector<RemapTable::Entry>(
+    uint64_t from, size_t max, const std::function<bool(const RemapTable::Entry&)>& want)>;
 
-Json page(uint64_t main_size, uint32_t block_size, const std::vector<uint64_t>& bad_slots,
+Json page(uint64_t main_size, uint32_t block_size,
+          const std::function<std::vector<uint64_t>()>& bad_slots,
           const std::function<uint64_t(uint64_t)>& spare_offset, const ListQuery& q,
-          const ForRange& for_range) {
+          const Fetch& fetch) {
+  const auto want = [&](const RemapTable::Entry& e) {
+    return RemapTable::is_pending(e.value) ? q.pending : q.remapped;
+  };
+  const size_t limit = static_cast<size_t>(std::min<uint64_t>(q.limit, kMaxListLimit));
+  std::vector<RemapTable::Entry> entries = fetch(q.from, limit + 1, want);
+  Json next = nullptr;
+  if (entries.size() > limit) {
+    next = entries[limit].block;
+    entries.resize(limit);
+  }
+  // Built with no lock held.
   Json remaps = Json::array();
   Json pending = Json::array();
-  uint64_t taken = 0;
-  Json next = nullptr;
-  for_range(q.from, ~uint64_t{0}, [&](const RemapTable::Entry& e) {
-    if (!next.is_null()) return;
-    const bool is_pending = RemapTable::is_pending(e.value);
-    if (is_pending ? !q.pending : !q.remapped) return;
-    if (taken == q.limit) {
-      next = e.block;
-      return;
-    }
-    ++taken;
+  for (const RemapTable::Entry& e : entries) {
     const uint64_t offset = e.block * block_size;
-    if (is_pending) {
+    if (RemapTable::is_pending(e.value)) {
       pending.push_back({{"block", e.block}, {"offset", offset}});
     } else {
       const uint64_t slot = RemapTable::slot_of(e.value);
@@ -37,13 +42,14 @@ Json page(uint64_t main_size, uint32_t block_size, const std::vector<uint64_t>& 
                         {"spare_offset", spare_offset(slot)},
                         {"cause", cause_name(RemapTable::cause_of(e.value))}});
     }
-  });
+  }
   Json j;
   j["main_size"] = main_size;
   j["block_size"] = block_size;
   j["remaps"] = std::move(remaps);
   j["pending"] = std::move(pending);
-  j["bad_slots"] = bad_slots;
+  // Once, on the first page.
+  if (q.from == 0) j["bad_slots"] = bad_slots();
   j["next"] = next;
   return j;
 }
@@ -52,19 +58,24 @@ Json page(uint64_t main_size, uint32_t block_size, const std::vector<uint64_t>& 
 
 Json list_json(Engine& engine, const ListQuery& q) {
   return page(
-      engine.size(), engine.block_size(), engine.bad_slots(),
+      engine.size(), engine.block_size(), [&] { return engine.bad_slots(); },
       [&](uint64_t slot) { return engine.slot_spare_offset(slot); }, q,
-      [&](uint64_t first, uint64_t last, const std::function<void(const RemapTable::Entry&)>& fn) {
-        engine.for_each_entry(first, last, fn);
+      [&](uint64_t from, size_t max, const std::function<bool(const RemapTable::Entry&)>& want) {
+        return engine.entries(from, max, want);
       });
 }
 
 Json list_json(const RemapTable& table, const Superblock& sb, const ListQuery& q) {
   return page(
-      sb.main_size, sb.block_size, table.bad_slots(),
+      sb.main_size, sb.block_size, [&] { return table.bad_slots(); },
       [&](uint64_t slot) { return sb.slot_offset + slot * sb.block_size; }, q,
-      [&](uint64_t first, uint64_t last, const std::function<void(const RemapTable::Entry&)>& fn) {
-        table.for_range(first, last, fn);
+      [&](uint64_t from, size_t max, const std::function<bool(const RemapTable::Entry&)>& want) {
+        std::vector<RemapTable::Entry> out;
+        table.for_range(from, ~uint64_t{0}, [&](const RemapTable::Entry& e) {
+          if (want(e)) out.push_back(e);
+          return out.size() < max;
+        });
+        return out;
       });
 }
 
@@ -90,11 +101,19 @@ ListQuery list_query(const Json& request) {
   return q;
 }
 
-Json remap_json(Engine& engine, const std::vector<uint64_t>& blocks) {
+Json remap_json(Engine& engine, const std::vector<uint64_t>& blocks,
+                const std::function<bool()>& stopping) {
   const uint64_t end = engine.size() / engine.block_size();
   Json results = Json::array();
+  bool stopped = false;
   for (const uint64_t b : blocks) {
     Json r{{"block", b}};
+    stopped = stopped || (stopping && stopping());
+    if (stopped) {
+      r["result"] = "untried";
+      results.push_back(std::move(r));
+      continue;
+    }
     if (b >= end) {
       r["result"] = "past_end";
       r["error"] = "block " + std::to_string(b) + " is past the end (main has " +
@@ -125,7 +144,8 @@ Json remap_json(Engine& engine, const std::vector<uint64_t>& blocks) {
   return Json{{"results", std::move(results)}};
 }
 
-Json forget_pending_json(Engine& engine, std::vector<uint64_t> blocks, bool all) {
+Json forget_pending_json(Engine& engine, std::vector<uint64_t> blocks, bool all,
+                         const std::function<bool()>& stopping) {
   if (all) {
     engine.for_each_entry(0, ~uint64_t{0}, [&](const RemapTable::Entry& e) {
       if (RemapTable::is_pending(e.value)) blocks.push_back(e.block);
@@ -133,13 +153,15 @@ Json forget_pending_json(Engine& engine, std::vector<uint64_t> blocks, bool all)
   }
   Json j;
   j["none_pending"] = all && blocks.empty();
-  std::vector<uint64_t> cleared, kept;
+  Engine::ForgetResult r;
   if (!blocks.empty()) {
-    const Status s = engine.forget_pending(blocks, cleared, kept);
+    const Status s = engine.forget_pending(blocks, /*listed=*/!all, r, stopping);
     if (!s.is_ok()) throw ControlError{s.code(), s.to_string()};
   }
-  j["cleared"] = cleared;
-  j["kept"] = kept;
+  j["cleared"] = r.cleared;
+  j["kept"] = r.kept;
+  j["moved"] = r.moved;
+  j["untried"] = r.untried;
   return j;
 }
 

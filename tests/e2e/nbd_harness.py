@@ -38,12 +38,16 @@ def _die_with_parent():
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)
 
 
-def frontend_command(tools, sock, main, spare, params=(), keep_log=False):
+# nbdkit options that keep a backgrounded nbdkit writing to the test's log:
+# by default its errors go to syslog once it has forked, and without -v its
+# stderr is /dev/null.
+KEEP_LOG = ("-v", "--log=stderr")
+
+
+def frontend_command(tools, sock, main, spare, params=(), nbdkit_args=()):
     """The command that serves main+spare on `sock`. params are the plugin's
-    key=value strings; for the server they become its options. keep_log:
-    a backgrounded nbdkit keeps writing to the test's log. By default its
-    errors go to syslog once it has forked, and without -v its stderr is
-    /dev/null, so it needs both --log=stderr and -v."""
+    key=value strings; for the server they become its options. nbdkit_args
+    go to nbdkit itself (the plugin only)."""
     if tools.frontend == "server":
         cmd = [tools.server, "--unix", sock, "--main", main, "--spare", spare]
         for p in params:
@@ -58,10 +62,10 @@ def frontend_command(tools, sock, main, spare, params=(), keep_log=False):
         # No -f: nbdkit forks, and its parent exits once the socket is ready.
         # The filter only makes sure it goes when the test does (it acts
         # when no client is connected).
-        return ["nbdkit", *(["-v", "--log=stderr"] if keep_log else []), "-P", sock + ".pid", "--unix", sock,
+        return ["nbdkit", *nbdkit_args, "-P", sock + ".pid", "--unix", sock,
                 "--filter=exitwhen", tools.plugin, f"main={main}", f"spare={spare}", *params,
                 f"exit-when-process-exits={os.getpid()}", "exit-when-poll=1"]
-    return ["nbdkit", "--foreground", "--exit-with-parent", "--unix", sock,
+    return ["nbdkit", *nbdkit_args, "--foreground", "--exit-with-parent", "--unix", sock,
             tools.plugin, f"main={main}", f"spare={spare}", *params]
 
 
@@ -182,16 +186,16 @@ class DemoSet:
     def uri(self):
         return f"nbd+unix:///?socket={self.sock}"
 
-    def start(self, *params, keep_log=False):
+    def start(self, *params, nbdkit_args=()):
         """Starts the frontend; params are plugin-style key=value strings.
-        keep_log: see frontend_command."""
+        nbdkit_args: see frontend_command."""
         self.stop()
         for stale in (self.sock, self.sock + ".pid"):
             if os.path.exists(stale):
                 os.unlink(stale)
         self.logf = open(self.log, "a")
         self.proc = subprocess.Popen(
-            frontend_command(self.tools, self.sock, self.main, self.spare, params, keep_log),
+            frontend_command(self.tools, self.sock, self.main, self.spare, params, nbdkit_args),
             stdout=self.logf, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         # An NBD spare that was not closed cleanly is watched for 8 s first
         # (the lease), through a scripted nbdkit in some tests, on a loaded

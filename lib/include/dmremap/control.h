@@ -8,9 +8,13 @@
 // A connection may carry any number of requests, answered in order.
 #pragma once
 
+#include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <deque>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <sys/types.h>
@@ -40,6 +44,23 @@ struct ControlOptions {
   size_t max_clients = 32;
 };
 
+// What a handler returns: the reply now, or work that may take long (a
+// block's reads and retries on a real disk take many seconds) for the
+// server's worker thread. The work is given `stopping`, which turns true
+// when the server stops or the client that asked has gone; it asks it
+// between blocks and says in its reply what it did not do.
+struct ControlReply {
+  using Work = std::function<Json(const std::function<bool()>& stopping)>;
+  ControlReply(Json now) : reply(std::move(now)) {}  // NOLINT: a plain reply
+  static ControlReply later(Work work) {
+    ControlReply r{Json()};
+    r.work = std::move(work);
+    return r;
+  }
+  Json reply;
+  Work work;
+};
+
 // Listens on a Unix socket and answers requests on its own thread. Access
 // is the socket file's: it is created for its owner only (mode 0600), and an
 // admin may chmod or chgrp it to share it.
@@ -48,15 +69,18 @@ struct ControlOptions {
 // not read its replies is not read from either (its queued replies are
 // capped), one that sends nothing for `idle_timeout` is dropped, at most
 // `max_clients` are served at once (the next gets EBUSY), and a request line
-// longer than 1 MiB ends its connection.
+// longer than 1 MiB ends its connection. Long work runs on a second thread,
+// one request at a time, so that `status` is answered meanwhile; its client's
+// later requests wait for it, and the idle timeout does not count it.
 class ControlServer {
  public:
-  // Takes a request, returns the reply (without "ok", which is added). A
-  // handler reports failure by throwing ControlError; it is called on the
-  // server's thread, one request at a time. The server adds "peer":
-  // {"uid", "pid"} to each request, as the kernel reports the client
-  // (SO_PEERCRED), replacing whatever the client put there.
-  using Handler = std::function<Json(const Json& request)>;
+  // Takes a request, returns the reply (without "ok", which is added) or
+  // the work that makes it. A handler (or its work) reports failure by
+  // throwing ControlError; it is called on the server's thread, one request
+  // at a time. The server adds "peer": {"uid", "pid"} to each request, as
+  // the kernel reports the client (SO_PEERCRED), replacing whatever the
+  // client put there.
+  using Handler = std::function<ControlReply(const Json& request)>;
   using Options = ControlOptions;
 
   // Creates the socket and listens; nothing is answered until serve(). The
@@ -68,12 +92,14 @@ class ControlServer {
   // gone) is replaced.
   static Result<std::unique_ptr<ControlServer>> listen(const std::string& path);
   static Result<std::unique_ptr<ControlServer>> listen(const std::string& path, Options options);
-  // Starts the thread that answers. Once only.
+  // Starts the threads that answer. Once only.
   Status serve(Handler handler);
   // listen() and serve().
   static Result<std::unique_ptr<ControlServer>> start(const std::string& path, Handler handler,
                                                       Options options = Options());
-  // Stops the thread, closes every connection and removes the socket.
+  // Stops the threads (work under way is told to stop, and is waited for:
+  // at most the block it is on), closes every connection and removes the
+  // socket.
   ~ControlServer();
   ControlServer(const ControlServer&) = delete;
   ControlServer& operator=(const ControlServer&) = delete;
@@ -81,16 +107,26 @@ class ControlServer {
   const std::string& path() const { return path_; }
 
  private:
-  ControlServer(std::string path, int listen_fd, int wake_fd, Options options);
+  struct Job;
+  ControlServer(std::string path, int listen_fd, int wake_fd, int done_fd, Options options);
   void run();
+  void work();
 
   std::string path_;
   int listen_fd_;
   int wake_fd_;
+  int done_fd_;  // the worker says a job is done
   SocketFile file_;  // the socket this server bound
   Options options_;
   Handler handler_;
   std::thread thread_;
+  std::thread worker_;
+  std::mutex jobs_mu_;
+  std::condition_variable jobs_cv_;
+  std::deque<std::shared_ptr<Job>> queued_;      // under jobs_mu_
+  std::vector<std::shared_ptr<Job>> finished_;   // under jobs_mu_
+  bool stopping_ = false;                        // under jobs_mu_
+  std::atomic<bool> stop_work_{false};
 };
 
 // A handler's failure: the reply carries its errno and message.

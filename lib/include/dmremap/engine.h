@@ -82,7 +82,11 @@ struct EngineStats {
   // that refuses writes), in words.
   std::vector<std::string> metadata_degraded;
   Health health = Health::kOk;
-  std::string health_reason;
+  std::string health_reason;  // the worst problem, in words
+  // Every problem that applies, worst first, as keys: main_offline,
+  // flush_failed, journal_broken, pool_exhausted, metadata_degraded,
+  // pool_nearly_full, pending.
+  std::vector<std::string> health_problems;
 };
 // Health from the persistent figures alone (also used offline by the CLI).
 void assess_health(EngineStats& s, unsigned warn_percent);
@@ -188,12 +192,22 @@ class Engine {
   // `dmremap forget-pending`: clears the pending mark of each listed block
   // that main reads now (the mark was wrong, or the sector recovered), with
   // one checkpoint for all of them; a block that still fails keeps its mark.
-  // `cleared` and `kept` say which is which. EPERM read-only; EINVAL for a
-  // block past the end or not pending (nothing is changed then); EIO when
-  // the checkpoint cannot be written (every mark stays; `cleared` is empty
-  // and `kept` lists only the blocks that did not read).
-  Status forget_pending(const std::vector<uint64_t>& blocks, std::vector<uint64_t>& cleared,
-                        std::vector<uint64_t>& kept);
+  // Each block is read once, with no retries and no claim held, so clients
+  // are not held up; the marks are then cleared under claims of only the
+  // blocks that read, after checking they are still pending.
+  struct ForgetResult {
+    std::vector<uint64_t> cleared;  // read now: mark cleared
+    std::vector<uint64_t> kept;     // still unreadable: mark kept
+    std::vector<uint64_t> moved;    // a write gave it a slot meanwhile
+    std::vector<uint64_t> untried;  // `stopping` said stop before them
+  };
+  // `listed`: the caller named the blocks, so each must be pending (EINVAL
+  // for one that is not, or past the end, and nothing is changed). Without
+  // it (--all) a block that is no longer pending is reported as moved.
+  // `stopping` is asked before each read. EPERM read-only; EIO when the
+  // checkpoint cannot be written (every mark stays; `cleared` is empty).
+  Status forget_pending(const std::vector<uint64_t>& blocks, bool listed, ForgetResult& result,
+                        const std::function<bool()>& stopping = {});
   // Describes [offset, offset+len) as runs of data and holes, in order and
   // without gaps: fn(offset, length, hole). A hole reads as zeros. Remapped
   // and pending blocks are always data; elsewhere main says (a file's
@@ -204,6 +218,11 @@ class Engine {
   // Calls fn(entry) for every remapped or pending block in [first, last).
   void for_each_entry(uint64_t first, uint64_t last,
                       const std::function<void(const RemapTable::Entry&)>& fn);
+  // Copies of at most `max` entries from block `from` on that `want`
+  // accepts, in block order. The table's lock is held only while they are
+  // copied, and the walk stops at the first entry past them.
+  std::vector<RemapTable::Entry> entries(uint64_t from, size_t max,
+                                         const std::function<bool(const RemapTable::Entry&)>& want);
   // The spare's bad slots, sorted.
   std::vector<uint64_t> bad_slots();
   // Where `slot` lies on the spare, in bytes.

@@ -34,7 +34,7 @@ class HealthLog {
 
   Engine& engine_;
   const std::chrono::milliseconds summary_, poll_;
-  const Health last_;  // at construction
+  const EngineStats last_;  // at construction
   std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ = false;  // under mu_

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace dmremap {
@@ -53,7 +54,8 @@ class RemapTable {
 
   std::optional<uint64_t> find(uint64_t block) const;
   // Calls fn(const Entry&) for each entry with first <= block < last, in
-  // ascending block order.
+  // ascending block order. A callback that returns bool stops the walk by
+  // returning false.
   template <class F>
   void for_range(uint64_t first, uint64_t last, F&& fn) const;
   template <class F>
@@ -129,10 +131,11 @@ void RemapTable::for_range(uint64_t first, uint64_t last, F&& fn) const {
     const bool a_ok = a != base_.end() && a->block < last;
     const bool d_ok = d != delta_.end() && d->block < last;
     if (!a_ok && !d_ok) return;
-    if (a_ok && (!d_ok || a->block < d->block)) {
-      fn(*a++);
+    const Entry& e = a_ok && (!d_ok || a->block < d->block) ? *a++ : *d++;
+    if constexpr (std::is_same_v<std::invoke_result_t<F&, const Entry&>, bool>) {
+      if (!fn(e)) return;
     } else {
-      fn(*d++);
+      fn(e);
     }
   }
 }

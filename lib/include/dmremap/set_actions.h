@@ -16,17 +16,21 @@
 
 namespace dmremap {
 
+// A page holds at most this many entries, whatever `limit` asks for: a
+// reply is built in memory, and the caller pages on with "next".
+constexpr uint64_t kMaxListLimit = 65536;
+
 // A page of the list: blocks from `from` on, at most `limit` entries.
 struct ListQuery {
   uint64_t from = 0;
-  uint64_t limit = 100000;
+  uint64_t limit = 10000;
   bool remapped = true;
   bool pending = true;
 };
 
 // {"main_size", "block_size", "remaps": [{block, offset, slot, spare_offset, cause}],
-//  "pending": [{block, offset}], "bad_slots": [...],
-//  "next": the block to ask from for the next page, or null at the end}.
+//  "pending": [{block, offset}], "bad_slots": [...] (on the page from block 0
+//  only), "next": the block to ask from for the next page, or null at the end}.
 Json list_json(Engine& engine, const ListQuery& q);
 Json list_json(const RemapTable& table, const Superblock& sb, const ListQuery& q);
 // A ListQuery from a control request's "from", "limit", "remapped" and
@@ -35,13 +39,18 @@ ListQuery list_query(const Json& request);
 
 // Remaps each block (Engine::remap_block): {"results": [{"block", "result"}]}
 // where result is "remapped" (data copied), "already", "pending" (main
-// cannot read it: marked, the next write gives it a slot), "past_end", or
-// "failed" with "error" and "errno".
-Json remap_json(Engine& engine, const std::vector<uint64_t>& blocks);
+// cannot read it: marked, the next write gives it a slot), "past_end",
+// "failed" with "error" and "errno", or "untried": `stopping` (asked before
+// each block; a block's retries can take many seconds on a real disk) said
+// stop before it.
+Json remap_json(Engine& engine, const std::vector<uint64_t>& blocks,
+                const std::function<bool()>& stopping = {});
 
 // Engine::forget_pending for the listed blocks, or every pending block with
-// `all`: {"cleared": [...], "kept": [...], "none_pending": bool}. A failure
-// of the whole command throws ControlError.
-Json forget_pending_json(Engine& engine, std::vector<uint64_t> blocks, bool all);
+// `all`: {"cleared", "kept", "moved" (a write gave it a slot meanwhile),
+// "untried" (stopped before it): [...], "none_pending": bool}. A failure of
+// the whole command throws ControlError.
+Json forget_pending_json(Engine& engine, std::vector<uint64_t> blocks, bool all,
+                         const std::function<bool()>& stopping = {});
 
 }  // namespace dmremap

@@ -55,11 +55,6 @@ TcpSpec split_tcp(const std::string& spec) {
   return t;
 }
 
-asio::ip::tcp::endpoint parse_tcp(const std::string& spec) {
-  const TcpSpec t = split_tcp(spec);
-  return {asio::ip::make_address(t.addr),
-          static_cast<unsigned short>(std::strtoul(t.port.c_str(), nullptr, 10))};
-}
 
 int socket_domain(int fd) {
   int domain = -1;
@@ -93,16 +88,22 @@ std::vector<int> activation_fds() {
 
 }  // namespace
 
-std::string check_tcp_spec(const std::string& spec) {
+asio::ip::tcp::endpoint parse_tcp(const std::string& spec) {
+  const TcpSpec t = split_tcp(spec);
+  return {asio::ip::make_address(t.addr),
+          static_cast<unsigned short>(std::strtoul(t.port.c_str(), nullptr, 10))};
+}
+
+std::string check_tcp_spec(const std::string& spec, const char* option) {
   const TcpSpec t = split_tcp(spec);
   if (t.port.empty() || t.port.size() > 5 ||
       t.port.find_first_not_of("0123456789") != std::string::npos ||
       std::strtoul(t.port.c_str(), nullptr, 10) > 65535) {
-    return "--tcp " + spec + ": the port must be a number from 0 to 65535";
+    return std::string(option) + " " + spec + ": the port must be a number from 0 to 65535";
   }
   boost::system::error_code ec;
   (void)asio::ip::make_address(t.addr, ec);
-  if (ec) return "--tcp " + spec + ": '" + t.addr + "' is not an IP address";
+  if (ec) return std::string(option) + " " + spec + ": '" + t.addr + "' is not an IP address";
   return {};
 }
 

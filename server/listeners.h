@@ -20,8 +20,11 @@ namespace dmremap::server {
 
 namespace asio = boost::asio;
 
-// "[ADDR:]PORT" checked for --tcp: "" when it is good, else why not.
-std::string check_tcp_spec(const std::string& spec);
+// "[ADDR:]PORT" checked for --tcp (or `option`): "" when it is good, else
+// why not. ADDR defaults to 127.0.0.1.
+std::string check_tcp_spec(const std::string& spec, const char* option = "--tcp");
+// A checked "[ADDR:]PORT" as an endpoint.
+asio::ip::tcp::endpoint parse_tcp(const std::string& spec);
 
 class Listeners {
  public:

@@ -23,8 +23,10 @@
 #include "dmremap/control.h"
 #include "dmremap/health_log.h"
 #include "dmremap/log.h"
+#include "dmremap/metrics.h"
 #include "dmremap/open_set.h"
 #include "listeners.h"
+#include "metrics_http.h"
 #include "session.h"
 
 namespace {
@@ -32,6 +34,7 @@ namespace {
 namespace asio = boost::asio;
 using dmremap::server::ExportInfo;
 using dmremap::server::Listeners;
+using dmremap::server::MetricsHttp;
 
 // Exit status, as dmremap's: 0 success, 1 failure, 2 bad usage.
 constexpr int kExitOk = 0, kExitFailed = 1, kExitUsage = 2;
@@ -45,6 +48,7 @@ struct Options {
   dmremap::SetConfig set;
   Listeners::Spec listen;
   std::string control_path;
+  std::string metrics;  // [ADDR:]PORT
   std::string name;
   unsigned threads = 32;
   bool verbose = false;
@@ -66,7 +70,8 @@ void add_options(CLI::App& app, Options& o) {
                  "Listen on [ADDR:]PORT (ADDR defaults to 127.0.0.1; NBD has no authentication, "
                  "so expose it only on a trusted network). Default: 127.0.0.1:10809 when there is "
                  "no --unix and no socket from systemd")
-      ->check(CLI::Validator(dmremap::server::check_tcp_spec, "[ADDR:]PORT"));
+      ->check(CLI::Validator(
+          [](std::string& spec) { return dmremap::server::check_tcp_spec(spec); }, "[ADDR:]PORT"));
   app.add_option("--unix", o.listen.unix_path,
                  "Listen on this Unix socket. A stale socket there is replaced; anything else "
                  "(a file, a live server's socket) is refused");
@@ -74,6 +79,12 @@ void add_options(CLI::App& app, Options& o) {
                  "Answer dmremap status, list, remap and forget-pending --control SOCKET on this "
                  "Unix socket (created mode 0600; only root and this user may change the set "
                  "through it)");
+  app.add_option("--metrics", o.metrics,
+                 "Serve the set's figures for Prometheus over HTTP on [ADDR:]PORT, at /metrics "
+                 "(ADDR defaults to 127.0.0.1; no authentication)")
+      ->check(CLI::Validator(
+          [](std::string& spec) { return dmremap::server::check_tcp_spec(spec, "--metrics"); },
+          "[ADDR:]PORT"));
   app.add_option("--name", o.name, "The export's name (clients may also ask for \"\")");
   app.add_flag("-r,--readonly", o.set.read_only, "Serve read-only; nothing is remapped");
   app.add_option("--io", o.io_mode,
@@ -262,6 +273,25 @@ int serve(Options& o) {
     std::fprintf(stderr, "dmremap-server: control socket %s\n", o.control_path.c_str());
   }
 
+  // Also before the NBD sockets: a port in use stops start-up here.
+  std::unique_ptr<MetricsHttp> metrics;
+  if (!o.metrics.empty()) {
+    const dmremap::Superblock fixed = e.superblock();  // only its fixed fields are used
+    try {
+      metrics = std::make_unique<MetricsHttp>(o.metrics, [&e, fixed] {
+        return dmremap::prometheus_text(e.stats(), fixed, /*live=*/true);
+      });
+    } catch (const std::exception& ex) {
+      std::fprintf(stderr, "dmremap-server: cannot serve: %s\n", ex.what());
+      control.reset();
+      (void)e.close();
+      return kExitFailed;
+    }
+    const auto at = metrics->endpoint();
+    std::fprintf(stderr, "dmremap-server: metrics at http://%s:%u/metrics\n",
+                 at.address().to_string().c_str(), static_cast<unsigned>(at.port()));
+  }
+
   asio::io_context io;
   Listeners listeners(io, info);
   std::unique_ptr<Shutdown> shutdown;
@@ -293,6 +323,7 @@ int serve(Options& o) {
   watching = false;
   watchdog.join();
   listeners.remove_socket_file();
+  metrics.reset();
   control.reset();
   health.reset();  // as the plugin: no health line while the set closes
   const int status = close_set(e, shutdown->close_wait());

@@ -44,13 +44,14 @@ block_sum() { dd if="$1" bs=4096 skip="$2" count=1 status=none | sha256sum | cut
 bytes_sum() { dd if="$1" bs=1 skip="$2" count=4096 status=none iflag=skip_bytes | sha256sum | cut -d' ' -f1; }
 
 # --- help and usage ---------------------------------------------------------
-for cmd in "" format status list remap forget-pending check; do
+for cmd in "" format status list map remap forget-pending check; do
   expect "help ${cmd:-top}" 0 "$cli" $cmd --help
   contains "help ${cmd:-top} has usage" "Usage: dmremap"
 done
 expect "no subcommand is bad usage" 2 "$cli"
 expect "status: unknown option is unknown (3)" 3 "$cli" status --spare x --bogus
 expect "unknown option is bad usage" 2 "$cli" list --spare x --bogus
+expect "map without --svg is bad usage" 2 "$cli" map --spare x
 expect "--version" 0 "$cli" --version
 contains "--version names the tool" "dmremap "
 
@@ -111,6 +112,12 @@ run_suite() {
 
   expect "$label: check" 0 "$cli" check --spare "$spare" --main "$main"
   contains "$label: check says OK" "metadata OK"
+
+  expect "$label: map" 0 "$cli" map --spare "$spare" --svg map.svg
+  contains "$label: map says what it drew" "Wrote map.svg: main's"
+  expect "$label: map to standard output" 0 "$cli" map --spare "$spare" --svg -
+  equals "$label: map gives the same bytes twice" "$out" "$(cat map.svg)"
+  contains "$label: map counts the manual remaps" ">remapped, manual: 3 blocks: "
 }
 
 # --- regular files ------------------------------------------------------------

@@ -17,8 +17,10 @@
 
 #include "dmremap/block_device.h"
 #include "dmremap/control.h"
+#include "dmremap/disk_map.h"
 #include "dmremap/engine.h"
 #include "dmremap/metadata_store.h"
+#include "dmremap/metrics.h"
 #include "dmremap/set_actions.h"
 
 namespace dmremap::cli {
@@ -273,11 +275,17 @@ int status_once(const StatusOptions& o) {
     return kStatusUnknown;
   };
   Json j;
+  std::string metrics_text;  // --format=prometheus
   if (!o.control.empty()) {
     auto reply = control_call(o.control, Json{{"command", "status"}});
     if (!reply.is_ok()) return unknown(reply.status());
     j = std::move(reply.value());
     j.erase("ok");
+    if (o.format == "prometheus") {
+      auto metrics = control_call(o.control, Json{{"command", "metrics"}});
+      if (!metrics.is_ok()) return unknown(metrics.status());
+      metrics_text = metrics.value().value("text", std::string());
+    }
     if (!o.spare.empty()) {
       auto loaded = load_spare(o.spare);
       if (!loaded.is_ok()) return unknown(loaded.status());
@@ -295,6 +303,7 @@ int status_once(const StatusOptions& o) {
     const Superblock& sb = l.store->superblock();
     EngineStats s;
     fill_table_stats(s, l.table, sb, o.warn_percent);
+    if (o.format == "prometheus") metrics_text = prometheus_text(s, sb, /*live=*/false);
     j = identity_json(sb);
     j["served"] = false;
     j.update(stats_json(s, /*live=*/false));
@@ -328,7 +337,11 @@ int status_once(const StatusOptions& o) {
     auto dev = open_for_inspection(o.main, "main");
     rc = dev.is_ok() ? kStatusFailing : kStatusUnknown;
   }
-  if (o.json) {
+  if (o.format == "prometheus") {
+    fmt::print("{}", metrics_text);
+    return rc;
+  }
+  if (o.format == "json") {
     if (!o.main.empty()) {
       j["main_matches"] = mismatch.empty();
       if (!mismatch.empty()) j["main_problem"] = mismatch;
@@ -349,12 +362,13 @@ int run_status(const StatusOptions& o) {
   // As watch(1) shows a command: the screen redrawn in place on a terminal,
   // one report after another otherwise. Until interrupted; a set that
   // cannot be read is reported and tried again.
-  const bool tty = ::isatty(STDOUT_FILENO) && !o.json;
+  const bool text = o.format == "text";
+  const bool tty = ::isatty(STDOUT_FILENO) && text;
   const auto period = std::chrono::milliseconds(static_cast<int64_t>(o.watch_seconds * 1000));
   while (true) {
     if (tty) fmt::print("\033[H\033[2J");
-    fmt::print("{}{}", o.json ? "" : format_time(static_cast<uint64_t>(std::time(nullptr))),
-               o.json ? "" : fmt::format(", every {} s\n", o.watch_seconds));
+    fmt::print("{}{}", !text ? "" : format_time(static_cast<uint64_t>(std::time(nullptr))),
+               !text ? "" : fmt::format(", every {} s\n", o.watch_seconds));
     (void)status_once(o);
     std::fflush(stdout);
     std::this_thread::sleep_for(period);
@@ -490,35 +504,23 @@ int print_forget(const Json& j) {
 
 }  // namespace
 
-int run_list(const ListOptions& o) {
-  ListQuery q;
-  // A ddrescue map is of the whole disk: its '-' are every pending block.
-  q.remapped = !o.only_pending && o.format != "ddrescue";
-  q.pending = !o.only_remapped || o.format == "ddrescue";
+namespace {
+
+// The whole list, every page put together: from the frontend behind
+// `control`, or from `loaded`, a spare read here. Page by page: a set with
+// millions of entries is not one reply.
+Result<Json> whole_list(const std::string& control, const Loaded* loaded, ListQuery q) {
   q.limit = kMaxListLimit;
-  std::function<Result<Json>(const ListQuery&)> fetch;
-  std::unique_ptr<Loaded> loaded;
-  if (!o.control.empty()) {
-    fetch = [&](const ListQuery& page) {
-      return ask(o.control, Json{{"command", "list"},
-                                 {"remapped", page.remapped},
-                                 {"pending", page.pending},
-                                 {"from", page.from},
-                                 {"limit", page.limit}});
-    };
-  } else {
-    auto spare = load_spare(o.spare);
-    if (!spare.is_ok()) return fail(spare.status());
-    loaded = std::move(spare.value());
-    fetch = [&](const ListQuery& page) -> Result<Json> {
-      return list_json(loaded->table, loaded->store->superblock(), page);
-    };
-  }
-  // Page by page: a set with millions of entries is not one reply.
   Json j;
   while (true) {
-    auto page = fetch(q);
-    if (!page.is_ok()) return fail(page.status());
+    auto page = !control.empty()
+                    ? ask(control, Json{{"command", "list"},
+                                        {"remapped", q.remapped},
+                                        {"pending", q.pending},
+                                        {"from", q.from},
+                                        {"limit", q.limit}})
+                    : Result<Json>(list_json(loaded->table, loaded->store->superblock(), q));
+    if (!page.is_ok()) return page.take_status();
     if (j.is_null()) {
       j = std::move(page.value());
     } else {
@@ -530,7 +532,70 @@ int run_list(const ListOptions& o) {
     if (j["next"].is_null()) break;
     q.from = j["next"].get<uint64_t>();
   }
-  print_list(j, o);
+  return j;
+}
+
+}  // namespace
+
+int run_list(const ListOptions& o) {
+  ListQuery q;
+  // A ddrescue map is of the whole disk: its '-' are every pending block.
+  q.remapped = !o.only_pending && o.format != "ddrescue";
+  q.pending = !o.only_remapped || o.format == "ddrescue";
+  std::unique_ptr<Loaded> loaded;
+  if (o.control.empty()) {
+    auto spare = load_spare(o.spare);
+    if (!spare.is_ok()) return fail(spare.status());
+    loaded = std::move(spare.value());
+  }
+  auto j = whole_list(o.control, loaded.get(), q);
+  if (!j.is_ok()) return fail(j.status());
+  print_list(j.value(), o);
+  return kExitOk;
+}
+
+int run_map(const MapOptions& o) {
+  // The set's figures, as `dmremap status --json` gives them, and the
+  // whole list: from the frontend, or from the spare read here.
+  Json status;
+  std::unique_ptr<Loaded> loaded;
+  if (!o.control.empty()) {
+    auto reply = ask(o.control, Json{{"command", "status"}});
+    if (!reply.is_ok()) return fail(reply.status());
+    status = std::move(reply.value());
+  } else {
+    auto spare = load_spare(o.spare);
+    if (!spare.is_ok()) return fail(spare.status());
+    loaded = std::move(spare.value());
+    const Superblock& sb = loaded->store->superblock();
+    EngineStats s;
+    fill_table_stats(s, loaded->table, sb, StatusOptions{}.warn_percent);
+    status = identity_json(sb);
+    status.update(stats_json(s, /*live=*/false));
+  }
+  auto list = whole_list(o.control, loaded.get(), ListQuery{});
+  if (!list.is_ok()) return fail(list.status());
+  DiskMapOptions mo;
+  mo.columns = o.columns;
+  mo.max_rows = o.rows;
+  const DiskMapInput in = disk_map_input(status, list.value());
+  const std::string svg = disk_map_svg(in, mo);
+  if (o.svg == "-") {
+    if (std::fwrite(svg.data(), 1, svg.size(), stdout) != svg.size() || std::fflush(stdout) != 0) {
+      return fail(Status::from_errno("standard output: write"));
+    }
+    return kExitOk;
+  }
+  std::FILE* f = std::fopen(o.svg.c_str(), "wb");
+  if (!f) return fail(Status::from_errno(o.svg + ": open"));
+  const bool written = std::fwrite(svg.data(), 1, svg.size(), f) == svg.size();
+  const int saved = errno;
+  if (std::fclose(f) != 0 || !written) {
+    return fail(Status::error(written ? errno : saved, o.svg + ": write"));
+  }
+  const DiskMapGeometry g = disk_map_geometry(in, mo);
+  fmt::print("Wrote {}: main's {} blocks in {} cells, the spare's {} slots in {} cells\n", o.svg,
+             g.blocks, g.cells, in.slots_total, g.slot_cells);
   return kExitOk;
 }
 

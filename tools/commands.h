@@ -28,7 +28,7 @@ struct StatusOptions {
   std::string spare;    // read the metadata from the spare, or
   std::string control;  // ask the server behind this control socket
   std::string main;  // optional: also check that it belongs to the set
-  bool json = false;
+  std::string format = "text";  // text, json or prometheus
   unsigned warn_percent = 80;
   double watch_seconds = 0;  // > 0: again every so many seconds, until interrupted
 };
@@ -46,6 +46,15 @@ struct ListOptions {
   bool only_pending = false;
 };
 int run_list(const ListOptions& o);
+
+struct MapOptions {
+  std::string spare;
+  std::string control;  // or ask the running frontend
+  std::string svg;      // the file to write; "-" for standard output
+  unsigned columns = 64;
+  unsigned rows = 32;  // at most; a cell covers as many blocks as it takes
+};
+int run_map(const MapOptions& o);
 
 struct RemapOptions {
   std::string main;

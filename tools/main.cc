@@ -110,7 +110,16 @@ int main(int argc, char** argv) {
       "The control socket of the server that serves the set (nbdkit control=PATH, "
       "dmremap-server --control PATH)");
   status->add_option("-m,--main", so.main, "Also check that this is the set's main");
-  status->add_flag("--json", so.json, "Machine-readable output");
+  auto* status_format =
+      status
+          ->add_option("--format", so.format,
+                       "text; json; or prometheus: the Prometheus text format, for "
+                       "node_exporter's textfile collector (live counters and latency "
+                       "only with --control)")
+          ->check(CLI::IsMember({"text", "json", "prometheus"}))
+          ->capture_default_str();
+  status->add_flag_callback("--json", [&so] { so.format = "json"; }, "Same as --format json")
+      ->excludes(status_format);
   status->add_option("--warn", so.warn_percent,
                      "Health is 'warning' from this % of slots used (with --spare; a server "
                      "uses its own setting)")
@@ -148,6 +157,32 @@ int main(int argc, char** argv) {
   list->callback([&] {
     require_set(list, false);
     rc = run_list(lo);
+  });
+
+  MapOptions mo;
+  CLI::App* map = app.add_subcommand(
+      "map",
+      "Draw the set as an SVG picture: main's blocks as a grid of cells, each in the colour of "
+      "the worst block in it (ddrescueview's colours: green healthy, red pending, and one colour "
+      "per remap cause), the spare's slot pool as a strip (used, bad, free), and the set's "
+      "figures in the title and legend. Open it in a web browser; a damaged cell's tooltip "
+      "names its blocks. The same set gives the same bytes.");
+  add_set_or_control(map, nullptr, mo.spare, mo.control);
+  map->add_option("--svg", mo.svg, "Write the picture to FILE; - for standard output")
+      ->required()
+      ->type_name("FILE");
+  map->add_option("--columns", mo.columns, "Cells in a row, of main's grid and the slot strip")
+      ->check(CLI::Range(1u, 512u))
+      ->capture_default_str();
+  map->add_option("--rows", mo.rows,
+                  "Rows of main's grid at most: a cell covers as many blocks as it takes for the "
+                  "disk to fit")
+      ->check(CLI::Range(1u, 512u))
+      ->capture_default_str();
+  map->footer("Example: dmremap map --spare /dev/sdc --svg disk.svg");
+  map->callback([&] {
+    require_set(map, false);
+    rc = run_map(mo);
   });
 
   RemapOptions ro;

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "dmremap/log.h"
+#include "dmremap/metrics.h"
 #include "dmremap/remap_table.h"
 #include "dmremap/set_actions.h"
 #include "dmremap/unix_socket.h"
@@ -481,7 +482,8 @@ ControlServer::Handler engine_commands(Engine& engine) {
   // Fixed at format; copied now so the control thread never reads the
   // superblock while the lease rewrites it.
   const Json identity = identity_json(engine.superblock());
-  return [&engine, identity](const Json& request) -> ControlReply {
+  const Superblock fixed = engine.superblock();  // only its fixed fields are used
+  return [&engine, identity, fixed](const Json& request) -> ControlReply {
     const Json& cmd = request.contains("command") ? request["command"] : Json();
     if (!cmd.is_string()) throw ControlError{EINVAL, "the request names no \"command\""};
     if (cmd == "status") {
@@ -491,6 +493,10 @@ ControlServer::Handler engine_commands(Engine& engine) {
       return j;
     }
     if (cmd == "list") return list_json(engine, list_query(request));
+    if (cmd == "metrics") {
+      return Json{{"text", prometheus_text(engine.stats(), fixed, /*live=*/true)},
+                  {"content_type", kPrometheusContentType}};
+    }
     // The commands that change the set read main, with retries: the
     // worker runs them, so that status and list are answered meanwhile.
     if (cmd == "remap") {
@@ -509,7 +515,8 @@ ControlServer::Handler engine_commands(Engine& engine) {
           });
     }
     throw ControlError{EINVAL, "unknown command \"" + cmd.get<std::string>() +
-                                   "\" (this server knows: status, list, remap, forget-pending)"};
+                                   "\" (this server knows: status, list, metrics, remap, "
+                                   "forget-pending)"};
   };
 }
 

@@ -21,6 +21,7 @@ struct Engine::Counters {
   std::atomic<uint64_t> main_read_errors{0}, main_write_errors{0};
   std::atomic<uint64_t> retry_successes{0}, unreadable_reads{0}, slot_write_errors{0};
   std::atomic<uint64_t> commit_groups{0}, commit_records{0};
+  LatencyHistogram latency[kLatencyOps];  // indexed by LatencyOp
 };
 
 // One request's admission (see close()).
@@ -332,6 +333,7 @@ void Engine::lease_loop() {
     const Status s = store_->heartbeat();
     if (s.is_ok()) {
       lease_renewed_ms_.store(now_ms());
+      spare_away_since_.store(0);
     } else if (s.code() == EBUSY) {
       journal_broken_.store(true);
       log(LogLevel::kError, s.to_string() + ". Writes are refused from now on; stop the other "
@@ -408,6 +410,7 @@ Status Engine::read(void* out, uint64_t len, uint64_t offset, std::vector<uint64
                                      std::to_string(len) + ": beyond the end of the device");
   }
   if (len == 0) return Status::ok();
+  LatencyTimer timed(counters_->latency[kLatencyRead]);
   counters_->reads.fetch_add(1, std::memory_order_relaxed);
   counters_->bytes_read.fetch_add(len, std::memory_order_relaxed);
   char* buf = static_cast<char*>(out);
@@ -761,6 +764,7 @@ void Engine::watch_main() {
       const Status s = spare_->reconnect();
       l.lock();
       if (!s.is_ok()) log(LogLevel::kDebug, "spare not back yet: " + s.to_string());
+      if (s.is_ok()) spare_away_since_.store(0);
       // At most once a second.
       watch_cv_.wait_for(l, std::chrono::seconds(1),
                          [&] { return watch_stop_ || offline_since_.load() != 0; });
@@ -852,6 +856,7 @@ Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offse
   }
   if (auto s = refuse_writes_if_broken(); !s.is_ok()) return s;
   if (len == 0) return fua ? flush_both() : Status::ok();
+  LatencyTimer timed(counters_->latency[kLatencyWrite]);
   counters_->writes.fetch_add(1, std::memory_order_relaxed);
   counters_->bytes_written.fetch_add(len, std::memory_order_relaxed);
   const bool zero = kind == Data::kZeroes;
@@ -1267,6 +1272,7 @@ void Engine::commit_round(std::vector<Commit*>& carried, std::vector<Commit*>& b
     }
   }
   counters_->commit_groups.fetch_add(1, std::memory_order_relaxed);
+  spare_away_since_.store(0);  // the spare took a journal write and its flush
   counters_->commit_records.fetch_add(record_count, std::memory_order_relaxed);
   for (Commit* c : carried) c->result = Status::ok();
 }
@@ -1287,6 +1293,8 @@ Status Engine::with_commits_stopped(const std::function<Status()>& fn) {
 }
 
 Status Engine::spare_away(const Status& why) {
+  int64_t online = 0;
+  spare_away_since_.compare_exchange_strong(online, static_cast<int64_t>(std::time(nullptr)));
   log(LogLevel::kError, spare_->name() + " does not answer (" + why.to_string() +
                             "): no slot is marked bad for it; writes that need the spare fail "
                             "until it is back");
@@ -1387,6 +1395,7 @@ Status Engine::flush() {
   Admit admit(*this);
   if (!admit) return Status::error(EIO, "the device is closed");
   if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
+  LatencyTimer timed(counters_->latency[kLatencyFlush]);
   return flush_both();
 }
 
@@ -1627,6 +1636,8 @@ EngineStats Engine::stats() {
   s.spare_flushes = spare_->flush_calls();
   s.journal_broken = journal_broken_.load();
   s.main_offline_since = offline_since_.load();
+  s.spare_offline_since = spare_away_since_.load();
+  for (int op = 0; op < kLatencyOps; ++op) s.latency[op] = c.latency[op].snapshot();
   {
     std::lock_guard l(reason_mu_);
     if (s.main_offline_since != 0) s.main_offline_reason = offline_reason_;

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "dmremap/block_device.h"
+#include "dmremap/latency.h"
 #include "dmremap/metadata_store.h"
 #include "dmremap/remap_table.h"
 
@@ -57,6 +58,9 @@ std::string utc_time(int64_t seconds);
 int64_t now_ms();
 const char* health_name(Health h);
 
+// The requests whose time is measured (EngineStats::latency).
+enum LatencyOp { kLatencyRead, kLatencyWrite, kLatencyFlush, kLatencyOps };
+
 // Counters for `dmremap status` and the frontends. Remap, pending and slot
 // figures come from the spare's metadata; the rest count since open.
 struct EngineStats {
@@ -76,6 +80,13 @@ struct EngineStats {
   // since the epoch, 0 while online) and why.
   int64_t main_offline_since = 0;
   std::string main_offline_reason;
+  // The spare stopped answering as a whole (seconds since the epoch), until
+  // it is reconnected or takes a journal write or lease renewal again; 0
+  // while it answers. Not part of health: its effects (reads of remapped
+  // blocks and new remaps fail) are, as errors.
+  int64_t spare_offline_since = 0;
+  // How long reads, writes and flushes took, since open.
+  LatencyHistogram::Snapshot latency[kLatencyOps];
   // A flush failed with writes outstanding: FLUSH and FUA fail until restart.
   std::string flush_failure;
   // Metadata kept in one copy instead of two (a superblock or journal copy
@@ -430,6 +441,7 @@ class Engine {
   std::atomic<bool> closed_{false};
   std::atomic<bool> close_done_{false};
   std::atomic<int64_t> offline_since_{0};
+  std::atomic<int64_t> spare_away_since_{0};  // EngineStats::spare_offline_since
   std::atomic<bool> spare_revive_wanted_{false};
   // Guards the two reasons (short sections only).
   std::mutex reason_mu_;

@@ -23,6 +23,7 @@
 #include "dmremap/engine.h"
 #include "dmremap/export.h"
 #include "dmremap/health_log.h"
+#include "dmremap/scan.h"
 #include "dmremap/open_set.h"
 #include "dmremap/log.h"
 
@@ -35,6 +36,8 @@ std::unique_ptr<dmremap::Engine> g_engine;
 // Health changes and a periodic summary in nbdkit's log (log-interval=).
 std::chrono::milliseconds g_log_interval{3600 * 1000};
 std::unique_ptr<dmremap::HealthLog> g_health;
+// The surface scan (writable sets): a saved running scan goes on at start.
+std::unique_ptr<dmremap::Scanner> g_scanner;
 std::string g_control_path;
 // Not a unique_ptr: in background mode nbdkit's parent process exits
 // through exit() after the fork, and a static destructor there would
@@ -229,12 +232,14 @@ int dmremap_after_fork() {
     }
     // In the process that serves (the thread would not survive the fork).
     g_health = std::make_unique<dmremap::HealthLog>(*g_engine, g_log_interval);
-    if (g_control) return g_control->serve(dmremap::engine_commands(*g_engine));
+    if (!g_config.read_only) g_scanner = std::make_unique<dmremap::Scanner>(*g_engine);
+    if (g_control) return g_control->serve(dmremap::engine_commands(*g_engine, g_scanner.get()));
     return dmremap::Status::ok();
   });
   // As above; and the socket goes too.
   if (r != 0) {
     drop_control();
+    g_scanner.reset();
     g_health.reset();
     if (g_engine) (void)g_engine->close();
     g_engine.reset();
@@ -245,6 +250,7 @@ int dmremap_after_fork() {
 // Shutdown: nbdkit has finished every request; flush and leave clean metadata.
 void dmremap_cleanup() {
   drop_control();
+  g_scanner.reset();  // saves its place
   g_health.reset();
   if (!g_engine) return;
   (void)guarded("shutdown", RequestKind::kOther, [] { return g_engine->close(); });

@@ -25,6 +25,7 @@
 #include "dmremap/log.h"
 #include "dmremap/metrics.h"
 #include "dmremap/open_set.h"
+#include "dmremap/scan.h"
 #include "listeners.h"
 #include "metrics_http.h"
 #include "session.h"
@@ -259,13 +260,19 @@ int serve(Options& o) {
   info.read_only = o.set.read_only;
   info.handshake_timeout = to_ms(o.handshake_seconds);
 
+  // The surface scan (writable sets): a saved running scan goes on.
+  std::unique_ptr<dmremap::Scanner> scanner;
+  if (!o.set.read_only) scanner = std::make_unique<dmremap::Scanner>(e);
+
   // Before any NBD socket is bound: a failure here leaves nothing behind.
   std::unique_ptr<dmremap::ControlServer> control;
   if (!o.control_path.empty()) {
-    auto started = dmremap::ControlServer::start(o.control_path, dmremap::engine_commands(e));
+    auto started = dmremap::ControlServer::start(o.control_path,
+                                                 dmremap::engine_commands(e, scanner.get()));
     if (!started.is_ok()) {
       std::fprintf(stderr, "dmremap-server: cannot serve: %s\n",
                    started.status().to_string().c_str());
+      scanner.reset();
       (void)e.close();
       return kExitFailed;
     }
@@ -276,14 +283,17 @@ int serve(Options& o) {
   // Also before the NBD sockets: a port in use stops start-up here.
   std::unique_ptr<MetricsHttp> metrics;
   if (!o.metrics.empty()) {
-    const dmremap::Superblock fixed = e.superblock();  // only its fixed fields are used
+    const dmremap::Superblock fixed = e.geometry();
     try {
-      metrics = std::make_unique<MetricsHttp>(o.metrics, [&e, fixed] {
-        return dmremap::prometheus_text(e.stats(), fixed, /*live=*/true);
+      metrics = std::make_unique<MetricsHttp>(o.metrics, [&e, fixed, &scanner] {
+        const dmremap::ScanProgress scan = scanner ? scanner->progress() : dmremap::ScanProgress{};
+        return dmremap::prometheus_text(e.stats(), fixed, /*live=*/true,
+                                        scanner ? &scan : nullptr);
       });
     } catch (const std::exception& ex) {
       std::fprintf(stderr, "dmremap-server: cannot serve: %s\n", ex.what());
       control.reset();
+      scanner.reset();
       (void)e.close();
       return kExitFailed;
     }
@@ -299,6 +309,9 @@ int serve(Options& o) {
     listeners.open(o.listen, [&shutdown] { shutdown->cancel(); });
   } catch (const std::exception& ex) {
     std::fprintf(stderr, "dmremap-server: cannot serve: %s\n", ex.what());
+    metrics.reset();
+    control.reset();
+    scanner.reset();
     (void)e.close();
     return kExitFailed;
   }
@@ -325,6 +338,7 @@ int serve(Options& o) {
   listeners.remove_socket_file();
   metrics.reset();
   control.reset();
+  scanner.reset();  // saves its place
   health.reset();  // as the plugin: no health line while the set closes
   const int status = close_set(e, shutdown->close_wait());
   if (info.live() != 0) {

@@ -9,9 +9,11 @@
 
 #include <cstdio>
 #include <cstring>
+#include <mutex>
 #include <thread>
 
 #include "dmremap/file_device.h"
+#include "dmremap/log.h"
 #include "dmremap/metadata_store.h"
 #include "recording_device.h"
 #include "test_util.h"
@@ -581,6 +583,53 @@ TEST_CASE("writes 5 for the spare: a lease renewal cut off before its flush forf
   REQUIRE(s.spare->reconnect().is_ok());
   CHECK(s.spare->lost_writes());
   CHECK(s.engine->flush().code() == EIO);
+}
+
+TEST_CASE("safety 3: a lease renewal whose flush went to a new connection is not taken as written",
+          "[engine][spare][lease]") {
+  // The spare's server came back between the renewal's write and its flush:
+  // the flush works, on the new connection, but does not cover the write.
+  std::mutex mu;
+  std::vector<std::string> lines;
+  set_log_sink([&](LogLevel, const std::string& line) {
+    std::lock_guard l(mu);
+    lines.push_back(line);
+  });
+  EngineOptions o;
+  o.lease_interval = std::chrono::milliseconds(20);
+  test::SetParams p;
+  p.options = o;
+  p.spare_leased = true;
+  auto s = test::make_set(p);
+  s.spare->set_flush_delay(std::chrono::milliseconds(200));
+  const uint64_t flushes = s.spare->flush_calls();
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (s.spare->flush_calls() == flushes) {
+    REQUIRE(std::chrono::steady_clock::now() < deadline);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  s.spare->set_back(/*new_device=*/true);  // during the flush
+  bool refused = false;
+  while (!refused) {
+    REQUIRE(std::chrono::steady_clock::now() < deadline);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    std::lock_guard l(mu);
+    for (const auto& line : lines) {
+      refused = refused || line.find("reconnected during the lease renewal") != std::string::npos;
+    }
+  }
+  s.spare->set_flush_delay(std::chrono::microseconds(0));
+  set_log_sink([](LogLevel, const std::string&) {});
+  // The set goes on: once a renewal works again (the slow ones let the
+  // lease lapse), remaps do too.
+  const auto d = test::pattern(B, 1);
+  s.main->add_write_error(4);
+  while (!s.engine->write(d.data(), B, 4 * B, false).is_ok()) {
+    REQUIRE(std::chrono::steady_clock::now() < deadline);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  REQUIRE(s.engine->flush().is_ok());
+  CHECK(s.engine->stats().remaps == 1);
 }
 
 TEST_CASE("reads 7: a file or disk that shrinks under dmremap reads as gone (ENXIO), not bad",

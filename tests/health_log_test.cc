@@ -96,7 +96,7 @@ TEST_CASE("health log: another reason at the same level is a line too; the summa
     s.main->add_write_error(b);
     REQUIRE(s.engine->write(buf.data(), buf.size(), b * 4096, true).is_ok());
   }
-  const auto other = log.wait_for("health: warning (another reason): ");
+  const auto other = log.wait_for("health: warning (problems now: pool_nearly_full, pending; were: pending): ");
   REQUIRE(other);
   CHECK(other->second.find("% of the spare pool is used") != std::string::npos);
   std::this_thread::sleep_for(400ms);  // two summaries' time
@@ -110,7 +110,7 @@ TEST_CASE("health log: another reason at the same level is a line too; the summa
     }
     CHECK(said);
   }
-  // A figure that moves within the same reason waits for the summary.
+  // A figure that moves within the same problem waits for the summary.
   s.main->add_read_error(6);
   REQUIRE(s.engine->read(buf.data(), buf.size(), 6 * 4096).code() == EIO);
   std::this_thread::sleep_for(100ms);

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <csignal>
 #include <chrono>
 #include <cstdio>
 #include <ctime>
@@ -21,6 +22,7 @@
 #include "dmremap/engine.h"
 #include "dmremap/metadata_store.h"
 #include "dmremap/metrics.h"
+#include "dmremap/scan.h"
 #include "dmremap/set_actions.h"
 
 namespace dmremap::cli {
@@ -270,8 +272,11 @@ namespace {
 
 // One look at the set: prints it, returns the exit status.
 int status_once(const StatusOptions& o) {
-  auto unknown = [](const Status& st) {
+  auto unknown = [&o](const Status& st) {
     (void)fail(st);
+    // A textfile collector then says the set could not be read, instead of
+    // keeping the last figures or showing none.
+    if (o.format == "prometheus") fmt::print("{}", prometheus_unreadable_text());
     return kStatusUnknown;
   };
   Json j;
@@ -645,6 +650,237 @@ int run_remap(const RemapOptions& o) {
   const Status c = e.close();
   if (!c.is_ok()) return fail(c);
   return rc;
+}
+
+std::optional<uint64_t> parse_rate(const std::string& text) {
+  if (text.empty()) return std::nullopt;
+  size_t used = 0;
+  double value = 0;
+  try {
+    value = std::stod(text, &used);
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+  double unit = 1;
+  const std::string suffix = text.substr(used);
+  if (suffix == "K" || suffix == "k") unit = 1024.0;
+  else if (suffix == "M" || suffix == "m") unit = 1024.0 * 1024;
+  else if (suffix == "G" || suffix == "g") unit = 1024.0 * 1024 * 1024;
+  else if (!suffix.empty()) return std::nullopt;
+  if (!(value >= 0) || value * unit > 1e15) return std::nullopt;
+  return static_cast<uint64_t>(value * unit);
+}
+
+namespace {
+
+volatile std::sig_atomic_t g_interrupted = 0;
+
+std::string human_bytes(double b) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (b >= 1024 && u < 4) {
+    b /= 1024;
+    ++u;
+  }
+  return fmt::format("{:.{}f} {}", b, u == 0 ? 0 : 2, units[u]);
+}
+
+std::string hms(double seconds) {
+  if (seconds < 0) return "?";
+  const auto s = static_cast<uint64_t>(seconds + 0.5);
+  return fmt::format("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60);
+}
+
+// One progress report, as ddrescue shows its own: where, how fast, how long
+// still, what it found, and how long since a read last worked.
+void print_scan(const Json& p, bool json, bool in_place) {
+  if (json) {
+    fmt::print("{}\n", p.dump());
+    return;
+  }
+  const uint64_t bs = p["block_size"].get<uint64_t>();
+  const int64_t good = p["last_good_read"].get<int64_t>();
+  const std::string since =
+      good == 0 ? "never" : hms(static_cast<double>(std::time(nullptr) - good)) + " ago";
+  std::string line = fmt::format(
+      "scan {}: {} of {} ({:.1f}%), {}/s{}, ETA {}, {} unreadable, {} rescued, last good read {}",
+      p["state"].get<std::string>(),
+      human_bytes(static_cast<double>(p["next_block"].get<uint64_t>() * bs)),
+      human_bytes(static_cast<double>(p["blocks"].get<uint64_t>() * bs)),
+      p["percent"].get<double>(), human_bytes(p["rate"].get<double>()),
+      p["rate_limit"].get<uint64_t>() == 0
+          ? std::string()
+          : " (limit " + human_bytes(static_cast<double>(p["rate_limit"].get<uint64_t>())) + "/s)",
+      p["state"] == "running" ? hms(p["eta_seconds"].get<double>()) : std::string("-"),
+      p["unreadable"].get<uint64_t>(), p["rescued"].get<uint64_t>(), since);
+  if (!p["error"].get<std::string>().empty()) line += "; stopped: " + p["error"].get<std::string>();
+  if (in_place) {
+    fmt::print("\r\033[K{}", line);
+  } else {
+    fmt::print("{}\n", line);
+  }
+  std::fflush(stdout);
+}
+
+// Done, and nothing was unreadable: 0; anything else 1.
+int scan_exit(const Json& p) {
+  return p["state"] == "done" && p["unreadable"].get<uint64_t>() == 0 ? kExitOk : kExitFailed;
+}
+
+// Shows progress every second until the scan is no longer running, or
+// Ctrl-C (true when interrupted). `poll` gives the progress.
+template <class Poll>
+std::optional<Json> follow_scan(const ScanOptions& o, Poll poll, bool& interrupted) {
+  const bool in_place = !o.json && ::isatty(STDOUT_FILENO);
+  g_interrupted = 0;
+  auto previous = std::signal(SIGINT, [](int) { g_interrupted = 1; });
+  std::optional<Json> last;
+  auto report_at = std::chrono::steady_clock::now();
+  while (true) {
+    auto p = poll();
+    if (!p) break;
+    last = p;
+    const bool over = (*p)["state"] != "running";
+    // On a terminal every second, in place; in a log every 10 s.
+    if (over || in_place || std::chrono::steady_clock::now() >= report_at) {
+      print_scan(*p, o.json, in_place);
+      report_at = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    }
+    if (over) break;
+    for (int i = 0; i < 10 && !g_interrupted; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    if (g_interrupted) break;
+  }
+  std::signal(SIGINT, previous);
+  if (in_place) fmt::print("\n");
+  interrupted = g_interrupted != 0;
+  return last;
+}
+
+int run_scan_served(const ScanOptions& o) {
+  auto call = [&](Json request) -> Result<Json> {
+    request["command"] = "scan";
+    return ask(o.control, request);
+  };
+  if (!o.action.empty()) {
+    auto r = call(Json{{"action", o.action}});
+    if (!r.is_ok()) return fail(r.status());
+    if (o.rate) {
+      r = call(Json{{"action", "rate"}, {"rate", *o.rate}});
+      if (!r.is_ok()) return fail(r.status());
+    }
+    print_scan(r.value(), o.json, false);
+    return kExitOk;
+  }
+  auto now = call(Json{{"action", "status"}});
+  if (!now.is_ok()) return fail(now.status());
+  Result<Json> r = now;
+  if (now.value()["state"] == "running") {
+    if (o.from) {
+      return fail(Status::error(EBUSY, "a scan is running: --pause or --cancel it first to "
+                                       "start one from block " + std::to_string(*o.from)));
+    }
+    if (o.rate) r = call(Json{{"action", "rate"}, {"rate", *o.rate}});
+    fmt::print(stderr, "dmremap: a scan is running; following it\n");
+  } else {
+    Json start{{"action", "start"}};
+    if (o.from) start["from"] = *o.from;
+    if (o.rate) start["rate"] = *o.rate;
+    r = call(start);
+  }
+  if (!r.is_ok()) return fail(r.status());
+  if (o.detach) {
+    print_scan(r.value(), o.json, false);
+    return kExitOk;
+  }
+  bool interrupted = false;
+  Status lost = Status::ok();
+  auto last = follow_scan(o, [&]() -> std::optional<Json> {
+    auto p = call(Json{{"action", "status"}});
+    if (!p.is_ok()) {
+      lost = p.status();
+      return std::nullopt;
+    }
+    return p.value();
+  }, interrupted);
+  if (!lost.is_ok()) return fail(lost);
+  if (interrupted) {
+    fmt::print(stderr, "dmremap: the scan goes on in the frontend; `dmremap scan --control {} "
+                       "--status` shows it, --pause or --cancel stops it\n", o.control);
+    return kExitOk;
+  }
+  return last ? scan_exit(*last) : kExitFailed;
+}
+
+int run_scan_offline(const ScanOptions& o) {
+  SetConfig config;
+  config.main = o.main;
+  config.spare = o.spare;
+  config.io = o.io;
+  auto engine = open_set(config);
+  if (!engine.is_ok()) return fail(engine.status());
+  Engine& e = *engine.value();
+  int rc = kExitOk;
+  {
+    if (o.action == "status" || o.action == "pause") {
+      // Nothing runs here: the saved place is all there is.
+      const Engine::ScanMark m = e.saved_scan();
+      ScanProgress p;
+      p.state = static_cast<ScanState>(m.state <= 4 ? m.state : 0);
+      p.next_block = m.next;
+      p.blocks = e.size() / e.block_size();
+      p.block_size = e.block_size();
+      p.rate_limit = m.rate;
+      p.started = static_cast<int64_t>(m.started);
+      print_scan(scan_progress_json(p), o.json, false);
+      if (o.action == "pause") {
+        fmt::print(stderr, "dmremap: no scan runs while the set is not served and no `dmremap "
+                           "scan` runs on it\n");
+      }
+    } else {
+      Scanner scanner(e);  // goes on with a saved running scan at once
+      Status s = Status::ok();
+      if (o.action == "cancel") {
+        s = scanner.cancel();
+      } else if (scanner.progress().state == ScanState::kRunning && !o.from) {
+        if (o.rate) scanner.set_rate(*o.rate);
+      } else {
+        if (scanner.progress().state == ScanState::kRunning) s = scanner.pause();
+        if (s.is_ok()) {
+          s = scanner.start(o.from, o.rate.value_or(scanner.progress().rate_limit));
+        }
+      }
+      if (!s.is_ok()) {
+        (void)fail(s);
+        rc = kExitFailed;
+      } else if (o.action == "cancel") {
+        print_scan(scan_progress_json(scanner.progress()), o.json, false);
+      } else {
+        bool interrupted = false;
+        auto last = follow_scan(
+            o, [&]() -> std::optional<Json> { return scan_progress_json(scanner.progress()); },
+            interrupted);
+        if (interrupted) {
+          (void)scanner.pause();
+          fmt::print(stderr, "dmremap: scan paused at block {}; run the same command to go on\n",
+                     scanner.progress().next_block);
+          rc = kExitFailed;
+        } else {
+          rc = last ? scan_exit(*last) : kExitFailed;
+        }
+      }
+    }  // the scanner saves its place here
+  }
+  const Status c = e.close();
+  if (!c.is_ok()) return fail(c);
+  return rc;
+}
+
+}  // namespace
+
+int run_scan(const ScanOptions& o) {
+  return o.control.empty() ? run_scan_offline(o) : run_scan_served(o);
 }
 
 int run_forget_pending(const ForgetPendingOptions& o) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -67,6 +68,21 @@ struct RemapOptions {
   double retry_seconds = 30;
 };
 int run_remap(const RemapOptions& o);
+
+struct ScanOptions {
+  std::string main;
+  std::string spare;
+  std::string control;  // or ask the running frontend
+  std::optional<uint64_t> from;  // start again from this block
+  std::optional<uint64_t> rate;  // bytes per second, 0: no limit
+  std::string action;   // "", or pause, resume, cancel, status
+  bool detach = false;  // start it in the frontend and return
+  bool json = false;
+  IoMode io = IoMode::kAuto;
+};
+// Parses "50M", "1.5G", "800K" or bytes, in powers of 1024; nullopt if bad.
+std::optional<uint64_t> parse_rate(const std::string& text);
+int run_scan(const ScanOptions& o);
 
 struct ForgetPendingOptions {
   std::string main;

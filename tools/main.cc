@@ -215,6 +215,58 @@ int main(int argc, char** argv) {
     rc = run_remap(ro);
   });
 
+  ScanOptions sco;
+  CLI::App* scan = app.add_subcommand(
+      "scan",
+      "Surface scan: read every block of main through dmremap, so that weak blocks are "
+      "rescued to the spare and dead ones marked pending before a client needs them. While "
+      "the set is served, the frontend runs it (--control): it yields to clients, keeps to "
+      "--rate, and saves its place on the spare every 30 s, so it goes on after a restart. "
+      "Shows progress until it is done; Ctrl-C leaves a served scan running (offline, it "
+      "pauses it). Exit 0 when done with nothing unreadable, 1 when blocks were unreadable "
+      "or the scan stopped.");
+  add_set_or_control(scan, &sco.main, sco.spare, sco.control);
+  scan->add_option("--from", sco.from, "Start (again) at this block, instead of going on");
+  std::string scan_rate;
+  scan->add_option("--rate", scan_rate,
+                   "Read at most this many bytes per second: 50M, 1G, 800K (0: no limit); "
+                   "given to a running scan, changes its rate");
+  auto* pause_flag = scan->add_flag_callback("--pause", [&] { sco.action = "pause"; },
+                                             "Pause the running scan (its place is kept)");
+  auto* resume_flag = scan->add_flag_callback("--resume", [&] { sco.action = "resume"; },
+                                              "Go on with a paused scan")
+                          ->excludes(pause_flag);
+  auto* cancel_flag = scan->add_flag_callback("--cancel", [&] { sco.action = "cancel"; },
+                                              "Cancel the scan")
+                          ->excludes(pause_flag)
+                          ->excludes(resume_flag);
+  scan->add_flag_callback("--status", [&] { sco.action = "status"; },
+                          "Show the scan's progress once")
+      ->excludes(pause_flag)
+      ->excludes(resume_flag)
+      ->excludes(cancel_flag);
+  scan->add_flag("--detach", sco.detach,
+                 "With --control: start it and return; `--status` shows how it goes");
+  scan->add_flag("--json", sco.json, "Progress as JSON, one object per line");
+  std::string scan_io = "auto";
+  scan->add_option("--io", scan_io, kIoHelp)
+      ->check(CLI::IsMember({"auto", "direct", "buffered"}))
+      ->capture_default_str();
+  scan->callback([&] {
+    require_set(scan, true);
+    if (!scan_rate.empty()) {
+      sco.rate = parse_rate(scan_rate);
+      if (!sco.rate) {
+        throw CLI::ValidationError("--rate", "'" + scan_rate + "' is not a rate: 50M, 1G, 800K");
+      }
+    }
+    if (sco.detach && sco.control.empty()) {
+      throw CLI::ValidationError("--detach", "only a served set's scan runs without this command");
+    }
+    (void)dmremap::parse_io_mode(scan_io, sco.io);
+    rc = run_scan(sco);
+  });
+
   ForgetPendingOptions fpo;
   CLI::App* forget = app.add_subcommand(
       "forget-pending",

@@ -112,6 +112,7 @@ Status BlockDevice::do_write_zeroes(size_t len, uint64_t offset) {
 }
 
 bool BlockDevice::forfeit_unflushed() {
+  epoch_.fetch_add(1);
   if (!has_unflushed_writes()) return false;
   lost_.store(true);
   return true;

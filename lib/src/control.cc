@@ -18,6 +18,7 @@
 #include "dmremap/log.h"
 #include "dmremap/metrics.h"
 #include "dmremap/remap_table.h"
+#include "dmremap/scan.h"
 #include "dmremap/set_actions.h"
 #include "dmremap/unix_socket.h"
 
@@ -322,7 +323,9 @@ void ControlServer::run() {
     Clock::time_point wake_at = now + options_.idle_timeout;
     for (const Client& c : clients) {
       short ev = 0;
-      if (!c.eof && !c.closing && c.out.size() - c.sent < kMaxQueued) ev |= POLLIN;
+      // Not read while its work runs (what it pipelines waits in the
+      // socket); POLLHUP still says when it goes.
+      if (!c.eof && !c.closing && !c.job && c.out.size() - c.sent < kMaxQueued) ev |= POLLIN;
       if (c.sent < c.out.size()) ev |= POLLOUT;
       fds.push_back({c.fd, ev, 0});
       if (!c.job) wake_at = std::min(wake_at, c.active + options_.idle_timeout);
@@ -363,7 +366,7 @@ void ControlServer::run() {
           c.job.reset();
           c.closing = true;
         }
-        if ((ev & (POLLIN | POLLHUP | POLLERR)) && !c.eof && !c.closing) {
+        if ((ev & (POLLIN | POLLHUP | POLLERR)) && !c.eof && !c.closing && !c.job) {
           char buf[65536];
           const ssize_t n = ::recv(c.fd, buf, sizeof buf, 0);
           if (n > 0) {
@@ -478,12 +481,12 @@ std::vector<uint64_t> blocks_of(const Json& request) {
 
 }  // namespace
 
-ControlServer::Handler engine_commands(Engine& engine) {
+ControlServer::Handler engine_commands(Engine& engine, Scanner* scanner) {
   // Fixed at format; copied now so the control thread never reads the
   // superblock while the lease rewrites it.
-  const Json identity = identity_json(engine.superblock());
-  const Superblock fixed = engine.superblock();  // only its fixed fields are used
-  return [&engine, identity, fixed](const Json& request) -> ControlReply {
+  const Superblock fixed = engine.geometry();
+  const Json identity = identity_json(fixed);
+  return [&engine, identity, fixed, scanner](const Json& request) -> ControlReply {
     const Json& cmd = request.contains("command") ? request["command"] : Json();
     if (!cmd.is_string()) throw ControlError{EINVAL, "the request names no \"command\""};
     if (cmd == "status") {
@@ -493,8 +496,18 @@ ControlServer::Handler engine_commands(Engine& engine) {
       return j;
     }
     if (cmd == "list") return list_json(engine, list_query(request));
+    if (cmd == "scan") {
+      if (scanner == nullptr) {
+        throw ControlError{ENOTSUP, "this set is served read-only: there is no scan"};
+      }
+      const Json& action = request.contains("action") ? request["action"] : Json("status");
+      if (action != "status") require_admin(request, "scan");
+      return scan_json(*scanner, request);
+    }
     if (cmd == "metrics") {
-      return Json{{"text", prometheus_text(engine.stats(), fixed, /*live=*/true)},
+      const ScanProgress scan = scanner ? scanner->progress() : ScanProgress{};
+      return Json{{"text", prometheus_text(engine.stats(), fixed, /*live=*/true,
+                                           scanner ? &scan : nullptr)},
                   {"content_type", kPrometheusContentType}};
     }
     // The commands that change the set read main, with retries: the
@@ -515,7 +528,7 @@ ControlServer::Handler engine_commands(Engine& engine) {
           });
     }
     throw ControlError{EINVAL, "unknown command \"" + cmd.get<std::string>() +
-                                   "\" (this server knows: status, list, metrics, remap, "
+                                   "\" (this server knows: status, list, metrics, scan, remap, "
                                    "forget-pending)"};
   };
 }
@@ -550,15 +563,30 @@ Result<Json> control_call(const std::string& path, const Json& request,
   };
   const std::string line = dump_line(request);
   size_t sent = 0;
+  // A server that refuses the connection (too many clients) answers and
+  // closes at once: sending may then fail, but its answer is there to read.
+  Status send_failed = Status::ok();
   while (sent < line.size()) {
     if (!arm()) return fail(Status::error(ETIMEDOUT, "control socket " + path + ": no reply"));
     const ssize_t n = ::send(s, line.data() + sent, line.size() - sent, MSG_NOSIGNAL);
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return fail(Status::from_errno("control socket " + path + ": sending"));
+    if (n <= 0) {
+      send_failed = Status::from_errno("control socket " + path + ": sending");
+      if (errno != EPIPE && errno != ECONNRESET) return fail(send_failed);
+      break;
+    }
     sent += static_cast<size_t>(n);
   }
   std::string in;
   while (in.find('\n') == std::string::npos) {
+    if (!send_failed.is_ok() && in.empty()) {
+      // Only what the server said before it closed.
+      char buf[65536];
+      const ssize_t n = ::recv(s, buf, sizeof buf, MSG_DONTWAIT);
+      if (n <= 0) return fail(send_failed);
+      in.append(buf, static_cast<size_t>(n));
+      continue;
+    }
     if (!arm() || in.size() > kMaxLine * 16) {
       return fail(Status::error(ETIMEDOUT, "control socket " + path + ": no (whole) reply"));
     }

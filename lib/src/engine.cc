@@ -24,12 +24,16 @@ struct Engine::Counters {
   LatencyHistogram latency[kLatencyOps];  // indexed by LatencyOp
 };
 
+// Set while this thread reads for the surface scan: not client activity.
+thread_local bool t_scanning = false;
+
 // One request's admission (see close()).
 class Engine::Admit {
  public:
   explicit Admit(Engine& e) : e_(e) {
     e_.active_.fetch_add(1, std::memory_order_seq_cst);
     ok_ = !e_.closing_.load(std::memory_order_seq_cst);
+    if (!t_scanning) e_.last_client_ms_.store(now_ms(), std::memory_order_relaxed);
   }
   ~Admit() {
     if (e_.active_.fetch_sub(1, std::memory_order_seq_cst) == 1 &&
@@ -183,6 +187,12 @@ void assess_health(EngineStats& s, unsigned warn_percent) {
     problem(Health::kFailing, "main_offline",
             "main offline since " + utc_time(s.main_offline_since) + " (" + s.main_offline_reason +
                 "): requests that need main fail with EIO; remapped blocks are served");
+  }
+  if (s.lease_lapsed_seconds != 0) {
+    problem(Health::kFailing, "lease_lapsed",
+            "the lease on the spare has not been renewed for " +
+                std::to_string(s.lease_lapsed_seconds) +
+                " s: every request fails with EIO, so that no other server writes the set");
   }
   if (!s.flush_failure.empty()) {
     problem(Health::kFailing, "flush_failed",
@@ -340,6 +350,11 @@ void Engine::lease_loop() {
                                            "server, then restart this one");
     } else if (!s.is_ok()) {
       log(LogLevel::kWarning, "lease on " + spare_->name() + " not renewed: " + s.to_string());
+      if (classify_failure(s.code()) == FailureKind::kDevice) {
+        int64_t online = 0;
+        spare_away_since_.compare_exchange_strong(online,
+                                                  static_cast<int64_t>(std::time(nullptr)));
+      }
     }
   }
 }
@@ -764,7 +779,6 @@ void Engine::watch_main() {
       const Status s = spare_->reconnect();
       l.lock();
       if (!s.is_ok()) log(LogLevel::kDebug, "spare not back yet: " + s.to_string());
-      if (s.is_ok()) spare_away_since_.store(0);
       // At most once a second.
       watch_cv_.wait_for(l, std::chrono::seconds(1),
                          [&] { return watch_stop_ || offline_since_.load() != 0; });
@@ -856,10 +870,14 @@ Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offse
   }
   if (auto s = refuse_writes_if_broken(); !s.is_ok()) return s;
   if (len == 0) return fua ? flush_both() : Status::ok();
-  LatencyTimer timed(counters_->latency[kLatencyWrite]);
-  counters_->writes.fetch_add(1, std::memory_order_relaxed);
-  counters_->bytes_written.fetch_add(len, std::memory_order_relaxed);
   const bool zero = kind == Data::kZeroes;
+  // Write-zeroes has its own counter (write_zeroes): not a write here.
+  std::optional<LatencyTimer> timed;
+  if (!zero) {
+    timed.emplace(counters_->latency[kLatencyWrite]);
+    counters_->writes.fetch_add(1, std::memory_order_relaxed);
+    counters_->bytes_written.fetch_add(len, std::memory_order_relaxed);
+  }
   const uint64_t full_first = (offset + block_ - 1) / block_;
   const uint64_t full_end = std::max(full_first, (offset + len) / block_);
   // Blocks that the fast path could not finish, and partial blocks.
@@ -1396,11 +1414,11 @@ Status Engine::flush() {
   if (!admit) return Status::error(EIO, "the device is closed");
   if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
   LatencyTimer timed(counters_->latency[kLatencyFlush]);
+  counters_->flushes.fetch_add(1, std::memory_order_relaxed);  // FUA's flushes are not
   return flush_both();
 }
 
 Status Engine::flush_both() {
-  counters_->flushes.fetch_add(1, std::memory_order_relaxed);
   Status m = flush_device(*main_);
   Status s = flush_device(*spare_);
   if (!m.is_ok()) return m;
@@ -1471,6 +1489,7 @@ Status Engine::extents(uint64_t len, uint64_t offset,
 Status Engine::remap_block(uint64_t block) {
   Admit admit(*this);
   if (!admit) return Status::error(EIO, "the device is closed");
+  if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
   if (options_.read_only) return Status::error(EPERM, "the device is read-only");
   if (block >= size_ / block_) {
     return Status::error(EINVAL, "block " + std::to_string(block) + " is beyond the end (" +
@@ -1509,6 +1528,7 @@ Status Engine::forget_pending(const std::vector<uint64_t>& blocks, bool listed,
                               ForgetResult& result, const std::function<bool()>& stopping) {
   Admit admit(*this);
   if (!admit) return Status::error(EIO, "the device is closed");
+  if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
   if (options_.read_only) return Status::error(EPERM, "the device is read-only");
   if (auto s = refuse_writes_if_broken(); !s.is_ok()) return s;
   std::vector<uint64_t> sorted = blocks;
@@ -1568,7 +1588,14 @@ Status Engine::forget_pending(const std::vector<uint64_t>& blocks, bool listed,
       }
     }
     if (cleared.empty()) return Status::ok();
-    Status written;
+    // The reads took their time: a lease that lapsed meanwhile may have
+    // let another server take the set; its metadata is not ours to write.
+    Status written = refuse_if_unusable();
+    if (!written.is_ok()) {
+      ExclusiveGuard g(gate_);
+      for (uint64_t b : cleared) table_.apply(Record{Record::kPending, Cause::kManual, b, 0});
+      return written;
+    }
     {
       std::lock_guard l(store_mu_);
       written = store_->checkpoint(table_);
@@ -1597,6 +1624,33 @@ void Engine::for_each_entry(uint64_t first, uint64_t last,
                             const std::function<void(const RemapTable::Entry&)>& fn) {
   SharedGuard g(gate_);
   table_.for_range(first, last, fn);
+}
+
+Superblock Engine::geometry() {
+  std::lock_guard l(store_mu_);
+  return store_->superblock();
+}
+
+Engine::ScanMark Engine::saved_scan() {
+  std::lock_guard l(store_mu_);
+  const Superblock& sb = store_->superblock();
+  return ScanMark{sb.scan_next, sb.scan_state, sb.scan_started, sb.scan_saved, sb.scan_rate};
+}
+
+Status Engine::save_scan(const ScanMark& m) {
+  Admit admit(*this);
+  if (!admit) return Status::error(EIO, "the device is closed");
+  if (options_.read_only) return Status::error(EPERM, "the device is read-only");
+  std::lock_guard l(store_mu_);
+  return store_->save_scan(m.next, m.state, m.started, m.saved, m.rate);
+}
+
+Status Engine::scan_read(void* buf, uint64_t len, uint64_t offset,
+                         std::vector<uint64_t>* unreadable) {
+  t_scanning = true;
+  Status s = read(buf, len, offset, unreadable);
+  t_scanning = false;
+  return s;
 }
 
 std::vector<RemapTable::Entry> Engine::entries(
@@ -1637,6 +1691,10 @@ EngineStats Engine::stats() {
   s.journal_broken = journal_broken_.load();
   s.main_offline_since = offline_since_.load();
   s.spare_offline_since = spare_away_since_.load();
+  if (lease_active_.load(std::memory_order_relaxed)) {
+    const int64_t age = now_ms() - lease_renewed_ms_.load(std::memory_order_relaxed);
+    if (age > 5 * options_.lease_interval.count() / 2) s.lease_lapsed_seconds = age / 1000;
+  }
   for (int op = 0; op < kLatencyOps; ++op) s.latency[op] = c.latency[op].snapshot();
   {
     std::lock_guard l(reason_mu_);

@@ -54,19 +54,20 @@ HealthLog::~HealthLog() {
 void HealthLog::run() {
   using Clock = std::chrono::steady_clock;
   Health last = last_.health;
-  std::string last_problem = last_.health_problems.empty() ? "" : last_.health_problems.front();
+  std::vector<std::string> last_problems = last_.health_problems;
   auto next_summary = Clock::now() + summary_;
   std::unique_lock lock(mu_);
   while (!cv_.wait_for(lock, poll_, [this] { return stop_; })) {
     lock.unlock();
     const EngineStats s = engine_.stats();
-    // A new level, or the same level for another reason (main came back
-    // but the journal broke): a line. A figure that moves within one
-    // reason (more pending blocks) waits for the summary.
-    const std::string problem = s.health_problems.empty() ? "" : s.health_problems.front();
-    if (s.health != last || problem != last_problem) {
-      const std::string was = s.health != last ? std::string(" (was ") + health_name(last) + ")"
-                                               : std::string(" (another reason)");
+    // A new level, or the same level with problems added or gone (main
+    // came back but the journal broke): a line. A figure that moves within
+    // one problem (more pending blocks) waits for the summary.
+    if (s.health != last || s.health_problems != last_problems) {
+      const std::string was =
+          s.health != last ? std::string(" (was ") + health_name(last) + ")"
+                           : " (problems now: " + join(s.health_problems, ", ") +
+                                 "; were: " + join(last_problems, ", ") + ")";
       const std::string line = std::string("health: ") + health_name(s.health) + was +
                                (s.health_reason.empty() ? "" : ": " + s.health_reason);
       log(s.health == Health::kFailing   ? LogLevel::kError
@@ -74,7 +75,7 @@ void HealthLog::run() {
                                          : LogLevel::kInfo,
           line);
       last = s.health;
-      last_problem = problem;
+      last_problems = s.health_problems;
     }
     if (summary_.count() > 0 && Clock::now() >= next_summary) {
       log(LogLevel::kInfo, summary_line(s));

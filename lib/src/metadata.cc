@@ -73,6 +73,11 @@ void Superblock::encode(char* out) const {
   le::put64(out + 232, checkpoint_copy_offset[1]);
   le::put64(out + 240, slot_header_offset);
   le::put64(out + 248, slot_header_bytes);
+  le::put64(out + 256, scan_next);
+  le::put32(out + 264, scan_state);
+  le::put64(out + 272, scan_started);
+  le::put64(out + 280, scan_saved);
+  le::put64(out + 288, scan_rate);
   le::put32(out + kSuperblockCrcBytes, crc32c(out, kSuperblockCrcBytes));
 }
 
@@ -117,6 +122,11 @@ std::optional<Superblock> Superblock::decode(const char* in, std::string* proble
     s.checkpoint_copy_offset[1] = le::get64(in + 232);
     s.slot_header_offset = le::get64(in + 240);
     s.slot_header_bytes = le::get64(in + 248);
+    s.scan_next = le::get64(in + 256);
+    s.scan_state = le::get32(in + 264);
+    s.scan_started = le::get64(in + 272);
+    s.scan_saved = le::get64(in + 280);
+    s.scan_rate = le::get64(in + 288);
   }
   // A checksummed superblock with impossible geometry is still not trusted:
   // it is damaged, or made to harm whoever reads it.

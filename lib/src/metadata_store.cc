@@ -500,6 +500,10 @@ Result<int> MetadataStore::put_superblock(const Superblock& next, bool renewal) 
                ? spare_->write_expendable(buf.data, kMetaUnit, kSuperblockOffset[which])
                : spare_->write(buf.data, kMetaUnit, kSuperblockOffset[which]);
   };
+  // An expendable renewal is not counted as unflushed, so a reconnect
+  // between its write and its flush would not make the flush fail: the
+  // connection epoch tells instead, and such a renewal is not durable.
+  const uint64_t epoch = spare_->connection_epoch();
   Status w = put(copy);
   if (!w.is_ok() && copy != sb_copy_ && classify_failure(w.code()) != FailureKind::kDevice) {
     bad_sb_copy_ = copy;
@@ -511,6 +515,10 @@ Result<int> MetadataStore::put_superblock(const Superblock& next, bool renewal) 
   }
   if (!w.is_ok()) return w;
   if (auto s = spare_->flush(); !s.is_ok()) return s;
+  if (renewal && spare_->connection_epoch() != epoch) {
+    return Status::error(ENOTCONN, spare_->name() + ": reconnected during the lease renewal; "
+                                                    "its write may not have landed");
+  }
   return copy;
 }
 
@@ -552,6 +560,18 @@ Status MetadataStore::write_superblock(Superblock next) {
   sb_ = std::move(next);
   sb_copy_ = copy.value();
   return Status::ok();
+}
+
+Status MetadataStore::save_scan(uint64_t next_block, uint32_t state, uint64_t started,
+                                uint64_t saved, uint64_t rate) {
+  if (failed_) return refused();
+  Superblock next = sb_;
+  next.scan_next = next_block;
+  next.scan_state = state;
+  next.scan_started = started;
+  next.scan_saved = saved;
+  next.scan_rate = rate;
+  return write_superblock(std::move(next));
 }
 
 Status MetadataStore::heartbeat() {

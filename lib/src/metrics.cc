@@ -1,5 +1,7 @@
 #include "dmremap/metrics.h"
 
+#include "dmremap/scan.h"
+
 #include <fmt/format.h>
 
 #include <initializer_list>
@@ -63,8 +65,20 @@ std::string seconds(double s) { return fmt::format("{}", s); }
 
 }  // namespace
 
-std::string prometheus_text(const EngineStats& s, const Superblock& sb, bool live) {
+namespace {
+constexpr const char* kUpHelp = "1 when the set's figures could be read, 0 when not.";
+}  // namespace
+
+std::string prometheus_unreadable_text() {
   Writer w;
+  w.family("dmremap_up", "gauge", kUpHelp).sample(0);
+  return w.take();
+}
+
+std::string prometheus_text(const EngineStats& s, const Superblock& sb, bool live,
+                            const ScanProgress* scan) {
+  Writer w;
+  w.family("dmremap_up", "gauge", kUpHelp).sample(1);
   w.family("dmremap_build_info", "gauge", "A constant 1, labelled with the version of dmremap.")
       .sample(1, {{"version", DMREMAP_VERSION}});
   w.family("dmremap_set_info", "gauge", "A constant 1, labelled with the set's UUID.")
@@ -79,7 +93,7 @@ std::string prometheus_text(const EngineStats& s, const Superblock& sb, bool liv
   }
   w.family("dmremap_health_problem", "gauge",
            "1 for each problem that applies to the set now, 0 for the others.");
-  for (const char* p : {"main_offline", "flush_failed", "journal_broken", "pool_exhausted",
+  for (const char* p : {"main_offline", "lease_lapsed", "flush_failed", "journal_broken", "pool_exhausted",
                         "metadata_degraded", "pool_nearly_full", "pending"}) {
     bool on = false;
     for (const std::string& q : s.health_problems) on = on || q == p;
@@ -142,6 +156,23 @@ std::string prometheus_text(const EngineStats& s, const Superblock& sb, bool liv
   w.family("dmremap_spare_flushes_total", "counter", "Flushes of the spare since start.")
       .sample(s.spare_flushes);
 
+  if (scan != nullptr) {
+    w.family("dmremap_scan_state", "gauge",
+             "1 for the surface scan's state (none, running, paused, done, cancelled).");
+    for (ScanState st : {ScanState::kNone, ScanState::kRunning, ScanState::kPaused,
+                         ScanState::kDone, ScanState::kCancelled}) {
+      w.sample(scan->state == st ? 1 : 0, {{"state", scan_state_name(st)}});
+    }
+    w.family("dmremap_scan_next_block", "gauge", "The next block the scan reads.")
+        .sample(scan->next_block);
+    w.family("dmremap_scan_blocks", "gauge", "Blocks the scan reads in all (main's blocks).")
+        .sample(scan->blocks);
+    w.family("dmremap_scan_rate_bytes_per_second", "gauge", "How fast the scan reads lately.")
+        .sample(seconds(scan->rate));
+    w.family("dmremap_scan_unreadable_blocks", "gauge",
+             "Blocks this scan found unreadable (marked pending).")
+        .sample(scan->unreadable);
+  }
   w.family("dmremap_request_duration_seconds", "histogram",
            "How long client reads, writes and flushes took.");
   const char* ops[kLatencyOps] = {"read", "write", "flush"};

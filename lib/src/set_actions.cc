@@ -165,4 +165,59 @@ Json forget_pending_json(Engine& engine, std::vector<uint64_t> blocks, bool all,
   return j;
 }
 
+Json scan_progress_json(const ScanProgress& p) {
+  Json j;
+  j["state"] = scan_state_name(p.state);
+  j["next_block"] = p.next_block;
+  j["blocks"] = p.blocks;
+  j["block_size"] = p.block_size;
+  j["percent"] = p.blocks == 0 ? 0.0 : 100.0 * static_cast<double>(p.next_block) /
+                                           static_cast<double>(p.blocks);
+  j["rate_limit"] = p.rate_limit;
+  j["rate"] = p.rate;
+  j["eta_seconds"] = p.eta_seconds;
+  j["started"] = p.started;
+  j["last_good_read"] = p.last_good_read;
+  j["unreadable"] = p.unreadable;
+  j["rescued"] = p.rescued;
+  j["yields"] = p.yields;
+  j["error"] = p.error;
+  return j;
+}
+
+Json scan_json(Scanner& scanner, const Json& request) {
+  const std::string action = request.value("action", std::string("status"));
+  auto rate = [&]() -> uint64_t {
+    if (!request.contains("rate")) return scanner.progress().rate_limit;
+    if (!request["rate"].is_number_unsigned()) {
+      throw ControlError{EINVAL, "\"rate\" must be bytes per second (0: no limit)"};
+    }
+    return request["rate"].get<uint64_t>();
+  };
+  Status s;
+  if (action == "start") {
+    std::optional<uint64_t> from;
+    if (request.contains("from")) {
+      if (!request["from"].is_number_unsigned()) {
+        throw ControlError{EINVAL, "\"from\" must be a block number"};
+      }
+      from = request["from"].get<uint64_t>();
+    }
+    s = scanner.start(from, rate());
+  } else if (action == "pause") {
+    s = scanner.pause();
+  } else if (action == "resume") {
+    s = scanner.resume();
+  } else if (action == "cancel") {
+    s = scanner.cancel();
+  } else if (action == "rate") {
+    scanner.set_rate(rate());
+  } else if (action != "status") {
+    throw ControlError{EINVAL, "unknown scan action \"" + action +
+                                   "\" (status, start, pause, resume, cancel, rate)"};
+  }
+  if (!s.is_ok()) throw ControlError{s.code(), s.to_string()};
+  return scan_progress_json(scanner.progress());
+}
+
 }  // namespace dmremap

@@ -63,14 +63,21 @@ class MetricsTest(unittest.TestCase):
             value(text, 'dmremap_request_duration_seconds_bucket{op="read",le="+Inf"}'), reads)
         self.assertGreaterEqual(value(text, 'dmremap_main_errors_total{op="read"}'), 1)
         self.assertIn('dmremap_build_info{version="', text)
+        self.assertEqual(value(text, 'dmremap_scan_state{state="none"}'), 1)
 
     def test_status_format_prometheus_live_and_offline(self):
         s, h = self.damaged_set()
         r = s.cli("status", "--control", s.control, "--format", "prometheus", check=False)
         self.assertEqual(r.returncode, 1, r.stderr)  # health warning, as without --format
         self.check_live(r.stdout)
+        self.assertEqual(value(r.stdout, "dmremap_up"), 1)
         h.shutdown()
         s.stop()
+        # Nothing answers on the socket: dmremap_up 0, status unknown.
+        r = s.cli("status", "--control", s.control, "--format", "prometheus", check=False)
+        self.assertEqual(r.returncode, 3, r.stderr)
+        self.assertEqual(value(r.stdout, "dmremap_up"), 0)
+        self.assertEqual(promtool("check", "metrics", text=r.stdout).returncode, 0)
         # Not served: what the spare's metadata says, without the live part.
         r = s.cli("status", "--spare", s.spare, "--format", "prometheus", check=False)
         self.assertEqual(r.returncode, 1, r.stderr)
@@ -115,7 +122,7 @@ class MetricsTest(unittest.TestCase):
     def test_example_alert_rules(self):
         r = promtool("check", "rules", os.path.join(EXAMPLES, "dmremap-alerts.yml"))
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
-        self.assertIn("5 rules found", r.stdout)
+        self.assertIn("6 rules found", r.stdout)
         r = subprocess.run([PROMTOOL, "test", "rules", "dmremap-alerts.test.yml"], cwd=EXAMPLES,
                            capture_output=True, text=True, timeout=60)
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)

@@ -80,8 +80,13 @@ class BlockDevice {
   // True once acknowledged writes may have been lost (see flush()).
   bool lost_writes() const { return lost_.load(); }
   // The device went away: writes not yet flushed may be lost with its
-  // cache. True when there were some (flush() fails from now on).
+  // cache. True when there were some (flush() fails from now on). Every
+  // call also starts a new connection epoch.
   bool forfeit_unflushed();
+  // Raised each time the device is replaced by a new connection or a
+  // reopened disk (forfeit_unflushed): a write made before a change of
+  // epoch is not covered by a flush made after it, even an expendable one.
+  uint64_t connection_epoch() const { return epoch_.load(); }
 
   // Re-establishes a device that stopped answering as a whole: a dropped
   // NBD connection, a disk that left the bus and came back under its path or
@@ -124,6 +129,7 @@ class BlockDevice {
   std::atomic<uint64_t> changed_{0};
   std::atomic<uint64_t> flushed_{0};
   std::atomic<uint64_t> expendable_{0};
+  std::atomic<uint64_t> epoch_{0};
   std::atomic<uint64_t> flush_calls_{0};
   std::atomic<bool> lost_{false};
 };

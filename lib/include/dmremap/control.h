@@ -139,7 +139,10 @@ struct ControlError {
 // channel"): "status" and "list" for anyone who may connect; "remap" and
 // "forget-pending" (they change the set) only for root and the user the
 // frontend runs as. Unknown commands get EINVAL.
-ControlServer::Handler engine_commands(Engine& engine);
+// With a scanner, also "scan" (see scan_json): "action" status for anyone,
+// start, pause, resume, cancel and rate for root and the serving user.
+class Scanner;
+ControlServer::Handler engine_commands(Engine& engine, Scanner* scanner = nullptr);
 
 // Client side: connects to `path`, sends one request, waits up to `timeout`
 // for the reply. ENOENT or ECONNREFUSED: nothing serves that socket. A reply

@@ -80,11 +80,14 @@ struct EngineStats {
   // since the epoch, 0 while online) and why.
   int64_t main_offline_since = 0;
   std::string main_offline_reason;
-  // The spare stopped answering as a whole (seconds since the epoch), until
-  // it is reconnected or takes a journal write or lease renewal again; 0
-  // while it answers. Not part of health: its effects (reads of remapped
+  // The spare stopped answering as a whole (seconds since the epoch): a
+  // slot or journal write, or a lease renewal, failed with a device errno;
+  // until it takes a journal write or lease renewal again. 0 otherwise. Not part of health: its effects (reads of remapped
   // blocks and new remaps fail) are, as errors.
   int64_t spare_offline_since = 0;
+  // An NBD spare's lease not renewed for 2.5 intervals: every request fails
+  // (safety rule 3). How long, in seconds; 0 otherwise.
+  int64_t lease_lapsed_seconds = 0;
   // How long reads, writes and flushes took, since open.
   LatencyHistogram::Snapshot latency[kLatencyOps];
   // A flush failed with writes outstanding: FLUSH and FUA fail until restart.
@@ -95,7 +98,7 @@ struct EngineStats {
   Health health = Health::kOk;
   std::string health_reason;  // the worst problem, in words
   // Every problem that applies, worst first, as keys: main_offline,
-  // flush_failed, journal_broken, pool_exhausted, metadata_degraded,
+  // lease_lapsed, flush_failed, journal_broken, pool_exhausted, metadata_degraded,
   // pool_nearly_full, pending.
   std::vector<std::string> health_problems;
 };
@@ -170,6 +173,9 @@ class Engine {
   bool can_fast_zero() const { return main_->can_fast_zero() && spare_->can_fast_zero(); }
   // Not while requests run: checkpoints and the lease rewrite it.
   const Superblock& superblock() const { return store_->superblock(); }
+  // A copy of it, taken under the lock that its writers hold: for the
+  // fields fixed at format (identity, sizes), at any time.
+  Superblock geometry();
 
   // Out of range: EINVAL. An unreadable block: EIO, with error_offset() the
   // first byte of the request that could not be read; every other byte of
@@ -229,6 +235,22 @@ class Engine {
   // Calls fn(entry) for every remapped or pending block in [first, last).
   void for_each_entry(uint64_t first, uint64_t last,
                       const std::function<void(const RemapTable::Entry&)>& fn);
+  // The surface scan (lib/scan.h). Its place, as the superblock keeps it.
+  struct ScanMark {
+    uint64_t next = 0;
+    uint32_t state = 0;  // ScanState
+    uint64_t started = 0, saved = 0, rate = 0;
+  };
+  ScanMark saved_scan();
+  // Writes it to the superblock and flushes. EPERM read-only.
+  Status save_scan(const ScanMark& mark);
+  // A read as Engine::read does it (weak blocks rescued, dead ones marked
+  // pending), but not a client's: it does not count as client activity,
+  // which the scan backs off for (last_client_request_ms).
+  Status scan_read(void* buf, uint64_t len, uint64_t offset, std::vector<uint64_t>* unreadable);
+  // now_ms() of the last client request that entered the engine, 0 if none.
+  int64_t last_client_request_ms() const { return last_client_ms_.load(std::memory_order_relaxed); }
+
   // Copies of at most `max` entries from block `from` on that `want`
   // accepts, in block order. The table's lock is held only while they are
   // copied, and the walk stops at the first entry past them.
@@ -442,6 +464,7 @@ class Engine {
   std::atomic<bool> close_done_{false};
   std::atomic<int64_t> offline_since_{0};
   std::atomic<int64_t> spare_away_since_{0};  // EngineStats::spare_offline_since
+  std::atomic<int64_t> last_client_ms_{0};      // last_client_request_ms()
   std::atomic<bool> spare_revive_wanted_{false};
   // Guards the two reasons (short sections only).
   std::mutex reason_mu_;

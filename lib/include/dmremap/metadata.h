@@ -60,6 +60,15 @@ struct Superblock {
   // Version 2: the slot header area (0 in version 1).
   uint64_t slot_header_offset = 0;
   uint64_t slot_header_bytes = 0;
+  // Version 2: the surface scan's saved place (all 0: no scan). `scan_state`
+  // is a ScanState; `scan_next` the next block to read; `scan_started` and
+  // `scan_saved` seconds since 1970; `scan_rate` its limit in bytes/s (0:
+  // none). Older dmremaps read and write the superblock without them.
+  uint64_t scan_next = 0;
+  uint32_t scan_state = 0;
+  uint64_t scan_started = 0;
+  uint64_t scan_saved = 0;
+  uint64_t scan_rate = 0;
 
   uint64_t journal_units() const { return journal_bytes / kMetaUnit; }
   uint64_t checkpoint_capacity() const {

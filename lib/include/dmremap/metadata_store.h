@@ -105,6 +105,10 @@ class MetadataStore {
   // with EBUSY when the spare holds a generation it did not write: another
   // program has opened the set. Changes only the superblock's generation,
   // which nothing reads concurrently.
+  // Records the surface scan's place in the superblock (Superblock::scan_*),
+  // written and flushed as any superblock update.
+  Status save_scan(uint64_t next_block, uint32_t state, uint64_t started, uint64_t saved,
+                   uint64_t rate);
   Status heartbeat();
   // Writes `table` as the new checkpoint and empties the journal. With
   // `clean`, the superblock says the set was closed cleanly.

@@ -17,6 +17,13 @@ inline constexpr const char* kPrometheusContentType = "text/plain; version=0.0.4
 // `live`: the stats of a running engine, so the request counters, the
 // latency histograms and the devices' state are included; otherwise only
 // what the spare's metadata says.
-std::string prometheus_text(const EngineStats& s, const Superblock& sb, bool live);
+// With `scan`, also the surface scan's progress.
+struct ScanProgress;
+std::string prometheus_text(const EngineStats& s, const Superblock& sb, bool live,
+                            const ScanProgress* scan = nullptr);
+
+// What `dmremap status --format=prometheus` prints when the set cannot be
+// read: dmremap_up 0 (the text above has dmremap_up 1).
+std::string prometheus_unreadable_text();
 
 }  // namespace dmremap

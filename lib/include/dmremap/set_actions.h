@@ -13,6 +13,7 @@
 #include "dmremap/engine.h"
 #include "dmremap/metadata.h"
 #include "dmremap/remap_table.h"
+#include "dmremap/scan.h"
 
 namespace dmremap {
 
@@ -52,5 +53,14 @@ Json remap_json(Engine& engine, const std::vector<uint64_t>& blocks,
 // the whole command throws ControlError.
 Json forget_pending_json(Engine& engine, std::vector<uint64_t> blocks, bool all,
                          const std::function<bool()>& stopping = {});
+
+// The scan's progress as JSON: {"state", "next_block", "blocks",
+// "block_size", "percent", "rate_limit", "rate", "eta_seconds",
+// "started", "last_good_read", "unreadable", "rescued", "yields", "error"}.
+Json scan_progress_json(const ScanProgress& p);
+// A "scan" request: "action" is status (the default), start ("from",
+// "rate"), pause, resume, cancel or rate ("rate"); the reply is the
+// progress after it. ControlError when the action is refused.
+Json scan_json(Scanner& scanner, const Json& request);
 
 }  // namespace dmremap

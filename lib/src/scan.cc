@@ -1,0 +1,225 @@
+#include "dmremap/scan.h"
+
+#include <algorithm>
+#include <ctime>
+#include <vector>
+
+#include "dmremap/log.h"
+
+namespace dmremap {
+
+namespace {
+constexpr uint64_t kPieceBytes = 256 * 1024;
+constexpr int64_t kSaveEveryMs = 30000;
+// A client request this recent makes the scan wait...
+constexpr int64_t kClientQuietMs = 50;
+constexpr auto kYieldStep = std::chrono::milliseconds(10);
+// ... but for no longer than this before it reads one piece anyway.
+constexpr int kMaxYieldSteps = 100;
+
+int64_t unix_now() { return static_cast<int64_t>(std::time(nullptr)); }
+}  // namespace
+
+const char* scan_state_name(ScanState s) {
+  switch (s) {
+    case ScanState::kNone: return "none";
+    case ScanState::kRunning: return "running";
+    case ScanState::kPaused: return "paused";
+    case ScanState::kDone: return "done";
+    case ScanState::kCancelled: return "cancelled";
+  }
+  return "unknown";
+}
+
+Scanner::Scanner(Engine& engine) : engine_(engine) {
+  const Engine::ScanMark m = engine_.saved_scan();
+  p_.block_size = engine_.block_size();
+  p_.blocks = engine_.size() / engine_.block_size();
+  p_.state = m.state <= static_cast<uint32_t>(ScanState::kCancelled) ? static_cast<ScanState>(m.state)
+                                                                      : ScanState::kNone;
+  p_.next_block = std::min(m.next, p_.blocks);
+  p_.started = static_cast<int64_t>(m.started);
+  p_.rate_limit = m.rate;
+  std::lock_guard l(mu_);
+  if (p_.state == ScanState::kRunning) {
+    log(LogLevel::kInfo, "surface scan: going on from block " + std::to_string(p_.next_block) +
+                             " of " + std::to_string(p_.blocks) + " (saved " +
+                             utc_time(static_cast<int64_t>(m.saved)) + ")");
+    launch();
+  }
+}
+
+Scanner::~Scanner() {
+  {
+    std::lock_guard l(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+Status Scanner::start(std::optional<uint64_t> from, uint64_t rate_limit) {
+  std::unique_lock l(mu_);
+  if (p_.state == ScanState::kRunning) {
+    return Status::error(EBUSY, "a scan is running (block " + std::to_string(p_.next_block) +
+                                    " of " + std::to_string(p_.blocks) + ")");
+  }
+  if (from && *from >= p_.blocks) {
+    return Status::error(EINVAL, "block " + std::to_string(*from) + " is past the end (main has " +
+                                     std::to_string(p_.blocks) + " blocks)");
+  }
+  const bool go_on = !from && p_.state == ScanState::kPaused;
+  if (!go_on) {
+    p_.next_block = from.value_or(0);
+    p_.started = unix_now();
+    p_.unreadable = p_.rescued = p_.yields = 0;
+    p_.last_good_read = 0;
+  }
+  p_.rate_limit = rate_limit;
+  p_.error.clear();
+  p_.state = ScanState::kRunning;
+  // Saved before it runs: a kill in the first 30 s still finds it.
+  if (Status s = save(ScanState::kRunning); !s.is_ok()) {
+    p_.state = ScanState::kNone;
+    return s;
+  }
+  l.unlock();
+  if (thread_.joinable()) thread_.join();  // a thread that was stopped, ending
+  l.lock();
+  launch();
+  return Status::ok();
+}
+
+Status Scanner::pause() {
+  std::lock_guard l(mu_);
+  if (p_.state != ScanState::kRunning) return Status::error(EINVAL, "no scan is running");
+  p_.state = ScanState::kPaused;
+  halt_ = true;
+  cv_.notify_all();
+  // The thread saves the place when it stops (after the piece it is on).
+  return Status::ok();
+}
+
+Status Scanner::resume() {
+  std::optional<uint64_t> none;
+  {
+    std::lock_guard l(mu_);
+    if (p_.state != ScanState::kPaused) return Status::error(EINVAL, "no scan is paused");
+  }
+  return start(none, progress().rate_limit);
+}
+
+Status Scanner::cancel() {
+  std::unique_lock l(mu_);
+  if (p_.state != ScanState::kRunning && p_.state != ScanState::kPaused) {
+    return Status::error(EINVAL, "no scan is running or paused");
+  }
+  const bool running = p_.state == ScanState::kRunning;
+  p_.state = ScanState::kCancelled;
+  halt_ = true;
+  cv_.notify_all();
+  if (running) return Status::ok();  // the thread saves it
+  return save(ScanState::kCancelled);
+}
+
+void Scanner::set_rate(uint64_t bytes_per_second) {
+  std::lock_guard l(mu_);
+  p_.rate_limit = bytes_per_second;
+  cv_.notify_all();
+}
+
+ScanProgress Scanner::progress() {
+  std::lock_guard l(mu_);
+  return p_;
+}
+
+void Scanner::launch() {
+  halt_ = false;
+  last_save_ms_ = now_ms();
+  remaps_rescue_at_start_ = engine_.stats().remaps_by_cause[static_cast<int>(Cause::kRescue)];
+  thread_ = std::thread([this] { run(); });
+}
+
+Status Scanner::save(ScanState state) {
+  Engine::ScanMark m;
+  m.next = p_.next_block;
+  m.state = static_cast<uint32_t>(state);
+  m.started = static_cast<uint64_t>(p_.started);
+  m.saved = static_cast<uint64_t>(unix_now());
+  m.rate = p_.rate_limit;
+  last_save_ms_ = now_ms();
+  Status s = engine_.save_scan(m);
+  if (!s.is_ok()) {
+    log(LogLevel::kWarning, "surface scan: its place could not be saved: " + s.to_string());
+  }
+  return s;
+}
+
+void Scanner::run() {
+  const uint32_t bs = p_.block_size;
+  const uint64_t piece_blocks = std::max<uint64_t>(1, kPieceBytes / bs);
+  std::vector<char> buf(piece_blocks * bs);
+  std::unique_lock l(mu_);
+  while (!stop_ && !halt_ && p_.next_block < p_.blocks) {
+    const uint64_t first = p_.next_block;
+    const uint64_t count = std::min(piece_blocks, p_.blocks - first);
+    l.unlock();
+    // Clients first.
+    int waited = 0;
+    while (waited < kMaxYieldSteps &&
+           now_ms() - engine_.last_client_request_ms() < kClientQuietMs) {
+      std::this_thread::sleep_for(kYieldStep);
+      ++waited;
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<uint64_t> bad;
+    const Status s = engine_.scan_read(buf.data(), count * bs, first * bs, &bad);
+    const double took =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    l.lock();
+    if (waited > 0) ++p_.yields;
+    if (!s.is_ok() && bad.empty()) {
+      // Not a bad block: main as a whole, or the engine, refused. Paused,
+      // to go on when the admin says so.
+      p_.error = s.to_string();
+      p_.state = ScanState::kPaused;
+      log(LogLevel::kWarning, "surface scan paused at block " + std::to_string(first) + ": " +
+                                  p_.error);
+      break;
+    }
+    p_.unreadable += bad.size();
+    if (bad.size() < count) p_.last_good_read = unix_now();
+    p_.next_block = first + count;
+    p_.rescued = engine_.stats().remaps_by_cause[static_cast<int>(Cause::kRescue)] -
+                 remaps_rescue_at_start_;
+    const double bytes = static_cast<double>(count) * bs;
+    // The rate limit: this piece takes at least its share of a second.
+    if (p_.rate_limit > 0) {
+      const double share = bytes / static_cast<double>(p_.rate_limit);
+      if (took < share) {
+        cv_.wait_for(l, std::chrono::duration<double>(share - took),
+                     [&] { return stop_ || halt_; });
+      }
+    }
+    const double elapsed =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double now_rate = elapsed > 0 ? bytes / elapsed : 0;
+    p_.rate = p_.rate == 0 ? now_rate : 0.9 * p_.rate + 0.1 * now_rate;
+    p_.eta_seconds = p_.rate > 0
+                         ? static_cast<double>(p_.blocks - p_.next_block) * bs / p_.rate
+                         : -1;
+    if (now_ms() - last_save_ms_ >= kSaveEveryMs) (void)save(p_.state);
+  }
+  if (!stop_ && !halt_ && p_.state == ScanState::kRunning && p_.next_block >= p_.blocks) {
+    p_.state = ScanState::kDone;
+    p_.eta_seconds = 0;
+    log(LogLevel::kInfo, "surface scan done: " + std::to_string(p_.blocks) + " blocks read, " +
+                             std::to_string(p_.unreadable) + " unreadable (marked pending), " +
+                             std::to_string(p_.rescued) + " rescued");
+  }
+  // The place, as it is now: a scan stopped by the destructor stays
+  // "running", so that the next start of the frontend goes on with it.
+  (void)save(p_.state);
+}
+
+}  // namespace dmremap

@@ -298,8 +298,10 @@ int serve(Options& o) {
       return kExitFailed;
     }
     const auto at = metrics->endpoint();
-    std::fprintf(stderr, "dmremap-server: metrics at http://%s:%u/metrics\n",
-                 at.address().to_string().c_str(), static_cast<unsigned>(at.port()));
+    const std::string host = at.address().is_v6() ? "[" + at.address().to_string() + "]"
+                                                   : at.address().to_string();
+    std::fprintf(stderr, "dmremap-server: metrics at http://%s:%u/metrics\n", host.c_str(),
+                 static_cast<unsigned>(at.port()));
   }
 
   asio::io_context io;

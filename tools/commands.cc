@@ -397,6 +397,15 @@ Result<Json> ask(const std::string& control, const Json& request,
   return j;
 }
 
+// The set named by --main and --spare, for a command that opens it itself.
+SetConfig offline_set(const std::string& main, const std::string& spare, IoMode io) {
+  SetConfig config;
+  config.main = main;
+  config.spare = spare;
+  config.io = io;
+  return config;
+}
+
 // A GNU ddrescue mapfile of main: pending blocks (unreadable, their data
 // lost) are '-', every other byte '+' (finished). ddrescuelog, ddrescueview
 // and nbdkit's ddrescue filter read it.
@@ -632,10 +641,7 @@ int run_remap(const RemapOptions& o) {
     }
     return rc;
   }
-  SetConfig config;
-  config.main = o.main;
-  config.spare = o.spare;
-  config.io = o.io;
+  SetConfig config = offline_set(o.main, o.spare, o.io);
   config.engine.read_retries = o.retries;
   config.engine.retry_time = std::chrono::milliseconds(static_cast<int64_t>(o.retry_seconds * 1000));
   auto engine = open_set(config);
@@ -814,10 +820,7 @@ int run_scan_served(const ScanOptions& o) {
 }
 
 int run_scan_offline(const ScanOptions& o) {
-  SetConfig config;
-  config.main = o.main;
-  config.spare = o.spare;
-  config.io = o.io;
+  SetConfig config = offline_set(o.main, o.spare, o.io);
   auto engine = open_set(config);
   if (!engine.is_ok()) return fail(engine.status());
   Engine& e = *engine.value();
@@ -891,10 +894,7 @@ int run_forget_pending(const ForgetPendingOptions& o) {
     if (!reply.is_ok()) return fail(reply.status());
     return print_forget(reply.value());
   }
-  SetConfig config;
-  config.main = o.main;
-  config.spare = o.spare;
-  config.io = o.io;
+  SetConfig config = offline_set(o.main, o.spare, o.io);
   auto engine = open_set(config);
   if (!engine.is_ok()) return fail(engine.status());
   Engine& e = *engine.value();

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <memory>
 #include <thread>
 
 #include "dmremap/scan.h"
@@ -74,7 +75,7 @@ TEST_CASE("scan: its place is on the spare; a new Scanner goes on from it", "[sc
   Scanner again(*s.engine);  // goes on at once
   CHECK(again.progress().state == ScanState::kRunning);
   CHECK(again.progress().next_block >= stopped.next);
-  again.set_rate(0);
+  REQUIRE(again.set_rate(0).is_ok());
   CHECK(wait_while(again, ScanState::kRunning).state == ScanState::kDone);
 }
 
@@ -136,5 +137,61 @@ TEST_CASE("scan: keeps to its rate, and yields to a busy client", "[scan]") {
     CHECK(p.state == ScanState::kDone);
     CHECK(p.yields > 0);
     CHECK(failed_reads == 0);
+  }
+}
+
+TEST_CASE("scan: stops at the block it is on, and marks none it did not finish", "[scan]") {
+  auto s = test::make_set();
+  // 64 dead blocks in the first piece, each read of one taking 10 ms: the
+  // piece's read takes 0.64 s, then four tries of each block 2.6 s more,
+  // if nothing stopped it.
+  for (uint64_t b = 0; b < 64; ++b) {
+    s.main->add_read_error(b);
+    s.main->add_slow_block(b, 10ms);
+  }
+  auto scanner = std::make_unique<Scanner>(*s.engine);
+  REQUIRE(scanner->start(std::nullopt, 0).is_ok());
+  std::this_thread::sleep_for(800ms);  // into the retries
+  const auto t0 = std::chrono::steady_clock::now();
+  scanner.reset();  // as the frontend stops
+  CHECK(std::chrono::steady_clock::now() - t0 < 1s);  // 1.9 s were left
+  const uint64_t pending = s.engine->stats().pending;
+  CHECK(pending < 64);  // the rest were neither retried nor marked
+  // The piece is read again by the next run, from its start.
+  CHECK(s.engine->saved_scan().next == 0);
+  CHECK(s.engine->saved_scan().state == static_cast<uint32_t>(ScanState::kRunning));
+}
+
+TEST_CASE("scan: a new start waits for the old run's thread; counts and rates", "[scan]") {
+  test::SetParams params;
+  params.main_size = 8 << 20;
+  auto s = test::make_set(params);
+  s.main->add_read_error(5);
+  Scanner scanner(*s.engine);
+  CHECK(scanner.start(std::nullopt, 100).code() == EINVAL);  // too slow to mean anything
+  REQUIRE(scanner.start(std::nullopt, 2 << 20).is_ok());
+  while (scanner.progress().next_block < 256) std::this_thread::sleep_for(2ms);
+  REQUIRE(scanner.pause().is_ok());
+  // Again from 0 at once: the old thread must not write its place over it.
+  REQUIRE(scanner.start(uint64_t{0}, 2 << 20).is_ok());
+  CHECK(scanner.progress().next_block < 128);
+  std::this_thread::sleep_for(100ms);
+  CHECK(scanner.progress().next_block < 256 + 64);
+  // What it found is kept with its place, across a restart.
+  while (scanner.progress().unreadable == 0) std::this_thread::sleep_for(2ms);
+  REQUIRE(scanner.pause().is_ok());
+  {
+    Scanner after(*s.engine);
+    CHECK(after.progress().state == ScanState::kPaused);
+    CHECK(after.progress().unreadable == 1);
+    // A slow rate is left at once when it changes.
+    REQUIRE(after.resume().is_ok());
+    REQUIRE(after.set_rate(4096).is_ok());  // 64 s a piece
+    std::this_thread::sleep_for(100ms);
+    const auto t0 = std::chrono::steady_clock::now();
+    REQUIRE(after.set_rate(0).is_ok());
+    CHECK(wait_while(after, ScanState::kRunning).state == ScanState::kDone);
+    CHECK(std::chrono::steady_clock::now() - t0 < 10s);
+    CHECK(after.progress().unreadable == 1);
   }
 }

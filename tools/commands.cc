@@ -847,7 +847,7 @@ int run_scan_offline(const ScanOptions& o) {
       if (o.action == "cancel") {
         s = scanner.cancel();
       } else if (scanner.progress().state == ScanState::kRunning && !o.from) {
-        if (o.rate) scanner.set_rate(*o.rate);
+        if (o.rate) s = scanner.set_rate(*o.rate);
       } else {
         if (scanner.progress().state == ScanState::kRunning) s = scanner.pause();
         if (s.is_ok()) {
@@ -866,8 +866,8 @@ int run_scan_offline(const ScanOptions& o) {
             interrupted);
         if (interrupted) {
           (void)scanner.pause();
-          fmt::print(stderr, "dmremap: scan paused at block {}; run the same command to go on\n",
-                     scanner.progress().next_block);
+          fmt::print(stderr, "dmremap: scan paused; `dmremap scan` on this set, without --from, "
+                             "goes on from where it stopped\n");
           rc = kExitFailed;
         } else {
           rc = last ? scan_exit(*last) : kExitFailed;

@@ -26,6 +26,8 @@ struct Engine::Counters {
 
 // Set while this thread reads for the surface scan: not client activity.
 thread_local bool t_scanning = false;
+// The scan's stop flag, while it reads (scan_read).
+thread_local const std::atomic<bool>* t_scan_stop = nullptr;
 
 // One request's admission (see close()).
 class Engine::Admit {
@@ -437,12 +439,13 @@ Status Engine::read(void* out, uint64_t len, uint64_t offset, std::vector<uint64
 
 Status Engine::finish_read(char* buf, uint64_t len, uint64_t offset, ReadFindings& f,
                            std::vector<uint64_t>* unreadable_out) {
+  if (f.scan_stopped) return Status::error(ECANCELED, "the scan was told to stop");
   auto& bad = f.unreadable;
   // Past the point main went offline nothing was read, good or bad.
   std::erase_if(bad, [&](uint64_t b) { return std::max(offset, b * block_) >= f.offline_from; });
   if (bad.empty() && f.offline_from == UINT64_MAX) return Status::ok();
   std::sort(bad.begin(), bad.end());
-  if (options_.unreadable_zero) {
+  if (options_.unreadable_zero && !t_scanning) {  // a scan must see them
     for (uint64_t b : bad) {
       const uint64_t lo = std::max(offset, b * block_);
       const uint64_t hi = std::min(offset + len, (b + 1) * block_);
@@ -598,6 +601,10 @@ void Engine::recover_reads(char* buf, uint64_t len, uint64_t offset, ReadFinding
     const uint64_t b = failed.block;
     const uint64_t lo = std::max(offset, b * block_);
     if (lo >= f.offline_from) break;
+    if (t_scan_stop != nullptr && t_scan_stop->load()) {
+      f.scan_stopped = true;  // the rest is neither read nor marked
+      break;
+    }
     Status s;
     {
       Claim claim(*this, b);
@@ -1634,7 +1641,8 @@ Superblock Engine::geometry() {
 Engine::ScanMark Engine::saved_scan() {
   std::lock_guard l(store_mu_);
   const Superblock& sb = store_->superblock();
-  return ScanMark{sb.scan_next, sb.scan_state, sb.scan_started, sb.scan_saved, sb.scan_rate};
+  return ScanMark{sb.scan_next,  sb.scan_state,      sb.scan_started, sb.scan_saved,
+                  sb.scan_rate,  sb.scan_unreadable, sb.scan_rescued};
 }
 
 Status Engine::save_scan(const ScanMark& m) {
@@ -1642,14 +1650,19 @@ Status Engine::save_scan(const ScanMark& m) {
   if (!admit) return Status::error(EIO, "the device is closed");
   if (options_.read_only) return Status::error(EPERM, "the device is read-only");
   std::lock_guard l(store_mu_);
-  return store_->save_scan(m.next, m.state, m.started, m.saved, m.rate);
+  // After a lapsed lease another server may own the set: write nothing.
+  if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
+  return store_->save_scan(m.next, m.state, m.started, m.saved, m.rate, m.unreadable,
+                           m.rescued);
 }
 
 Status Engine::scan_read(void* buf, uint64_t len, uint64_t offset,
-                         std::vector<uint64_t>* unreadable) {
+                         std::vector<uint64_t>* unreadable, const std::atomic<bool>* stop) {
   t_scanning = true;
+  t_scan_stop = stop;
   Status s = read(buf, len, offset, unreadable);
   t_scanning = false;
+  t_scan_stop = nullptr;
   return s;
 }
 

@@ -78,6 +78,8 @@ void Superblock::encode(char* out) const {
   le::put64(out + 272, scan_started);
   le::put64(out + 280, scan_saved);
   le::put64(out + 288, scan_rate);
+  le::put64(out + 296, scan_unreadable);
+  le::put64(out + 304, scan_rescued);
   le::put32(out + kSuperblockCrcBytes, crc32c(out, kSuperblockCrcBytes));
 }
 
@@ -127,6 +129,8 @@ std::optional<Superblock> Superblock::decode(const char* in, std::string* proble
     s.scan_started = le::get64(in + 272);
     s.scan_saved = le::get64(in + 280);
     s.scan_rate = le::get64(in + 288);
+    s.scan_unreadable = le::get64(in + 296);
+    s.scan_rescued = le::get64(in + 304);
   }
   // A checksummed superblock with impossible geometry is still not trusted:
   // it is damaged, or made to harm whoever reads it.

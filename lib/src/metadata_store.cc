@@ -563,7 +563,8 @@ Status MetadataStore::write_superblock(Superblock next) {
 }
 
 Status MetadataStore::save_scan(uint64_t next_block, uint32_t state, uint64_t started,
-                                uint64_t saved, uint64_t rate) {
+                                uint64_t saved, uint64_t rate, uint64_t unreadable,
+                                uint64_t rescued) {
   if (failed_) return refused();
   Superblock next = sb_;
   next.scan_next = next_block;
@@ -571,7 +572,17 @@ Status MetadataStore::save_scan(uint64_t next_block, uint32_t state, uint64_t st
   next.scan_started = started;
   next.scan_saved = saved;
   next.scan_rate = rate;
-  return write_superblock(std::move(next));
+  next.scan_unreadable = unreadable;
+  next.scan_rescued = rescued;
+  // As a lease renewal: a new generation over the older copy, and a write
+  // whose loss costs nothing but some reading again (see put_superblock).
+  next.generation = std::max(sb_.generation, tried_generation_) + 1;
+  tried_generation_ = next.generation;
+  auto copy = put_superblock(next, /*renewal=*/true);
+  if (!copy.is_ok()) return copy.take_status();
+  sb_ = std::move(next);
+  sb_copy_ = copy.value();
+  return Status::ok();
 }
 
 Status MetadataStore::heartbeat() {

@@ -40,6 +40,8 @@ Scanner::Scanner(Engine& engine) : engine_(engine) {
   p_.next_block = std::min(m.next, p_.blocks);
   p_.started = static_cast<int64_t>(m.started);
   p_.rate_limit = m.rate;
+  p_.unreadable = m.unreadable;
+  p_.rescued = m.rescued;
   std::lock_guard l(mu_);
   if (p_.state == ScanState::kRunning) {
     log(LogLevel::kInfo, "surface scan: going on from block " + std::to_string(p_.next_block) +
@@ -53,12 +55,26 @@ Scanner::~Scanner() {
   {
     std::lock_guard l(mu_);
     stop_ = true;
+    interrupt_.store(true);
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
 }
 
+namespace {
+constexpr uint64_t kMinRate = 4096;
+Status check_rate(uint64_t rate) {
+  if (rate != 0 && rate < kMinRate) {
+    return Status::error(EINVAL, "a rate of " + std::to_string(rate) +
+                                     " bytes/s is too slow to mean anything: 4096 at least, or 0 "
+                                     "for no limit");
+  }
+  return Status::ok();
+}
+}  // namespace
+
 Status Scanner::start(std::optional<uint64_t> from, uint64_t rate_limit) {
+  if (Status s = check_rate(rate_limit); !s.is_ok()) return s;
   std::unique_lock l(mu_);
   if (p_.state == ScanState::kRunning) {
     return Status::error(EBUSY, "a scan is running (block " + std::to_string(p_.next_block) +
@@ -68,6 +84,17 @@ Status Scanner::start(std::optional<uint64_t> from, uint64_t rate_limit) {
     return Status::error(EINVAL, "block " + std::to_string(*from) + " is past the end (main has " +
                                      std::to_string(p_.blocks) + " blocks)");
   }
+  // A thread of an earlier run (paused or cancelled) may still be ending
+  // its block: it goes first, so that it cannot write over this run.
+  if (thread_.joinable()) {
+    halt_ = true;
+    interrupt_.store(true);
+    cv_.notify_all();
+    l.unlock();
+    thread_.join();
+    l.lock();
+  }
+  const ScanProgress before = p_;
   const bool go_on = !from && p_.state == ScanState::kPaused;
   if (!go_on) {
     p_.next_block = from.value_or(0);
@@ -76,16 +103,15 @@ Status Scanner::start(std::optional<uint64_t> from, uint64_t rate_limit) {
     p_.last_good_read = 0;
   }
   p_.rate_limit = rate_limit;
+  p_.rate = 0;
+  p_.eta_seconds = -1;
   p_.error.clear();
   p_.state = ScanState::kRunning;
   // Saved before it runs: a kill in the first 30 s still finds it.
   if (Status s = save(ScanState::kRunning); !s.is_ok()) {
-    p_.state = ScanState::kNone;
+    p_ = before;  // nothing changed
     return s;
   }
-  l.unlock();
-  if (thread_.joinable()) thread_.join();  // a thread that was stopped, ending
-  l.lock();
   launch();
   return Status::ok();
 }
@@ -95,37 +121,41 @@ Status Scanner::pause() {
   if (p_.state != ScanState::kRunning) return Status::error(EINVAL, "no scan is running");
   p_.state = ScanState::kPaused;
   halt_ = true;
+  interrupt_.store(true);
   cv_.notify_all();
-  // The thread saves the place when it stops (after the piece it is on).
-  return Status::ok();
+  // Saved now (a kill before the thread ends its block finds it paused),
+  // and again by the thread with the place where it stopped.
+  return save(ScanState::kPaused);
 }
 
 Status Scanner::resume() {
-  std::optional<uint64_t> none;
+  uint64_t rate = 0;
   {
     std::lock_guard l(mu_);
     if (p_.state != ScanState::kPaused) return Status::error(EINVAL, "no scan is paused");
+    rate = p_.rate_limit;
   }
-  return start(none, progress().rate_limit);
+  return start(std::nullopt, rate);
 }
 
 Status Scanner::cancel() {
-  std::unique_lock l(mu_);
+  std::lock_guard l(mu_);
   if (p_.state != ScanState::kRunning && p_.state != ScanState::kPaused) {
     return Status::error(EINVAL, "no scan is running or paused");
   }
-  const bool running = p_.state == ScanState::kRunning;
   p_.state = ScanState::kCancelled;
   halt_ = true;
+  interrupt_.store(true);
   cv_.notify_all();
-  if (running) return Status::ok();  // the thread saves it
   return save(ScanState::kCancelled);
 }
 
-void Scanner::set_rate(uint64_t bytes_per_second) {
+Status Scanner::set_rate(uint64_t bytes_per_second) {
+  if (Status s = check_rate(bytes_per_second); !s.is_ok()) return s;
   std::lock_guard l(mu_);
   p_.rate_limit = bytes_per_second;
-  cv_.notify_all();
+  cv_.notify_all();  // a wait under the old rate ends
+  return Status::ok();
 }
 
 ScanProgress Scanner::progress() {
@@ -135,8 +165,8 @@ ScanProgress Scanner::progress() {
 
 void Scanner::launch() {
   halt_ = false;
+  interrupt_.store(false);
   last_save_ms_ = now_ms();
-  remaps_rescue_at_start_ = engine_.stats().remaps_by_cause[static_cast<int>(Cause::kRescue)];
   thread_ = std::thread([this] { run(); });
 }
 
@@ -147,6 +177,8 @@ Status Scanner::save(ScanState state) {
   m.started = static_cast<uint64_t>(p_.started);
   m.saved = static_cast<uint64_t>(unix_now());
   m.rate = p_.rate_limit;
+  m.unreadable = p_.unreadable;
+  m.rescued = p_.rescued;
   last_save_ms_ = now_ms();
   Status s = engine_.save_scan(m);
   if (!s.is_ok()) {
@@ -165,19 +197,26 @@ void Scanner::run() {
     const uint64_t count = std::min(piece_blocks, p_.blocks - first);
     l.unlock();
     // Clients first.
+    const auto t0 = std::chrono::steady_clock::now();
     int waited = 0;
-    while (waited < kMaxYieldSteps &&
+    while (waited < kMaxYieldSteps && !interrupt_.load() &&
            now_ms() - engine_.last_client_request_ms() < kClientQuietMs) {
       std::this_thread::sleep_for(kYieldStep);
       ++waited;
     }
-    const auto t0 = std::chrono::steady_clock::now();
+    const uint64_t rescues_before =
+        engine_.stats().remaps_by_cause[static_cast<int>(Cause::kRescue)];
     std::vector<uint64_t> bad;
-    const Status s = engine_.scan_read(buf.data(), count * bs, first * bs, &bad);
+    const Status s = interrupt_.load()
+                         ? Status::error(ECANCELED, "stopping")
+                         : engine_.scan_read(buf.data(), count * bs, first * bs, &bad, &interrupt_);
     const double took =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const uint64_t rescues_after =
+        engine_.stats().remaps_by_cause[static_cast<int>(Cause::kRescue)];
     l.lock();
     if (waited > 0) ++p_.yields;
+    if (s.code() == ECANCELED) break;  // told to stop: this piece is read again next time
     if (!s.is_ok() && bad.empty()) {
       // Not a bad block: main as a whole, or the engine, refused. Paused,
       // to go on when the admin says so.
@@ -190,15 +229,16 @@ void Scanner::run() {
     p_.unreadable += bad.size();
     if (bad.size() < count) p_.last_good_read = unix_now();
     p_.next_block = first + count;
-    p_.rescued = engine_.stats().remaps_by_cause[static_cast<int>(Cause::kRescue)] -
-                 remaps_rescue_at_start_;
+    // Rescues by clients at the same time count too: close enough.
+    p_.rescued += rescues_after - rescues_before;
     const double bytes = static_cast<double>(count) * bs;
     // The rate limit: this piece takes at least its share of a second.
-    if (p_.rate_limit > 0) {
-      const double share = bytes / static_cast<double>(p_.rate_limit);
+    // (A new rate ends the wait: the next piece keeps to it.)
+    if (const uint64_t limit = p_.rate_limit; limit > 0) {
+      const double share = bytes / static_cast<double>(limit);
       if (took < share) {
         cv_.wait_for(l, std::chrono::duration<double>(share - took),
-                     [&] { return stop_ || halt_; });
+                     [&] { return stop_ || halt_ || p_.rate_limit != limit; });
       }
     }
     const double elapsed =

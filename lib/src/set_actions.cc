@@ -211,7 +211,7 @@ Json scan_json(Scanner& scanner, const Json& request) {
   } else if (action == "cancel") {
     s = scanner.cancel();
   } else if (action == "rate") {
-    scanner.set_rate(rate());
+    s = scanner.set_rate(rate());
   } else if (action != "status") {
     throw ControlError{EINVAL, "unknown scan action \"" + action +
                                    "\" (status, start, pause, resume, cancel, rate)"};

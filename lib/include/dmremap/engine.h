@@ -240,14 +240,21 @@ class Engine {
     uint64_t next = 0;
     uint32_t state = 0;  // ScanState
     uint64_t started = 0, saved = 0, rate = 0;
+    uint64_t unreadable = 0, rescued = 0;  // what it found so far
   };
   ScanMark saved_scan();
-  // Writes it to the superblock and flushes. EPERM read-only.
+  // Writes it to the superblock and flushes. EPERM read-only; EIO once the
+  // lease has lapsed. Losing it is harmless (the scan reads a little
+  // again), so it is written as a lease renewal is: expendable.
   Status save_scan(const ScanMark& mark);
   // A read as Engine::read does it (weak blocks rescued, dead ones marked
   // pending), but not a client's: it does not count as client activity,
-  // which the scan backs off for (last_client_request_ms).
-  Status scan_read(void* buf, uint64_t len, uint64_t offset, std::vector<uint64_t>* unreadable);
+  // which the scan backs off for (last_client_request_ms), and salvage mode
+  // does not hide its unreadable blocks. When `stop` turns true, the
+  // failed blocks not yet retried are left alone (not marked) and the read
+  // ends with ECANCELED: a scan stops after the block it is on.
+  Status scan_read(void* buf, uint64_t len, uint64_t offset, std::vector<uint64_t>* unreadable,
+                   const std::atomic<bool>* stop = nullptr);
   // now_ms() of the last client request that entered the engine, 0 if none.
   int64_t last_client_request_ms() const { return last_client_ms_.load(std::memory_order_relaxed); }
 
@@ -312,6 +319,7 @@ class Engine {
     std::vector<uint64_t> unreadable;
     std::vector<uint64_t> bad_slot_reads;
     uint64_t offline_from = UINT64_MAX;
+    bool scan_stopped = false;  // a scan read told to stop (scan_read)
   };
   // The fast path of a read: no lock is held while devices are read.
   void read_fast(char* buf, uint64_t len, uint64_t offset, ReadFindings& f);

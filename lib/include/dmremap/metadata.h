@@ -69,6 +69,8 @@ struct Superblock {
   uint64_t scan_started = 0;
   uint64_t scan_saved = 0;
   uint64_t scan_rate = 0;
+  uint64_t scan_unreadable = 0;  // blocks it found unreadable so far
+  uint64_t scan_rescued = 0;     // and rescued
 
   uint64_t journal_units() const { return journal_bytes / kMetaUnit; }
   uint64_t checkpoint_capacity() const {

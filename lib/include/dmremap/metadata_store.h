@@ -106,9 +106,9 @@ class MetadataStore {
   // program has opened the set. Changes only the superblock's generation,
   // which nothing reads concurrently.
   // Records the surface scan's place in the superblock (Superblock::scan_*),
-  // written and flushed as any superblock update.
+  // written and flushed as a lease renewal is (expendable, epoch-checked).
   Status save_scan(uint64_t next_block, uint32_t state, uint64_t started, uint64_t saved,
-                   uint64_t rate);
+                   uint64_t rate, uint64_t unreadable, uint64_t rescued);
   Status heartbeat();
   // Writes `table` as the new checkpoint and empties the journal. With
   // `clean`, the superblock says the set was closed cleanly.

@@ -43,7 +43,8 @@ struct ScanProgress {
   int64_t started = 0;        // seconds since 1970, 0: never
   int64_t last_good_read = 0; // seconds since 1970 of the last piece that read, 0: none yet
   uint64_t unreadable = 0;    // blocks found unreadable (marked pending) by this scan
-  uint64_t rescued = 0;       // blocks rescued while this scan ran (weak: read on a retry)
+  uint64_t rescued = 0;       // blocks rescued while it ran (weak: read on a retry)
+  // Both are kept with its place, across pauses and restarts.
   uint64_t yields = 0;        // times it waited for clients
   std::string error;          // why it stopped, when the engine refused (main offline...)
 };
@@ -52,19 +53,23 @@ class Scanner {
  public:
   // Picks up the saved scan: a running one goes on at once.
   explicit Scanner(Engine& engine);
-  // Stops the thread and saves the place (the state stays as it was, so the
-  // next Scanner on this set goes on).
+  // Stops the thread after the block it is on (a failed block is not
+  // retried further, nor marked) and saves the place (the state stays as it
+  // was, so the next Scanner on this set goes on).
   ~Scanner();
   Scanner(const Scanner&) = delete;
   Scanner& operator=(const Scanner&) = delete;
 
   // Starts a scan at block `from` (a new one, or again from there), or goes
-  // on with a paused one when `from` is not given. EBUSY when one runs.
+  // on with a paused one when `from` is not given. EBUSY when one runs;
+  // EINVAL for a rate below 4 KiB/s (other than 0, no limit). A thread of
+  // an earlier run still ending its block is waited for first.
   Status start(std::optional<uint64_t> from, uint64_t rate_limit);
   Status pause();
   Status resume();
   Status cancel();
-  void set_rate(uint64_t bytes_per_second);
+  // Takes effect at once, even in the middle of a wait. EINVAL as start().
+  Status set_rate(uint64_t bytes_per_second);
   ScanProgress progress();
 
  private:
@@ -78,9 +83,10 @@ class Scanner {
   ScanProgress p_;        // under mu_
   bool stop_ = false;     // under mu_: the destructor's
   bool halt_ = false;     // under mu_: pause or cancel asked
+  // Either of them, for the engine's read to stop at the block it is on.
+  std::atomic<bool> interrupt_{false};
   std::thread thread_;
   int64_t last_save_ms_ = 0;
-  uint64_t remaps_rescue_at_start_ = 0;
 };
 
 }  // namespace dmremap

@@ -35,7 +35,14 @@ class Engine::Admit {
   explicit Admit(Engine& e) : e_(e) {
     e_.active_.fetch_add(1, std::memory_order_seq_cst);
     ok_ = !e_.closing_.load(std::memory_order_seq_cst);
-    if (!t_scanning) e_.last_client_ms_.store(now_ms(), std::memory_order_relaxed);
+    // Every request writing one shared atomic would bounce its cache line
+    // between cores: written only when the millisecond has changed.
+    if (!t_scanning) {
+      const int64_t now = now_ms();
+      if (e_.last_client_ms_.load(std::memory_order_relaxed) != now) {
+        e_.last_client_ms_.store(now, std::memory_order_relaxed);
+      }
+    }
   }
   ~Admit() {
     if (e_.active_.fetch_sub(1, std::memory_order_seq_cst) == 1 &&

@@ -82,3 +82,26 @@ TEST_CASE("metrics: from the spare alone, no live figures", "[metrics]") {
   CHECK(text.find("dmremap_request_duration_seconds") == std::string::npos);
   CHECK(text.find("dmremap_device_online") == std::string::npos);
 }
+
+TEST_CASE("metrics: every problem assess_health can name is a health_problem sample", "[metrics]") {
+  // All problems at once, so that a key added to the one list and not the
+  // other shows here.
+  EngineStats s;
+  s.main_offline_since = 1;
+  s.lease_lapsed_seconds = 6;
+  s.flush_failure = "x";
+  s.journal_broken = true;
+  s.metadata_degraded = {"y"};
+  s.pending = 1;
+  s.slots_total = 10;
+  s.slots_used = 9;
+  s.slots_free = 1;  // nearly full, not exhausted
+  assess_health(s, 80);
+  Superblock sb;
+  const std::string text = prometheus_text(s, sb, false);
+  for (const std::string& p : s.health_problems) {
+    CHECK(sample_value(text, "dmremap_health_problem{problem=\"" + p + "\"}") == "1");
+  }
+  CHECK(s.health_problems.size() == 7);  // all but pool_exhausted
+  CHECK(sample_value(text, "dmremap_health_problem{problem=\"pool_exhausted\"}") == "0");
+}

@@ -93,8 +93,7 @@ std::string prometheus_text(const EngineStats& s, const Superblock& sb, bool liv
   }
   w.family("dmremap_health_problem", "gauge",
            "1 for each problem that applies to the set now, 0 for the others.");
-  for (const char* p : {"main_offline", "lease_lapsed", "flush_failed", "journal_broken", "pool_exhausted",
-                        "metadata_degraded", "pool_nearly_full", "pending"}) {
+  for (const char* p : kHealthProblems) {
     bool on = false;
     for (const std::string& q : s.health_problems) on = on || q == p;
     w.sample(on ? 1 : 0, {{"problem", p}});

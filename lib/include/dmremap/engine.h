@@ -102,6 +102,10 @@ struct EngineStats {
   // pool_nearly_full, pending.
   std::vector<std::string> health_problems;
 };
+// Every key EngineStats::health_problems may hold, worst first.
+inline constexpr const char* kHealthProblems[] = {
+    "main_offline",   "lease_lapsed",      "flush_failed",     "journal_broken",
+    "pool_exhausted", "metadata_degraded", "pool_nearly_full", "pending"};
 // Health from the persistent figures alone (also used offline by the CLI).
 void assess_health(EngineStats& s, unsigned warn_percent);
 // Fills the persistent figures (remaps, pending, slots) from a table and its

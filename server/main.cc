@@ -77,7 +77,8 @@ void add_options(CLI::App& app, Options& o) {
                  "Listen on this Unix socket. A stale socket there is replaced; anything else "
                  "(a file, a live server's socket) is refused");
   app.add_option("--control", o.control_path,
-                 "Answer dmremap status, list, remap and forget-pending --control SOCKET on this "
+                 "Answer dmremap status, list, scan, remap and forget-pending --control SOCKET, and "
+                 "the metrics, on this "
                  "Unix socket (created mode 0600; only root and this user may change the set "
                  "through it)");
   app.add_option("--metrics", o.metrics,

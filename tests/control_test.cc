@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "dmremap/control.h"
+#include "dmremap/scan.h"
 #include "dmremap/set_actions.h"
 #include "test_util.h"
 
@@ -356,6 +357,8 @@ TEST_CASE("control: list pages through the table; remap and forget-pending chang
 
   auto bad = control_call(path, Json{{"command", "list"}, {"limit", "ten"}});
   CHECK(bad.status().code() == EINVAL);
+  // Without a scanner (a read-only set): no scan.
+  CHECK(control_call(path, Json{{"command", "scan"}}).status().code() == ENOTSUP);
 }
 
 TEST_CASE("control: only root or the serving user may change the set", "[control]") {
@@ -467,4 +470,25 @@ TEST_CASE("list: a page never holds more than kMaxListLimit entries, whatever th
   const Json rest = list_json(table, sb, q);
   CHECK(rest["pending"].size() == 100);
   CHECK(rest["next"].is_null());
+}
+
+TEST_CASE("control: scan answers its status to anyone, a bad action plainly", "[control]") {
+  auto s = test::make_set();
+  Scanner scanner(*s.engine);
+  auto handler = engine_commands(*s.engine, &scanner);
+  const Json stranger{{"uid", 4242424}, {"pid", 1}};
+  CHECK(handler(Json{{"command", "scan"}, {"peer", stranger}}).reply["state"] == "none");
+  try {
+    (void)handler(Json{{"command", "scan"}, {"action", 7}, {"peer", stranger}});
+    FAIL("a non-string action was taken");
+  } catch (const ControlError& e) {
+    CHECK(e.code == EINVAL);
+  }
+  try {
+    (void)handler(Json{{"command", "scan"}, {"action", "start"}, {"peer", stranger}});
+    FAIL("a stranger started a scan");
+  } catch (const ControlError& e) {
+    CHECK(e.code == EPERM);
+  }
+  CHECK(scanner.progress().state == ScanState::kNone);
 }

@@ -501,6 +501,7 @@ ControlServer::Handler engine_commands(Engine& engine, Scanner* scanner) {
         throw ControlError{ENOTSUP, "this set is served read-only: there is no scan"};
       }
       const Json& action = request.contains("action") ? request["action"] : Json("status");
+      if (!action.is_string()) throw ControlError{EINVAL, "\"action\" must be a string"};
       if (action != "status") require_admin(request, "scan");
       return scan_json(*scanner, request);
     }

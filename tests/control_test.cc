@@ -10,11 +10,13 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <string>
 #include <thread>
 
 #include "dmremap/control.h"
+#include "dmremap/metadata_store.h"
 #include "dmremap/scan.h"
 #include "dmremap/set_actions.h"
 #include "test_util.h"
@@ -463,11 +465,11 @@ TEST_CASE("list: a page never holds more than kMaxListLimit entries, whatever th
   sb.block_size = 4096;
   ListQuery q;
   q.limit = ~uint64_t{0};
-  const Json first = list_json(table, sb, q);
+  const Json first = list_json(table, sb, nullptr, q);
   CHECK(first["pending"].size() == kMaxListLimit);
   CHECK(first["next"] == 2 * kMaxListLimit);
   q.from = first["next"].get<uint64_t>();
-  const Json rest = list_json(table, sb, q);
+  const Json rest = list_json(table, sb, nullptr, q);
   CHECK(rest["pending"].size() == 100);
   CHECK(rest["next"].is_null());
 }
@@ -491,4 +493,40 @@ TEST_CASE("control: scan answers its status to anyone, a bad action plainly", "[
     CHECK(e.code == EPERM);
   }
   CHECK(scanner.progress().state == ScanState::kNone);
+}
+
+TEST_CASE("list: a remap and a pending mark carry when they happened, across a crash",
+          "[control]") {
+  auto s = test::make_set();
+  const auto before = static_cast<uint64_t>(std::time(nullptr));
+  std::vector<char> buf(4096);
+  s.main->add_read_error(3);
+  CHECK_FALSE(s.engine->read(buf.data(), 4096, 3 * 4096).is_ok());  // block 3: pending
+  s.main->add_write_error(5);
+  REQUIRE(s.engine->write(buf.data(), 4096, 5 * 4096, true).is_ok());  // block 5: remapped
+  const auto after = static_cast<uint64_t>(std::time(nullptr));
+  auto check = [&](const Json& j) {
+    REQUIRE(j["pending"].size() == 1);
+    REQUIRE(j["remaps"].size() == 1);
+    const uint64_t marked = j["pending"][0]["time"].get<uint64_t>();
+    const uint64_t remapped = j["remaps"][0]["time"].get<uint64_t>();
+    CHECK(marked >= before);
+    CHECK(marked <= after);
+    CHECK(remapped >= before);
+    CHECK(remapped <= after);
+  };
+  check(list_json(*s.engine, ListQuery{}));
+  // From the journal after a crash, then from the checkpoint after a clean
+  // close, offline as `dmremap list --spare` reads it.
+  test::reopen(s);
+  check(list_json(*s.engine, ListQuery{}));
+  REQUIRE(s.engine->close().is_ok());
+  s.engine.reset();
+  RemapTable table;
+  auto store = MetadataStore::open(s.spare, table, false);
+  REQUIRE(store.is_ok());
+  check(list_json(table, store.value()->superblock(), s.spare.get(), ListQuery{}));
+  // Without the spare to read the slot headers, a remap's time is not known.
+  CHECK(list_json(table, store.value()->superblock(), nullptr, ListQuery{})["remaps"][0]["time"]
+            .is_null());
 }

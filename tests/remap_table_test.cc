@@ -42,3 +42,23 @@ TEST_CASE("remap table: the filter never hides an entry", "[table]") {
     }
   }
 }
+
+TEST_CASE("remap table: a pending entry keeps the second it was marked", "[table]") {
+  RemapTable t;
+  t.apply(Record{Record::kPending, Cause::kManual, 7, 1764576000});
+  t.apply(Record{Record::kPending, Cause::kManual, 8, 0});  // time not known
+  const uint64_t v7 = *t.find(7);
+  const uint64_t v8 = *t.find(8);
+  CHECK(RemapTable::is_pending(v7));
+  CHECK(RemapTable::pending_time(v7) == 1764576000);
+  CHECK(RemapTable::is_pending(v8));
+  CHECK(v8 == RemapTable::kPendingValue);  // as written before times were kept
+  CHECK(RemapTable::pending_time(v8) == 0);
+  CHECK(t.pending() == 2);
+  // A remap is never taken for pending, whatever its slot and cause.
+  t.apply(Record{Record::kRemap, Cause::kManual, 7, RemapTable::kSlotMask});
+  CHECK_FALSE(RemapTable::is_pending(*t.find(7)));
+  CHECK(t.pending() == 1);
+  CHECK(t.erase_pending(8));
+  CHECK(t.pending() == 0);
+}

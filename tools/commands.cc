@@ -447,7 +447,19 @@ void print_list(const Json& j, const ListOptions& o) {
     fmt::print("{}\n", out.dump(2));
     return;
   }
-  fmt::print("{:>14} {:>18} {:<10} {:>10} {}\n", "BLOCK", "OFFSET", "STATE", "SLOT", "CAUSE");
+  // When, in UTC to the second; "-" when not known (a set from before the
+  // times were kept).
+  auto when = [](const Json& e) -> std::string {
+    const Json t = e.value("time", Json(nullptr));
+    if (!t.is_number_unsigned()) return "-";
+    const auto secs = static_cast<std::time_t>(t.get<uint64_t>());
+    std::tm tm{};
+    if (!gmtime_r(&secs, &tm)) return "-";
+    return fmt::format("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z", tm.tm_year + 1900, tm.tm_mon + 1,
+                       tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
+  };
+  fmt::print("{:>14} {:>18} {:<10} {:>10} {:<20} {}\n", "BLOCK", "OFFSET", "STATE", "SLOT", "WHEN",
+             "CAUSE");
   // Remapped and pending blocks, in block order.
   std::vector<const Json*> rows;
   for (const Json& e : j["remaps"]) rows.push_back(&e);
@@ -457,12 +469,12 @@ void print_list(const Json& j, const ListOptions& o) {
   });
   for (const Json* e : rows) {
     if (e->contains("slot")) {
-      fmt::print("{:>14} {:>18} {:<10} {:>10} {}\n", (*e)["block"].get<uint64_t>(),
+      fmt::print("{:>14} {:>18} {:<10} {:>10} {:<20} {}\n", (*e)["block"].get<uint64_t>(),
                  (*e)["offset"].get<uint64_t>(), "remapped", (*e)["slot"].get<uint64_t>(),
-                 (*e)["cause"].get<std::string>());
+                 when(*e), (*e)["cause"].get<std::string>());
     } else {
-      fmt::print("{:>14} {:>18} {:<10} {:>10} {}\n", (*e)["block"].get<uint64_t>(),
-                 (*e)["offset"].get<uint64_t>(), "pending", "-",
+      fmt::print("{:>14} {:>18} {:<10} {:>10} {:<20} {}\n", (*e)["block"].get<uint64_t>(),
+                 (*e)["offset"].get<uint64_t>(), "pending", "-", when(*e),
                  "unreadable; the next write moves it");
     }
   }
@@ -533,7 +545,7 @@ Result<Json> whole_list(const std::string& control, const Loaded* loaded, ListQu
                                         {"pending", q.pending},
                                         {"from", q.from},
                                         {"limit", q.limit}})
-                    : Result<Json>(list_json(loaded->table, loaded->store->superblock(), q));
+                    : Result<Json>(list_json(loaded->table, loaded->store->superblock(), loaded->spare.get(), q));
     if (!page.is_ok()) return page.take_status();
     if (j.is_null()) {
       j = std::move(page.value());

@@ -1370,7 +1370,8 @@ void Engine::wake_watch() {
 Status Engine::mark_pending(uint64_t block) {
   if (auto s = refuse_writes_if_broken(); !s.is_ok()) return s;
   Commit c;
-  c.records.push_back(Record{Record::kPending, Cause::kManual, block, 0});
+  c.records.push_back(
+      Record{Record::kPending, Cause::kManual, block, static_cast<uint64_t>(std::time(nullptr))});
   if (auto s = group_commit(c); !s.is_ok()) return s;
   log(LogLevel::kError, block_name(block, block_) +
                             " marked pending: its data is lost; the next write to it remaps it");
@@ -1589,6 +1590,13 @@ Status Engine::forget_pending(const std::vector<uint64_t>& blocks, bool listed,
   std::vector<std::unique_ptr<Claim>> claims;
   for (uint64_t b : readable) claims.push_back(std::make_unique<Claim>(*this, b));
   std::vector<uint64_t> cleared;
+  std::vector<uint64_t> marked_at;  // of each cleared block, to put it back as it was
+  auto restore = [&] {
+    ExclusiveGuard g(gate_);
+    for (size_t k = 0; k < cleared.size(); ++k) {
+      table_.apply(Record{Record::kPending, Cause::kManual, cleared[k], marked_at[k]});
+    }
+  };
   Status s = with_commits_stopped([&] {
     {
       ExclusiveGuard g(gate_);
@@ -1597,6 +1605,7 @@ Status Engine::forget_pending(const std::vector<uint64_t>& blocks, bool listed,
           result.moved.push_back(b);
           continue;
         }
+        marked_at.push_back(RemapTable::pending_time(*table_.find(b)));
         table_.erase_pending(b);
         cleared.push_back(b);
       }
@@ -1606,8 +1615,7 @@ Status Engine::forget_pending(const std::vector<uint64_t>& blocks, bool listed,
     // let another server take the set; its metadata is not ours to write.
     Status written = refuse_if_unusable();
     if (!written.is_ok()) {
-      ExclusiveGuard g(gate_);
-      for (uint64_t b : cleared) table_.apply(Record{Record::kPending, Cause::kManual, b, 0});
+      restore();
       return written;
     }
     {
@@ -1615,8 +1623,7 @@ Status Engine::forget_pending(const std::vector<uint64_t>& blocks, bool listed,
       written = store_->checkpoint(table_);
     }
     if (!written.is_ok()) {
-      ExclusiveGuard g(gate_);
-      for (uint64_t b : cleared) table_.apply(Record{Record::kPending, Cause::kManual, b, 0});
+      restore();
       journal_broken_.store(true);
     }
     return written;
@@ -1638,6 +1645,11 @@ void Engine::for_each_entry(uint64_t first, uint64_t last,
                             const std::function<void(const RemapTable::Entry&)>& fn) {
   SharedGuard g(gate_);
   table_.for_range(first, last, fn);
+}
+
+std::vector<uint64_t> Engine::slot_times(const std::vector<uint64_t>& slots) {
+  const Superblock sb = geometry();
+  return read_slot_times(*spare_, sb, slots);
 }
 
 Superblock Engine::geometry() {

@@ -326,6 +326,7 @@ void SlotHeader::encode(char* out) const {
   le::put64(out + 32, block);
   le::put64(out + 40, epoch);
   out[48] = static_cast<char>(cause);
+  le::put64(out + 56, time);
   le::put32(out + 4, crc32c(out + 8, kSlotHeaderBytes - 8));
 }
 
@@ -338,6 +339,7 @@ std::optional<SlotHeader> SlotHeader::decode(const char* in) {
   h.block = le::get64(in + 32);
   h.epoch = le::get64(in + 40);
   h.cause = static_cast<Cause>(in[48]);
+  h.time = le::get64(in + 56);
   if (h.cause < Cause::kWriteError || h.cause > Cause::kManual) return std::nullopt;
   return h;
 }

@@ -726,8 +726,9 @@ Status MetadataStore::write_slot_headers(std::vector<SlotHeaderWrite> slots,
         std::memset(buf.data + slot_header_pos(first + k), 0, kSlotHeaderBytes);
       }
     }
+    const auto now = static_cast<uint64_t>(std::time(nullptr));
     for (size_t k = i; k < j; ++k) {
-      SlotHeader h{sb_.uuid, slots[k].slot, slots[k].block, sb_.epoch, slots[k].cause};
+      SlotHeader h{sb_.uuid, slots[k].slot, slots[k].block, sb_.epoch, slots[k].cause, now};
       h.encode(buf.data + slot_header_pos(slots[k].slot));
     }
     Status w = spare_->write(buf.data, kMetaUnit, at);
@@ -987,5 +988,30 @@ CheckReport check_once(const std::shared_ptr<BlockDevice>& spare) {
   return r;
 }
 }  // namespace
+
+std::vector<uint64_t> read_slot_times(BlockDevice& spare, const Superblock& sb,
+                                      const std::vector<uint64_t>& slots) {
+  std::vector<uint64_t> times(slots.size(), 0);
+  if (sb.version < 2 || slots.empty()) return times;
+  // By unit, so that each is read once.
+  std::vector<size_t> order(slots.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return slots[a] < slots[b]; });
+  MetaBuffer buf(kMetaUnit);
+  uint64_t unit_at = 0;
+  bool unit_ok = false;
+  for (size_t i : order) {
+    const uint64_t slot = slots[i];
+    if (slot >= sb.slot_count) continue;
+    if (slot_header_unit(sb, slot) != unit_at) {  // never 0: unit 0 is the copy
+      unit_at = slot_header_unit(sb, slot);
+      unit_ok = spare.read(buf.data, kMetaUnit, unit_at).is_ok();
+    }
+    if (!unit_ok) continue;
+    const auto h = SlotHeader::decode(buf.data + slot_header_pos(slot));
+    if (h && h->uuid == sb.uuid && h->slot == slot) times[i] = h->time;
+  }
+  return times;
+}
 
 }  // namespace dmremap

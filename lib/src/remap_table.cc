@@ -38,7 +38,7 @@ void RemapTable::apply(const Record& r) {
       next_slot_ = std::max(next_slot_, r.slot + 1);
       break;
     case Record::kPending:
-      insert(r.block, kPendingValue);
+      insert(r.block, pending_value(r.slot));
       break;
     case Record::kBadSlot:
       bad_slots_.push_back(r.slot);

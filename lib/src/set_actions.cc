@@ -4,6 +4,8 @@
 #include <cerrno>
 #include <string>
 
+#include "dmremap/metadata_store.h"
+
 namespace dmremap {
 
 namespace {
@@ -13,10 +15,14 @@ namespace {
 using Fetch = std::function<std::vector<RemapTable::Entry>(
     uint64_t from, size_t max, const std::function<bool(const RemapTable::Entry&)>& want)>;
 
+// A time for JSON: seconds since 1970, null when not known.
+Json when(uint64_t t) { return t == 0 ? Json(nullptr) : Json(t); }
+
 Json page(uint64_t main_size, uint32_t block_size,
           const std::function<std::vector<uint64_t>()>& bad_slots,
-          const std::function<uint64_t(uint64_t)>& spare_offset, const ListQuery& q,
-          const Fetch& fetch) {
+          const std::function<uint64_t(uint64_t)>& spare_offset,
+          const std::function<std::vector<uint64_t>(const std::vector<uint64_t>&)>& slot_times,
+          const ListQuery& q, const Fetch& fetch) {
   const auto want = [&](const RemapTable::Entry& e) {
     return RemapTable::is_pending(e.value) ? q.pending : q.remapped;
   };
@@ -27,20 +33,28 @@ Json page(uint64_t main_size, uint32_t block_size,
     next = entries[limit].block;
     entries.resize(limit);
   }
-  // Built with no lock held.
+  // Built with no lock held. A remap's time is in its slot's header.
+  std::vector<uint64_t> slots;
+  for (const RemapTable::Entry& e : entries) {
+    if (!RemapTable::is_pending(e.value)) slots.push_back(RemapTable::slot_of(e.value));
+  }
+  const std::vector<uint64_t> times = slot_times(slots);
   Json remaps = Json::array();
   Json pending = Json::array();
+  size_t r = 0;
   for (const RemapTable::Entry& e : entries) {
     const uint64_t offset = e.block * block_size;
     if (RemapTable::is_pending(e.value)) {
-      pending.push_back({{"block", e.block}, {"offset", offset}});
+      pending.push_back(
+          {{"block", e.block}, {"offset", offset}, {"time", when(RemapTable::pending_time(e.value))}});
     } else {
       const uint64_t slot = RemapTable::slot_of(e.value);
       remaps.push_back({{"block", e.block},
                         {"offset", offset},
                         {"slot", slot},
                         {"spare_offset", spare_offset(slot)},
-                        {"cause", cause_name(RemapTable::cause_of(e.value))}});
+                        {"cause", cause_name(RemapTable::cause_of(e.value))},
+                        {"time", when(times[r++])}});
     }
   }
   Json j;
@@ -59,16 +73,22 @@ Json page(uint64_t main_size, uint32_t block_size,
 Json list_json(Engine& engine, const ListQuery& q) {
   return page(
       engine.size(), engine.block_size(), [&] { return engine.bad_slots(); },
-      [&](uint64_t slot) { return engine.slot_spare_offset(slot); }, q,
+      [&](uint64_t slot) { return engine.slot_spare_offset(slot); },
+      [&](const std::vector<uint64_t>& slots) { return engine.slot_times(slots); }, q,
       [&](uint64_t from, size_t max, const std::function<bool(const RemapTable::Entry&)>& want) {
         return engine.entries(from, max, want);
       });
 }
 
-Json list_json(const RemapTable& table, const Superblock& sb, const ListQuery& q) {
+Json list_json(const RemapTable& table, const Superblock& sb, BlockDevice* spare,
+               const ListQuery& q) {
   return page(
       sb.main_size, sb.block_size, [&] { return table.bad_slots(); },
-      [&](uint64_t slot) { return sb.slot_offset + slot * sb.block_size; }, q,
+      [&](uint64_t slot) { return sb.slot_offset + slot * sb.block_size; },
+      [&](const std::vector<uint64_t>& slots) {
+        return spare ? read_slot_times(*spare, sb, slots) : std::vector<uint64_t>(slots.size(), 0);
+      },
+      q,
       [&](uint64_t from, size_t max, const std::function<bool(const RemapTable::Entry&)>& want) {
         std::vector<RemapTable::Entry> out;
         table.for_range(from, ~uint64_t{0}, [&](const RemapTable::Entry& e) {

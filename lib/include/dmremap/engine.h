@@ -269,6 +269,9 @@ class Engine {
                                          const std::function<bool(const RemapTable::Entry&)>& want);
   // The spare's bad slots, sorted.
   std::vector<uint64_t> bad_slots();
+  // When each of `slots` was handed out (read_slot_times): reads of the
+  // spare, with no lock of the table held.
+  std::vector<uint64_t> slot_times(const std::vector<uint64_t>& slots);
   // Where `slot` lies on the spare, in bytes.
   uint64_t slot_spare_offset(uint64_t slot) const { return slot_offset(slot); }
   EngineStats stats();

@@ -127,6 +127,7 @@ struct SlotHeader {
   uint64_t block = 0;
   uint64_t epoch = 0;  // the epoch in which the slot was handed out
   Cause cause = Cause::kWriteError;
+  uint64_t time = 0;  // when it was handed out, seconds since 1970; 0 unknown
   void encode(char* out) const;  // 64 bytes
   static std::optional<SlotHeader> decode(const char* in);
 };

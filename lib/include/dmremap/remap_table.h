@@ -24,7 +24,7 @@ struct Record {
   Type type;
   Cause cause;     // kRemap only
   uint64_t block;  // kRemap, kPending
-  uint64_t slot;   // kRemap, kBadSlot
+  uint64_t slot;   // kRemap, kBadSlot; for kPending, when it was marked (seconds since 1970, 0 unknown)
   bool operator==(const Record&) const = default;
 };
 
@@ -37,12 +37,22 @@ class RemapTable {
  public:
   struct Entry {
     uint64_t block;
-    uint64_t value;  // kPendingValue, or slot | cause << 56
+    uint64_t value;  // slot | cause << 56, or 0xFF << 56 | the time it became pending
     bool operator==(const Entry&) const = default;
   };
-  static constexpr uint64_t kPendingValue = ~uint64_t{0};
   static constexpr uint64_t kSlotMask = (uint64_t{1} << 56) - 1;
-  static bool is_pending(uint64_t value) { return value == kPendingValue; }
+  // A pending block's value: the top byte 0xFF (no cause is), the low 56
+  // bits the second it was marked, all ones when that is not known.
+  static constexpr uint64_t kPendingValue = ~uint64_t{0};  // time unknown
+  static bool is_pending(uint64_t value) { return (value >> 56) == 0xFF; }
+  static uint64_t pending_value(uint64_t time) {
+    return time == 0 || time >= kSlotMask ? kPendingValue : (uint64_t{0xFF} << 56) | time;
+  }
+  // When a pending block was marked (seconds since 1970), 0 when not known.
+  static uint64_t pending_time(uint64_t value) {
+    const uint64_t t = value & kSlotMask;
+    return t == kSlotMask ? 0 : t;
+  }
   static uint64_t slot_of(uint64_t value) { return value & kSlotMask; }
   static Cause cause_of(uint64_t value) { return static_cast<Cause>(value >> 56); }
 

@@ -29,11 +29,15 @@ struct ListQuery {
   bool pending = true;
 };
 
-// {"main_size", "block_size", "remaps": [{block, offset, slot, spare_offset, cause}],
-//  "pending": [{block, offset}], "bad_slots": [...] (on the page from block 0
-//  only), "next": the block to ask from for the next page, or null at the end}.
+// {"main_size", "block_size", "remaps": [{block, offset, slot, spare_offset, cause, time}],
+//  "pending": [{block, offset, time}], "bad_slots": [...] (on the page from
+//  block 0 only), "next": the block to ask from for the next page, or null at
+//  the end}. `time` is when the block was remapped or marked, in seconds since
+//  1970, or null when that is not known. Offline, the times of remaps are read
+//  from `spare` (none without it).
 Json list_json(Engine& engine, const ListQuery& q);
-Json list_json(const RemapTable& table, const Superblock& sb, const ListQuery& q);
+Json list_json(const RemapTable& table, const Superblock& sb, BlockDevice* spare,
+               const ListQuery& q);
 // A ListQuery from a control request's "from", "limit", "remapped" and
 // "pending" (ControlError when they are not what they should be).
 ListQuery list_query(const Json& request);

@@ -108,7 +108,7 @@ int dmremap_config_unguarded(const char* key, const char* value) {
     unsigned n = 0;
     if (nbdkit_parse_unsigned(key, value, &n) == -1) return -1;
     g_config.engine.read_retries = n;
-  } else if (k == "retry-time" || k == "io-timeout" || k == "log-interval") {
+  } else if (k == "retry-time" || k == "io-timeout" || k == "log-interval" || k == "slow") {
     char* end = nullptr;
     const double secs = std::strtod(value, &end);
     if (end == value || *end != '\0' || !(secs >= 0) || secs > 86400) {
@@ -118,6 +118,7 @@ int dmremap_config_unguarded(const char* key, const char* value) {
     const auto ms = std::chrono::milliseconds(static_cast<int64_t>(secs * 1000));
     (k == "retry-time"   ? g_config.engine.retry_time
      : k == "io-timeout" ? g_config.io_timeout
+     : k == "slow"       ? g_config.engine.slow_read
                          : g_log_interval) = ms;
   } else if (k == "warn") {
     unsigned n = 0;
@@ -375,6 +376,9 @@ nbdkit_plugin make_plugin() {
       "                      long (30; one retry is always made)\n"
       "io-timeout=SECONDS    an NBD main or spare that does not answer a request in\n"
       "                      this long has failed it (30; 0: wait for ever)\n"
+      "slow=SECONDS          a read of main that succeeds but takes this long (and\n"
+      "                      20 times the usual) rescues its block to the spare,\n"
+      "                      cause slow (0, the default: off)\n"
       "unreadable=error|zero salvage: zero = unreadable blocks read as zeros, logged (error)\n"
       "warn=PERCENT          health warns when this much of the pool is used (80)\n"
       "log-interval=SECONDS  log a summary of the set's figures this often (3600;\n"

@@ -56,6 +56,7 @@ struct Options {
   std::string io_mode = "auto";
   std::string unreadable = "error";
   double retry_seconds = 30;
+  double slow_seconds = 0;
   double io_timeout_seconds = 30;
   double handshake_seconds = 30;
   double drain_seconds = 30;
@@ -109,6 +110,9 @@ void add_options(CLI::App& app, Options& o) {
   seconds("--io-timeout", o.io_timeout_seconds,
           "An NBD main or spare that does not answer a request within this many seconds "
           "has failed it (0: wait for ever)");
+  seconds("--slow", o.slow_seconds,
+          "A read of main that succeeds but takes this many seconds (and 20 times the usual) "
+          "rescues its block to the spare, cause slow (0: off)");
   app.add_option("--warn", o.set.engine.warn_percent,
                  "Health is 'warning' from this percentage of the spare's slots used")
       ->check(CLI::Range(0u, 100u))
@@ -238,6 +242,7 @@ int close_set(dmremap::Engine& engine, std::optional<std::chrono::milliseconds> 
 int serve(Options& o) {
   o.set.engine.unreadable_zero = o.unreadable == "zero";
   o.set.engine.retry_time = to_ms(o.retry_seconds);
+  o.set.engine.slow_read = to_ms(o.slow_seconds);
   o.set.io_timeout = to_ms(o.io_timeout_seconds);
   (void)dmremap::parse_io_mode(o.io_mode, o.set.io);
   try {

@@ -52,6 +52,8 @@ expect "no subcommand is bad usage" 2 "$cli"
 expect "status: unknown option is unknown (3)" 3 "$cli" status --spare x --bogus
 expect "unknown option is bad usage" 2 "$cli" list --spare x --bogus
 expect "map without --svg is bad usage" 2 "$cli" map --spare x
+expect "scan --slow of a served set is bad usage" 2 "$cli" scan --control x --slow 1
+contains "scan --slow says the frontend decides" "frontend's slow= setting"
 expect "--version" 0 "$cli" --version
 contains "--version names the tool" "dmremap "
 

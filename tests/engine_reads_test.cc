@@ -210,3 +210,102 @@ TEST_CASE("reads: read-only mode serves reads and rescues nothing", "[engine][re
   CHECK(s.engine->write_zeroes(B, 0, false).code() == EPERM);
   CHECK(s.engine->trim(B, 0, false).code() == EPERM);
 }
+
+// docs/behaviour.md, "Slow reads" (slow=).
+namespace {
+
+test::Set slow_set(std::chrono::milliseconds slow) {
+  test::SetParams p;
+  p.options.slow_read = slow;
+  return test::make_set(p);
+}
+
+// Reads that teach the engine main's usual read time.
+void warm_up(Engine& e) {
+  for (uint64_t i = 0; i < kSlowWarmup; ++i) read_all(e, 200 * B, B);
+}
+
+}  // namespace
+
+TEST_CASE("slow reads: a block that reads correctly but slowly is rescued, cause slow",
+          "[reads][slow]") {
+  auto s = slow_set(std::chrono::milliseconds(40));
+  for (uint64_t b = 0; b < 32; ++b) write_main_directly(s, b, test::pattern(B, b));
+  warm_up(*s.engine);
+  s.main->add_slow_block(5, std::chrono::milliseconds(120));
+  s.main->add_slow_block(20, std::chrono::milliseconds(120));
+  SECTION("a read of the block alone") {
+    CHECK(read_all(*s.engine, 5 * B, B) == test::pattern(B, 5));
+    Cause cause{};
+    CHECK(is_remapped(*s.engine, 5, &cause));
+    CHECK(cause == Cause::kSlow);
+    CHECK_FALSE(is_remapped(*s.engine, 20));
+  }
+  SECTION("a read of many blocks names only the slow ones") {
+    const std::vector<char> got = read_all(*s.engine, 0, 32 * B);
+    for (uint64_t b = 0; b < 32; ++b) {
+      INFO("block " << b);
+      CHECK(std::memcmp(got.data() + b * B, test::pattern(B, b).data(), B) == 0);
+      CHECK(is_remapped(*s.engine, b) == (b == 5 || b == 20));
+    }
+  }
+  const EngineStats st = s.engine->stats();
+  CHECK(st.slow_reads >= 1);
+  // The copy is the block's data, and the next read takes it from the
+  // spare without waiting for main.
+  s.main->clear_faults();
+  REQUIRE(s.main_mem->write(test::pattern(B, 99).data(), B, 5 * B).is_ok());
+  CHECK(read_all(*s.engine, 5 * B, B) == test::pattern(B, 5));
+  // It is recorded: after a crash it is still there, with its cause.
+  test::reopen(s);
+  Cause cause{};
+  CHECK(is_remapped(*s.engine, 5, &cause));
+  CHECK(cause == Cause::kSlow);
+}
+
+TEST_CASE("slow reads: off by default, and a main slow everywhere is not remapped",
+          "[reads][slow]") {
+  SECTION("off") {
+    auto s = test::make_set();
+    warm_up(*s.engine);
+    s.main->add_slow_block(5, std::chrono::milliseconds(60));
+    read_all(*s.engine, 5 * B, B);
+    CHECK_FALSE(is_remapped(*s.engine, 5));
+    CHECK(s.engine->stats().slow_reads == 0);
+  }
+  SECTION("every read slow: past slow=, but not 20 times the usual") {
+    auto s = slow_set(std::chrono::milliseconds(5));
+    s.main->set_delay(std::chrono::milliseconds(10));
+    warm_up(*s.engine);
+    for (uint64_t b = 0; b < 8; ++b) read_all(*s.engine, b * B, B);
+    for (uint64_t b = 0; b < 8; ++b) CHECK_FALSE(is_remapped(*s.engine, b));
+    CHECK(s.engine->stats().slow_reads == 0);
+  }
+  SECTION("read-only: counted, not rescued") {
+    test::SetParams p;
+    p.options.slow_read = std::chrono::milliseconds(40);
+    p.options.read_only = true;
+    auto s = test::make_set(p);
+    warm_up(*s.engine);
+    s.main->add_slow_block(5, std::chrono::milliseconds(120));
+    read_all(*s.engine, 5 * B, B);
+    CHECK_FALSE(is_remapped(*s.engine, 5));
+    CHECK(s.engine->stats().slow_reads == 1);
+  }
+}
+
+TEST_CASE("slow reads: a scan finds a slow block", "[reads][slow][scan]") {
+  auto s = slow_set(std::chrono::milliseconds(40));
+  warm_up(*s.engine);
+  s.main->add_slow_block(100, std::chrono::milliseconds(120));
+  std::vector<char> buf(64 * B);
+  std::vector<uint64_t> bad;
+  for (uint64_t b = 0; b < (1 << 20) / B; b += 64) {
+    REQUIRE(s.engine->scan_read(buf.data(), buf.size(), b * B, &bad).is_ok());
+  }
+  CHECK(bad.empty());
+  Cause cause{};
+  CHECK(is_remapped(*s.engine, 100, &cause));
+  CHECK(cause == Cause::kSlow);
+  CHECK(s.engine->stats().remaps == 1);
+}

@@ -252,9 +252,10 @@ void print_status(const Json& j, const std::string& control) {
     fmt::print("requests   {} reads ({}), {} writes ({}), {} flushes since start\n",
                r.value("reads", 0ull), human(r.value("bytes_read", 0ull)), r.value("writes", 0ull),
                human(r.value("bytes_written", 0ull)), r.value("flushes", 0ull));
-    fmt::print("errors     main: {} read, {} write; {} retries worked; {} reads unreadable\n",
-               e.value("main_read", 0ull), e.value("main_write", 0ull),
-               e.value("retry_successes", 0ull), e.value("unreadable_reads", 0ull));
+    fmt::print(
+        "errors     main: {} read, {} write; {} retries worked; {} reads unreadable; {} slow\n",
+        e.value("main_read", 0ull), e.value("main_write", 0ull), e.value("retry_successes", 0ull),
+        e.value("unreadable_reads", 0ull), e.value("slow_reads", 0ull));
   } else {
     fmt::print("state      {}\n", j.value("clean", false) ? "closed cleanly"
                                                            : "in use, or not closed cleanly");
@@ -833,6 +834,7 @@ int run_scan_served(const ScanOptions& o) {
 
 int run_scan_offline(const ScanOptions& o) {
   SetConfig config = offline_set(o.main, o.spare, o.io);
+  config.engine.slow_read = std::chrono::milliseconds(static_cast<int64_t>(o.slow_seconds * 1000));
   auto engine = open_set(config);
   if (!engine.is_ok()) return fail(engine.status());
   Engine& e = *engine.value();

@@ -79,6 +79,7 @@ struct ScanOptions {
   bool detach = false;  // start it in the frontend and return
   bool json = false;
   IoMode io = IoMode::kAuto;
+  double slow_seconds = 0;  // offline: EngineOptions::slow_read
 };
 // Parses "50M", "1.5G", "800K" or bytes, in powers of 1024; nullopt if bad.
 std::optional<uint64_t> parse_rate(const std::string& text);

@@ -248,12 +248,21 @@ int main(int argc, char** argv) {
   scan->add_flag("--detach", sco.detach,
                  "With --control: start it and return; `--status` shows how it goes");
   scan->add_flag("--json", sco.json, "Progress as JSON, one object per line");
+  auto* slow_opt =
+      scan->add_option("--slow", sco.slow_seconds,
+                       "Offline: a block that reads correctly but takes this many seconds (and "
+                       "20 times the usual) is rescued, cause slow (a served set uses its "
+                       "frontend's slow=)")
+          ->check(CLI::Range(0.0, 86400.0));
   std::string scan_io = "auto";
   scan->add_option("--io", scan_io, kIoHelp)
       ->check(CLI::IsMember({"auto", "direct", "buffered"}))
       ->capture_default_str();
   scan->callback([&] {
     require_set(scan, true);
+    if (slow_opt->count() > 0 && !sco.control.empty()) {
+      throw CLI::ValidationError("--slow", "a served set's scan uses its frontend's slow= setting");
+    }
     if (!scan_rate.empty()) {
       sco.rate = parse_rate(scan_rate);
       if (!sco.rate) {

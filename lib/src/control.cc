@@ -73,7 +73,7 @@ Json stats_json(const EngineStats& s, bool live) {
   j["health_problems"] = s.health_problems;
   j["remaps"] = s.remaps;
   Json causes = Json::object();
-  for (int c = 1; c <= 4; ++c) causes[cause_name(static_cast<Cause>(c))] = s.remaps_by_cause[c];
+  for (int c = 1; c <= static_cast<int>(kLastCause); ++c) causes[cause_name(static_cast<Cause>(c))] = s.remaps_by_cause[c];
   j["remaps_by_cause"] = causes;
   j["pending"] = s.pending;
   j["pending_capacity"] = s.pending_capacity;
@@ -100,7 +100,8 @@ Json stats_json(const EngineStats& s, bool live) {
                  {"main_write", s.main_write_errors},
                  {"retry_successes", s.retry_successes},
                  {"unreadable_reads", s.unreadable_reads},
-                 {"slot_write", s.slot_write_errors}};
+                 {"slot_write", s.slot_write_errors},
+                 {"slow_reads", s.slow_reads}};
   // Group commit: how many remaps (and pending marks, bad slots) shared each
   // journal append, and every flush the spare was asked for.
   j["commits"] = {{"groups", s.commit_groups},

@@ -19,14 +19,15 @@ constexpr unsigned kSwatch = 12;
 constexpr const char* kFont = "DejaVu Sans, Liberation Sans, Arial, sans-serif";
 
 // The causes in the order the legend and the title give them.
-constexpr Cause kCauses[] = {Cause::kWriteError, Cause::kRescue, Cause::kPendingWrite,
-                             Cause::kManual};
+constexpr Cause kCauses[] = {Cause::kWriteError, Cause::kRescue, Cause::kSlow,
+                             Cause::kPendingWrite, Cause::kManual};
 
 MapPaint paint_of_cause(const std::string& cause) {
   if (cause == cause_name(Cause::kWriteError)) return MapPaint::kWriteError;
   if (cause == cause_name(Cause::kRescue)) return MapPaint::kRescue;
   if (cause == cause_name(Cause::kPendingWrite)) return MapPaint::kPendingWrite;
   if (cause == cause_name(Cause::kManual)) return MapPaint::kManual;
+  if (cause == cause_name(Cause::kSlow)) return MapPaint::kSlow;
   return MapPaint::kOtherCause;
 }
 
@@ -153,6 +154,7 @@ const char* map_paint_colour(MapPaint p) {
     case MapPaint::kHealthy: return "#20e020";       // ddrescueview: finished
     case MapPaint::kOtherCause: return "#808080";
     case MapPaint::kManual: return "#00a0a0";
+    case MapPaint::kSlow: return "#ff9000";
     case MapPaint::kRescue: return "#ffe000";        // ddrescueview: non-trimmed
     case MapPaint::kWriteError: return "#2020ff";    // ddrescueview: non-split
     case MapPaint::kPendingWrite: return "#e020e0";
@@ -333,8 +335,9 @@ std::string disk_map_svg(const DiskMapInput& in, const DiskMapOptions& o) {
        health_attr.c_str());
   std::string causes;
   for (const Cause c : kCauses) {
-    causes += (causes.empty() ? "" : ", ") + num(total[index(paint_of_cause(cause_name(c)))]) +
-              " " + cause_name(c);
+    const uint64_t n = total[index(paint_of_cause(cause_name(c)))];
+    if (c == Cause::kSlow && n == 0) continue;  // slow= is off unless asked for
+    causes += (causes.empty() ? "" : ", ") + num(n) + " " + cause_name(c);
   }
   if (total[index(MapPaint::kOtherCause)] > 0) {
     causes += ", " + num(total[index(MapPaint::kOtherCause)]) + " other";
@@ -375,6 +378,7 @@ std::string disk_map_svg(const DiskMapInput& in, const DiskMapOptions& o) {
                              : mp == MapPaint::kWriteError ? "write-error"
                              : mp == MapPaint::kRescue     ? "rescue"
                              : mp == MapPaint::kManual     ? "manual"
+                             : mp == MapPaint::kSlow       ? "slow"
                                                            : "pending-write";
           t += sep + num(c.count[p]) + " " + what;
           sep = ", ";
@@ -416,6 +420,9 @@ std::string disk_map_svg(const DiskMapInput& in, const DiskMapOptions& o) {
   item(map_paint_colour(MapPaint::kRescue),
        "remapped, rescue: " + blocks(total[index(MapPaint::kRescue)]) +
            ": read only on a retry (weak) and copied to a slot");
+  item(map_paint_colour(MapPaint::kSlow),
+       "remapped, slow: " + blocks(total[index(MapPaint::kSlow)]) +
+           ": read correctly but slowly, copied before it fails");
   item(map_paint_colour(MapPaint::kPendingWrite),
        "remapped, pending-write: " + blocks(total[index(MapPaint::kPendingWrite)]) +
            ": unreadable, then written to a slot");

@@ -21,6 +21,7 @@ struct Engine::Counters {
   std::atomic<uint64_t> main_read_errors{0}, main_write_errors{0};
   std::atomic<uint64_t> retry_successes{0}, unreadable_reads{0}, slot_write_errors{0};
   std::atomic<uint64_t> commit_groups{0}, commit_records{0};
+  std::atomic<uint64_t> slow_reads{0};
   LatencyHistogram latency[kLatencyOps];  // indexed by LatencyOp
 };
 
@@ -156,6 +157,12 @@ std::string block_name(uint64_t block, uint32_t bs) {
 
 }  // namespace
 
+int64_t now_us() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 int64_t now_ms() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
              std::chrono::steady_clock::now().time_since_epoch())
@@ -236,7 +243,7 @@ void fill_table_stats(EngineStats& s, const RemapTable& table, const Superblock&
                       unsigned warn_percent) {
   s.remaps = table.remaps();
   s.pending = table.pending();
-  for (int cause = 1; cause <= 4; ++cause) {
+  for (int cause = 1; cause <= static_cast<int>(kLastCause); ++cause) {
     s.remaps_by_cause[cause] = table.remaps_by(static_cast<Cause>(cause));
   }
   s.slots_bad = table.bad_slots().size();
@@ -441,6 +448,7 @@ Status Engine::read(void* out, uint64_t len, uint64_t offset, std::vector<uint64
   ReadFindings f;
   read_fast(buf, len, offset, f);
   if (!f.failed.empty()) recover_reads(buf, len, offset, f);
+  if (!f.slow.empty()) rescue_slow(f);
   return finish_read(buf, len, offset, f, unreadable_out);
 }
 
@@ -526,10 +534,13 @@ void Engine::read_fast(char* buf, uint64_t len, uint64_t offset, ReadFindings& f
         f.offline_from = lo;
         return;
       }
-      const int64_t started = now_ms();
+      const int64_t started = now_us();
       const Status s = main_->read(buf + (lo - offset), hi - lo, lo);
-      if (s.is_ok()) continue;
-      const int64_t spent = now_ms() - started;
+      if (s.is_ok()) {
+        if (options_.slow_read.count() > 0 && read_was_slow(now_us() - started)) f.slow.emplace_back(p.first, p.last);
+        continue;
+      }
+      const int64_t spent = (now_us() - started) / 1000;
       counters_->main_read_errors.fetch_add(1, std::memory_order_relaxed);
       if (!failure_is_media(s, p.first, p.last)) {
         f.offline_from = lo;
@@ -599,6 +610,72 @@ void Engine::read_main_narrowing(char* buf, uint64_t req_off, uint64_t req_len, 
     log(LogLevel::kWarning, main_->name() + ": a read of blocks " + std::to_string(first) + "-" +
                                 std::to_string(last - 1) +
                                 " failed once, then every block read: a transient error");
+  }
+}
+
+bool Engine::read_was_slow(int64_t us) {
+  const int64_t usual = main_read_avg_us_.load(std::memory_order_relaxed);
+  // The first reads only teach what usual is (their mean): nothing is slow
+  // before it is known.
+  const uint64_t seen = main_read_samples_.fetch_add(1, std::memory_order_relaxed);
+  if (seen < kSlowWarmup) {
+    main_read_avg_us_.store(usual + (us - usual) / static_cast<int64_t>(seen + 1),
+                            std::memory_order_relaxed);
+    return false;
+  }
+  const int64_t limit =
+      std::max<int64_t>(options_.slow_read.count() * 1000, kSlowFactor * usual);
+  if (us > limit) {
+    counters_->slow_reads.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  }
+  // An average over about the last 32 reads; racing updates lose one
+  // sample now and then, which an average can afford.
+  main_read_avg_us_.store(usual + (us - usual) / 32, std::memory_order_relaxed);
+  return false;
+}
+
+void Engine::rescue_slow(ReadFindings& f) {
+  if (options_.read_only) {
+    log(LogLevel::kWarning, "a read of " + block_name(f.slow.front().first, block_) +
+                                " was slow; read-only, so it is not rescued");
+    return;
+  }
+  std::vector<char> data(block_);
+  for (const auto& [first, last] : f.slow) {
+    size_t rescued = 0;
+    for (uint64_t b = first; b < last; ++b) {
+      if (b * block_ >= f.offline_from) return;
+      if (t_scan_stop != nullptr && t_scan_stop->load()) return;
+      // Read under the claim, so that the copy is the block's data and no
+      // write to it comes between.
+      Claim claim(*this, b);
+      {
+        SharedGuard g(gate_);
+        if (table_.find(b)) continue;  // moved meanwhile
+      }
+      if (!main_online()) return;
+      const int64_t started = now_us();
+      if (!main_->read(data.data(), block_, b * block_).is_ok()) continue;  // the next read finds it
+      const int64_t us = now_us() - started;
+      // One block's read was slow: it is the one. Of a longer read, only
+      // the blocks that are slow again alone (a disk may answer the second
+      // read from its cache: then none is named).
+      if (last - first > 1 && !read_was_slow(us)) continue;
+      log(LogLevel::kWarning, block_name(b, block_) +
+                                  " read correctly but slowly (past slow=): rescuing it to the "
+                                  "spare before it fails");
+      if (auto s = commit_remap(b, data.data(), Cause::kSlow); !s.is_ok()) {
+        log(LogLevel::kError,
+            block_name(b, block_) + " is slow but could not be rescued: " + s.to_string());
+      }
+      ++rescued;
+    }
+    if (rescued == 0 && last - first > 1) {
+      log(LogLevel::kWarning, main_->name() + ": a read of blocks " + std::to_string(first) +
+                                  "-" + std::to_string(last - 1) +
+                                  " was slow, but no block alone was: none rescued");
+    }
   }
 }
 
@@ -1715,6 +1792,7 @@ EngineStats Engine::stats() {
   s.main_read_errors = c.main_read_errors;
   s.main_write_errors = c.main_write_errors;
   s.retry_successes = c.retry_successes;
+  s.slow_reads = c.slow_reads;
   s.unreadable_reads = c.unreadable_reads;
   s.slot_write_errors = c.slot_write_errors;
   s.commit_groups = c.commit_groups;

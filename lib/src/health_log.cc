@@ -28,7 +28,8 @@ std::string summary_line(const EngineStats& s) {
          n(s.slots_free) + " free of " + n(s.slots_total) + "; since start " + n(s.reads) +
          " reads, " + n(s.writes) + " writes, " + n(s.main_read_errors) + " read errors and " +
          n(s.main_write_errors) + " write errors on main, " + n(s.retry_successes) +
-         " reads saved by a retry, " + n(s.unreadable_reads) + " unreadable; main " +
+         " reads saved by a retry, " + n(s.unreadable_reads) + " unreadable, " + n(s.slow_reads) +
+         " slow; main " +
          (s.main_offline_since != 0 ? "offline since " + utc_time(s.main_offline_since)
                                     : std::string("online")) +
          (s.health_reason.empty() ? "" : "; because " + s.health_reason) +

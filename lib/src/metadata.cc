@@ -340,7 +340,7 @@ std::optional<SlotHeader> SlotHeader::decode(const char* in) {
   h.epoch = le::get64(in + 40);
   h.cause = static_cast<Cause>(in[48]);
   h.time = le::get64(in + 56);
-  if (h.cause < Cause::kWriteError || h.cause > Cause::kManual) return std::nullopt;
+  if (h.cause < Cause::kWriteError || h.cause > kLastCause) return std::nullopt;
   return h;
 }
 
@@ -393,7 +393,7 @@ std::optional<JournalUnit> JournalUnit::decode(const char* in) {
     Record r{static_cast<Record::Type>(p[0]), static_cast<Cause>(p[1]), le::get64(p + 8),
              le::get64(p + 16)};
     const bool ok = (r.type == Record::kRemap && r.cause >= Cause::kWriteError &&
-                     r.cause <= Cause::kManual) ||
+                     r.cause <= kLastCause) ||
                     r.type == Record::kPending || r.type == Record::kBadSlot;
     if (!ok) return std::nullopt;
     u.records.push_back(r);

@@ -121,7 +121,7 @@ Status read_checkpoint_copy(BlockDevice& spare, const Superblock& sb, int copy,
           RemapTable::is_pending(value) ||
           (RemapTable::slot_of(value) < h->next_slot &&
            RemapTable::cause_of(value) >= Cause::kWriteError &&
-           RemapTable::cause_of(value) <= Cause::kManual);
+           RemapTable::cause_of(value) <= kLastCause);
       if (key >= main_blocks || !value_ok || (!first && key <= prev_block)) {
         return Status::error(EUCLEAN, where + ": entry for block " + std::to_string(key) +
                                           " is out of range or out of order");

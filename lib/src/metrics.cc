@@ -141,6 +141,10 @@ std::string prometheus_text(const EngineStats& s, const Superblock& sb, bool liv
   w.family("dmremap_read_retry_successes_total", "counter",
            "Blocks that failed a read and then read on a retry.")
       .sample(s.retry_successes);
+  w.family("dmremap_slow_reads_total", "counter",
+           "Reads of main that succeeded but took longer than slow= (and 20 times the usual); "
+           "their blocks are rescued with the cause slow.")
+      .sample(s.slow_reads);
   // As SMART attribute 198 (uncorrectable).
   w.family("dmremap_unreadable_reads_total", "counter",
            "Client reads that failed because a block could not be read at all.")

@@ -10,6 +10,7 @@ const char* cause_name(Cause cause) {
     case Cause::kRescue: return "rescue";
     case Cause::kPendingWrite: return "pending-write";
     case Cause::kManual: return "manual";
+    case Cause::kSlow: return "slow";
   }
   return "unknown";
 }

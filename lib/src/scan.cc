@@ -204,16 +204,20 @@ void Scanner::run() {
       std::this_thread::sleep_for(kYieldStep);
       ++waited;
     }
-    const uint64_t rescues_before =
-        engine_.stats().remaps_by_cause[static_cast<int>(Cause::kRescue)];
+    // Rescued: weak blocks that read on a retry, and slow ones (slow=).
+    auto rescues = [this] {
+      const EngineStats st = engine_.stats();
+      return st.remaps_by_cause[static_cast<int>(Cause::kRescue)] +
+             st.remaps_by_cause[static_cast<int>(Cause::kSlow)];
+    };
+    const uint64_t rescues_before = rescues();
     std::vector<uint64_t> bad;
     const Status s = interrupt_.load()
                          ? Status::error(ECANCELED, "stopping")
                          : engine_.scan_read(buf.data(), count * bs, first * bs, &bad, &interrupt_);
     const double took =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    const uint64_t rescues_after =
-        engine_.stats().remaps_by_cause[static_cast<int>(Cause::kRescue)];
+    const uint64_t rescues_after = rescues();
     l.lock();
     if (waited > 0) ++p_.yields;
     if (s.code() == ECANCELED) break;  // told to stop: this piece is read again next time

@@ -27,6 +27,7 @@ MANUAL = [2000, 2001]  # dmremap remap, offline: slots 0 and 1
 FIRST_WRITE_ERROR = 4000  # its first slot (2) refuses the write: bad
 WRITE_ERRORS = list(range(12000, 12064))  # 8 whole cells; slots 4-67
 WEAK = 6000  # reads on the second try: rescue
+SLOW = 7000  # reads correctly, in 400 ms: slow (slow=0.2)
 PENDING = [8000, 14000]  # never read: pending
 PENDING_THEN_WRITTEN = 10000  # unreadable, then written: pending-write
 BAD_SLOT = 2
@@ -38,6 +39,7 @@ RGB = {
     "pending": (0xFF, 0x00, 0x00),
     "write-error": (0x20, 0x20, 0xFF),
     "rescue": (0xFF, 0xE0, 0x00),
+    "slow": (0xFF, 0x90, 0x00),
     "pending-write": (0xE0, 0x20, 0xE0),
     "manual": (0x00, 0xA0, 0xA0),
     "slot-used": (0x80, 0xA0, 0xE0),
@@ -57,14 +59,17 @@ def make_damaged_set(tools):
         layout = s.status()["layout"]
         unit = (layout["slot_offset"] + BAD_SLOT * BLOCK) // 512
         faults = [f"write:{FIRST_WRITE_ERROR}", f"write:{WRITE_ERRORS[0]}-{WRITE_ERRORS[-1]}",
-                  f"weak:{WEAK}x1", f"read:{PENDING_THEN_WRITTEN}"]
+                  f"weak:{WEAK}x1", f"slow:{SLOW}x400", f"read:{PENDING_THEN_WRITTEN}"]
         faults += [f"read:{b}" for b in PENDING]
         s.start("inject=" + ",".join(faults), f"inject-spare=write:{unit}-{unit + 7}",
-                s.control_param())
+                "slow=0.2", s.control_param())
         h = s.connect()
         h.pwrite(pattern(1), FIRST_WRITE_ERROR * BLOCK)  # slot 2 fails, slot 3 takes it
         h.pwrite(pattern(2, len(WRITE_ERRORS) * BLOCK), WRITE_ERRORS[0] * BLOCK)
         h.pread(BLOCK, WEAK * BLOCK)
+        for b in HEALTHY * 5:  # main's usual read time, learnt before a read is slow
+            h.pread(BLOCK, b * BLOCK)
+        h.pread(BLOCK, SLOW * BLOCK)
         for b in PENDING + [PENDING_THEN_WRITTEN]:
             try:
                 h.pread(BLOCK, b * BLOCK)
@@ -207,7 +212,7 @@ class MapTest(unittest.TestCase):
         st = self.s.status()
         self.assertEqual(st["remaps_by_cause"], {"write-error": 1 + len(WRITE_ERRORS),
                                                  "rescue": 1, "pending-write": 1,
-                                                 "manual": len(MANUAL)}, st)
+                                                 "manual": len(MANUAL), "slow": 1}, st)
         self.assertEqual((st["pending"], st["slots_bad"]), (len(PENDING), 1), st)
         self.assertEqual(self.s.listing()["bad_slots"], [BAD_SLOT])
         self.assertIn("main's 16384 blocks in 2048 cells", self.wrote)
@@ -223,6 +228,7 @@ class MapTest(unittest.TestCase):
         for b in WRITE_ERRORS[::8]:
             self.assertCell("main-grid", self.block_cell(b), "write-error", f"write error {b}")
         self.assertCell("main-grid", self.block_cell(WEAK), "rescue", "weak block")
+        self.assertCell("main-grid", self.block_cell(SLOW), "slow", "slow block")
         self.assertCell("main-grid", self.block_cell(PENDING_THEN_WRITTEN), "pending-write",
                         "pending block written")
 
@@ -243,8 +249,8 @@ class MapTest(unittest.TestCase):
         _, _, _, _, per_cell = grid_of(self.svg, "slot-strip")
         # Slots go out in order: the manual remaps', the first write error's
         # (the bad one, then the next), the long write's, the rescue's and
-        # the pending write's.
-        handed_out = len(MANUAL) + 2 + len(WRITE_ERRORS) + 1 + 1
+        # the slow block's and the pending write's.
+        handed_out = len(MANUAL) + 2 + len(WRITE_ERRORS) + 1 + 1 + 1
         self.assertCell("slot-strip", BAD_SLOT // per_cell, "slot-bad", "bad slot")
         self.assertCell("slot-strip", (handed_out - 1) // per_cell, "slot-used", "used slots")
         self.assertCell("slot-strip", handed_out // per_cell + 1, "slot-free", "free slots")

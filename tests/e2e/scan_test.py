@@ -39,6 +39,24 @@ class ScanTest(unittest.TestCase):
         self.assertEqual((last["state"], last["unreadable"], last["rescued"]), ("done", 1, 0))
         print(f"\n[{TOOLS.frontend}] scan: 64 MiB, 1 unreadable, 1 rescued")
 
+    def test_a_block_that_reads_slowly_is_rescued(self):
+        # Block 9000 answers correctly, after 400 ms: a sector the disk
+        # read only after its own retries. slow=0.2 rescues it, cause slow.
+        self.s.start("inject=slow:9000x400", "slow=0.2", self.s.control_param())
+        r = self.scan()
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("0 unreadable, 1 rescued", r.stdout)
+        listed = json.loads(self.s.cli("list", "--control", self.s.control, "--json").stdout)
+        self.assertEqual([(e["block"], e["cause"]) for e in listed["remaps"]], [(9000, "slow")])
+        self.assertEqual(listed["pending"], [])
+        status = json.loads(self.s.cli("status", "--control", self.s.control, "--json").stdout)
+        self.assertGreaterEqual(status["errors"]["slow_reads"], 1)
+        self.assertEqual(status["remaps_by_cause"]["slow"], 1)
+        metrics = self.s.cli("status", "--control", self.s.control, "--format=prometheus").stdout
+        self.assertIn('dmremap_remap_events_total{cause="slow"} 1', metrics)
+        self.assertRegex(metrics, r"(?m)^dmremap_slow_reads_total [1-9]")
+        print(f"\n[{TOOLS.frontend}] scan: a block 400 ms slow was rescued, cause slow")
+
     def test_detach_pause_resume_cancel_and_a_restart(self):
         self.s.start(self.s.control_param())
         r = self.scan("--detach", "--rate", "2M")  # 64 MiB at 2 MiB/s: 32 s

@@ -61,12 +61,13 @@ enum class MapPaint : uint8_t {
   kHealthy,
   kOtherCause,
   kManual,
+  kSlow,
   kRescue,
   kWriteError,
   kPendingWrite,
   kPending,
 };
-inline constexpr size_t kMapPaints = 7;
+inline constexpr size_t kMapPaints = 8;
 // "#rrggbb": ddrescueview's finished green, bad-sector red, non-trimmed
 // yellow and non-split blue, and three more of our own.
 const char* map_paint_colour(MapPaint p);

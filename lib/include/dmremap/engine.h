@@ -31,6 +31,12 @@ struct EngineOptions {
   // long in all (a disk without TLER may spend minutes per attempt); one
   // retry is always made.
   std::chrono::milliseconds retry_time{30000};
+  // Slow-read rescue (`slow=`): a read of main that succeeds but takes
+  // longer than this, and kSlowFactor times main's usual read, is slow; the
+  // blocks it names are copied to the spare with the cause `slow`, as a
+  // disk's firmware reallocates a sector that read only after its long
+  // internal retries. 0: off (the default).
+  std::chrono::milliseconds slow_read{0};
   // Refuse writes (EPERM); nothing on the spare is written, not even rescues.
   bool read_only = false;
   // Salvage mode (`unreadable=zero`): an unreadable block reads as zeros
@@ -56,6 +62,13 @@ enum class Health { kOk, kWarning, kFailing };
 std::string utc_time(int64_t seconds);
 // Milliseconds of the steady clock.
 int64_t now_ms();
+int64_t now_us();
+// A slow read (EngineOptions::slow_read) also takes this many times main's
+// usual read: a main that is slow everywhere (USB, a network) is not
+// remapped block by block.
+inline constexpr int64_t kSlowFactor = 20;
+// The first reads of main after open, which only teach its usual read time.
+inline constexpr uint64_t kSlowWarmup = 16;
 const char* health_name(Health h);
 
 // The requests whose time is measured (EngineStats::latency).
@@ -72,7 +85,10 @@ struct EngineStats {
   // spare the engine asked for (slot data, journal, FLUSH requests).
   uint64_t commit_groups = 0, commit_records = 0, spare_flushes = 0;
   uint64_t remaps = 0, pending = 0;
-  uint64_t remaps_by_cause[5] = {};  // indexed by Cause
+  uint64_t remaps_by_cause[6] = {};  // indexed by Cause
+  // Reads of main that were slow (EngineOptions::slow_read), counted
+  // whether or not they were rescued.
+  uint64_t slow_reads = 0;
   uint64_t slots_total = 0, slots_used = 0, slots_bad = 0, slots_free = 0;
   uint64_t pending_capacity = 0;
   bool journal_broken = false;
@@ -327,7 +343,16 @@ class Engine {
     std::vector<uint64_t> bad_slot_reads;
     uint64_t offline_from = UINT64_MAX;
     bool scan_stopped = false;  // a scan read told to stop (scan_read)
+    // Reads of main's blocks [first, last) that were slow (slow_read).
+    std::vector<std::pair<uint64_t, uint64_t>> slow;
   };
+  // A read of main that took `us` microseconds: true when it is slow; else
+  // it joins main's usual read time.
+  bool read_was_slow(int64_t us);
+  // The blocks of each slow read, each claimed in turn: a range of one
+  // block is rescued; a longer one is read again block by block, and the
+  // blocks that are slow alone are rescued.
+  void rescue_slow(ReadFindings& f);
   // The fast path of a read: no lock is held while devices are read.
   void read_fast(char* buf, uint64_t len, uint64_t offset, ReadFindings& f);
   // After a failed read of main's blocks [first, last): reads them one by
@@ -501,6 +526,9 @@ class Engine {
   bool lease_stop_ = false;  // guarded by store_mu_
   struct Counters;
   std::unique_ptr<Counters> counters_;
+  // A running average of main's reads that were not slow, in microseconds.
+  std::atomic<int64_t> main_read_avg_us_{0};
+  std::atomic<uint64_t> main_read_samples_{0};
 };
 
 }  // namespace dmremap

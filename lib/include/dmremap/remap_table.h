@@ -15,7 +15,9 @@ enum class Cause : uint8_t {
   kRescue = 2,        // a weak block that read on a retry was copied to a slot
   kPendingWrite = 3,  // a write to a pending block got a fresh slot
   kManual = 4,        // `dmremap remap BLOCK`
+  kSlow = 5,          // it read correctly, but slowly (slow=): copied before it fails
 };
+inline constexpr Cause kLastCause = Cause::kSlow;
 const char* cause_name(Cause cause);
 
 // One journal record. The journal and the checkpoint are lists of these.

@@ -91,6 +91,10 @@ run_suite() {
   expect "$label: remap --lba" 0 "$cli" remap --main "$main" --spare "$spare" --lba 80
   contains "$label: lba 80 is block 10" "block 10: remapped"
 
+  # On a 4Kn disk LBA 5 is byte 20480: block 5, remapped already.
+  expect "$label: remap --lba --sector-size 4096" 0 "$cli" remap --main "$main" --spare "$spare" \
+    --lba 5 --sector-size 4096
+  contains "$label: 4Kn lba 5 is block 5" "block 5: already remapped"
   expect "$label: list --json" 0 "$cli" list --spare "$spare" --json
   equals "$label: list has the three blocks" "$(json '[e["block"] for e in j["remaps"]]')" "[5, 6, 10]"
   equals "$label: cause is manual" "$(json '{e["cause"] for e in j["remaps"]}')" "{'manual'}"
@@ -293,6 +297,37 @@ if command -v nbdkit >/dev/null; then
     file "$work/main.img" ddrescue-mapfile="$work/exported.map" \
     --run 'qemu-io -r -f raw -c "read 0 81920" -c "read 86016 4096" "$uri" &&
            ! qemu-io -r -f raw -c "read 81920 4096" "$uri"'
+  # The map goes back in: into a new set, import makes the same block pending.
+  truncate -s 16M spare2.img
+  expect "format a second spare" 0 "$cli" format --main main.img --spare spare2.img
+  expect "import --dry-run marks nothing" 0 "$cli" import --main main.img --spare spare2.img \
+    --ddrescue exported.map --dry-run
+  contains "dry run names block 20" "Blocks: 20"
+  expect "import of the exported map" 0 "$cli" import --main main.img --spare spare2.img \
+    --ddrescue exported.map
+  contains "import marks one block" "marked 1 block(s) pending"
+  expect "list after import" 0 "$cli" list --spare spare2.img --json
+  equals "the imported map gives the same pending block" \
+    "$(json '[e["block"] for e in j["pending"]]')" "[20]"
+  printf '80\n81\n' > bb.txt
+  expect "import of a badblocks list without its -b is bad usage" 2 "$cli" import \
+    --main main.img --spare spare2.img --badblocks bb.txt
+  expect "import of a badblocks -b 1024 list" 0 "$cli" import --main main.img \
+    --spare spare2.img --badblocks bb.txt --block-size 1024
+  contains "badblocks 80-81 of 1 KiB are block 20, pending already" "marked 0 block(s) pending"
+  contains "block 20 counted as already" "1 already remapped or pending"
+  printf '0x1000\n' > lba.txt
+  expect "import of an LBA list needs --sector-size" 2 "$cli" import --main main.img \
+    --spare spare2.img --lba-list lba.txt
+  expect "import of an LBA list of 512-byte sectors" 0 "$cli" import --main main.img \
+    --spare spare2.img --lba-list lba.txt --sector-size 512
+  expect "list after the LBA import" 0 "$cli" list --spare spare2.img --json
+  equals "LBA 0x1000 of 512 bytes is block 512" \
+    "$(json '[e["block"] for e in j["pending"]]')" "[20, 512]"
+  printf '99999999\n' > far.txt
+  expect "import of a list past main's end" 1 "$cli" import --main main.img \
+    --spare spare2.img --lba-list far.txt --sector-size 4096
+  contains "past the end names the line" "line 1"
   expect "status counts pending: a warning (1)" 1 "$cli" status --spare spare.img --json
   equals "one pending" "$(json 'j["pending"]')" 1
   equals "pending gives a warning" "$(json 'j["health"]')" warning

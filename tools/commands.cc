@@ -626,6 +626,17 @@ int run_map(const MapOptions& o) {
   return kExitOk;
 }
 
+namespace {
+
+// The block that holds sector `lba` (UINT64_MAX when it is past any disk,
+// which remap then reports as past the end).
+uint64_t lba_block(uint64_t lba, uint64_t sector_size, uint64_t block_size) {
+  if (lba > UINT64_MAX / sector_size) return UINT64_MAX;
+  return lba * sector_size / block_size;
+}
+
+}  // namespace
+
 int run_remap(const RemapOptions& o) {
   std::vector<uint64_t> blocks = o.blocks;
   if (!o.control.empty()) {
@@ -636,7 +647,7 @@ int run_remap(const RemapOptions& o) {
       block_size = status.value().value("block_size", 0u);
       if (block_size == 0) return fail(Status::error(EIO, o.control + ": no block size in status"));
     }
-    for (uint64_t lba : o.sectors) blocks.push_back(lba * 512 / block_size);
+    for (uint64_t lba : o.sectors) blocks.push_back(lba_block(lba, o.sector_size, block_size));
     // One block per request: each line is printed as its block is done.
     int rc = kExitOk;
     for (const uint64_t b : blocks) {
@@ -660,7 +671,7 @@ int run_remap(const RemapOptions& o) {
   auto engine = open_set(config);
   if (!engine.is_ok()) return fail(engine.status());
   Engine& e = *engine.value();
-  for (uint64_t lba : o.sectors) blocks.push_back(lba * 512 / e.block_size());
+  for (uint64_t lba : o.sectors) blocks.push_back(lba_block(lba, o.sector_size, e.block_size()));
   int rc = kExitOk;
   for (const uint64_t b : blocks) {  // each line as its block is done
     rc = std::max(rc, print_remap(remap_json(e, {b})));
@@ -1039,6 +1050,156 @@ int run_rebuild(const RebuildOptions& o) {
                "main again when read)\n");
   }
   fmt::print("Check it with: dmremap check --spare {}\n", o.spare);
+  return kExitOk;
+}
+
+}  // namespace dmremap::cli
+
+namespace dmremap::cli {
+
+namespace {
+
+// The whole of `path`, or standard input for "-".
+Result<std::string> read_text(const std::string& path) {
+  std::FILE* f = path == "-" ? stdin : std::fopen(path.c_str(), "rb");
+  if (f == nullptr) return Status::from_errno(path);
+  std::string text;
+  char buf[65536];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, n);
+  const bool failed = std::ferror(f) != 0;
+  if (f != stdin) std::fclose(f);
+  if (failed) return Status::error(EIO, path + ": read failed");
+  return text;
+}
+
+const char* list_kind(BadListFormat f) {
+  switch (f) {
+    case BadListFormat::kDdrescue: return "ddrescue mapfile";
+    case BadListFormat::kBadblocks: return "badblocks list";
+    case BadListFormat::kLba: return "LBA list";
+  }
+  return "list";
+}
+
+// Blocks sent to a served set per request: a request line stays far below
+// the control socket's 1 MiB, and one reply comes every few seconds.
+constexpr size_t kImportChunk = 16384;
+
+}  // namespace
+
+int run_import(const ImportOptions& o) {
+  auto text = read_text(o.file);
+  if (!text.is_ok()) return fail(text.status());
+  // The set's size, block size and room for pending blocks.
+  std::unique_ptr<Engine> engine;
+  uint64_t main_size = 0, block_size = 0, room = 0;
+  if (!o.control.empty()) {
+    auto status = ask(o.control, Json{{"command", "status"}});
+    if (!status.is_ok()) return fail(status.status());
+    main_size = status.value().value("main_size", 0ull);
+    block_size = status.value().value("block_size", 0ull);
+    room = status.value().value("pending_capacity", 0ull) - status.value().value("pending", 0ull);
+  } else {
+    SetConfig config = offline_set(o.main, o.spare, o.io);
+    auto opened = open_set(config);
+    if (!opened.is_ok()) return fail(opened.status());
+    engine = std::move(opened.value());
+    const EngineStats st = engine->stats();
+    main_size = engine->size();
+    block_size = engine->block_size();
+    room = st.pending_capacity - st.pending;
+  }
+  auto close = [&] { return engine ? engine->close() : Status::ok(); };
+  if (main_size == 0 || block_size == 0) {
+    return fail(Status::error(EIO, o.control + ": no size in status"));
+  }
+  BadListOptions lo = o.list;
+  // Past the room for pending blocks it cannot be imported; blocks marked
+  // already count against the room too, so this is a first check only.
+  lo.max_blocks = room + 1 + kImportChunk;
+  auto list = parse_bad_list(text.value(), lo, main_size, static_cast<uint32_t>(block_size));
+  if (!list.is_ok()) {
+    (void)close();
+    return fail(Status::error(list.status().code(), o.file + ": " + list.status().message()));
+  }
+  const BadList& bad = list.value();
+  Json j{{"file", o.file},
+         {"format", list_kind(o.list.format)},
+         {"entries", bad.entries},
+         {"bad_bytes", bad.bad_bytes},
+         {"unfinished_bytes", bad.unfinished_bytes},
+         {"blocks", bad.blocks.size()},
+         {"block_size", block_size},
+         {"dry_run", o.dry_run}};
+  if (!o.json) {
+    fmt::print("{} ({}): {} bad area(s), {} byte(s): {} block(s) of {} bytes\n", o.file,
+               list_kind(o.list.format), bad.entries, bad.bad_bytes, bad.blocks.size(),
+               block_size);
+    if (bad.unfinished_bytes > 0) {
+      fmt::print("{}: {} byte(s) in areas ddrescue had not finished (non-tried, and "
+                 "non-trimmed or non-scraped unless --ddrescue-status takes them) are not "
+                 "imported\n",
+                 o.file, bad.unfinished_bytes);
+    }
+  }
+  uint64_t marked = 0, already = 0, untried = 0;
+  Status failed;
+  if (o.dry_run) {
+    if (!o.json) {
+      const size_t shown = std::min<size_t>(bad.blocks.size(), 20);
+      fmt::print("dry run: nothing marked. Blocks: {}{}\n",
+                 fmt::join(bad.blocks.begin(), bad.blocks.begin() + static_cast<long>(shown), " "),
+                 shown < bad.blocks.size() ? " ..." : "");
+    }
+  } else if (engine) {
+    Engine::KnownBadResult r;
+    failed = engine->mark_known_bad(bad.blocks, r);
+    marked = r.marked;
+    already = r.already;
+  } else {
+    for (size_t i = 0; i < bad.blocks.size() && failed.is_ok(); i += kImportChunk) {
+      const size_t end = std::min(bad.blocks.size(), i + kImportChunk);
+      const std::vector<uint64_t> part(bad.blocks.begin() + static_cast<long>(i),
+                                       bad.blocks.begin() + static_cast<long>(end));
+      auto reply = ask(o.control, Json{{"command", "import"}, {"blocks", part}}, kChangeTimeout);
+      if (!reply.is_ok()) {
+        failed = reply.status();
+        break;
+      }
+      marked += reply.value().value("marked", 0ull);
+      already += reply.value().value("already", 0ull);
+      untried += reply.value().value("untried", 0ull);
+      if (untried > 0) {
+        failed = Status::error(ECANCELED, "the frontend is stopping");
+        untried += bad.blocks.size() - end;
+      }
+      if (!o.json && bad.blocks.size() > kImportChunk) {
+        fmt::print("imported {} of {} block(s)\n", end, bad.blocks.size());
+        std::fflush(stdout);
+      }
+    }
+  }
+  const Status closed = close();
+  if (failed.is_ok()) failed = closed;
+  j["marked"] = marked;
+  j["already"] = already;
+  j["untried"] = untried;
+  if (!failed.is_ok()) j["error"] = failed.to_string();
+  if (o.json) {
+    fmt::print("{}\n", j.dump(2));
+  } else if (!o.dry_run) {
+    fmt::print("marked {} block(s) pending (known bad: reads fail at once, the next write gives "
+               "each a slot); {} already remapped or pending\n",
+               marked, already);
+  }
+  if (!failed.is_ok()) {
+    return o.json ? kExitFailed
+                  : fail(failed, marked > 0 ? fmt::format("the {} block(s) marked before it stay "
+                                                          "marked; run the import again to go on",
+                                                          marked)
+                                            : std::string());
+  }
   return kExitOk;
 }
 

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "dmremap/bad_list.h"
 #include "dmremap/block_device.h"
 
 namespace dmremap::cli {
@@ -62,7 +63,8 @@ struct RemapOptions {
   std::string spare;
   std::string control;  // or ask the running frontend
   std::vector<uint64_t> blocks;
-  std::vector<uint64_t> sectors;  // 512-byte LBAs, as SMART and the kernel log name them
+  std::vector<uint64_t> sectors;  // LBAs, as SMART and the kernel log name them
+  uint64_t sector_size = 512;     // of those LBAs: 4096 on a 4Kn disk
   IoMode io = IoMode::kAuto;
   unsigned retries = 3;
   double retry_seconds = 30;
@@ -94,6 +96,18 @@ struct ForgetPendingOptions {
   IoMode io = IoMode::kAuto;
 };
 int run_forget_pending(const ForgetPendingOptions& o);
+
+struct ImportOptions {
+  std::string main;
+  std::string spare;
+  std::string control;  // or ask the running frontend
+  std::string file;     // "-": standard input
+  BadListOptions list;
+  bool dry_run = false;  // say what would be marked, mark nothing
+  bool json = false;
+  IoMode io = IoMode::kAuto;
+};
+int run_import(const ImportOptions& o);
 
 struct CheckOptions {
   std::string spare;

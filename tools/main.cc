@@ -194,7 +194,12 @@ int main(int argc, char** argv) {
   add_set_or_control(remap, &ro.main, ro.spare, ro.control);
   remap->add_option("block", ro.blocks, "Block numbers (in the set's block size)");
   remap->add_option("--lba", ro.sectors,
-                    "512-byte sector numbers, as SMART and the kernel log report them");
+                    "Sector numbers, as SMART and the kernel log report them (see --sector-size)");
+  remap->add_option("--sector-size", ro.sector_size,
+                    "Bytes per sector of those --lba numbers: 512, or 4096 on a 4Kn disk "
+                    "(smartctl -i says: 'Sector Size')")
+      ->check(CLI::IsMember({512, 1024, 2048, 4096, 8192, 16384, 32768, 65536}))
+      ->capture_default_str();
   std::string remap_io = "auto";
   remap->add_option("--io", remap_io, kIoHelp)
       ->check(CLI::IsMember({"auto", "direct", "buffered"}))
@@ -298,6 +303,77 @@ int main(int argc, char** argv) {
     }
     (void)dmremap::parse_io_mode(forget_io, fpo.io);
     rc = run_forget_pending(fpo);
+  });
+
+  ImportOptions io;
+  CLI::App* import = app.add_subcommand(
+      "import",
+      "Mark the blocks another tool found bad as known bad (pending), without reading them, so "
+      "that no read waits on them: a GNU ddrescue mapfile, a badblocks list or a list of LBAs. "
+      "Their data is taken as lost; the next write to each gives it a slot, and forget-pending "
+      "clears a mark whose block reads after all. While the set is served, through its "
+      "frontend's --control socket.");
+  add_set_or_control(import, &io.main, io.spare, io.control);
+  std::string import_ddrescue, import_badblocks, import_lba;
+  auto* from_ddrescue = import->add_option(
+      "--ddrescue", import_ddrescue, "A GNU ddrescue mapfile ('-': standard input)");
+  auto* from_badblocks = import->add_option(
+      "--badblocks", import_badblocks,
+      "badblocks' output: one block number per line, in --block-size units");
+  auto* from_lba = import->add_option("--lba-list", import_lba,
+                                      "One LBA per line (decimal, or hex with 0x), in "
+                                      "--sector-size units");
+  from_ddrescue->excludes(from_badblocks)->excludes(from_lba);
+  from_badblocks->excludes(from_lba);
+  uint64_t import_unit = 0;
+  auto* bb_size = import->add_option("--block-size", import_unit,
+                                     "badblocks: the -b it was run with (its default is 1024)");
+  auto* sector_size = import->add_option("--sector-size", import_unit,
+                                         "LBA list: bytes per sector (512, or 4096 on a 4Kn disk)");
+  bb_size->needs(from_badblocks)->check(CLI::Range(uint64_t{1}, uint64_t{1} << 30));
+  sector_size->needs(from_lba)->check(
+      CLI::IsMember({512, 1024, 2048, 4096, 8192, 16384, 32768, 65536}));
+  import->add_option("--ddrescue-status", io.list.statuses,
+                     "ddrescue: the statuses taken as bad: '-' (bad sector), and '*' "
+                     "(non-trimmed) and '/' (non-scraped) if given")
+      ->needs(from_ddrescue)
+      ->check([](const std::string& v) -> std::string {
+        if (v.empty() || v.find_first_not_of("-*/") != std::string::npos) {
+          return "a set of the characters - * /";
+        }
+        return "";
+      })
+      ->capture_default_str();
+  import->add_flag("--dry-run", io.dry_run, "Say which blocks it would mark; mark nothing");
+  import->add_flag("--json", io.json, "The result as JSON");
+  std::string import_io = "auto";
+  import->add_option("--io", import_io, kIoHelp)
+      ->check(CLI::IsMember({"auto", "direct", "buffered"}))
+      ->capture_default_str();
+  import->callback([&] {
+    require_set(import, true);
+    if (from_ddrescue->count() > 0) {
+      io.list.format = dmremap::BadListFormat::kDdrescue;
+      io.file = import_ddrescue;
+    } else if (from_badblocks->count() > 0) {
+      if (bb_size->count() == 0) {
+        throw CLI::ValidationError("--badblocks",
+                                   "give --block-size, the -b badblocks ran with (1024 if none)");
+      }
+      io.list.format = dmremap::BadListFormat::kBadblocks;
+      io.file = import_badblocks;
+    } else if (from_lba->count() > 0) {
+      if (sector_size->count() == 0) {
+        throw CLI::ValidationError("--lba-list", "give --sector-size: 512, or 4096 on a 4Kn disk");
+      }
+      io.list.format = dmremap::BadListFormat::kLba;
+      io.file = import_lba;
+    } else {
+      throw CLI::ValidationError("import", "give --ddrescue, --badblocks or --lba-list FILE");
+    }
+    io.list.unit = import_unit;
+    (void)dmremap::parse_io_mode(import_io, io.io);
+    rc = run_import(io);
   });
 
   CheckOptions co;

@@ -529,9 +529,16 @@ ControlServer::Handler engine_commands(Engine& engine, Scanner* scanner) {
             return forget_pending_json(engine, blocks, all, stopping);
           });
     }
+    if (cmd == "import") {
+      require_admin(request, "import");
+      return ControlReply::later(
+          [&engine, blocks = blocks_of(request)](const std::function<bool()>& stopping) {
+            return import_json(engine, blocks, stopping);
+          });
+    }
     throw ControlError{EINVAL, "unknown command \"" + cmd.get<std::string>() +
                                    "\" (this server knows: status, list, metrics, scan, remap, "
-                                   "forget-pending)"};
+                                   "forget-pending, import)"};
   };
 }
 

@@ -1294,9 +1294,10 @@ void Engine::commit_round(std::vector<Commit*>& carried, std::vector<Commit*>& b
     return fail_all(Status::error(EIO, "the device is closed"));
   }
   if (auto s = refuse_writes_if_broken(); !s.is_ok()) return fail_all(s);
-  auto is_pending = [](const Commit* c) {
-    return std::any_of(c->records.begin(), c->records.end(),
-                       [](const Record& r) { return r.type == Record::kPending; });
+  auto pending_marks = [](const Commit* c) {
+    return static_cast<uint64_t>(
+        std::count_if(c->records.begin(), c->records.end(),
+                      [](const Record& r) { return r.type == Record::kPending; }));
   };
   // Pending marks beyond the list's room are refused one by one.
   uint64_t pending_room = pending_capacity_ - table_.pending();
@@ -1315,21 +1316,22 @@ void Engine::commit_round(std::vector<Commit*>& carried, std::vector<Commit*>& b
     }
   }
   for (Commit* c : carried) {
-    if (is_pending(c)) --pending_room;
+    pending_room -= std::min(pending_room, pending_marks(c));
     groups.push_back(c->records);
     record_count += c->records.size();
   }
   std::vector<MetadataStore::SlotHeaderWrite> headers;
   for (Commit* c : batch) {
-    if (is_pending(c)) {
-      if (pending_room == 0) {
+    if (const uint64_t marks = pending_marks(c); marks > 0) {
+      if (pending_room < marks) {
         log(LogLevel::kError, "the pending list is full: " +
                                   block_name(c->records.back().block, block_) +
-                                  " is unreadable but cannot be recorded");
+                                  (marks > 1 ? " and others are" : " is") +
+                                  " unreadable but cannot be recorded");
         settle(c, Status::error(ENOSPC, "pending list full"));
         continue;
       }
-      --pending_room;
+      pending_room -= marks;
     }
     if (c->header) headers.push_back(*c->header);
   }
@@ -1442,6 +1444,71 @@ void Engine::wake_watch() {
     }
   }
   watch_cv_.notify_all();
+}
+
+Status Engine::mark_known_bad(const std::vector<uint64_t>& blocks, KnownBadResult& result,
+                              const std::function<bool()>& stopping) {
+  Admit admit(*this);
+  if (!admit) return Status::error(EIO, "the device is closed");
+  if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
+  if (options_.read_only) return Status::error(EPERM, "the device is read-only");
+  if (auto s = refuse_writes_if_broken(); !s.is_ok()) return s;
+  std::vector<uint64_t> sorted = blocks;
+  std::sort(sorted.begin(), sorted.end());
+  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+  if (!sorted.empty() && sorted.back() >= size_ / block_) {
+    return Status::error(EINVAL, "block " + std::to_string(sorted.back()) +
+                                     " is past the end (main has " +
+                                     std::to_string(size_ / block_) + " blocks)");
+  }
+  {
+    // Room for all of them, or none is marked.
+    SharedGuard g(gate_);
+    const uint64_t fresh = static_cast<uint64_t>(std::count_if(
+        sorted.begin(), sorted.end(), [&](uint64_t b) { return !table_.find(b); }));
+    const uint64_t room = pending_capacity_ - std::min(pending_capacity_, table_.pending());
+    if (fresh > room) {
+      return Status::error(ENOSPC, "the set records at most " +
+                                       std::to_string(pending_capacity_) +
+                                       " pending blocks and has room for " + std::to_string(room) +
+                                       " more; this names " + std::to_string(fresh) + " new ones");
+    }
+  }
+  const auto now = static_cast<uint64_t>(std::time(nullptr));
+  for (size_t i = 0; i < sorted.size();) {
+    if (stopping && stopping()) {
+      result.untried = sorted.size() - i;
+      break;
+    }
+    // A journal unit's worth at a time, claimed in ascending order (as
+    // forget_pending does), so that no write to them comes between the
+    // look-up and the mark: a write would give the block a slot instead.
+    std::vector<std::unique_ptr<Claim>> claims;
+    Commit c;
+    for (; i < sorted.size() && c.records.size() < kRecordsPerUnit; ++i) {
+      claims.push_back(std::make_unique<Claim>(*this, sorted[i]));
+      bool known;
+      {
+        SharedGuard g(gate_);
+        known = table_.find(sorted[i]).has_value();
+      }
+      if (known) {
+        ++result.already;
+        claims.pop_back();
+        continue;
+      }
+      c.records.push_back(Record{Record::kPending, Cause::kManual, sorted[i], now});
+    }
+    if (c.records.empty()) continue;
+    if (auto s = group_commit(c); !s.is_ok()) return s;
+    result.marked += c.records.size();
+  }
+  if (result.marked > 0) {
+    log(LogLevel::kWarning, std::to_string(result.marked) +
+                                " block(s) imported as known bad: marked pending without being "
+                                "read; the next write to each gives it a slot");
+  }
+  return Status::ok();
 }
 
 Status Engine::mark_pending(uint64_t block) {

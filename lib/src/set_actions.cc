@@ -185,6 +185,14 @@ Json forget_pending_json(Engine& engine, std::vector<uint64_t> blocks, bool all,
   return j;
 }
 
+Json import_json(Engine& engine, const std::vector<uint64_t>& blocks,
+                 const std::function<bool()>& stopping) {
+  Engine::KnownBadResult r;
+  const Status s = engine.mark_known_bad(blocks, r, stopping);
+  if (!s.is_ok()) throw ControlError{s.code(), s.to_string()};
+  return Json{{"marked", r.marked}, {"already", r.already}, {"untried", r.untried}};
+}
+
 Json scan_progress_json(const ScanProgress& p) {
   Json j;
   j["state"] = scan_state_name(p.state);

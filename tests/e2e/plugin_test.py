@@ -230,6 +230,35 @@ class ServedSetTest(unittest.TestCase):
     """dmremap list, remap and forget-pending while the set is served: through
     the frontend's control socket, with the answers they give offline."""
 
+    def test_import_of_a_ddrescue_map_while_served(self):
+        """Blocks a ddrescue map names bad become pending without a read:
+        a client's read of one fails at once, even where main would
+        answer only after seconds; its neighbours read from main."""
+        s = DemoSet(TOOLS)
+        self.addCleanup(s.close)
+        s.start("inject=slow:30x3000", s.control_param())
+        mapfile = os.path.join(s.dir, "rescue.map")
+        with open(mapfile, "w") as f:
+            f.write("# made by hand, as ddrescue writes it\n0x0 +\n"
+                    f"0x0 {30 * BLOCK:#x} +\n{30 * BLOCK:#x} 0x200 -\n"
+                    f"{30 * BLOCK + 0x200:#x} {(64 << 20) - 30 * BLOCK - 0x200:#x} +\n")
+        r = s.cli("import", "--control", s.control, "--ddrescue", mapfile, check=False)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn("marked 1 block(s) pending", r.stdout)
+        h = s.connect()
+        start = time.monotonic()
+        with self.assertRaises(nbd.Error):
+            h.pread(BLOCK, 30 * BLOCK)
+        self.assertLess(time.monotonic() - start, 2.5)  # main's 3 s were never waited for
+        self.assertEqual(h.pread(BLOCK, 31 * BLOCK), bytes(BLOCK))
+        listed = json.loads(s.cli("list", "--control", s.control, "--json").stdout)
+        self.assertEqual([e["block"] for e in listed["pending"]], [30])
+        self.assertIsInstance(listed["pending"][0]["time"], int)
+        # The next write gives it a slot.
+        h.pwrite(pattern(7), 30 * BLOCK)
+        self.assertEqual(h.pread(BLOCK, 30 * BLOCK), pattern(7))
+        h.shutdown()
+
     def test_list_remap_and_forget_pending_through_the_control_socket(self):
         s = DemoSet(TOOLS)
         self.addCleanup(s.close)

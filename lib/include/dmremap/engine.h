@@ -283,6 +283,16 @@ class Engine {
   // copied, and the walk stops at the first entry past them.
   std::vector<RemapTable::Entry> entries(uint64_t from, size_t max,
                                          const std::function<bool(const RemapTable::Entry&)>& want);
+  // `dmremap import`: marks `blocks` pending without reading them, as known
+  // bad from another tool's list, so that no read waits on them. Blocks
+  // already remapped or pending are left as they are. Refused as a whole
+  // (ENOSPC) when the pending list has no room for all the new ones; EINVAL
+  // for a block past the end. `stopping` is asked between journal units.
+  struct KnownBadResult {
+    uint64_t marked = 0, already = 0, untried = 0;
+  };
+  Status mark_known_bad(const std::vector<uint64_t>& blocks, KnownBadResult& result,
+                        const std::function<bool()>& stopping = {});
   // The spare's bad slots, sorted.
   std::vector<uint64_t> bad_slots();
   // When each of `slots` was handed out (read_slot_times): reads of the

@@ -58,6 +58,11 @@ Json remap_json(Engine& engine, const std::vector<uint64_t>& blocks,
 Json forget_pending_json(Engine& engine, std::vector<uint64_t> blocks, bool all,
                          const std::function<bool()>& stopping = {});
 
+// Engine::mark_known_bad (dmremap import): {"marked", "already",
+// "untried"}, counts of blocks. A failure throws ControlError.
+Json import_json(Engine& engine, const std::vector<uint64_t>& blocks,
+                 const std::function<bool()>& stopping = {});
+
 // The scan's progress as JSON: {"state", "next_block", "blocks",
 // "block_size", "percent", "rate_limit", "rate", "eta_seconds",
 // "started", "last_good_read", "unreadable", "rescued", "yields", "error"}.

@@ -234,8 +234,10 @@ int dmremap_after_fork() {
     // In the process that serves (the thread would not survive the fork).
     g_health = std::make_unique<dmremap::HealthLog>(*g_engine, g_log_interval);
     if (!g_config.read_only) g_scanner = std::make_unique<dmremap::Scanner>(*g_engine);
-    if (g_control) return g_control->serve(dmremap::engine_commands(*g_engine, g_scanner.get()));
-    return dmremap::Status::ok();
+    if (!g_control) return dmremap::Status::ok();
+    dmremap::Status served = g_control->serve(dmremap::engine_commands(*g_engine, g_scanner.get()));
+    if (served.is_ok()) dmremap::advertise_control(*g_engine, g_control_path);
+    return served;
   });
   // As above; and the socket goes too.
   if (r != 0) {

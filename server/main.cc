@@ -284,6 +284,7 @@ int serve(Options& o) {
     }
     control = std::move(started.value());
     std::fprintf(stderr, "dmremap-server: control socket %s\n", o.control_path.c_str());
+    dmremap::advertise_control(e, o.control_path);
   }
 
   // Also before the NBD sockets: a port in use stops start-up here.

@@ -224,6 +224,10 @@ if command -v nbdkit >/dev/null; then
   for _ in $(seq 100); do [[ -S s.sock && -S ctl.sock ]] && break; sleep 0.1; done
   expect "status works while served" 0 "$cli" status --spare spare.img --json
   equals "served set is not clean" "$(json 'j["clean"]')" False
+  # The frontend recorded its control socket on the spare, and --spare finds
+  # it (status reads the spare itself: it works while served).
+  expect "list --spare of a served set goes through its frontend" 0 "$cli" list --spare spare.img
+  contains "list --spare says it asks the frontend" "is served: asking its frontend, on $work/ctl.sock"
   expect "status --control asks the server" 0 "$cli" status --control ctl.sock --json
   equals "live status is served" "$(json 'j["served"]')" True
   equals "live status knows main is online" "$(json 'j["main"]["state"]')" online
@@ -234,8 +238,10 @@ if command -v nbdkit >/dev/null; then
   "$cli" format --main other.img --spare other-spare.img >/dev/null
   expect "status --control with another set's spare" 3 "$cli" status --control ctl.sock --spare other-spare.img
   contains "another set: says which" "holds set"
-  expect "remap refuses a served set" 1 "$cli" remap --main main.img --spare spare.img 4
-  contains "served set: says why" "Stop nbdkit or dmremap-server first"
+  expect "remap --main --spare of a served set goes through its frontend" 0 "$cli" remap \
+    --main main.img --spare spare.img 4
+  contains "remap --spare found the frontend" "is served: asking its frontend"
+  contains "the frontend remapped it" "block 4: remapped, data copied"
   kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null
   expect "status after nbdkit stops" 0 "$cli" status --spare spare.img --json
   equals "clean after SIGTERM" "$(json 'j["clean"]')" True

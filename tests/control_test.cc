@@ -530,3 +530,32 @@ TEST_CASE("list: a remap and a pending mark carry when they happened, across a c
   CHECK(list_json(table, store.value()->superblock(), nullptr, ListQuery{})["remaps"][0]["time"]
             .is_null());
 }
+
+TEST_CASE("control: the spare records the frontend's socket, and --spare finds it", "[control]") {
+  TempDir dir;
+  auto s = test::make_set();
+  const std::string path = dir.path + "/ctl";
+  CHECK(find_control(*s.spare).empty());  // nothing recorded
+  auto server = ControlServer::start(path, engine_commands(*s.engine));
+  REQUIRE(server.is_ok());
+  advertise_control(*s.engine, path);
+  auto sb = read_superblock(*s.spare);
+  REQUIRE(sb.is_ok());
+  CHECK(sb->sb.control_path == path);
+  CHECK(find_control(*s.spare) == path);
+  // Another set's frontend on that path (a crash left the path behind, and
+  // the socket went to someone else): not this set, not found.
+  server.value().reset();
+  auto other = test::make_set();
+  auto impostor = ControlServer::start(path, engine_commands(*other.engine));
+  REQUIRE(impostor.is_ok());
+  CHECK(find_control(*s.spare).empty());
+  impostor.value().reset();
+  // Nobody answers: not found either.
+  CHECK(find_control(*s.spare).empty());
+  // A clean close forgets it.
+  REQUIRE(s.engine->close().is_ok());
+  sb = read_superblock(*s.spare);
+  REQUIRE(sb.is_ok());
+  CHECK(sb->sb.control_path.empty());
+}

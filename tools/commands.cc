@@ -398,6 +398,20 @@ Result<Json> ask(const std::string& control, const Json& request,
   return j;
 }
 
+}  // namespace
+
+void use_served_set(const std::string& spare, std::string& control) {
+  if (!control.empty() || spare.empty()) return;
+  auto dev = open_for_inspection(spare, "spare");
+  if (!dev.is_ok()) return;  // the command itself says why
+  const std::string found = find_control(*dev.value());
+  if (found.empty()) return;
+  fmt::print(stderr, "dmremap: {} is served: asking its frontend, on {}\n", spare, found);
+  control = found;
+}
+
+namespace {
+
 // The set named by --main and --spare, for a command that opens it itself.
 SetConfig offline_set(const std::string& main, const std::string& spare, IoMode io) {
   SetConfig config;

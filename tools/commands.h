@@ -15,6 +15,11 @@ namespace dmremap::cli {
 inline constexpr int kExitOk = 0;
 inline constexpr int kExitFailed = 1;
 
+// When `control` is empty and a frontend serves the set on `spare` (its
+// control socket recorded there answers for this set): sets `control` to
+// it, and says so on standard error. The command then runs there.
+void use_served_set(const std::string& spare, std::string& control);
+
 struct FormatOptions {
   std::string main;
   std::string spare;

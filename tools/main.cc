@@ -156,6 +156,7 @@ int main(int argc, char** argv) {
   list->add_flag("--pending", lo.only_pending, "Only pending (unreadable) blocks")->excludes(rem);
   list->callback([&] {
     require_set(list, false);
+    use_served_set(lo.spare, lo.control);
     rc = run_list(lo);
   });
 
@@ -182,6 +183,7 @@ int main(int argc, char** argv) {
   map->footer("Example: dmremap map --spare /dev/sdc --svg disk.svg");
   map->callback([&] {
     require_set(map, false);
+    use_served_set(mo.spare, mo.control);
     rc = run_map(mo);
   });
 
@@ -213,6 +215,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   remap->callback([&] {
     require_set(remap, true);
+    use_served_set(ro.spare, ro.control);
     if (ro.blocks.empty() && ro.sectors.empty()) {
       throw CLI::ValidationError("remap", "name at least one BLOCK or --lba SECTOR");
     }
@@ -265,6 +268,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   scan->callback([&] {
     require_set(scan, true);
+    use_served_set(sco.spare, sco.control);
     if (slow_opt->count() > 0 && !sco.control.empty()) {
       throw CLI::ValidationError("--slow", "a served set's scan uses its frontend's slow= setting");
     }
@@ -298,6 +302,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   forget->callback([&] {
     require_set(forget, true);
+    use_served_set(fpo.spare, fpo.control);
     if (fpo.blocks.empty() && !fpo.all) {
       throw CLI::ValidationError("forget-pending", "name at least one BLOCK, or --all");
     }
@@ -352,6 +357,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   import->callback([&] {
     require_set(import, true);
+    use_served_set(io.spare, io.control);
     if (from_ddrescue->count() > 0) {
       io.list.format = dmremap::BadListFormat::kDdrescue;
       io.file = import_ddrescue;

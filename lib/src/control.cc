@@ -11,11 +11,13 @@
 #include <cerrno>
 #include <cstring>
 #include <ctime>
+#include <filesystem>
 #include <system_error>
 #include <thread>
 #include <vector>
 
 #include "dmremap/log.h"
+#include "dmremap/metadata_store.h"
 #include "dmremap/metrics.h"
 #include "dmremap/remap_table.h"
 #include "dmremap/scan.h"
@@ -540,6 +542,28 @@ ControlServer::Handler engine_commands(Engine& engine, Scanner* scanner) {
                                    "\" (this server knows: status, list, metrics, scan, remap, "
                                    "forget-pending, import)"};
   };
+}
+
+void advertise_control(Engine& engine, const std::string& path) {
+  if (engine.read_only()) return;
+  std::error_code ec;
+  const std::string abs = std::filesystem::absolute(path, ec).lexically_normal().string();
+  const Status s = engine.advertise_control(ec ? path : abs);
+  if (!s.is_ok()) {
+    log(LogLevel::kWarning, "the control socket is not recorded on the spare (" + s.to_string() +
+                                "): dmremap commands given --spare will not find it; give them "
+                                "--control " + path);
+  }
+}
+
+std::string find_control(BlockDevice& spare, std::chrono::milliseconds timeout) {
+  auto found = read_superblock(spare);
+  if (!found.is_ok() || found->sb.clean() || found->sb.control_path.empty()) return "";
+  const std::string& path = found->sb.control_path;
+  auto reply = control_call(path, Json{{"command", "status"}}, timeout);
+  if (!reply.is_ok() || !reply.value().is_object()) return "";
+  if (reply.value().value("uuid", std::string()) != uuid_string(found->sb.uuid)) return "";
+  return path;
 }
 
 Result<Json> control_call(const std::string& path, const Json& request,

@@ -1819,6 +1819,15 @@ Status Engine::save_scan(const ScanMark& m) {
                            m.rescued);
 }
 
+Status Engine::advertise_control(const std::string& path) {
+  Admit admit(*this);
+  if (!admit) return Status::error(EIO, "the device is closed");
+  if (options_.read_only) return Status::error(EPERM, "the device is read-only");
+  std::lock_guard l(store_mu_);
+  if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
+  return store_->advertise_control(path);
+}
+
 Status Engine::scan_read(void* buf, uint64_t len, uint64_t offset,
                          std::vector<uint64_t>* unreadable, const std::atomic<bool>* stop) {
   t_scanning = true;

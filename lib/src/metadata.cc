@@ -80,6 +80,7 @@ void Superblock::encode(char* out) const {
   le::put64(out + 288, scan_rate);
   le::put64(out + 296, scan_unreadable);
   le::put64(out + 304, scan_rescued);
+  std::memcpy(out + 312, control_path.data(), std::min(control_path.size(), kControlPathBytes - 1));
   le::put32(out + kSuperblockCrcBytes, crc32c(out, kSuperblockCrcBytes));
 }
 
@@ -131,6 +132,7 @@ std::optional<Superblock> Superblock::decode(const char* in, std::string* proble
     s.scan_rate = le::get64(in + 288);
     s.scan_unreadable = le::get64(in + 296);
     s.scan_rescued = le::get64(in + 304);
+    s.control_path.assign(in + 312, strnlen(in + 312, kControlPathBytes - 1));
   }
   // A checksummed superblock with impossible geometry is still not trusted:
   // it is damaged, or made to harm whoever reads it.

@@ -574,8 +574,13 @@ Status MetadataStore::save_scan(uint64_t next_block, uint32_t state, uint64_t st
   next.scan_rate = rate;
   next.scan_unreadable = unreadable;
   next.scan_rescued = rescued;
-  // As a lease renewal: a new generation over the older copy, and a write
-  // whose loss costs nothing but some reading again (see put_superblock).
+  // Its loss costs nothing but some reading again.
+  return write_renewal(std::move(next));
+}
+
+Status MetadataStore::write_renewal(Superblock next) {
+  // As a lease renewal: a new generation over the older copy (see
+  // put_superblock).
   next.generation = std::max(sb_.generation, tried_generation_) + 1;
   tried_generation_ = next.generation;
   auto copy = put_superblock(next, /*renewal=*/true);
@@ -583,6 +588,17 @@ Status MetadataStore::save_scan(uint64_t next_block, uint32_t state, uint64_t st
   sb_ = std::move(next);
   sb_copy_ = copy.value();
   return Status::ok();
+}
+
+Status MetadataStore::advertise_control(const std::string& path) {
+  if (failed_) return refused();
+  if (path.size() >= kControlPathBytes) {
+    return Status::error(ENAMETOOLONG, "control socket path " + path + " is too long to record");
+  }
+  Superblock next = sb_;
+  next.control_path = path;
+  // Its loss costs a `--spare` command the way to the frontend, no more.
+  return write_renewal(std::move(next));
 }
 
 Status MetadataStore::heartbeat() {
@@ -636,6 +652,7 @@ Status MetadataStore::checkpoint_now(const RemapTable& table, bool clean) {
   next.active_checkpoint = target;
   next.epoch = epoch;
   next.flags = clean ? (next.flags | kFlagClean) : (next.flags & ~kFlagClean);
+  if (clean) next.control_path.clear();  // nobody serves it now
   if (auto s = write_superblock(next); !s.is_ok()) return s;
   journal_next_ = 0;
   return Status::ok();

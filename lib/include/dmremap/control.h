@@ -144,6 +144,17 @@ struct ControlError {
 class Scanner;
 ControlServer::Handler engine_commands(Engine& engine, Scanner* scanner = nullptr);
 
+// Records `path` (made absolute) on the spare (Engine::advertise_control),
+// so that `dmremap COMMAND --spare SPARE` finds the frontend; a failure is
+// logged as a warning, not fatal. Nothing for a read-only engine.
+void advertise_control(Engine& engine, const std::string& path);
+
+// The control socket recorded on `spare` by the frontend serving its set,
+// when one answers there for this very set (same UUID) within `timeout`;
+// "" otherwise (not served, closed cleanly, a crash's stale path).
+std::string find_control(BlockDevice& spare,
+                         std::chrono::milliseconds timeout = std::chrono::seconds(3));
+
 // Client side: connects to `path`, sends one request, waits up to `timeout`
 // for the reply. ENOENT or ECONNREFUSED: nothing serves that socket. A reply
 // with "ok": false becomes its errno and message.

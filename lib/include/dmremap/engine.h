@@ -267,6 +267,10 @@ class Engine {
   // lease has lapsed. Losing it is harmless (the scan reads a little
   // again), so it is written as a lease renewal is: expendable.
   Status save_scan(const ScanMark& mark);
+  // Records the frontend's control socket (an absolute path) in the
+  // superblock, written as save_scan is, so that `dmremap ... --spare`
+  // finds the frontend; a clean close clears it. EPERM read-only.
+  Status advertise_control(const std::string& path);
   // A read as Engine::read does it (weak blocks rescued, dead ones marked
   // pending), but not a client's: it does not count as client activity,
   // which the scan backs off for (last_client_request_ms), and salvage mode

@@ -18,6 +18,7 @@ inline constexpr uint32_t kFormatVersion = 2;  // what is written
 inline constexpr uint32_t kOldestFormatVersion = 1;  // what is still read
 inline constexpr size_t kMetaUnit = 4096;  // superblocks, checkpoint header, journal units
 inline constexpr uint64_t kSuperblockOffset[2] = {0, kMetaUnit};
+inline constexpr size_t kControlPathBytes = 108;  // superblock bytes 312-419, NUL-padded
 // CRC32C of bytes 0..N-1 stored at N: 252 in version 1, 508 in version 2.
 inline constexpr size_t kSuperblockCrcBytesV1 = 252;
 inline constexpr size_t kSuperblockCrcBytes = 508;
@@ -71,6 +72,10 @@ struct Superblock {
   uint64_t scan_rate = 0;
   uint64_t scan_unreadable = 0;  // blocks it found unreadable so far
   uint64_t scan_rescued = 0;     // and rescued
+  // Version 2: while a frontend serves the set, its control socket (an
+  // absolute path, at most 107 bytes), so that `dmremap --spare` finds it;
+  // empty when closed cleanly. Saved as the scan's fields are.
+  std::string control_path;
 
   uint64_t journal_units() const { return journal_bytes / kMetaUnit; }
   uint64_t checkpoint_capacity() const {

@@ -109,6 +109,9 @@ class MetadataStore {
   // written and flushed as a lease renewal is (expendable, epoch-checked).
   Status save_scan(uint64_t next_block, uint32_t state, uint64_t started, uint64_t saved,
                    uint64_t rate, uint64_t unreadable, uint64_t rescued);
+  // Records the frontend's control socket (Superblock::control_path) the
+  // same way; a clean close clears it.
+  Status advertise_control(const std::string& path);
   Status heartbeat();
   // Writes `table` as the new checkpoint and empties the journal. With
   // `clean`, the superblock says the set was closed cleanly.
@@ -152,6 +155,9 @@ class MetadataStore {
   // the older refuses writes; returns the copy written.
   // renewal: a lease heartbeat (see BlockDevice::write_expendable).
   Result<int> put_superblock(const Superblock& next, bool renewal = false);
+  // A superblock write that may be lost (the scan's place, the control
+  // socket): put_superblock as a renewal.
+  Status write_renewal(Superblock next);
   void note_degraded(const std::string& what);
   Status checkpoint_now(const RemapTable& table, bool clean);
   // Writes the checkpoint of `epoch` to every copy of `area`.

@@ -62,3 +62,12 @@ TEST_CASE("remap table: a pending entry keeps the second it was marked", "[table
   CHECK(t.erase_pending(8));
   CHECK(t.pending() == 0);
 }
+
+TEST_CASE("remap table: no pending time makes the engine's own marker value", "[table]") {
+  // ~0 - 1 is the engine's "read from main" marker (a plan's piece).
+  CHECK(RemapTable::pending_value(RemapTable::kSlotMask - 1) == RemapTable::kPendingValue);
+  CHECK(RemapTable::pending_value(RemapTable::kSlotMask - 2) != ~uint64_t{0} - 1);
+  RemapTable t;
+  t.apply(Record{Record::kPending, Cause::kManual, 3, RemapTable::kSlotMask - 1});
+  CHECK(*t.find(3) == RemapTable::kPendingValue);
+}

@@ -1107,13 +1107,15 @@ int run_import(const ImportOptions& o) {
   if (!text.is_ok()) return fail(text.status());
   // The set's size, block size and room for pending blocks.
   std::unique_ptr<Engine> engine;
-  uint64_t main_size = 0, block_size = 0, room = 0;
+  // At most this many blocks of a list can be of use: every pending block
+  // and every slot. The engine checks the room exactly.
+  uint64_t main_size = 0, block_size = 0, most = 0;
   if (!o.control.empty()) {
     auto status = ask(o.control, Json{{"command", "status"}});
     if (!status.is_ok()) return fail(status.status());
     main_size = status.value().value("main_size", 0ull);
     block_size = status.value().value("block_size", 0ull);
-    room = status.value().value("pending_capacity", 0ull) - status.value().value("pending", 0ull);
+    most = status.value().value("pending_capacity", 0ull) + status.value().value("slots_total", 0ull);
   } else {
     SetConfig config = offline_set(o.main, o.spare, o.io);
     auto opened = open_set(config);
@@ -1122,16 +1124,14 @@ int run_import(const ImportOptions& o) {
     const EngineStats st = engine->stats();
     main_size = engine->size();
     block_size = engine->block_size();
-    room = st.pending_capacity - st.pending;
+    most = st.pending_capacity + st.slots_total;
   }
   auto close = [&] { return engine ? engine->close() : Status::ok(); };
   if (main_size == 0 || block_size == 0) {
     return fail(Status::error(EIO, o.control + ": no size in status"));
   }
   BadListOptions lo = o.list;
-  // Past the room for pending blocks it cannot be imported; blocks marked
-  // already count against the room too, so this is a first check only.
-  lo.max_blocks = room + 1 + kImportChunk;
+  lo.max_blocks = most;
   auto list = parse_bad_list(text.value(), lo, main_size, static_cast<uint32_t>(block_size));
   if (!list.is_ok()) {
     (void)close();
@@ -1150,6 +1150,13 @@ int run_import(const ImportOptions& o) {
     fmt::print("{} ({}): {} bad area(s), {} byte(s): {} block(s) of {} bytes\n", o.file,
                list_kind(o.list.format), bad.entries, bad.bad_bytes, bad.blocks.size(),
                block_size);
+    if (o.list.format == BadListFormat::kDdrescue && bad.extent != main_size) {
+      fmt::print(stderr,
+                 "dmremap: warning: {} covers {} bytes, main has {}: is it a map of this disk "
+                 "(not of the whole disk when main is a partition)? Its offsets are taken as "
+                 "main's\n",
+                 o.file, bad.extent, main_size);
+    }
     if (bad.unfinished_bytes > 0) {
       fmt::print("{}: {} byte(s) in areas ddrescue had not finished (non-tried, and "
                  "non-trimmed or non-scraped unless --ddrescue-status takes them) are not "
@@ -1172,11 +1179,32 @@ int run_import(const ImportOptions& o) {
     marked = r.marked;
     already = r.already;
   } else {
+    auto part = [&](size_t i) {
+      const size_t end = std::min(bad.blocks.size(), i + kImportChunk);
+      return std::vector<uint64_t>(bad.blocks.begin() + static_cast<long>(i),
+                                   bad.blocks.begin() + static_cast<long>(end));
+    };
+    // Room for every new block first, as offline: the parts then all fit,
+    // unless blocks go pending meanwhile.
+    uint64_t fresh = 0, room_now = 0;
+    for (size_t i = 0; i < bad.blocks.size() && failed.is_ok(); i += kImportChunk) {
+      auto reply = ask(o.control, Json{{"command", "import"}, {"check", true}, {"blocks", part(i)}},
+                       kChangeTimeout);
+      if (!reply.is_ok()) {
+        failed = reply.status();
+        break;
+      }
+      fresh += reply.value().value("fresh", 0ull);
+      room_now = reply.value().value("room", 0ull);
+    }
+    if (failed.is_ok() && fresh > room_now) {
+      failed = Status::error(ENOSPC, fmt::format("the set has room for {} more pending blocks; "
+                                                 "this names {} new ones: nothing marked",
+                                                 room_now, fresh));
+    }
     for (size_t i = 0; i < bad.blocks.size() && failed.is_ok(); i += kImportChunk) {
       const size_t end = std::min(bad.blocks.size(), i + kImportChunk);
-      const std::vector<uint64_t> part(bad.blocks.begin() + static_cast<long>(i),
-                                       bad.blocks.begin() + static_cast<long>(end));
-      auto reply = ask(o.control, Json{{"command", "import"}, {"blocks", part}}, kChangeTimeout);
+      auto reply = ask(o.control, Json{{"command", "import"}, {"blocks", part(i)}}, kChangeTimeout);
       if (!reply.is_ok()) {
         failed = reply.status();
         break;
@@ -1184,10 +1212,13 @@ int run_import(const ImportOptions& o) {
       marked += reply.value().value("marked", 0ull);
       already += reply.value().value("already", 0ull);
       untried += reply.value().value("untried", 0ull);
-      if (untried > 0) {
+      if (reply.value().contains("error")) {
+        failed = Status::error(reply.value().value("errno", EIO),
+                               reply.value().value("error", std::string()));
+      } else if (untried > 0) {
         failed = Status::error(ECANCELED, "the frontend is stopping");
-        untried += bad.blocks.size() - end;
       }
+      if (!failed.is_ok()) untried += bad.blocks.size() - end;
       if (!o.json && bad.blocks.size() > kImportChunk) {
         fmt::print("imported {} of {} block(s)\n", end, bad.blocks.size());
         std::fflush(stdout);

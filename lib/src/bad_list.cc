@@ -67,6 +67,7 @@ Result<BadList> parse_bad_list(const std::string& text, const BadListOptions& o,
           std::string("?*/-+").find(w[2][0]) == std::string::npos) {
         return fail("not a ddrescue block line (pos size status, status one of ?*/-+)");
       }
+      if (pos <= UINT64_MAX - size) out.extent = std::max(out.extent, pos + size);
       if (pos > main_size || size > main_size - pos) {
         // Past main: an error only where it matters, a bad area.
         if (o.statuses.find(w[2][0]) != std::string::npos) {

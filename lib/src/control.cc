@@ -533,10 +533,11 @@ ControlServer::Handler engine_commands(Engine& engine, Scanner* scanner) {
     }
     if (cmd == "import") {
       require_admin(request, "import");
-      return ControlReply::later(
-          [&engine, blocks = blocks_of(request)](const std::function<bool()>& stopping) {
-            return import_json(engine, blocks, stopping);
-          });
+      const bool check = request.contains("check") && request["check"] == true;
+      return ControlReply::later([&engine, blocks = blocks_of(request),
+                                  check](const std::function<bool()>& stopping) {
+        return import_json(engine, blocks, check, stopping);
+      });
     }
     throw ControlError{EINVAL, "unknown command \"" + cmd.get<std::string>() +
                                    "\" (this server knows: status, list, metrics, scan, remap, "

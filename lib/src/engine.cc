@@ -321,6 +321,7 @@ Engine::Engine(std::shared_ptr<BlockDevice> main, std::shared_ptr<BlockDevice> s
       slot_base_(store_->superblock().slot_offset),
       slot_count_(store_->superblock().slot_count),
       pending_capacity_(store_->superblock().pending_capacity),
+      fixed_(store_->superblock()),
       rng_(static_cast<std::minstd_rand::result_type>(
           options.probe_seed != 0 ? options.probe_seed : std::random_device{}())),
       counters_(std::make_unique<Counters>()) {
@@ -537,7 +538,7 @@ void Engine::read_fast(char* buf, uint64_t len, uint64_t offset, ReadFindings& f
       const int64_t started = now_us();
       const Status s = main_->read(buf + (lo - offset), hi - lo, lo);
       if (s.is_ok()) {
-        if (options_.slow_read.count() > 0 && read_was_slow(now_us() - started)) f.slow.emplace_back(p.first, p.last);
+        if (options_.slow_read.count() > 0) note_main_read(started, p.first, p.last, f);
         continue;
       }
       const int64_t spent = (now_us() - started) / 1000;
@@ -613,40 +614,90 @@ void Engine::read_main_narrowing(char* buf, uint64_t req_off, uint64_t req_len, 
   }
 }
 
-bool Engine::read_was_slow(int64_t us) {
+void Engine::note_main_read(int64_t started_us, uint64_t first, uint64_t last, ReadFindings& f) {
+  const int64_t end_us = now_us();
+  // When main last answered a read: one that starts long after it may have
+  // waited for the disk to spin up, which says nothing about its blocks.
+  const int64_t answered = main_answered_ms_.load(std::memory_order_relaxed);
+  const bool after_idle = answered != 0 && started_us / 1000 - answered > kSlowIdleMs;
+  if (answered != end_us / 1000) main_answered_ms_.store(end_us / 1000, std::memory_order_relaxed);
+  if (read_was_slow(end_us - started_us, /*count=*/true) && !after_idle) {
+    f.slow.emplace_back(first, last);
+  }
+}
+
+bool Engine::read_was_slow(int64_t us, bool count) {
   const int64_t usual = main_read_avg_us_.load(std::memory_order_relaxed);
   // The first reads only teach what usual is (their mean): nothing is slow
   // before it is known.
-  const uint64_t seen = main_read_samples_.fetch_add(1, std::memory_order_relaxed);
-  if (seen < kSlowWarmup) {
+  if (main_read_samples_.load(std::memory_order_relaxed) < kSlowWarmup) {
+    const uint64_t seen = main_read_samples_.fetch_add(1, std::memory_order_relaxed);
     main_read_avg_us_.store(usual + (us - usual) / static_cast<int64_t>(seen + 1),
                             std::memory_order_relaxed);
     return false;
   }
   const int64_t limit =
       std::max<int64_t>(options_.slow_read.count() * 1000, kSlowFactor * usual);
-  if (us > limit) {
-    counters_->slow_reads.fetch_add(1, std::memory_order_relaxed);
-    return true;
-  }
-  // An average over about the last 32 reads; racing updates lose one
-  // sample now and then, which an average can afford.
-  main_read_avg_us_.store(usual + (us - usual) / 32, std::memory_order_relaxed);
-  return false;
+  // A running average of about the last 32 reads, slow ones counted at the
+  // limit: a main that gets slower everywhere raises it within a few reads
+  // (each such read moves it most of the way to the limit). Racing updates
+  // lose a sample now and then, which an average can afford.
+  main_read_avg_us_.store(usual + (std::min(us, limit) - usual) / 32, std::memory_order_relaxed);
+  if (us <= limit) return false;
+  if (count) counters_->slow_reads.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+bool Engine::slow_rescue_allowed() {
+  const int64_t now = now_ms();
+  // Slow reads close together are the device, not a sector: a spin-up, a
+  // stall of the whole disk or of its link, a starved process. Nothing is
+  // rescued until none has been seen for kSlowQuietMs.
+  const int64_t last = last_slow_ms_.exchange(now, std::memory_order_relaxed);
+  if (last != 0 && now - last < kSlowQuietMs) return false;
+  // Slots are for data main cannot store: none for slow blocks once the
+  // pool is at the warning level.
+  SharedGuard g(gate_);
+  const uint64_t used = table_.next_slot();
+  return used * 100 < slot_count_ * options_.warn_percent;
 }
 
 void Engine::rescue_slow(ReadFindings& f) {
   if (options_.read_only) {
-    log(LogLevel::kWarning, "a read of " + block_name(f.slow.front().first, block_) +
-                                " was slow; read-only, so it is not rescued");
+    if (!slow_read_only_logged_.exchange(true)) {
+      log(LogLevel::kWarning, "a read of " + block_name(f.slow.front().first, block_) +
+                                  " was slow; read-only, so slow blocks are counted, not "
+                                  "rescued (logged once)");
+    }
     return;
   }
   std::vector<char> data(block_);
+  const int64_t began = now_ms();
   for (const auto& [first, last] : f.slow) {
+    if (!slow_rescue_allowed()) {
+      log(LogLevel::kWarning, main_->name() + ": a slow read of blocks " +
+                                  std::to_string(first) + "-" + std::to_string(last - 1) +
+                                  " is not taken for its blocks' (another slow read came "
+                                  "shortly before, or the pool is at its warning level): none "
+                                  "rescued");
+      continue;
+    }
+    if (last - first > kSlowPinpointMax) {
+      log(LogLevel::kWarning, main_->name() + ": a read of blocks " + std::to_string(first) +
+                                  "-" + std::to_string(last - 1) +
+                                  " was slow; too long a range to read again block by block: "
+                                  "none rescued (a scan reads in smaller pieces)");
+      continue;
+    }
     size_t rescued = 0;
     for (uint64_t b = first; b < last; ++b) {
       if (b * block_ >= f.offline_from) return;
-      if (t_scan_stop != nullptr && t_scan_stop->load()) return;
+      if (t_scan_stop != nullptr && t_scan_stop->load()) {
+        f.scan_stopped = true;  // this piece is read again when the scan goes on
+        return;
+      }
+      // Within the same budget in time as a failing block's retries.
+      if (now_ms() - began > options_.retry_time.count()) return;
       // Read under the claim, so that the copy is the block's data and no
       // write to it comes between.
       Claim claim(*this, b);
@@ -656,18 +707,26 @@ void Engine::rescue_slow(ReadFindings& f) {
       }
       if (!main_online()) return;
       const int64_t started = now_us();
-      if (!main_->read(data.data(), block_, b * block_).is_ok()) continue;  // the next read finds it
-      const int64_t us = now_us() - started;
+      const Status s = main_->read(data.data(), block_, b * block_);
+      if (!s.is_ok()) {
+        // The next read of it finds out what it is; main gone is said now.
+        counters_->main_read_errors.fetch_add(1, std::memory_order_relaxed);
+        if (main_gone(s)) set_main_offline(s);
+        return;
+      }
       // One block's read was slow: it is the one. Of a longer read, only
       // the blocks that are slow again alone (a disk may answer the second
       // read from its cache: then none is named).
-      if (last - first > 1 && !read_was_slow(us)) continue;
+      if (last - first > 1 && !read_was_slow(now_us() - started, /*count=*/false)) {
+        continue;
+      }
       log(LogLevel::kWarning, block_name(b, block_) +
                                   " read correctly but slowly (past slow=): rescuing it to the "
                                   "spare before it fails");
-      if (auto s = commit_remap(b, data.data(), Cause::kSlow); !s.is_ok()) {
+      if (auto st = commit_remap(b, data.data(), Cause::kSlow); !st.is_ok()) {
         log(LogLevel::kError,
-            block_name(b, block_) + " is slow but could not be rescued: " + s.to_string());
+            block_name(b, block_) + " is slow but could not be rescued: " + st.to_string());
+        continue;
       }
       ++rescued;
     }
@@ -1446,6 +1505,23 @@ void Engine::wake_watch() {
   watch_cv_.notify_all();
 }
 
+Engine::KnownBadRoom Engine::known_bad_room(const std::vector<uint64_t>& blocks) {
+  SharedGuard g(gate_);
+  KnownBadRoom r;
+  std::vector<uint64_t> sorted = blocks;
+  std::sort(sorted.begin(), sorted.end());
+  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+  r.fresh = static_cast<uint64_t>(
+      std::count_if(sorted.begin(), sorted.end(), [&](uint64_t b) { return !table_.find(b); }));
+  r.room = pending_capacity_ - std::min(pending_capacity_, table_.pending());
+  return r;
+}
+
+bool Engine::is_claimed(uint64_t block) {
+  std::lock_guard l(claim_mu_);
+  return std::find(claimed_.begin(), claimed_.end(), block) != claimed_.end();
+}
+
 Status Engine::mark_known_bad(const std::vector<uint64_t>& blocks, KnownBadResult& result,
                               const std::function<bool()>& stopping) {
   Admit admit(*this);
@@ -1461,18 +1537,12 @@ Status Engine::mark_known_bad(const std::vector<uint64_t>& blocks, KnownBadResul
                                      " is past the end (main has " +
                                      std::to_string(size_ / block_) + " blocks)");
   }
-  {
-    // Room for all of them, or none is marked.
-    SharedGuard g(gate_);
-    const uint64_t fresh = static_cast<uint64_t>(std::count_if(
-        sorted.begin(), sorted.end(), [&](uint64_t b) { return !table_.find(b); }));
-    const uint64_t room = pending_capacity_ - std::min(pending_capacity_, table_.pending());
-    if (fresh > room) {
-      return Status::error(ENOSPC, "the set records at most " +
-                                       std::to_string(pending_capacity_) +
-                                       " pending blocks and has room for " + std::to_string(room) +
-                                       " more; this names " + std::to_string(fresh) + " new ones");
-    }
+  // Room for all of them, or none is marked.
+  if (const KnownBadRoom r = known_bad_room(sorted); r.fresh > r.room) {
+    return Status::error(ENOSPC, "the set records at most " + std::to_string(pending_capacity_) +
+                                     " pending blocks and has room for " +
+                                     std::to_string(r.room) + " more; this names " +
+                                     std::to_string(r.fresh) + " new ones");
   }
   const auto now = static_cast<uint64_t>(std::time(nullptr));
   for (size_t i = 0; i < sorted.size();) {
@@ -1480,12 +1550,16 @@ Status Engine::mark_known_bad(const std::vector<uint64_t>& blocks, KnownBadResul
       result.untried = sorted.size() - i;
       break;
     }
-    // A journal unit's worth at a time, claimed in ascending order (as
-    // forget_pending does), so that no write to them comes between the
-    // look-up and the mark: a write would give the block a slot instead.
+    // kImportBatch at a time, claimed in ascending order (as forget_pending
+    // does), so that no write to them comes between the look-up and the
+    // mark: a write would give the block a slot instead. A batch leaves
+    // room in its journal unit for the other commits of its round.
     std::vector<std::unique_ptr<Claim>> claims;
     Commit c;
-    for (; i < sorted.size() && c.records.size() < kRecordsPerUnit; ++i) {
+    for (; i < sorted.size() && c.records.size() < kImportBatch; ++i) {
+      // A block someone holds (its retries may take a while): the claims
+      // taken so far are not held meanwhile; they commit first.
+      if (!claims.empty() && is_claimed(sorted[i])) break;
       claims.push_back(std::make_unique<Claim>(*this, sorted[i]));
       bool known;
       {
@@ -1792,8 +1866,9 @@ void Engine::for_each_entry(uint64_t first, uint64_t last,
 }
 
 std::vector<uint64_t> Engine::slot_times(const std::vector<uint64_t>& slots) {
-  const Superblock sb = geometry();
-  return read_slot_times(*spare_, sb, slots);
+  // Not while the spare is away: a list must not wait on it.
+  if (spare_away_since_.load() != 0) return std::vector<uint64_t>(slots.size(), 0);
+  return read_slot_times(*spare_, fixed_, slots);
 }
 
 Superblock Engine::geometry() {

@@ -126,7 +126,10 @@ Status read_checkpoint_copy(BlockDevice& spare, const Superblock& sb, int copy,
         return Status::error(EUCLEAN, where + ": entry for block " + std::to_string(key) +
                                           " is out of range or out of order");
       }
-      table.load(RemapTable::Entry{key, value});
+      // A pending entry's time as the table keeps it (pending_value).
+      table.load(RemapTable::Entry{
+          key, RemapTable::is_pending(value) ? RemapTable::pending_value(value & RemapTable::kSlotMask)
+                                             : value});
       prev_block = key;
       first = false;
     }
@@ -1023,8 +1026,10 @@ std::vector<uint64_t> read_slot_times(BlockDevice& spare, const Superblock& sb,
     if (slot_header_unit(sb, slot) != unit_at) {  // never 0: unit 0 is the copy
       unit_at = slot_header_unit(sb, slot);
       unit_ok = spare.read(buf.data, kMetaUnit, unit_at).is_ok();
+      // A spare that fails one read is not asked for more: each may take
+      // its io-timeout, and the times are only for the eye.
+      if (!unit_ok) break;
     }
-    if (!unit_ok) continue;
     const auto h = SlotHeader::decode(buf.data + slot_header_pos(slot));
     if (h && h->uuid == sb.uuid && h->slot == slot) times[i] = h->time;
   }

@@ -143,7 +143,7 @@ std::string prometheus_text(const EngineStats& s, const Superblock& sb, bool liv
       .sample(s.retry_successes);
   w.family("dmremap_slow_reads_total", "counter",
            "Reads of main that succeeded but took longer than slow= (and 20 times the usual); "
-           "their blocks are rescued with the cause slow.")
+           "some of their blocks are rescued, cause slow.")
       .sample(s.slow_reads);
   // As SMART attribute 198 (uncorrectable).
   w.family("dmremap_unreadable_reads_total", "counter",

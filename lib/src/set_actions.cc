@@ -185,12 +185,20 @@ Json forget_pending_json(Engine& engine, std::vector<uint64_t> blocks, bool all,
   return j;
 }
 
-Json import_json(Engine& engine, const std::vector<uint64_t>& blocks,
+Json import_json(Engine& engine, const std::vector<uint64_t>& blocks, bool check_only,
                  const std::function<bool()>& stopping) {
+  if (check_only) {
+    const Engine::KnownBadRoom r = engine.known_bad_room(blocks);
+    return Json{{"fresh", r.fresh}, {"room", r.room}};
+  }
   Engine::KnownBadResult r;
   const Status s = engine.mark_known_bad(blocks, r, stopping);
-  if (!s.is_ok()) throw ControlError{s.code(), s.to_string()};
-  return Json{{"marked", r.marked}, {"already", r.already}, {"untried", r.untried}};
+  Json j{{"marked", r.marked}, {"already", r.already}, {"untried", r.untried}};
+  if (!s.is_ok()) {
+    j["errno"] = s.code();
+    j["error"] = s.to_string();
+  }
+  return j;
 }
 
 Json scan_progress_json(const ScanProgress& p) {

@@ -259,6 +259,20 @@ class ServedSetTest(unittest.TestCase):
         self.assertEqual(h.pread(BLOCK, 30 * BLOCK), pattern(7))
         h.shutdown()
 
+    def test_a_served_import_with_no_room_for_all_marks_nothing(self):
+        s = DemoSet(TOOLS, extra_format=("--pending-capacity", "16"))
+        self.addCleanup(s.close)
+        s.start(s.control_param())
+        lba = os.path.join(s.dir, "lba.txt")
+        with open(lba, "w") as f:
+            f.write("".join(f"{b}\n" for b in range(100, 120)))  # 20 blocks of 4 KiB
+        r = s.cli("import", "--control", s.control, "--lba-list", lba, "--sector-size", "4096",
+                  check=False)
+        self.assertEqual(r.returncode, 1, r.stdout)
+        self.assertIn("room for 16 more pending blocks; this names 20 new ones", r.stderr)
+        listed = json.loads(s.cli("list", "--control", s.control, "--json").stdout)
+        self.assertEqual(listed["pending"], [])
+
     def test_list_remap_and_forget_pending_through_the_control_socket(self):
         s = DemoSet(TOOLS)
         self.addCleanup(s.close)

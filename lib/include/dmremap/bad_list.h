@@ -36,6 +36,10 @@ struct BadList {
   // ddrescue: bytes in areas of other statuses that are not finished
   // ('?', and '*' and '/' when not taken): not imported, but worth saying.
   uint64_t unfinished_bytes = 0;
+  // ddrescue: the end of its last area, the size of the disk it was made
+  // of; a map of a whole disk used for a partition (or another disk) shows
+  // here. 0 for the other lists.
+  uint64_t extent = 0;
 };
 
 // Parses `text` (the whole file) for a main of `main_size` bytes in blocks

@@ -69,6 +69,14 @@ int64_t now_us();
 inline constexpr int64_t kSlowFactor = 20;
 // The first reads of main after open, which only teach its usual read time.
 inline constexpr uint64_t kSlowWarmup = 16;
+// Slow reads less than this apart are the device's, not a sector's.
+inline constexpr int64_t kSlowQuietMs = 30000;
+// A read that starts this long after main last answered may have waited
+// for a spin-up: not taken as slow blocks.
+inline constexpr int64_t kSlowIdleMs = 30000;
+// The longest slow read that is read again block by block to find its
+// slow blocks (a scan's 256 KiB piece of 4 KiB blocks).
+inline constexpr uint64_t kSlowPinpointMax = 64;
 const char* health_name(Health h);
 
 // The requests whose time is measured (EngineStats::latency).
@@ -297,10 +305,19 @@ class Engine {
   };
   Status mark_known_bad(const std::vector<uint64_t>& blocks, KnownBadResult& result,
                         const std::function<bool()>& stopping = {});
+  // Blocks mark_known_bad marks per group commit: well inside one journal
+  // unit (168 records), which the round's other commits share.
+  static constexpr size_t kImportBatch = 64;
+  // Blocks of the list that are new (neither remapped nor pending) and the
+  // room the pending list has: what mark_known_bad checks first.
+  struct KnownBadRoom {
+    uint64_t fresh = 0, room = 0;
+  };
+  KnownBadRoom known_bad_room(const std::vector<uint64_t>& blocks);
   // The spare's bad slots, sorted.
   std::vector<uint64_t> bad_slots();
   // When each of `slots` was handed out (read_slot_times): reads of the
-  // spare, with no lock of the table held.
+  // spare, with no lock held; all unknown while the spare is away.
   std::vector<uint64_t> slot_times(const std::vector<uint64_t>& slots);
   // Where `slot` lies on the spare, in bytes.
   uint64_t slot_spare_offset(uint64_t slot) const { return slot_offset(slot); }
@@ -333,6 +350,8 @@ class Engine {
   class Admit;
   // A claim on one block (see the class comment); released on destruction.
   class Claim;
+  // Whether someone holds a claim on `block` now.
+  bool is_claimed(uint64_t block);
   // A chunk of a write or trim, counted against claims while it is on its
   // way to its blocks.
   class CountedChunk;
@@ -360,12 +379,20 @@ class Engine {
     // Reads of main's blocks [first, last) that were slow (slow_read).
     std::vector<std::pair<uint64_t, uint64_t>> slow;
   };
-  // A read of main that took `us` microseconds: true when it is slow; else
-  // it joins main's usual read time.
-  bool read_was_slow(int64_t us);
+  // After a read of main's blocks [first, last) that began at `started_us`
+  // (now_us) and succeeded: a slow one joins f.slow, unless main had been
+  // idle for kSlowIdleMs before it (a spin-up).
+  void note_main_read(int64_t started_us, uint64_t first, uint64_t last, ReadFindings& f);
+  // A read of main that took `us` microseconds: true when it is slow
+  // (counted with `count`). Every read moves main's usual read time.
+  bool read_was_slow(int64_t us, bool count);
+  // False while slow reads come close together (kSlowQuietMs: the device,
+  // not a sector), and once the pool is at the warning level.
+  bool slow_rescue_allowed();
   // The blocks of each slow read, each claimed in turn: a range of one
-  // block is rescued; a longer one is read again block by block, and the
-  // blocks that are slow alone are rescued.
+  // block is rescued; one of up to kSlowPinpointMax blocks is read again
+  // block by block, and the blocks that are slow alone are rescued. Within
+  // retry_time; stops at a failed read (main gone is said at once).
   void rescue_slow(ReadFindings& f);
   // The fast path of a read: no lock is held while devices are read.
   void read_fast(char* buf, uint64_t len, uint64_t offset, ReadFindings& f);
@@ -485,6 +512,9 @@ class Engine {
   const uint64_t slot_base_;
   const uint64_t slot_count_;
   const uint64_t pending_capacity_;
+  // The superblock as opened, for the fields fixed at format (the slot
+  // header area, the UUID): read with no lock.
+  const Superblock fixed_;
   GateLock gate_;
   std::unique_ptr<std::atomic<uint32_t>[]> inflight_;
   std::mutex claim_mu_;
@@ -543,6 +573,9 @@ class Engine {
   // A running average of main's reads that were not slow, in microseconds.
   std::atomic<int64_t> main_read_avg_us_{0};
   std::atomic<uint64_t> main_read_samples_{0};
+  std::atomic<int64_t> main_answered_ms_{0};  // now_ms() of main's last answered read
+  std::atomic<int64_t> last_slow_ms_{0};      // and of the last slow one
+  std::atomic<bool> slow_read_only_logged_{false};
 };
 
 }  // namespace dmremap

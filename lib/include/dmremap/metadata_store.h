@@ -190,8 +190,8 @@ Result<FoundSuperblock> read_superblock(BlockDevice& spare);
 
 // When each of `slots` was handed out, from its slot header: seconds since
 // 1970, 0 when not known (a version 1 set, a header written before the time
-// was kept, or one that does not read or is not that slot's). One read per
-// slot header unit. Headers are written once, so no lock is needed; a read
+// was kept, or one that does not read or is not that slot's; after a unit
+// that does not read, no more are read). One read per slot header unit. Headers are written once, so no lock is needed; a read
 // that races a write of its unit fails the header's CRC and gives 0.
 std::vector<uint64_t> read_slot_times(BlockDevice& spare, const Superblock& sb,
                                       const std::vector<uint64_t>& slots);

@@ -47,8 +47,10 @@ class RemapTable {
   // bits the second it was marked, all ones when that is not known.
   static constexpr uint64_t kPendingValue = ~uint64_t{0};  // time unknown
   static bool is_pending(uint64_t value) { return (value >> 56) == 0xFF; }
+  // Times past 2^56 - 3 are taken as not known, so that no pending value
+  // is ~0 - 1, which the engine uses as a marker of its own.
   static uint64_t pending_value(uint64_t time) {
-    return time == 0 || time >= kSlotMask ? kPendingValue : (uint64_t{0xFF} << 56) | time;
+    return time == 0 || time >= kSlotMask - 1 ? kPendingValue : (uint64_t{0xFF} << 56) | time;
   }
   // When a pending block was marked (seconds since 1970), 0 when not known.
   static uint64_t pending_time(uint64_t value) {

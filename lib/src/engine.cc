@@ -1505,12 +1505,27 @@ void Engine::wake_watch() {
   watch_cv_.notify_all();
 }
 
+namespace {
+
+std::vector<uint64_t> sorted_unique(std::vector<uint64_t> blocks) {
+  std::sort(blocks.begin(), blocks.end());
+  blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
+  return blocks;
+}
+
+}  // namespace
+
+Status Engine::refuse_table_change(const Admit& admit) {
+  if (!admit) return Status::error(EIO, "the device is closed");
+  if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
+  if (options_.read_only) return Status::error(EPERM, "the device is read-only");
+  return refuse_writes_if_broken();
+}
+
 Engine::KnownBadRoom Engine::known_bad_room(const std::vector<uint64_t>& blocks) {
   SharedGuard g(gate_);
   KnownBadRoom r;
-  std::vector<uint64_t> sorted = blocks;
-  std::sort(sorted.begin(), sorted.end());
-  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+  const std::vector<uint64_t> sorted = sorted_unique(blocks);
   r.fresh = static_cast<uint64_t>(
       std::count_if(sorted.begin(), sorted.end(), [&](uint64_t b) { return !table_.find(b); }));
   r.room = pending_capacity_ - std::min(pending_capacity_, table_.pending());
@@ -1525,13 +1540,8 @@ bool Engine::is_claimed(uint64_t block) {
 Status Engine::mark_known_bad(const std::vector<uint64_t>& blocks, KnownBadResult& result,
                               const std::function<bool()>& stopping) {
   Admit admit(*this);
-  if (!admit) return Status::error(EIO, "the device is closed");
-  if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
-  if (options_.read_only) return Status::error(EPERM, "the device is read-only");
-  if (auto s = refuse_writes_if_broken(); !s.is_ok()) return s;
-  std::vector<uint64_t> sorted = blocks;
-  std::sort(sorted.begin(), sorted.end());
-  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+  if (auto s = refuse_table_change(admit); !s.is_ok()) return s;
+  std::vector<uint64_t> sorted = sorted_unique(blocks);
   if (!sorted.empty() && sorted.back() >= size_ / block_) {
     return Status::error(EINVAL, "block " + std::to_string(sorted.back()) +
                                      " is past the end (main has " +
@@ -1760,13 +1770,8 @@ Status Engine::remap_block(uint64_t block) {
 Status Engine::forget_pending(const std::vector<uint64_t>& blocks, bool listed,
                               ForgetResult& result, const std::function<bool()>& stopping) {
   Admit admit(*this);
-  if (!admit) return Status::error(EIO, "the device is closed");
-  if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
-  if (options_.read_only) return Status::error(EPERM, "the device is read-only");
-  if (auto s = refuse_writes_if_broken(); !s.is_ok()) return s;
-  std::vector<uint64_t> sorted = blocks;
-  std::sort(sorted.begin(), sorted.end());
-  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+  if (auto s = refuse_table_change(admit); !s.is_ok()) return s;
+  std::vector<uint64_t> sorted = sorted_unique(blocks);
   auto still_pending = [&](uint64_t b) {
     const auto v = table_.find(b);
     return v && RemapTable::is_pending(*v);

@@ -348,6 +348,9 @@ class Engine {
   // Admission: every public request holds one while it runs, so that
   // close() knows when none is left.
   class Admit;
+  // Why the table may not change now (closed, lease lapsed, read-only, the
+  // journal broken), or ok: for remap, forget-pending and import.
+  Status refuse_table_change(const Admit& admit);
   // A claim on one block (see the class comment); released on destruction.
   class Claim;
   // Whether someone holds a claim on `block` now.

@@ -104,6 +104,7 @@ Status Scanner::start(std::optional<uint64_t> from, uint64_t rate_limit) {
   }
   p_.rate_limit = rate_limit;
   p_.rate = 0;
+  seconds_per_byte_ = 0;
   p_.eta_seconds = -1;
   p_.error.clear();
   p_.state = ScanState::kRunning;
@@ -192,6 +193,9 @@ void Scanner::run() {
   const uint64_t piece_blocks = std::max<uint64_t>(1, kPieceBytes / bs);
   std::vector<char> buf(piece_blocks * bs);
   std::unique_lock l(mu_);
+  // This run's start, for the rate the scan ends with.
+  const auto run_began = std::chrono::steady_clock::now();
+  const uint64_t run_first = p_.next_block;
   while (!stop_ && !halt_ && p_.next_block < p_.blocks) {
     const uint64_t first = p_.next_block;
     const uint64_t count = std::min(piece_blocks, p_.blocks - first);
@@ -247,8 +251,11 @@ void Scanner::run() {
     }
     const double elapsed =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    const double now_rate = elapsed > 0 ? bytes / elapsed : 0;
-    p_.rate = p_.rate == 0 ? now_rate : 0.9 * p_.rate + 0.1 * now_rate;
+    // Averaged as time per byte, not as rates: a piece that took a second
+    // weighs as a second (an average of rates would follow the fast ones).
+    const double spb = elapsed / bytes;
+    seconds_per_byte_ = seconds_per_byte_ == 0 ? spb : 0.9 * seconds_per_byte_ + 0.1 * spb;
+    p_.rate = seconds_per_byte_ > 0 ? 1 / seconds_per_byte_ : 0;
     p_.eta_seconds = p_.rate > 0
                          ? static_cast<double>(p_.blocks - p_.next_block) * bs / p_.rate
                          : -1;
@@ -257,6 +264,12 @@ void Scanner::run() {
   if (!stop_ && !halt_ && p_.state == ScanState::kRunning && p_.next_block >= p_.blocks) {
     p_.state = ScanState::kDone;
     p_.eta_seconds = 0;
+    // Done: the rate of the whole run, waits included.
+    const double run_seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - run_began).count();
+    if (run_seconds > 0) {
+      p_.rate = static_cast<double>(p_.blocks - run_first) * bs / run_seconds;
+    }
     log(LogLevel::kInfo, "surface scan done: " + std::to_string(p_.blocks) + " blocks read, " +
                              std::to_string(p_.unreadable) + " unreadable (marked pending), " +
                              std::to_string(p_.rescued) + " rescued");

@@ -87,6 +87,7 @@ class Scanner {
   std::atomic<bool> interrupt_{false};
   std::thread thread_;
   int64_t last_save_ms_ = 0;
+  double seconds_per_byte_ = 0;  // the rate's running average, guarded by mu_
 };
 
 }  // namespace dmremap

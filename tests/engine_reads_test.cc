@@ -307,7 +307,7 @@ TEST_CASE("slow reads: off by default, and a main slow everywhere is not remappe
     auto s = slow_set(std::chrono::milliseconds(40));
     warm_up(*s.engine);
     s.main->add_slow_block(5, std::chrono::milliseconds(120));
-    read_all(*s.engine, 0, (kSlowPinpointMax + 1) * B);
+    read_all(*s.engine, 0, kSlowPinpointBytes + B);
     CHECK(s.engine->stats().remaps == 0);
     CHECK(s.engine->stats().slow_reads == 1);
   }

@@ -400,13 +400,29 @@ Result<Json> ask(const std::string& control, const Json& request,
 
 }  // namespace
 
-void use_served_set(const std::string& spare, std::string& control) {
+void use_served_set(const std::string& spare, const std::string& main, std::string& control) {
   if (!control.empty() || spare.empty()) return;
   auto dev = open_for_inspection(spare, "spare");
   if (!dev.is_ok()) return;  // the command itself says why
   const std::string found = find_control(*dev.value());
   if (found.empty()) return;
-  fmt::print(stderr, "dmremap: {} is served: asking its frontend, on {}\n", spare, found);
+  if (!main.empty()) {
+    // The frontend serves the set's own main: a --main that is not it is
+    // a mistake to say, not to pass over. Opened here, the set would
+    // refuse it the same way.
+    auto sb = read_superblock(*dev.value());
+    const std::string why =
+        sb.is_ok() ? main_mismatch(main, sb->sb.main_size, sb->sb.main_identity) : "";
+    if (!why.empty()) {
+      print_error(main + " is not this set's main (" + why + "); the set on " + spare +
+                  " is served by the frontend on " + found);
+      std::exit(kExitFailed);
+    }
+  }
+  // Said on a terminal; a script gets what it asked for and nothing else.
+  if (::isatty(STDERR_FILENO) != 0) {
+    fmt::print(stderr, "dmremap: {} is served: asking its frontend, on {}\n", spare, found);
+  }
   control = found;
 }
 
@@ -1194,6 +1210,11 @@ int run_import(const ImportOptions& o) {
         failed = reply.status();
         break;
       }
+      if (!reply.value().contains("fresh") || !reply.value().contains("room")) {
+        failed = Status::error(EPROTO, o.control + ": the frontend did not check the room: "
+                                                   "nothing marked");
+        break;
+      }
       fresh += reply.value().value("fresh", 0ull);
       room_now = reply.value().value("room", 0ull);
     }
@@ -1212,10 +1233,7 @@ int run_import(const ImportOptions& o) {
       marked += reply.value().value("marked", 0ull);
       already += reply.value().value("already", 0ull);
       untried += reply.value().value("untried", 0ull);
-      if (reply.value().contains("error")) {
-        failed = Status::error(reply.value().value("errno", EIO),
-                               reply.value().value("error", std::string()));
-      } else if (untried > 0) {
+      if (untried > 0) {
         failed = Status::error(ECANCELED, "the frontend is stopping");
       }
       if (!failed.is_ok()) untried += bad.blocks.size() - end;

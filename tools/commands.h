@@ -17,8 +17,10 @@ inline constexpr int kExitFailed = 1;
 
 // When `control` is empty and a frontend serves the set on `spare` (its
 // control socket recorded there answers for this set): sets `control` to
-// it, and says so on standard error. The command then runs there.
-void use_served_set(const std::string& spare, std::string& control);
+// it, and says so on standard error when that is a terminal. The command
+// then runs there. A `main` given that is not the set's main ends the
+// process with an error.
+void use_served_set(const std::string& spare, const std::string& main, std::string& control);
 
 struct FormatOptions {
   std::string main;

@@ -49,9 +49,9 @@ void add_set_or_control(CLI::App* cmd, std::string* main, std::string& spare,
 // Finds the frontend of a served set named by --spare (use_served_set);
 // otherwise the set must be named in full.
 void require_set(const CLI::App* cmd, bool needs_main, const std::string& spare,
-                 std::string& control) {
+                 const std::string& main, std::string& control) {
   if (cmd->count("--control") > 0) return;
-  use_served_set(spare, control);
+  use_served_set(spare, main, control);
   if (!control.empty()) return;
   if (cmd->count("--spare") == 0 || (needs_main && cmd->count("--main") == 0)) {
     throw CLI::ValidationError(cmd->get_name(),
@@ -160,7 +160,7 @@ int main(int argc, char** argv) {
   auto* rem = list->add_flag("--remapped", lo.only_remapped, "Only remapped blocks");
   list->add_flag("--pending", lo.only_pending, "Only pending (unreadable) blocks")->excludes(rem);
   list->callback([&] {
-    require_set(list, false, lo.spare, lo.control);
+    require_set(list, false, lo.spare, {}, lo.control);
     rc = run_list(lo);
   });
 
@@ -186,7 +186,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   map->footer("Example: dmremap map --spare /dev/sdc --svg disk.svg");
   map->callback([&] {
-    require_set(map, false, mo.spare, mo.control);
+    require_set(map, false, mo.spare, {}, mo.control);
     rc = run_map(mo);
   });
 
@@ -217,7 +217,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.0, 86400.0))
       ->capture_default_str();
   remap->callback([&] {
-    require_set(remap, true, ro.spare, ro.control);
+    require_set(remap, true, ro.spare, ro.main, ro.control);
     if (ro.blocks.empty() && ro.sectors.empty()) {
       throw CLI::ValidationError("remap", "name at least one BLOCK or --lba SECTOR");
     }
@@ -269,7 +269,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"auto", "direct", "buffered"}))
       ->capture_default_str();
   scan->callback([&] {
-    require_set(scan, true, sco.spare, sco.control);
+    require_set(scan, true, sco.spare, sco.main, sco.control);
     if (slow_opt->count() > 0 && !sco.control.empty()) {
       throw CLI::ValidationError("--slow", "a served set's scan uses its frontend's slow= setting");
     }
@@ -302,7 +302,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"auto", "direct", "buffered"}))
       ->capture_default_str();
   forget->callback([&] {
-    require_set(forget, true, fpo.spare, fpo.control);
+    require_set(forget, true, fpo.spare, fpo.main, fpo.control);
     if (fpo.blocks.empty() && !fpo.all) {
       throw CLI::ValidationError("forget-pending", "name at least one BLOCK, or --all");
     }
@@ -356,7 +356,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"auto", "direct", "buffered"}))
       ->capture_default_str();
   import->callback([&] {
-    require_set(import, true, io.spare, io.control);
+    require_set(import, true, io.spare, io.main, io.control);
     if (from_ddrescue->count() > 0) {
       io.list.format = dmremap::BadListFormat::kDdrescue;
       io.file = import_ddrescue;

@@ -561,6 +561,14 @@ std::string find_control(BlockDevice& spare, std::chrono::milliseconds timeout) 
   auto found = read_superblock(spare);
   if (!found.is_ok() || found->sb.clean() || found->sb.control_path.empty()) return "";
   const std::string& path = found->sb.control_path;
+  // Only a socket of root's or of this user's: anyone may bind a socket
+  // where a frontend's used to be, and answer with the set's UUID, which
+  // is no secret.
+  struct stat st{};
+  if (::lstat(path.c_str(), &st) != 0 || !S_ISSOCK(st.st_mode) ||
+      (st.st_uid != 0 && st.st_uid != ::geteuid())) {
+    return "";
+  }
   auto reply = control_call(path, Json{{"command", "status"}}, timeout);
   if (!reply.is_ok() || !reply.value().is_object()) return "";
   if (reply.value().value("uuid", std::string()) != uuid_string(found->sb.uuid)) return "";

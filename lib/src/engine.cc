@@ -535,10 +535,13 @@ void Engine::read_fast(char* buf, uint64_t len, uint64_t offset, ReadFindings& f
         f.offline_from = lo;
         return;
       }
+      const bool timed = options_.slow_read.count() > 0;
+      // When main last answered, as this read starts (note_main_read).
+      const int64_t answered = timed ? main_answered_ms_.load(std::memory_order_relaxed) : 0;
       const int64_t started = now_us();
       const Status s = main_->read(buf + (lo - offset), hi - lo, lo);
       if (s.is_ok()) {
-        if (options_.slow_read.count() > 0) note_main_read(started, p.first, p.last, f);
+        if (timed) note_main_read(started, answered, p.first, p.last, f);
         continue;
       }
       const int64_t spent = (now_us() - started) / 1000;
@@ -614,16 +617,24 @@ void Engine::read_main_narrowing(char* buf, uint64_t req_off, uint64_t req_len, 
   }
 }
 
-void Engine::note_main_read(int64_t started_us, uint64_t first, uint64_t last, ReadFindings& f) {
+void Engine::note_main_read(int64_t started_us, int64_t answered_ms, uint64_t first,
+                            uint64_t last, ReadFindings& f) {
   const int64_t end_us = now_us();
-  // When main last answered a read: one that starts long after it may have
-  // waited for the disk to spin up, which says nothing about its blocks.
-  const int64_t answered = main_answered_ms_.load(std::memory_order_relaxed);
-  const bool after_idle = answered != 0 && started_us / 1000 - answered > kSlowIdleMs;
-  if (answered != end_us / 1000) main_answered_ms_.store(end_us / 1000, std::memory_order_relaxed);
-  if (read_was_slow(end_us - started_us, /*count=*/true) && !after_idle) {
-    f.slow.emplace_back(first, last);
+  if (main_answered_ms_.load(std::memory_order_relaxed) != end_us / 1000) {
+    main_answered_ms_.store(end_us / 1000, std::memory_order_relaxed);
   }
+  if (!read_was_slow(end_us - started_us, /*count=*/true)) return;
+  // Every slow read arms the quiet window, whether its blocks are taken or
+  // not: slow reads close together are the device (a spin-up, a stall of
+  // the disk or of its link, a starved process), not a sector.
+  const uint64_t seq = slow_seq_.fetch_add(1, std::memory_order_relaxed) + 1;
+  const int64_t now = end_us / 1000;
+  const int64_t before = last_slow_ms_.exchange(now, std::memory_order_relaxed);
+  if (before != 0 && now - before < kSlowQuietMs) return;
+  // A read that started long after main last answered may have waited for
+  // the disk to spin up, which says nothing about its blocks.
+  if (answered_ms != 0 && started_us / 1000 - answered_ms > kSlowIdleMs) return;
+  f.slow.push_back(ReadFindings::Slow{first, last, seq});
 }
 
 bool Engine::read_was_slow(int64_t us, bool count) {
@@ -640,21 +651,18 @@ bool Engine::read_was_slow(int64_t us, bool count) {
       std::max<int64_t>(options_.slow_read.count() * 1000, kSlowFactor * usual);
   // A running average of about the last 32 reads, slow ones counted at the
   // limit: a main that gets slower everywhere raises it within a few reads
-  // (each such read moves it most of the way to the limit). Racing updates
-  // lose a sample now and then, which an average can afford.
+  // (each such read raises it by about 60 %, as the limit is 20 times it).
+  // Racing updates lose a sample now and then, which an average can afford.
   main_read_avg_us_.store(usual + (std::min(us, limit) - usual) / 32, std::memory_order_relaxed);
   if (us <= limit) return false;
   if (count) counters_->slow_reads.fetch_add(1, std::memory_order_relaxed);
   return true;
 }
 
-bool Engine::slow_rescue_allowed() {
-  const int64_t now = now_ms();
-  // Slow reads close together are the device, not a sector: a spin-up, a
-  // stall of the whole disk or of its link, a starved process. Nothing is
-  // rescued until none has been seen for kSlowQuietMs.
-  const int64_t last = last_slow_ms_.exchange(now, std::memory_order_relaxed);
-  if (last != 0 && now - last < kSlowQuietMs) return false;
+bool Engine::slow_rescue_allowed(uint64_t seq) {
+  // Another slow read since this one (a read that waited with it for the
+  // same stall, and finished after it): the device's, not this block's.
+  if (slow_seq_.load(std::memory_order_relaxed) != seq) return false;
   // Slots are for data main cannot store: none for slow blocks once the
   // pool is at the warning level.
   SharedGuard g(gate_);
@@ -673,8 +681,9 @@ void Engine::rescue_slow(ReadFindings& f) {
   }
   std::vector<char> data(block_);
   const int64_t began = now_ms();
-  for (const auto& [first, last] : f.slow) {
-    if (!slow_rescue_allowed()) {
+  for (const ReadFindings::Slow& slow : f.slow) {
+    const uint64_t first = slow.first, last = slow.last;
+    if (!slow_rescue_allowed(slow.seq)) {
       log(LogLevel::kWarning, main_->name() + ": a slow read of blocks " +
                                   std::to_string(first) + "-" + std::to_string(last - 1) +
                                   " is not taken for its blocks' (another slow read came "
@@ -682,11 +691,11 @@ void Engine::rescue_slow(ReadFindings& f) {
                                   "rescued");
       continue;
     }
-    if (last - first > kSlowPinpointMax) {
+    if (last - first > std::max<uint64_t>(1, kSlowPinpointBytes / block_)) {
       log(LogLevel::kWarning, main_->name() + ": a read of blocks " + std::to_string(first) +
                                   "-" + std::to_string(last - 1) +
                                   " was slow; too long a range to read again block by block: "
-                                  "none rescued (a scan reads in smaller pieces)");
+                                  "none rescued (a scan's pieces are short enough)");
       continue;
     }
     size_t rescued = 0;
@@ -720,6 +729,7 @@ void Engine::rescue_slow(ReadFindings& f) {
       if (last - first > 1 && !read_was_slow(now_us() - started, /*count=*/false)) {
         continue;
       }
+      if (!slow_rescue_allowed(slow.seq)) return;  // another slow read came meanwhile
       log(LogLevel::kWarning, block_name(b, block_) +
                                   " read correctly but slowly (past slow=): rescuing it to the "
                                   "spare before it fails");
@@ -1566,6 +1576,8 @@ Status Engine::mark_known_bad(const std::vector<uint64_t>& blocks, KnownBadResul
     // room in its journal unit for the other commits of its round.
     std::vector<std::unique_ptr<Claim>> claims;
     Commit c;
+    const size_t batch_start = i;
+    const uint64_t already_before = result.already;
     for (; i < sorted.size() && c.records.size() < kImportBatch; ++i) {
       // A block someone holds (its retries may take a while): the claims
       // taken so far are not held meanwhile; they commit first.
@@ -1584,7 +1596,11 @@ Status Engine::mark_known_bad(const std::vector<uint64_t>& blocks, KnownBadResul
       c.records.push_back(Record{Record::kPending, Cause::kManual, sorted[i], now});
     }
     if (c.records.empty()) continue;
-    if (auto s = group_commit(c); !s.is_ok()) return s;
+    if (auto s = group_commit(c); !s.is_ok()) {
+      // This batch's blocks on, but those found marked already.
+      result.untried = sorted.size() - batch_start - (result.already - already_before);
+      return s;
+    }
     result.marked += c.records.size();
   }
   if (result.marked > 0) {

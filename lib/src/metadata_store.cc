@@ -446,6 +446,10 @@ Status MetadataStore::load(RemapTable& table, OpenReport& rep, int* checkpoint_c
 
 Status MetadataStore::repair_on_open(const RemapTable& table, OpenReport& rep,
                                      int checkpoint_copy) {
+  // A control socket recorded by the last frontend is not this opener's:
+  // the superblock this open writes goes without it (a frontend records
+  // its own once it serves).
+  sb_.control_path.clear();
   const uint64_t replayed = journal_next_;
   // The other copy of the active checkpoint too: one that is damaged is
   // written again, as is copy 0 when copy 1 had to be read.
@@ -543,6 +547,16 @@ Result<std::unique_ptr<MetadataStore>> MetadataStore::open_snapshot(
     RemapTable t;
     OpenReport rep;
     auto store = open(spare, t, /*writable=*/false, &rep);
+    // A checkpoint written meanwhile starts a new journal over the old one:
+    // the replay may have stopped at a unit already rewritten, and the
+    // table be older than a snapshot taken before. Taken again.
+    if (store.is_ok() && attempt < kSnapshotTries) {
+      auto now = read_superblock(*spare);
+      if (now.is_ok() && now->sb.epoch != store.value()->superblock().epoch) {
+        std::this_thread::sleep_for(kSnapshotGap);
+        continue;
+      }
+    }
     if (store.is_ok() || store.status().code() != EUCLEAN || attempt == kSnapshotTries ||
         !in_use(*spare)) {
       if (store.is_ok()) {

@@ -193,12 +193,13 @@ Json import_json(Engine& engine, const std::vector<uint64_t>& blocks, bool check
   }
   Engine::KnownBadResult r;
   const Status s = engine.mark_known_bad(blocks, r, stopping);
-  Json j{{"marked", r.marked}, {"already", r.already}, {"untried", r.untried}};
   if (!s.is_ok()) {
-    j["errno"] = s.code();
-    j["error"] = s.to_string();
+    // An error reply, as every command's; what was done before it is said.
+    throw ControlError{s.code(), s.to_string() + " (" + std::to_string(r.marked) +
+                                     " block(s) marked before it stay marked, " +
+                                     std::to_string(r.untried) + " not tried)"};
   }
-  return j;
+  return Json{{"marked", r.marked}, {"already", r.already}, {"untried", r.untried}};
 }
 
 Json scan_progress_json(const ScanProgress& p) {

@@ -75,8 +75,8 @@ inline constexpr int64_t kSlowQuietMs = 30000;
 // for a spin-up: not taken as slow blocks.
 inline constexpr int64_t kSlowIdleMs = 30000;
 // The longest slow read that is read again block by block to find its
-// slow blocks (a scan's 256 KiB piece of 4 KiB blocks).
-inline constexpr uint64_t kSlowPinpointMax = 64;
+// slow blocks: a scan's piece (64 blocks of 4 KiB, 512 of 512 bytes).
+inline constexpr uint64_t kSlowPinpointBytes = 256 * 1024;
 const char* health_name(Health h);
 
 // The requests whose time is measured (EngineStats::latency).
@@ -379,21 +379,28 @@ class Engine {
     std::vector<uint64_t> bad_slot_reads;
     uint64_t offline_from = UINT64_MAX;
     bool scan_stopped = false;  // a scan read told to stop (scan_read)
-    // Reads of main's blocks [first, last) that were slow (slow_read).
-    std::vector<std::pair<uint64_t, uint64_t>> slow;
+    // Reads of main's blocks [first, last) that were slow (slow_read), with
+    // their number among all slow reads (slow_seq_).
+    struct Slow {
+      uint64_t first, last, seq;
+    };
+    std::vector<Slow> slow;
   };
   // After a read of main's blocks [first, last) that began at `started_us`
-  // (now_us) and succeeded: a slow one joins f.slow, unless main had been
-  // idle for kSlowIdleMs before it (a spin-up).
-  void note_main_read(int64_t started_us, uint64_t first, uint64_t last, ReadFindings& f);
+  // (now_us), when main had last answered at `answered_ms`, and succeeded:
+  // a slow one joins f.slow, unless another slow read came within
+  // kSlowQuietMs before it, or main had been idle for kSlowIdleMs before it
+  // (a spin-up).
+  void note_main_read(int64_t started_us, int64_t answered_ms, uint64_t first, uint64_t last,
+                      ReadFindings& f);
   // A read of main that took `us` microseconds: true when it is slow
   // (counted with `count`). Every read moves main's usual read time.
   bool read_was_slow(int64_t us, bool count);
-  // False while slow reads come close together (kSlowQuietMs: the device,
-  // not a sector), and once the pool is at the warning level.
-  bool slow_rescue_allowed();
+  // False once another slow read came after the one numbered `seq` (they
+  // waited for the same stall), and once the pool is at the warning level.
+  bool slow_rescue_allowed(uint64_t seq);
   // The blocks of each slow read, each claimed in turn: a range of one
-  // block is rescued; one of up to kSlowPinpointMax blocks is read again
+  // block is rescued; one of up to kSlowPinpointBytes is read again
   // block by block, and the blocks that are slow alone are rescued. Within
   // retry_time; stops at a failed read (main gone is said at once).
   void rescue_slow(ReadFindings& f);
@@ -578,6 +585,7 @@ class Engine {
   std::atomic<uint64_t> main_read_samples_{0};
   std::atomic<int64_t> main_answered_ms_{0};  // now_ms() of main's last answered read
   std::atomic<int64_t> last_slow_ms_{0};      // and of the last slow one
+  std::atomic<uint64_t> slow_seq_{0};         // slow reads so far
   std::atomic<bool> slow_read_only_logged_{false};
 };
 

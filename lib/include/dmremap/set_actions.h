@@ -59,9 +59,10 @@ Json forget_pending_json(Engine& engine, std::vector<uint64_t> blocks, bool all,
                          const std::function<bool()>& stopping = {});
 
 // Engine::mark_known_bad (dmremap import): {"marked", "already",
-// "untried"}, counts of blocks, and on a failure "error" and "errno" (the
-// blocks marked before it stay marked). With `check_only`, nothing is
-// marked: {"fresh", "room"} (Engine::known_bad_room).
+// "untried"}, counts of blocks. A failure throws ControlError, whose
+// message says how many were marked before it (they stay marked). With
+// `check_only`, nothing is marked: {"fresh", "room"}
+// (Engine::known_bad_room).
 Json import_json(Engine& engine, const std::vector<uint64_t>& blocks, bool check_only = false,
                  const std::function<bool()>& stopping = {});
 

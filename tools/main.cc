@@ -46,6 +46,13 @@ void add_set_or_control(CLI::App* cmd, std::string* main, std::string& spare,
 }
 
 // In a command's callback: the set must be named one way or the other.
+// --io auto|direct|buffered, for a command that opens main and the spare.
+void add_io_option(CLI::App* cmd, std::string& io) {
+  cmd->add_option("--io", io, kIoHelp)
+      ->check(CLI::IsMember({"auto", "direct", "buffered"}))
+      ->capture_default_str();
+}
+
 // Finds the frontend of a served set named by --spare (use_served_set);
 // otherwise the set must be named in full.
 void require_set(const CLI::App* cmd, bool needs_main, const std::string& spare,
@@ -206,9 +213,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({512, 1024, 2048, 4096, 8192, 16384, 32768, 65536}))
       ->capture_default_str();
   std::string remap_io = "auto";
-  remap->add_option("--io", remap_io, kIoHelp)
-      ->check(CLI::IsMember({"auto", "direct", "buffered"}))
-      ->capture_default_str();
+  add_io_option(remap, remap_io);
   remap->add_flag_callback("--direct", [&] { remap_io = "direct"; }, "Same as --io direct");
   remap->add_option("--retries", ro.retries, "Extra reads of a failing block")
       ->capture_default_str();
@@ -265,9 +270,7 @@ int main(int argc, char** argv) {
                        "frontend's slow=)")
           ->check(CLI::Range(0.0, 86400.0));
   std::string scan_io = "auto";
-  scan->add_option("--io", scan_io, kIoHelp)
-      ->check(CLI::IsMember({"auto", "direct", "buffered"}))
-      ->capture_default_str();
+  add_io_option(scan, scan_io);
   scan->callback([&] {
     require_set(scan, true, sco.spare, sco.main, sco.control);
     if (slow_opt->count() > 0 && !sco.control.empty()) {
@@ -298,9 +301,7 @@ int main(int argc, char** argv) {
   forget->add_option("block", fpo.blocks, "Pending block numbers (in the set's block size)");
   forget->add_flag("--all", fpo.all, "Every pending block");
   std::string forget_io = "auto";
-  forget->add_option("--io", forget_io, kIoHelp)
-      ->check(CLI::IsMember({"auto", "direct", "buffered"}))
-      ->capture_default_str();
+  add_io_option(forget, forget_io);
   forget->callback([&] {
     require_set(forget, true, fpo.spare, fpo.main, fpo.control);
     if (fpo.blocks.empty() && !fpo.all) {
@@ -352,9 +353,7 @@ int main(int argc, char** argv) {
   import->add_flag("--dry-run", io.dry_run, "Say which blocks it would mark; mark nothing");
   import->add_flag("--json", io.json, "The result as JSON");
   std::string import_io = "auto";
-  import->add_option("--io", import_io, kIoHelp)
-      ->check(CLI::IsMember({"auto", "direct", "buffered"}))
-      ->capture_default_str();
+  add_io_option(import, import_io);
   import->callback([&] {
     require_set(import, true, io.spare, io.main, io.control);
     if (from_ddrescue->count() > 0) {

@@ -1946,6 +1946,11 @@ std::vector<RemapTable::Entry> Engine::entries(
   return out;
 }
 
+uint64_t Engine::remaps_by(Cause cause) {
+  SharedGuard g(gate_);
+  return table_.remaps_by(cause);
+}
+
 std::vector<uint64_t> Engine::bad_slots() {
   SharedGuard g(gate_);
   return table_.bad_slots();

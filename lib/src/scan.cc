@@ -210,9 +210,7 @@ void Scanner::run() {
     }
     // Rescued: weak blocks that read on a retry, and slow ones (slow=).
     auto rescues = [this] {
-      const EngineStats st = engine_.stats();
-      return st.remaps_by_cause[static_cast<int>(Cause::kRescue)] +
-             st.remaps_by_cause[static_cast<int>(Cause::kSlow)];
+      return engine_.remaps_by(Cause::kRescue) + engine_.remaps_by(Cause::kSlow);
     };
     const uint64_t rescues_before = rescues();
     std::vector<uint64_t> bad;

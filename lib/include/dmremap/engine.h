@@ -316,6 +316,8 @@ class Engine {
   KnownBadRoom known_bad_room(const std::vector<uint64_t>& blocks);
   // The spare's bad slots, sorted.
   std::vector<uint64_t> bad_slots();
+  // Blocks remapped for `cause` (a count the table keeps; no stats built).
+  uint64_t remaps_by(Cause cause);
   // When each of `slots` was handed out (read_slot_times): reads of the
   // spare, with no lock held; all unknown while the spare is away.
   std::vector<uint64_t> slot_times(const std::vector<uint64_t>& slots);

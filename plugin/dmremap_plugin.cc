@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "dmremap/control.h"
+#include "dmremap/evacuate.h"
 #include "dmremap/engine.h"
 #include "dmremap/export.h"
 #include "dmremap/health_log.h"
@@ -38,6 +39,7 @@ std::chrono::milliseconds g_log_interval{3600 * 1000};
 std::unique_ptr<dmremap::HealthLog> g_health;
 // The surface scan (writable sets): a saved running scan goes on at start.
 std::unique_ptr<dmremap::Scanner> g_scanner;
+std::unique_ptr<dmremap::Evacuator> g_evacuator;
 std::string g_control_path;
 // Not a unique_ptr: in background mode nbdkit's parent process exits
 // through exit() after the fork, and a static destructor there would
@@ -233,9 +235,13 @@ int dmremap_after_fork() {
     }
     // In the process that serves (the thread would not survive the fork).
     g_health = std::make_unique<dmremap::HealthLog>(*g_engine, g_log_interval);
-    if (!g_config.read_only) g_scanner = std::make_unique<dmremap::Scanner>(*g_engine);
+    if (!g_config.read_only) {
+      g_scanner = std::make_unique<dmremap::Scanner>(*g_engine);
+      g_evacuator = dmremap::make_evacuator(*g_engine, g_config);
+    }
     if (!g_control) return dmremap::Status::ok();
-    dmremap::Status served = g_control->serve(dmremap::engine_commands(*g_engine, g_scanner.get()));
+    dmremap::Status served = g_control->serve(
+        dmremap::engine_commands(*g_engine, g_scanner.get(), g_evacuator.get()));
     if (served.is_ok()) dmremap::advertise_control(*g_engine, g_control_path);
     return served;
   });
@@ -243,6 +249,7 @@ int dmremap_after_fork() {
   if (r != 0) {
     drop_control();
     g_scanner.reset();
+    g_evacuator.reset();
     g_health.reset();
     if (g_engine) (void)g_engine->close();
     g_engine.reset();
@@ -254,6 +261,7 @@ int dmremap_after_fork() {
 void dmremap_cleanup() {
   drop_control();
   g_scanner.reset();  // saves its place
+  g_evacuator.reset();  // as the scan; writes in flight still reach NEW
   g_health.reset();
   if (!g_engine) return;
   (void)guarded("shutdown", RequestKind::kOther, [] { return g_engine->close(); });

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "dmremap/control.h"
+#include "dmremap/evacuate.h"
 #include "dmremap/health_log.h"
 #include "dmremap/log.h"
 #include "dmremap/metrics.h"
@@ -269,16 +270,22 @@ int serve(Options& o) {
   // The surface scan (writable sets): a saved running scan goes on.
   std::unique_ptr<dmremap::Scanner> scanner;
   if (!o.set.read_only) scanner = std::make_unique<dmremap::Scanner>(e);
+  // An evacuation under way goes on: its NEW is opened again and every
+  // write reaches it too, from before the first client is served.
+  std::unique_ptr<dmremap::Evacuator> evacuator;
+  if (!o.set.read_only) evacuator = dmremap::make_evacuator(e, o.set);
 
   // Before any NBD socket is bound: a failure here leaves nothing behind.
   std::unique_ptr<dmremap::ControlServer> control;
   if (!o.control_path.empty()) {
     auto started = dmremap::ControlServer::start(o.control_path,
-                                                 dmremap::engine_commands(e, scanner.get()));
+                                                 dmremap::engine_commands(e, scanner.get(),
+                                                                          evacuator.get()));
     if (!started.is_ok()) {
       std::fprintf(stderr, "dmremap-server: cannot serve: %s\n",
                    started.status().to_string().c_str());
       scanner.reset();
+      evacuator.reset();
       (void)e.close();
       return kExitFailed;
     }
@@ -301,6 +308,7 @@ int serve(Options& o) {
       std::fprintf(stderr, "dmremap-server: cannot serve: %s\n", ex.what());
       control.reset();
       scanner.reset();
+      evacuator.reset();
       (void)e.close();
       return kExitFailed;
     }
@@ -321,6 +329,7 @@ int serve(Options& o) {
     metrics.reset();
     control.reset();
     scanner.reset();
+    evacuator.reset();
     (void)e.close();
     return kExitFailed;
   }
@@ -348,6 +357,7 @@ int serve(Options& o) {
   metrics.reset();
   control.reset();
   scanner.reset();  // saves its place
+  evacuator.reset();  // saves its place; writes in flight still reach NEW
   health.reset();  // as the plugin: no health line while the set closes
   const int status = close_set(e, shutdown->close_wait());
   if (info.live() != 0) {

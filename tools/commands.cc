@@ -11,6 +11,8 @@
 #include <chrono>
 #include <cstdio>
 #include <ctime>
+#include <filesystem>
+#include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -20,6 +22,7 @@
 #include "dmremap/control.h"
 #include "dmremap/disk_map.h"
 #include "dmremap/engine.h"
+#include "dmremap/evacuate.h"
 #include "dmremap/metadata_store.h"
 #include "dmremap/metrics.h"
 #include "dmremap/scan.h"
@@ -437,34 +440,42 @@ SetConfig offline_set(const std::string& main, const std::string& spare, IoMode 
   return config;
 }
 
-// A GNU ddrescue mapfile of main: pending blocks (unreadable, their data
-// lost) are '-', every other byte '+' (finished). ddrescuelog, ddrescueview
-// and nbdkit's ddrescue filter read it.
-void print_ddrescue_map(const Json& j) {
-  const uint64_t size = j["main_size"].get<uint64_t>();
-  const uint64_t bs = j["block_size"].get<uint64_t>();
-  fmt::print("# Mapfile. Created by dmremap {}\n", DMREMAP_VERSION);
-  fmt::print("# Pending blocks (main cannot read them; their data is lost) are '-'.\n");
-  fmt::print("# Every other byte, on main or remapped to the spare, reads: '+'.\n");
-  fmt::print("# current_pos  current_status  current_pass\n");
-  fmt::print("0x{:08X}     +               1\n", 0);
-  fmt::print("#      pos        size  status\n");
+// A GNU ddrescue mapfile of a disk of `size` bytes: the blocks in `bad`
+// (sorted) are '-', every other byte '+' (finished). ddrescuelog,
+// ddrescueview and nbdkit's ddrescue filter read it. `legend`: the comment
+// lines that say what '-' and '+' mean here.
+void write_ddrescue_map(std::FILE* out, uint64_t size, uint64_t bs, const std::vector<uint64_t>& bad,
+                        const std::vector<std::string>& legend) {
+  fmt::print(out, "# Mapfile. Created by dmremap {}\n", DMREMAP_VERSION);
+  for (const std::string& line : legend) fmt::print(out, "# {}\n", line);
+  fmt::print(out, "# current_pos  current_status  current_pass\n");
+  fmt::print(out, "0x{:08X}     +               1\n", 0);
+  fmt::print(out, "#      pos        size  status\n");
   uint64_t pos = 0;
   auto run = [&](uint64_t end, char status) {
-    if (end > pos) fmt::print("0x{:08X}  0x{:08X}  {}\n", pos, end - pos, status);
+    if (end > pos) fmt::print(out, "0x{:08X}  0x{:08X}  {}\n", pos, end - pos, status);
     pos = end;
   };
-  std::vector<uint64_t> pending;
-  for (const Json& e : j["pending"]) pending.push_back(e["block"].get<uint64_t>());
-  std::sort(pending.begin(), pending.end());
-  for (size_t i = 0; i < pending.size();) {
-    size_t k = i;  // a run of consecutive pending blocks
-    while (k + 1 < pending.size() && pending[k + 1] == pending[k] + 1) ++k;
-    run(pending[i] * bs, '+');
-    run(std::min(size, (pending[k] + 1) * bs), '-');
+  for (size_t i = 0; i < bad.size();) {
+    size_t k = i;  // a run of consecutive bad blocks
+    while (k + 1 < bad.size() && bad[k + 1] == bad[k] + 1) ++k;
+    run(bad[i] * bs, '+');
+    run(std::min(size, (bad[k] + 1) * bs), '-');
     i = k + 1;
   }
   run(size, '+');
+}
+
+// The list's ddrescue form: pending blocks (unreadable, their data lost)
+// are '-'.
+void print_ddrescue_map(const Json& j) {
+  std::vector<uint64_t> pending;
+  for (const Json& e : j["pending"]) pending.push_back(e["block"].get<uint64_t>());
+  std::sort(pending.begin(), pending.end());
+  write_ddrescue_map(stdout, j["main_size"].get<uint64_t>(), j["block_size"].get<uint64_t>(),
+                     pending,
+                     {"Pending blocks (main cannot read them; their data is lost) are '-'.",
+                      "Every other byte, on main or remapped to the spare, reads: '+'."});
 }
 
 void print_list(const Json& j, const ListOptions& o) {
@@ -939,6 +950,324 @@ int run_scan_offline(const ScanOptions& o) {
 
 int run_scan(const ScanOptions& o) {
   return o.control.empty() ? run_scan_offline(o) : run_scan_served(o);
+}
+
+namespace {
+
+// One line of an evacuation's progress: where, how fast, how long still,
+// what was lost.
+void print_evac(const Json& p, bool json, bool in_place) {
+  if (json) {
+    fmt::print("{}\n", p.dump());
+    std::fflush(stdout);
+    return;
+  }
+  const uint64_t bs = p["block_size"].get<uint64_t>();
+  const std::string state = p["state"].get<std::string>();
+  std::string line = fmt::format(
+      "evacuate {} to {}: {} of {} ({:.1f}%), {}/s{}, ETA {}, {} lost, {} writes mirrored", state,
+      p["target"].get<std::string>(),
+      human_bytes(static_cast<double>(p["next_block"].get<uint64_t>() * bs)),
+      human_bytes(static_cast<double>(p["blocks"].get<uint64_t>() * bs)),
+      p["percent"].get<double>(), human_bytes(p["rate"].get<double>()),
+      p["rate_limit"].get<uint64_t>() == 0
+          ? std::string()
+          : " (limit " + human_bytes(static_cast<double>(p["rate_limit"].get<uint64_t>())) + "/s)",
+      state == "running" ? hms(p["eta_seconds"].get<double>()) : std::string("-"),
+      p["lost"].get<uint64_t>(), p["mirrored"].get<uint64_t>());
+  if (p["resync_regions"].get<uint64_t>() > 0) {
+    line += fmt::format(", {} region(s) to copy again", p["resync_regions"].get<uint64_t>());
+  }
+  if (!p["error"].get<std::string>().empty()) line += "; " + p["error"].get<std::string>();
+  if (in_place) {
+    fmt::print("\r\033[K{}", line);
+  } else {
+    fmt::print("{}\n", line);
+  }
+  std::fflush(stdout);
+}
+
+// Shows progress every second (every 10 s in a log) until the copy is no
+// longer running, or Ctrl-C (`interrupted`).
+template <class Poll>
+std::optional<Json> follow_evac(bool json, Poll poll, bool& interrupted) {
+  const bool in_place = !json && ::isatty(STDOUT_FILENO);
+  g_interrupted = 0;
+  auto previous = std::signal(SIGINT, [](int) { g_interrupted = 1; });
+  std::optional<Json> last;
+  auto report_at = std::chrono::steady_clock::now();
+  while (true) {
+    auto p = poll();
+    if (!p) break;
+    last = p;
+    // In sync but still copying again what a crash left: not over yet.
+    const Json& now = *p;
+    const bool over = now["state"] != "running" &&
+                      !(now["state"] == "in-sync" && now["resync_regions"] != 0);
+    if (over || in_place || std::chrono::steady_clock::now() >= report_at) {
+      print_evac(*p, json, in_place);
+      report_at = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    }
+    if (over) break;
+    for (int i = 0; i < 10 && !g_interrupted; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    if (g_interrupted) break;
+  }
+  std::signal(SIGINT, previous);
+  if (in_place) fmt::print("\n");
+  interrupted = g_interrupted != 0;
+  return last;
+}
+
+// Writes the report and the mapfile of the blocks NEW does not hold.
+Status write_evac_report(const EvacuateOptions& o, const Json& progress,
+                         const std::vector<uint64_t>& lost) {
+  const uint64_t bs = progress["block_size"].get<uint64_t>();
+  const uint64_t size = progress["blocks"].get<uint64_t>() * bs;
+  std::FILE* map = std::fopen(o.mapfile.c_str(), "w");
+  if (map == nullptr) return Status::from_errno(o.mapfile);
+  write_ddrescue_map(map, size, bs, lost,
+                     {"Blocks NEW does not hold are '-': the set could not read them, and NEW",
+                      "has zeros there. Every other byte was copied to NEW: '+'."});
+  if (std::fclose(map) != 0) return Status::from_errno(o.mapfile);
+  std::FILE* r = std::fopen(o.report.c_str(), "w");
+  if (r == nullptr) return Status::from_errno(o.report);
+  fmt::print(r, "dmremap evacuate report\n");
+  fmt::print(r, "NEW:            {}\n", progress["target"].get<std::string>());
+  fmt::print(r, "state:          {}\n", progress["state"].get<std::string>());
+  fmt::print(r, "started:        {}\n", format_time(progress["started"].get<uint64_t>()));
+  fmt::print(r, "in sync since:  {}\n", format_time(progress["synced"].get<uint64_t>()));
+  fmt::print(r, "disk:           {} ({} blocks of {} bytes)\n", human_bytes(static_cast<double>(size)),
+             progress["blocks"].get<uint64_t>(), bs);
+  fmt::print(r, "copied:         {} of {} blocks\n", progress["next_block"].get<uint64_t>(),
+             progress["blocks"].get<uint64_t>());
+  fmt::print(r, "writes mirrored while it ran (this process): {}\n",
+             progress["mirrored"].get<uint64_t>());
+  fmt::print(r, "lost blocks:    {} ({} bytes): NEW holds zeros there\n", lost.size(),
+             lost.size() * bs);
+  fmt::print(r, "mapfile:        {} (GNU ddrescue format; '-' = lost)\n", o.mapfile);
+  if (!lost.empty()) {
+    fmt::print(r, "\nLost blocks (block, byte offset, 512-byte sector):\n");
+    for (uint64_t b : lost) fmt::print(r, "{} {} {}\n", b, b * bs, b * bs / 512);
+    fmt::print(r, "\nTo find the files they belong to on ext4: debugfs -R \"icheck BLOCK...\" NEW,\n"
+                  "then \"ncheck INODE...\" (blocks in the filesystem's block size).\n");
+  }
+  if (std::fclose(r) != 0) return Status::from_errno(o.report);
+  return Status::ok();
+}
+
+// The end of a copy that is in sync: the report, then the verification.
+int finish_evac(const EvacuateOptions& o, const Json& progress, const std::vector<uint64_t>& lost,
+                const std::function<Result<Json>()>& verify) {
+  if (Status s = write_evac_report(o, progress, lost); !s.is_ok()) return fail(s);
+  fmt::print(stderr, "dmremap: NEW {} holds the whole disk; {} block(s) lost. Report: {}; "
+                     "mapfile: {}\n",
+             progress["target"].get<std::string>(), lost.size(), o.report, o.mapfile);
+  if (!o.verify) return kExitOk;
+  fmt::print(stderr, "dmremap: verifying: NEW against the set, block by block\n");
+  auto v = verify();
+  if (!v.is_ok()) return fail(v.status());
+  const Json& j = v.value();
+  if (o.json) fmt::print("{}\n", j.dump());
+  if (j["differ_count"].get<uint64_t>() == 0) {
+    fmt::print(stderr, "dmremap: verified: {} block(s) equal, {} lost block(s) skipped\n",
+               j["compared"].get<uint64_t>(), j["lost"].get<uint64_t>());
+    return kExitOk;
+  }
+  std::string first;
+  for (const Json& b : j["differ"]) {
+    if (first.size() > 60) break;
+    first += (first.empty() ? "" : ", ") + std::to_string(b.get<uint64_t>());
+  }
+  return fail(Status::error(EIO, fmt::format("verify: {} block(s) differ between NEW and the set "
+                                             "(first: {})",
+                                             j["differ_count"].get<uint64_t>(), first)));
+}
+
+int evac_exit(const Json& p) {
+  const std::string state = p["state"].get<std::string>();
+  return state == "in-sync" || state == "finished" ? kExitOk : kExitFailed;
+}
+
+// A relative path is the frontend's, which may run elsewhere.
+std::string absolute_target(const std::string& spec) {
+  if (spec.empty() || is_nbd_uri(spec) || spec[0] == '/') return spec;
+  std::error_code ec;
+  const auto abs = std::filesystem::absolute(spec, ec);
+  return ec ? spec : abs.lexically_normal().string();
+}
+
+int run_evacuate_served(const EvacuateOptions& o) {
+  auto call = [&](Json request, std::chrono::milliseconds timeout = std::chrono::seconds(30)) {
+    request["command"] = "evacuate";
+    return ask(o.control, request, timeout);
+  };
+  if (!o.action.empty() && o.action != "verify") {
+    auto r = call(Json{{"action", o.action}});
+    if (!r.is_ok()) return fail(r.status());
+    if (o.rate) {
+      r = call(Json{{"action", "rate"}, {"rate", *o.rate}});
+      if (!r.is_ok()) return fail(r.status());
+    }
+    print_evac(r.value(), o.json, false);
+    return o.action == "status" ? evac_exit(r.value()) : kExitOk;
+  }
+  auto verify = [&]() -> Result<Json> {
+    return call(Json{{"action", "verify"}}, std::chrono::hours(24 * 7));
+  };
+  auto lost_list = [&]() -> Result<std::pair<Json, std::vector<uint64_t>>> {
+    auto r = call(Json{{"action", "lost"}});
+    if (!r.is_ok()) return r.take_status();
+    std::vector<uint64_t> lost = r.value()["lost_blocks"].get<std::vector<uint64_t>>();
+    Json p = r.value();
+    p.erase("lost_blocks");
+    return std::make_pair(p, lost);
+  };
+  if (o.action == "verify") {
+    auto l = lost_list();
+    if (!l.is_ok()) return fail(l.status());
+    return finish_evac(o, l.value().first, l.value().second, verify);
+  }
+  auto now = call(Json{{"action", "status"}});
+  if (!now.is_ok()) return fail(now.status());
+  const std::string state = now.value()["state"].get<std::string>();
+  const bool under_way = state == "running" || state == "paused" || state == "in-sync";
+  Result<Json> r = now;
+  if (under_way && (o.to.empty() || absolute_target(o.to) == now.value()["target"])) {
+    if (state == "paused") r = call(Json{{"action", "resume"}});
+    if (r.is_ok() && o.rate) r = call(Json{{"action", "rate"}, {"rate", *o.rate}});
+    if (state != "in-sync") fmt::print(stderr, "dmremap: an evacuation is under way; following it\n");
+  } else if (o.to.empty()) {
+    return fail(Status::error(EINVAL, "no evacuation is under way: name NEW with --to"));
+  } else {
+    Json start{{"action", "start"}, {"to", absolute_target(o.to)}, {"force", o.force}};
+    if (o.rate) start["rate"] = *o.rate;
+    r = call(start);
+  }
+  if (!r.is_ok()) return fail(r.status());
+  if (o.detach) {
+    print_evac(r.value(), o.json, false);
+    return kExitOk;
+  }
+  bool interrupted = false;
+  Status gone = Status::ok();
+  auto last = follow_evac(o.json, [&]() -> std::optional<Json> {
+    auto p = call(Json{{"action", "status"}});
+    if (!p.is_ok()) {
+      gone = p.status();
+      return std::nullopt;
+    }
+    return p.value();
+  }, interrupted);
+  if (!gone.is_ok()) return fail(gone);
+  if (interrupted) {
+    fmt::print(stderr, "dmremap: the evacuation goes on in the frontend; `dmremap evacuate "
+                       "--control {} --status` shows it, --pause or --abort stops it\n",
+               o.control);
+    return kExitOk;
+  }
+  if (!last || (*last)["state"] != "in-sync") {
+    if (last && !(*last)["error"].get<std::string>().empty()) {
+      print_error("evacuation " + (*last)["state"].get<std::string>() + ": " +
+                  (*last)["error"].get<std::string>());
+    }
+    return kExitFailed;
+  }
+  auto l = lost_list();
+  if (!l.is_ok()) return fail(l.status());
+  return finish_evac(o, l.value().first, l.value().second, verify);
+}
+
+int run_evacuate_offline(const EvacuateOptions& o) {
+  SetConfig config = offline_set(o.main, o.spare, o.io);
+  auto engine = open_set(config);
+  if (!engine.is_ok()) return fail(engine.status());
+  Engine& e = *engine.value();
+  int rc = kExitOk;
+  {
+    std::unique_ptr<Evacuator> ev = make_evacuator(e, config);  // picks up a saved one
+    const EvacProgress before = ev->progress();
+    const bool under_way = before.state == EvacState::kRunning ||
+                           before.state == EvacState::kPaused ||
+                           before.state == EvacState::kSynced;
+    Status s = Status::ok();
+    if (o.action == "status") {
+      print_evac(evac_progress_json(before), o.json, false);
+      rc = evac_exit(evac_progress_json(before));
+    } else if (o.action == "pause") {
+      print_error("nothing copies while the set is not served: the evacuation is " +
+                  std::string(evac_state_name(before.state)));
+      rc = kExitFailed;
+    } else if (o.action == "abort") {
+      s = ev->abort();
+      if (s.is_ok()) print_evac(evac_progress_json(ev->progress()), o.json, false);
+    } else if (o.action == "verify") {
+      auto v = ev->verify();
+      if (!v.is_ok()) {
+        s = v.status();
+      } else {
+        const Json p = evac_progress_json(ev->progress());
+        rc = finish_evac(o, p, ev->lost_blocks(), [&]() -> Result<Json> {
+          return evac_verify_json(v.value());
+        });
+      }
+    } else {
+      if (under_way && (o.to.empty() || absolute_target(o.to) == before.target)) {
+        if (before.state == EvacState::kPaused) s = ev->resume();
+        if (s.is_ok() && o.rate) s = ev->set_rate(*o.rate);
+        if (before.state != EvacState::kSynced) {
+          fmt::print(stderr, "dmremap: going on with the evacuation to {} from block {}\n",
+                     before.target, before.next_block);
+        }
+      } else if (o.to.empty()) {
+        s = Status::error(EINVAL, "no evacuation is under way: name NEW with --to");
+      } else {
+        EvacStart how;
+        how.target = absolute_target(o.to);
+        how.rate = o.rate.value_or(0);
+        how.force = o.force;
+        s = ev->start(how);
+      }
+      if (s.is_ok()) {
+        bool interrupted = false;
+        auto last = follow_evac(
+            o.json, [&]() -> std::optional<Json> { return evac_progress_json(ev->progress()); },
+            interrupted);
+        if (interrupted) {
+          (void)ev->pause();
+          fmt::print(stderr, "dmremap: evacuation paused; `dmremap evacuate` on this set goes on "
+                             "from where it stopped\n");
+          rc = kExitFailed;
+        } else if (!last || (*last)["state"] != "in-sync") {
+          if (last && !(*last)["error"].get<std::string>().empty()) {
+            print_error("evacuation " + (*last)["state"].get<std::string>() + ": " +
+                        (*last)["error"].get<std::string>());
+          }
+          rc = kExitFailed;
+        } else {
+          rc = finish_evac(o, *last, ev->lost_blocks(), [&]() -> Result<Json> {
+            auto v = ev->verify();
+            if (!v.is_ok()) return v.take_status();
+            return evac_verify_json(v.value());
+          });
+        }
+      }
+    }
+    if (!s.is_ok()) {
+      (void)fail(s);
+      rc = kExitFailed;
+    }
+  }  // the evacuator saves its place here; closing the set ends one in sync
+  const Status c = e.close();
+  if (!c.is_ok()) return fail(c);
+  return rc;
+}
+
+}  // namespace
+
+int run_evacuate(const EvacuateOptions& o) {
+  return o.control.empty() ? run_evacuate_offline(o) : run_evacuate_served(o);
 }
 
 int run_forget_pending(const ForgetPendingOptions& o) {

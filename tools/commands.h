@@ -94,6 +94,23 @@ struct ScanOptions {
 std::optional<uint64_t> parse_rate(const std::string& text);
 int run_scan(const ScanOptions& o);
 
+struct EvacuateOptions {
+  std::string main;
+  std::string spare;
+  std::string control;  // or ask the running frontend
+  std::string to;       // NEW: a path or an NBD URI
+  std::optional<uint64_t> rate;  // bytes per second, 0: no limit
+  bool force = false;   // NEW may hold data
+  std::string action;   // "", or status, pause, resume, abort, verify
+  bool verify = false;  // compare NEW with the set once in sync
+  bool detach = false;  // start it in the frontend and return
+  bool json = false;
+  std::string report = "dmremap-evacuate.txt";
+  std::string mapfile = "dmremap-evacuate.map";
+  IoMode io = IoMode::kAuto;
+};
+int run_evacuate(const EvacuateOptions& o);
+
 struct ForgetPendingOptions {
   std::string main;
   std::string spare;

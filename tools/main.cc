@@ -289,6 +289,76 @@ int main(int argc, char** argv) {
     rc = run_scan(sco);
   });
 
+  EvacuateOptions eo;
+  CLI::App* evacuate = app.add_subcommand(
+      "evacuate",
+      "Move the disk's contents onto a new disk (NEW: a file, a block device or an NBD URI) "
+      "while it stays in use: the virtual disk, main merged with its remaps, is copied block "
+      "by block through dmremap (retries, rescues), and every client write from then on goes "
+      "to NEW as well as to the set before it is answered. A block that cannot be read is "
+      "written as zeros and listed in the report and a ddrescue mapfile. The place is saved "
+      "on the spare every 30 s, so it goes on after a restart or a crash. While the set is "
+      "served, its frontend runs it (--control). Exit 0 once NEW is in sync. See "
+      "docs/evacuate.md for the whole procedure and the cut-over.");
+  add_set_or_control(evacuate, &eo.main, eo.spare, eo.control);
+  evacuate->add_option("--to", eo.to, "NEW: the disk to copy onto (path or NBD URI)")
+      ->type_name("NEW");
+  std::string evac_rate;
+  evacuate->add_option("--rate", evac_rate,
+                       "Copy at most this many bytes per second: 50M, 1G, 800K (0: no limit); "
+                       "given to a running evacuation, changes its rate");
+  evacuate->add_flag("--force", eo.force, "NEW may hold data: overwrite it");
+  auto* ev_pause = evacuate->add_flag_callback("--pause", [&] { eo.action = "pause"; },
+                                               "Pause the copy (writes still go to both disks)");
+  auto* ev_resume = evacuate->add_flag_callback("--resume", [&] { eo.action = "resume"; },
+                                                "Go on with a paused copy")
+                        ->excludes(ev_pause);
+  auto* ev_abort = evacuate->add_flag_callback("--abort", [&] { eo.action = "abort"; },
+                                               "End the evacuation: NEW is no longer written")
+                       ->excludes(ev_pause)
+                       ->excludes(ev_resume);
+  auto* ev_status = evacuate->add_flag_callback("--status", [&] { eo.action = "status"; },
+                                                "Show the evacuation's progress once (exit 0 "
+                                                "when in sync or finished)")
+                        ->excludes(ev_pause)
+                        ->excludes(ev_resume)
+                        ->excludes(ev_abort);
+  evacuate->add_flag("--verify", eo.verify,
+                     "Once in sync, compare NEW with the set block by block (lost blocks are "
+                     "skipped); alone, verify an evacuation in sync or finished")
+      ->excludes(ev_pause)
+      ->excludes(ev_resume)
+      ->excludes(ev_abort)
+      ->excludes(ev_status);
+  evacuate->add_option("--report", eo.report, "Where to write the report")
+      ->type_name("FILE")
+      ->capture_default_str();
+  evacuate->add_option("--mapfile", eo.mapfile,
+                       "Where to write the GNU ddrescue mapfile of the blocks NEW does not hold")
+      ->type_name("FILE")
+      ->capture_default_str();
+  evacuate->add_flag("--detach", eo.detach,
+                     "With --control: start it and return; `--status` shows how it goes");
+  evacuate->add_flag("--json", eo.json, "Progress as JSON, one object per line");
+  std::string evac_io = "auto";
+  add_io_option(evacuate, evac_io);
+  evacuate->callback([&] {
+    require_set(evacuate, true, eo.spare, eo.main, eo.control);
+    if (!evac_rate.empty()) {
+      eo.rate = parse_rate(evac_rate);
+      if (!eo.rate) {
+        throw CLI::ValidationError("--rate", "'" + evac_rate + "' is not a rate: 50M, 1G, 800K");
+      }
+    }
+    if (eo.detach && eo.control.empty()) {
+      throw CLI::ValidationError("--detach", "only a served set's evacuation runs without this "
+                                             "command");
+    }
+    if (eo.verify && eo.action.empty() && eo.to.empty()) eo.action = "verify";
+    (void)dmremap::parse_io_mode(evac_io, eo.io);
+    rc = run_evacuate(eo);
+  });
+
   ForgetPendingOptions fpo;
   CLI::App* forget = app.add_subcommand(
       "forget-pending",

@@ -484,12 +484,12 @@ std::vector<uint64_t> blocks_of(const Json& request) {
 
 }  // namespace
 
-ControlServer::Handler engine_commands(Engine& engine, Scanner* scanner) {
+ControlServer::Handler engine_commands(Engine& engine, Scanner* scanner, Evacuator* evacuator) {
   // Fixed at format; copied now so the control thread never reads the
   // superblock while the lease rewrites it.
   const Superblock fixed = engine.geometry();
   const Json identity = identity_json(fixed);
-  return [&engine, identity, fixed, scanner](const Json& request) -> ControlReply {
+  return [&engine, identity, fixed, scanner, evacuator](const Json& request) -> ControlReply {
     const Json& cmd = request.contains("command") ? request["command"] : Json();
     if (!cmd.is_string()) throw ControlError{EINVAL, "the request names no \"command\""};
     if (cmd == "status") {
@@ -507,6 +507,14 @@ ControlServer::Handler engine_commands(Engine& engine, Scanner* scanner) {
       if (!action.is_string()) throw ControlError{EINVAL, "\"action\" must be a string"};
       if (action != "status") require_admin(request, "scan");
       return scan_json(*scanner, request);
+    }
+    if (cmd == "evacuate") {
+      if (evacuator == nullptr) {
+        throw ControlError{ENOTSUP, "this set is served read-only: it cannot be evacuated here"};
+      }
+      const Json& action = request.contains("action") ? request["action"] : Json("status");
+      if (action != "status" && action != "lost") require_admin(request, "evacuate");
+      return evacuate_json(*evacuator, request);
     }
     if (cmd == "metrics") {
       const ScanProgress scan = scanner ? scanner->progress() : ScanProgress{};
@@ -540,8 +548,8 @@ ControlServer::Handler engine_commands(Engine& engine, Scanner* scanner) {
       });
     }
     throw ControlError{EINVAL, "unknown command \"" + cmd.get<std::string>() +
-                                   "\" (this server knows: status, list, metrics, scan, remap, "
-                                   "forget-pending, import)"};
+                                   "\" (this server knows: status, list, metrics, scan, evacuate, "
+                                   "remap, forget-pending, import)"};
   };
 }
 

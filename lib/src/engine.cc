@@ -30,6 +30,9 @@ thread_local bool t_scanning = false;
 // The scan's stop flag, while it reads (scan_read).
 thread_local const std::atomic<bool>* t_scan_stop = nullptr;
 
+Engine::Background::Background() : was_(t_scanning) { t_scanning = true; }
+Engine::Background::~Background() { t_scanning = was_; }
+
 // One request's admission (see close()).
 class Engine::Admit {
  public:
@@ -999,8 +1002,65 @@ Status Engine::offline_error() {
 
 // ---------------------------------------------------------------- writes
 
+std::shared_ptr<WriteMirror> Engine::mirror() {
+  if (!has_mirror_.load(std::memory_order_acquire)) return nullptr;
+  std::lock_guard l(mirror_mu_);
+  return mirror_;
+}
+
+void Engine::attach_mirror(std::shared_ptr<WriteMirror> m) {
+  const bool attaching = m != nullptr;
+  {
+    std::lock_guard l(mirror_mu_);
+    mirror_ = std::move(m);
+    has_mirror_.store(attaching, std::memory_order_seq_cst);
+  }
+  // Writes that began without the mirror finish first: whatever the mirror
+  // is for may then assume it sees every change made after this returns.
+  while (attaching && unmirrored_.load(std::memory_order_seq_cst) != 0) {
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+}
+
+Status Engine::flush_background() {
+  const Background background;
+  Admit admit(*this);
+  if (!admit) return Status::error(EIO, "the device is closed");
+  if (Status s = refuse_if_unusable(); !s.is_ok()) return s;
+  return flush_both();
+}
+
+// A request the mirror cannot take (out of range, read-only...) is not
+// given to it: the engine's own checks answer first.
+namespace {
+bool mirrored_range(uint64_t len, uint64_t offset, uint64_t size) {
+  return len > 0 && offset <= size && len <= size - offset;
+}
+}  // namespace
+
+Status Engine::mirrored(WriteMirror::Op op, const void* buf, uint64_t len, uint64_t offset,
+                        bool fua, const std::function<Status()>& apply) {
+  // Counted before the mirror is looked at, so that attach_mirror() either
+  // sees this request or this request sees the mirror.
+  unmirrored_.fetch_add(1, std::memory_order_seq_cst);
+  std::shared_ptr<WriteMirror> m;
+  if (has_mirror_.load(std::memory_order_seq_cst) && !options_.read_only &&
+      mirrored_range(len, offset, size_)) {
+    m = mirror();
+  }
+  if (m) {
+    unmirrored_.fetch_sub(1, std::memory_order_seq_cst);
+    return m->change(op, buf, len, offset, fua, apply);
+  }
+  Status s = apply();
+  unmirrored_.fetch_sub(1, std::memory_order_seq_cst);
+  return s;
+}
+
 Status Engine::write(const void* buf, uint64_t len, uint64_t offset, bool fua) {
-  return do_write(static_cast<const char*>(buf), Data::kBuffer, len, offset, fua);
+  const char* src = static_cast<const char*>(buf);
+  return mirrored(WriteMirror::Op::kWrite, buf, len, offset, fua,
+                  [&] { return do_write(src, Data::kBuffer, len, offset, fua); });
 }
 
 Status Engine::write_zeroes(uint64_t len, uint64_t offset, bool fua, bool fast) {
@@ -1016,7 +1076,8 @@ Status Engine::write_zeroes(uint64_t len, uint64_t offset, bool fua, bool fast) 
     }
   }
   counters_->zeroes.fetch_add(1, std::memory_order_relaxed);
-  return do_write(nullptr, Data::kZeroes, len, offset, fua);
+  return mirrored(WriteMirror::Op::kZeroes, nullptr, len, offset, fua,
+                  [&] { return do_write(nullptr, Data::kZeroes, len, offset, fua); });
 }
 
 Status Engine::do_write(const char* src, Data kind, uint64_t len, uint64_t offset, bool fua) {
@@ -1625,6 +1686,11 @@ Status Engine::mark_pending(uint64_t block) {
 // ------------------------------------------------------ trim, flush, admin
 
 Status Engine::trim(uint64_t len, uint64_t offset, bool fua) {
+  return mirrored(WriteMirror::Op::kTrim, nullptr, len, offset, fua,
+                  [&] { return do_trim(len, offset, fua); });
+}
+
+Status Engine::do_trim(uint64_t len, uint64_t offset, bool fua) {
   Admit admit(*this);
   if (!admit) return Status::error(EIO, "the device is closed");
   if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
@@ -1674,7 +1740,11 @@ Status Engine::flush() {
   if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
   LatencyTimer timed(counters_->latency[kLatencyFlush]);
   counters_->flushes.fetch_add(1, std::memory_order_relaxed);  // FUA's flushes are not
-  return flush_both();
+  Status s = flush_both();
+  if (s.is_ok()) {
+    if (auto m = mirror()) m->flushed();
+  }
+  return s;
 }
 
 Status Engine::flush_both() {
@@ -1876,6 +1946,10 @@ Status Engine::forget_pending(const std::vector<uint64_t>& blocks, bool listed,
     log(LogLevel::kWarning, block_name(b, block_) +
                                 ": pending mark cleared, main reads it now (dmremap forget-pending)");
   }
+  // They read again: an evacuation's new disk gets what they hold.
+  if (auto m = mirror()) {
+    for (uint64_t b : cleared) m->refresh(b, b + 1);
+  }
   result.cleared = std::move(cleared);
   return Status::ok();
 }
@@ -1915,6 +1989,20 @@ Status Engine::save_scan(const ScanMark& m) {
                            m.rescued);
 }
 
+EvacRecord Engine::saved_evacuation() {
+  std::lock_guard l(store_mu_);
+  return store_->superblock().evac;
+}
+
+Status Engine::save_evacuation(const EvacRecord& record) {
+  Admit admit(*this);
+  if (!admit) return Status::error(EIO, "the device is closed");
+  if (options_.read_only) return Status::error(EPERM, "the device is read-only");
+  std::lock_guard l(store_mu_);
+  if (auto s = refuse_if_unusable(); !s.is_ok()) return s;
+  return store_->save_evacuation(record);
+}
+
 Status Engine::advertise_control(const std::string& path) {
   Admit admit(*this);
   if (!admit) return Status::error(EIO, "the device is closed");
@@ -1926,10 +2014,9 @@ Status Engine::advertise_control(const std::string& path) {
 
 Status Engine::scan_read(void* buf, uint64_t len, uint64_t offset,
                          std::vector<uint64_t>* unreadable, const std::atomic<bool>* stop) {
-  t_scanning = true;
+  const Background background;
   t_scan_stop = stop;
   Status s = read(buf, len, offset, unreadable);
-  t_scanning = false;
   t_scan_stop = nullptr;
   return s;
 }
@@ -2060,6 +2147,14 @@ Status Engine::close(std::optional<std::chrono::milliseconds> wait) {
     Status sp = flush_device(*spare_);
     if (!m.is_ok()) return m;
     if (!sp.is_ok()) return sp;
+    // The set is flushed: an evacuation flushes its new disk and says what
+    // the clean checkpoint's superblock records of it.
+    if (auto mir = mirror()) {
+      if (auto rec = mir->closing()) {
+        std::lock_guard l(store_mu_);
+        store_->set_evacuation(*rec);
+      }
+    }
     if (journal_broken_.load()) {
       return Status::error(EIO, "closed without a clean checkpoint: the journal is broken");
     }

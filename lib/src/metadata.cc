@@ -20,6 +20,51 @@ constexpr char kCheckpointMagic[8] = {'D', 'M', 'R', 'M', 'P', 'C', 'K', '1'};
 constexpr char kJournalMagic[4] = {'D', 'M', 'R', 'J'};
 constexpr char kSlotMagic[4] = {'D', 'M', 'S', 'L'};
 constexpr char kSlotUnitMagic[8] = {'D', 'M', 'R', 'M', 'P', 'S', 'H', 'U'};
+constexpr char kEvacMagic[8] = {'D', 'M', 'R', 'M', 'E', 'V', 'A', 'C'};
+
+void encode_evac(const EvacRecord& e, char* out) {
+  if (e.state == 0) return;  // all zeros: no evacuation
+  char* r = out + kEvacOffset;
+  std::memcpy(r, kEvacMagic, 8);
+  le::put32(r + 8, e.state);
+  le::put64(r + 16, e.cursor);
+  le::put64(r + 24, e.started);
+  le::put64(r + 32, e.saved);
+  le::put64(r + 40, e.rate);
+  le::put64(r + 48, e.target_size);
+  le::put64(r + 56, e.lost);
+  le::put64(r + 64, e.region_blocks);
+  le::put64(r + 72, e.synced);
+  std::memcpy(r + 80, e.target_identity.data(),
+              std::min(e.target_identity.size(), kEvacIdentityBytes - 1));
+  std::memcpy(r + 144, e.target.data(), std::min(e.target.size(), kEvacTargetBytes - 1));
+  if (!e.intent.empty()) {
+    std::memcpy(out + kEvacIntentOffset, e.intent.data(),
+                std::min(e.intent.size(), kEvacIntentBytes));
+  }
+  le::put32(out + kEvacCrcAt, crc32c(r, kEvacCrcAt - kEvacOffset));
+}
+
+// False when the record is there (its magic) but damaged.
+bool decode_evac(const char* in, EvacRecord& e) {
+  const char* r = in + kEvacOffset;
+  if (std::memcmp(r, kEvacMagic, 8) != 0) return true;  // none
+  if (le::get32(in + kEvacCrcAt) != crc32c(r, kEvacCrcAt - kEvacOffset)) return false;
+  e.state = le::get32(r + 8);
+  e.cursor = le::get64(r + 16);
+  e.started = le::get64(r + 24);
+  e.saved = le::get64(r + 32);
+  e.rate = le::get64(r + 40);
+  e.target_size = le::get64(r + 48);
+  e.lost = le::get64(r + 56);
+  e.region_blocks = le::get64(r + 64);
+  e.synced = le::get64(r + 72);
+  e.target_identity.assign(r + 80, strnlen(r + 80, kEvacIdentityBytes - 1));
+  e.target.assign(r + 144, strnlen(r + 144, kEvacTargetBytes - 1));
+  e.intent.assign(in + kEvacIntentOffset, in + kEvacIntentOffset + kEvacIntentBytes);
+  if (e.intent_empty()) e.intent.clear();
+  return true;
+}
 
 uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 
@@ -82,6 +127,7 @@ void Superblock::encode(char* out) const {
   le::put64(out + 304, scan_rescued);
   std::memcpy(out + 312, control_path.data(), std::min(control_path.size(), kControlPathBytes - 1));
   le::put32(out + kSuperblockCrcBytes, crc32c(out, kSuperblockCrcBytes));
+  encode_evac(evac, out);
 }
 
 std::optional<Superblock> Superblock::decode(const char* in, std::string* problem) {
@@ -133,6 +179,12 @@ std::optional<Superblock> Superblock::decode(const char* in, std::string* proble
     s.scan_unreadable = le::get64(in + 296);
     s.scan_rescued = le::get64(in + 304);
     s.control_path.assign(in + 312, strnlen(in + 312, kControlPathBytes - 1));
+    // A damaged record makes the copy untrusted, as a damaged superblock
+    // does: the other copy (an older place) wins.
+    if (!decode_evac(in, s.evac)) {
+      if (problem) *problem = "its evacuation record fails its checksum";
+      return std::nullopt;
+    }
   }
   // A checksummed superblock with impossible geometry is still not trusted:
   // it is damaged, or made to harm whoever reads it.

@@ -618,6 +618,20 @@ Status MetadataStore::advertise_control(const std::string& path) {
   return write_renewal(std::move(next));
 }
 
+Status MetadataStore::save_evacuation(const EvacRecord& record) {
+  if (failed_) return refused();
+  if (record.target.size() >= kEvacTargetBytes) {
+    return Status::error(ENAMETOOLONG, "the evacuation's target " + record.target +
+                                           " is too long to record (" +
+                                           std::to_string(kEvacTargetBytes - 1) + " bytes at most)");
+  }
+  Superblock next = sb_;
+  next.evac = record;
+  // A lost save leaves the other copy, an older place: the copy goes over
+  // some blocks again, and a region set in the bitmap there is copied again.
+  return write_renewal(std::move(next));
+}
+
 Status MetadataStore::heartbeat() {
   if (failed_) return refused();
   auto found = read_superblock(*spare_);

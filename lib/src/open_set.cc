@@ -1,5 +1,6 @@
 #include "dmremap/open_set.h"
 
+#include "dmremap/evacuate.h"
 #include "dmremap/fault_spec.h"
 #include "dmremap/faulty_device.h"
 #include "dmremap/log.h"
@@ -52,6 +53,13 @@ std::string main_mismatch(const BlockDevice& main, uint64_t main_size,
            "\"";
   }
   return {};
+}
+
+std::unique_ptr<Evacuator> make_evacuator(Engine& engine, const SetConfig& config) {
+  OpenOptions o;
+  o.io = config.io;
+  o.request_timeout = config.io_timeout;
+  return std::make_unique<Evacuator>(engine, o, std::vector<std::string>{config.main, config.spare});
 }
 
 }  // namespace dmremap

@@ -257,4 +257,80 @@ Json scan_json(Scanner& scanner, const Json& request) {
   return scan_progress_json(scanner.progress());
 }
 
+Json evac_progress_json(const EvacProgress& p) {
+  Json j;
+  j["state"] = evac_state_name(p.state);
+  j["target"] = p.target;
+  j["target_size"] = p.target_size;
+  j["next_block"] = p.next_block;
+  j["blocks"] = p.blocks;
+  j["block_size"] = p.block_size;
+  j["percent"] = p.blocks == 0 ? 0.0 : 100.0 * static_cast<double>(p.next_block) /
+                                           static_cast<double>(p.blocks);
+  j["rate_limit"] = p.rate_limit;
+  j["rate"] = p.rate;
+  j["eta_seconds"] = p.eta_seconds;
+  j["started"] = p.started;
+  j["synced"] = p.synced;
+  j["lost"] = p.lost;
+  j["resync_regions"] = p.resync_regions;
+  j["region_blocks"] = p.region_blocks;
+  j["mirrored"] = p.mirrored;
+  j["waiting_for_main"] = p.waiting_for_main;
+  j["error"] = p.error;
+  return j;
+}
+
+Json evac_verify_json(const EvacVerify& v) {
+  return Json{{"compared", v.compared}, {"lost", v.lost},         {"differ_count", v.differ_count},
+              {"differ", v.differ},     {"stopped", v.stopped}};
+}
+
+ControlReply evacuate_json(Evacuator& evacuator, const Json& request) {
+  const Json& a = request.contains("action") ? request["action"] : Json("status");
+  if (!a.is_string()) throw ControlError{EINVAL, "\"action\" must be a string"};
+  const std::string action = a.get<std::string>();
+  auto rate = [&]() -> uint64_t {
+    if (!request.contains("rate")) return evacuator.progress().rate_limit;
+    if (!request["rate"].is_number_unsigned()) {
+      throw ControlError{EINVAL, "\"rate\" must be bytes per second (0: no limit)"};
+    }
+    return request["rate"].get<uint64_t>();
+  };
+  Status s;
+  if (action == "start") {
+    EvacStart how;
+    if (!request.contains("to") || !request["to"].is_string()) {
+      throw ControlError{EINVAL, "\"to\" must name NEW: a path or an NBD URI"};
+    }
+    how.target = request["to"].get<std::string>();
+    how.rate = request.contains("rate") ? rate() : 0;
+    how.force = request.contains("force") && request["force"] == true;
+    s = evacuator.start(how);
+  } else if (action == "pause") {
+    s = evacuator.pause();
+  } else if (action == "resume") {
+    s = evacuator.resume();
+  } else if (action == "abort") {
+    s = evacuator.abort();
+  } else if (action == "rate") {
+    s = evacuator.set_rate(rate());
+  } else if (action == "lost") {
+    Json j = evac_progress_json(evacuator.progress());
+    j["lost_blocks"] = evacuator.lost_blocks();
+    return j;
+  } else if (action == "verify") {
+    return ControlReply::later([&evacuator](const std::function<bool()>& stopping) {
+      auto v = evacuator.verify(stopping);
+      if (!v.is_ok()) throw ControlError{v.status().code(), v.status().to_string()};
+      return evac_verify_json(v.value());
+    });
+  } else if (action != "status") {
+    throw ControlError{EINVAL, "unknown evacuate action \"" + action +
+                                   "\" (status, start, pause, resume, abort, rate, lost, verify)"};
+  }
+  if (!s.is_ok()) throw ControlError{s.code(), s.to_string()};
+  return evac_progress_json(evacuator.progress());
+}
+
 }  // namespace dmremap

@@ -141,8 +141,12 @@ struct ControlError {
 // frontend runs as. Unknown commands get EINVAL.
 // With a scanner, also "scan" (see scan_json): "action" status for anyone,
 // start, pause, resume, cancel and rate for root and the serving user.
+// With an evacuator, also "evacuate" (see evacuate_json): "action" status
+// and lost for anyone, the rest for root and the serving user.
 class Scanner;
-ControlServer::Handler engine_commands(Engine& engine, Scanner* scanner = nullptr);
+class Evacuator;
+ControlServer::Handler engine_commands(Engine& engine, Scanner* scanner = nullptr,
+                                       Evacuator* evacuator = nullptr);
 
 // Records `path` (made absolute) on the spare (Engine::advertise_control),
 // so that `dmremap COMMAND --spare SPARE` finds the frontend; a failure is

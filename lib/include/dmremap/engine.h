@@ -156,6 +156,29 @@ class GateLock {
   pthread_rwlock_t rw_;
 };
 
+// Sees every change a client makes to the virtual disk, around the
+// engine's own work: an evacuation (lib/evacuate.h) copies each write to
+// the new disk before the write is answered. Attached with
+// Engine::attach_mirror; called from many threads at once.
+class WriteMirror {
+ public:
+  enum class Op { kWrite, kZeroes, kTrim };
+  virtual ~WriteMirror() = default;
+  // A write, write-zeroes or trim of [offset, offset+len), checked and
+  // admitted by the engine: `apply` does the set's part and its status is
+  // the request's. `buf` is null but for kWrite.
+  virtual Status change(Op op, const void* buf, uint64_t len, uint64_t offset, bool fua,
+                        const std::function<Status()>& apply) = 0;
+  // After a FLUSH of the set that worked.
+  virtual void flushed() = 0;
+  // Blocks [first, last) now read differently without a client write (a
+  // pending mark cleared by forget-pending).
+  virtual void refresh(uint64_t first, uint64_t last) = 0;
+  // Engine::close, once requests have drained and the set is flushed:
+  // the record to write with the clean checkpoint, if it changed.
+  virtual std::optional<EvacRecord> closing() = 0;
+};
+
 // Reads and writes the virtual disk (exactly main's size) as
 // docs/behaviour.md says. All public methods are thread-safe and may be
 // called from many threads at once.
@@ -275,6 +298,33 @@ class Engine {
   // lease has lapsed. Losing it is harmless (the scan reads a little
   // again), so it is written as a lease renewal is: expendable.
   Status save_scan(const ScanMark& mark);
+  // The evacuation's record, as the superblock keeps it.
+  EvacRecord saved_evacuation();
+  // Writes it to the superblock and flushes (durable when ok). EPERM
+  // read-only; EIO once closed or the lease has lapsed.
+  Status save_evacuation(const EvacRecord& record);
+  // Every client write, write-zeroes, trim and flush from now on goes
+  // through `mirror` too (null: none). Returns once the writes that began
+  // without it have finished.
+  void attach_mirror(std::shared_ptr<WriteMirror> mirror);
+  // While one lives, this thread's requests are a background task's (an
+  // evacuation's), not a client's: the scan and the copy do not back off
+  // for them (last_client_request_ms).
+  class Background {
+   public:
+    Background();
+    ~Background();
+    Background(const Background&) = delete;
+    Background& operator=(const Background&) = delete;
+
+   private:
+    bool was_;
+  };
+  // Flushes main and the spare for a background task (an evacuation's
+  // save): not counted as a client's request.
+  Status flush_background();
+  // False while main as a whole does not answer (reads rule 7).
+  bool main_is_online() const { return main_online(); }
   // Records the frontend's control socket (an absolute path) in the
   // superblock, written as save_scan is, so that `dmremap ... --spare`
   // finds the frontend; a clean close clears it. EPERM read-only.
@@ -365,6 +415,7 @@ class Engine {
 
   enum class Data { kBuffer, kZeroes };
   Status do_write(const char* src, Data kind, uint64_t len, uint64_t offset, bool fua);
+  Status do_trim(uint64_t len, uint64_t offset, bool fua);
   uint64_t slot_offset(uint64_t slot) const;
   // What a read found on its way: blocks main failed on (to retry), with
   // the reads of each that were made already; blocks that cannot be read
@@ -589,6 +640,16 @@ class Engine {
   std::atomic<int64_t> last_slow_ms_{0};      // and of the last slow one
   std::atomic<uint64_t> slow_seq_{0};         // slow reads so far
   std::atomic<bool> slow_read_only_logged_{false};
+  // attach_mirror's; `has_mirror_` lets requests skip the lock when none.
+  std::mutex mirror_mu_;
+  std::shared_ptr<WriteMirror> mirror_;
+  std::atomic<bool> has_mirror_{false};
+  std::shared_ptr<WriteMirror> mirror();
+  // Client writes, write-zeroes and trims running without the mirror.
+  std::atomic<int64_t> unmirrored_{0};
+  // A write, write-zeroes or trim: through the mirror when there is one.
+  Status mirrored(WriteMirror::Op op, const void* buf, uint64_t len, uint64_t offset, bool fua,
+                  const std::function<Status()>& apply);
 };
 
 }  // namespace dmremap

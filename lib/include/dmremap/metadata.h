@@ -33,6 +33,52 @@ inline constexpr uint32_t kFlagClean = 1;              // superblock flag: close
 inline constexpr uint64_t kMaxJournalBytes = uint64_t{1} << 30;
 inline constexpr uint64_t kMaxPendingCapacity = uint64_t{1} << 40;
 
+// The evacuation record (`dmremap evacuate`), superblock bytes 512-4095.
+inline constexpr size_t kEvacOffset = 512;
+inline constexpr size_t kEvacTargetBytes = 512;    // NEW's path or URI, NUL-padded
+inline constexpr size_t kEvacIdentityBytes = 64;   // NEW's serial or WWID, NUL-padded
+inline constexpr size_t kEvacIntentOffset = 1184;  // the write-intent bitmap
+inline constexpr size_t kEvacIntentBytes = 2880;   // 23,040 regions
+inline constexpr size_t kEvacCrcAt = 4092;         // CRC32C of bytes 512-4091
+
+// Where an evacuation is: which disk it copies to (NEW), how far the copy
+// has come, and which regions of the disk may hold writes that NEW does not
+// hold durably yet (set before such a write, cleared once NEW and the set
+// are flushed): after a crash those regions are copied again.
+struct EvacRecord {
+  uint32_t state = 0;      // EvacState (lib/evacuate.h); 0: none
+  uint64_t cursor = 0;     // blocks below it are on NEW (flushed)
+  uint64_t started = 0;    // seconds since 1970
+  uint64_t saved = 0;      // when this was written
+  uint64_t rate = 0;       // the copy's limit, bytes per second (0: none)
+  uint64_t target_size = 0;
+  uint64_t lost = 0;       // blocks the copy could not read so far
+  uint64_t region_blocks = 0;  // blocks per bit of `intent`
+  uint64_t synced = 0;     // when NEW first held the whole disk (0: not yet)
+  std::string target;      // at most 511 bytes
+  std::string target_identity;  // at most 63 bytes
+  std::vector<uint8_t> intent;  // kEvacIntentBytes, or empty (all clear)
+
+  bool intent_bit(uint64_t region) const {
+    return region / 8 < intent.size() && (intent[region / 8] >> (region % 8)) & 1;
+  }
+  void set_intent_bit(uint64_t region) {
+    if (intent.empty()) intent.assign(kEvacIntentBytes, 0);
+    intent[region / 8] = static_cast<uint8_t>(intent[region / 8] | (1u << (region % 8)));
+  }
+  void clear_intent_bit(uint64_t region) {
+    if (region / 8 < intent.size()) {
+      intent[region / 8] = static_cast<uint8_t>(intent[region / 8] & ~(1u << (region % 8)));
+    }
+  }
+  bool intent_empty() const {
+    for (uint8_t b : intent) {
+      if (b != 0) return false;
+    }
+    return true;
+  }
+};
+
 using Uuid = std::array<uint8_t, 16>;
 std::string uuid_string(const Uuid& u);
 Uuid random_uuid();
@@ -76,6 +122,9 @@ struct Superblock {
   // absolute path, at most 107 bytes), so that `dmremap --spare` finds it;
   // empty when closed cleanly. Saved as the scan's fields are.
   std::string control_path;
+  // Version 2: an evacuation in progress or ended (bytes 512-4095, with a
+  // CRC of their own). Older dmremaps write zeros there: they forget it.
+  EvacRecord evac;
 
   uint64_t journal_units() const { return journal_bytes / kMetaUnit; }
   uint64_t checkpoint_capacity() const {

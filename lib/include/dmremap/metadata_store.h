@@ -112,6 +112,12 @@ class MetadataStore {
   // Records the frontend's control socket (Superblock::control_path) the
   // same way; a clean close clears it.
   Status advertise_control(const std::string& path);
+  // Records the evacuation (Superblock::evac) the same way. Its writer
+  // waits for the flush, so a record that returned ok is durable.
+  Status save_evacuation(const EvacRecord& record);
+  // Sets it in memory only: the next superblock write (a clean close's
+  // checkpoint) carries it.
+  void set_evacuation(const EvacRecord& record) { sb_.evac = record; }
   Status heartbeat();
   // Writes `table` as the new checkpoint and empties the journal. With
   // `clean`, the superblock says the set was closed cleanly.

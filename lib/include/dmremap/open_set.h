@@ -28,6 +28,12 @@ struct SetConfig {
 // engine. Errors say what to do.
 Result<std::unique_ptr<Engine>> open_set(const SetConfig& config);
 
+// The evacuator a frontend runs beside the set (lib/evacuate.h): NEW is
+// opened as main is (the same I/O mode and timeout), and may be neither
+// main nor the spare.
+class Evacuator;
+std::unique_ptr<Evacuator> make_evacuator(Engine& engine, const SetConfig& config);
+
 // Says why `main` is not the disk a set was formatted for (its size, or its
 // identity: a block device's serial number, stored cut to 63 bytes), or ""
 // when it is. The engine refuses to open on it; `dmremap check` and `status`

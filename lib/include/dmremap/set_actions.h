@@ -13,6 +13,7 @@
 #include "dmremap/engine.h"
 #include "dmremap/metadata.h"
 #include "dmremap/remap_table.h"
+#include "dmremap/evacuate.h"
 #include "dmremap/scan.h"
 
 namespace dmremap {
@@ -74,5 +75,15 @@ Json scan_progress_json(const ScanProgress& p);
 // "rate"), pause, resume, cancel or rate ("rate"); the reply is the
 // progress after it. ControlError when the action is refused.
 Json scan_json(Scanner& scanner, const Json& request);
+
+// An evacuation's progress, as `dmremap evacuate --status --json` prints it.
+Json evac_progress_json(const EvacProgress& p);
+// The control channel's "evacuate" command: "action" status (the default),
+// start ("to", "rate", "force"), pause, resume, abort, rate, lost (the
+// blocks NEW does not hold) and verify (long work: compares NEW with the
+// set). Failures throw ControlError.
+ControlReply evacuate_json(Evacuator& evacuator, const Json& request);
+// A verification's result.
+Json evac_verify_json(const EvacVerify& v);
 
 }  // namespace dmremap

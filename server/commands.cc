@@ -1,5 +1,7 @@
 #include "commands.h"
 
+#include "dmremap/evacuate.h"
+
 #include <algorithm>
 #include <cerrno>
 #include <new>
@@ -35,7 +37,8 @@ Status for_client(const Status& s, const nbd::Request& r) {
 
 // BLOCK_STATUS for the selected contexts; runs clipped to the request and
 // merged when their flags agree.
-Reply block_status(const nbd::Request& r, const Negotiated& n, Engine& e, Status& s) {
+Reply block_status(const nbd::Request& r, const Negotiated& n, Engine& e, Evacuator* ev,
+                   Status& s) {
   const uint64_t end = r.offset + r.length;
   auto add = [&](Runs& runs, uint64_t off, uint64_t len, uint32_t flags) {
     const uint64_t lo = std::max(off, r.offset);
@@ -68,6 +71,29 @@ Reply block_status(const nbd::Request& r, const Negotiated& n, Engine& e, Status
     });
     if (pos < end) add(runs, pos, end - pos, 0);
     contexts.emplace_back(nbd::kContextRemapped, std::move(runs));
+  }
+  if (n.copied && ev != nullptr) {
+    // Below the copy's place (or everywhere once NEW holds the whole
+    // disk): copied, but the lost blocks; the rest not yet.
+    Runs runs;
+    const uint32_t bs = e.block_size();
+    const EvacProgress p = ev->progress();
+    const bool whole = p.state == EvacState::kSynced || p.state == EvacState::kFinished;
+    const bool live = whole || p.state == EvacState::kRunning || p.state == EvacState::kPaused;
+    const uint64_t copied_end = !live ? 0 : whole ? end : std::min(end, p.next_block * bs);
+    uint64_t pos = r.offset;
+    if (copied_end > pos) {
+      for (uint64_t b : ev->lost_blocks(r.offset / bs, (copied_end + bs - 1) / bs)) {
+        const uint64_t at = b * bs;
+        if (at > pos) add(runs, pos, at - pos, 0);
+        add(runs, at, bs, nbd::kStateLost);
+        pos = std::max(pos, at + bs);
+      }
+      if (copied_end > pos) add(runs, pos, copied_end - pos, 0);
+      pos = std::max(pos, copied_end);
+    }
+    if (pos < end) add(runs, pos, end - pos, nbd::kStateNotCopied);
+    contexts.emplace_back(nbd::kContextCopied, std::move(runs));
   }
   const size_t keep = (r.flags & nbd::kCmdFlagReqOne) ? 1 : kMaxStatusRuns;
   for (auto& [id, runs] : contexts) {
@@ -140,7 +166,7 @@ Verdict validate(const nbd::Request& r, const Negotiated& n, const ExportInfo& i
   }
   if (r.type == nbd::kCmdBlockStatus) {
     if (!n.structured) return {nbd::kEinval, "BLOCK_STATUS needs structured replies"};
-    if (!n.allocation && !n.remapped) {
+    if (!n.allocation && !n.remapped && !n.copied) {
       return {nbd::kEinval, "BLOCK_STATUS needs a meta context selected"};
     }
     if (r.length == 0) return {nbd::kEinval, "BLOCK_STATUS of no bytes"};
@@ -175,7 +201,7 @@ Reply execute(const nbd::Request& r, Buffer& payload, const Negotiated& n,
         break;
       case nbd::kCmdCache: s = cache(e, r.length, r.offset); break;
       case nbd::kCmdBlockStatus: {
-        Reply reply = block_status(r, n, e, s);
+        Reply reply = block_status(r, n, e, info.evacuator, s);
         if (s.is_ok()) return reply;
         break;
       }

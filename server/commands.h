@@ -20,6 +20,7 @@ struct Negotiated {
   // Selected by the last SET_META_CONTEXT.
   bool allocation = false;  // base:allocation
   bool remapped = false;    // x-dmremap:remapped (or its old name)
+  bool copied = false;      // x-dmremap:copied (sets that can be evacuated)
 };
 
 // NBD transmission flags for this export and client.

@@ -12,6 +12,10 @@
 #include "dmremap/engine.h"
 #include "dmremap/export.h"
 
+namespace dmremap {
+class Evacuator;
+}
+
 namespace dmremap::server {
 
 class SessionBase {
@@ -28,6 +32,8 @@ class SessionBase {
 
 struct ExportInfo {
   Engine* engine = nullptr;
+  // The set's evacuation (writable sets): x-dmremap:copied describes it.
+  Evacuator* evacuator = nullptr;
   unsigned max_lanes = 32;  // threads per connection (--threads)
   std::string name;          // the export's name ("" is the default export)
   std::string description;

@@ -71,6 +71,7 @@ struct Reader {
 constexpr std::string_view kAllocation = "base:allocation";
 constexpr std::string_view kRemapped = "x-dmremap:remapped";
 constexpr std::string_view kRemappedOld = "dmremap:remapped";  // until the next release
+constexpr std::string_view kCopied = "x-dmremap:copied";
 
 }  // namespace
 
@@ -106,7 +107,7 @@ Handshake::Outcome Handshake::oversized(uint32_t option, uint32_t length, std::s
                            " bytes, over the limit of " + std::to_string(kMaxOptionBytes));
   // EXPORT_NAME has no error reply: the connection ends.
   if (option == nbd::kOptExportName) return Outcome::kEnd;
-  if (option == nbd::kOptSetMetaContext) n_.allocation = n_.remapped = false;
+  if (option == nbd::kOptSetMetaContext) n_.allocation = n_.remapped = n_.copied = false;
   if (shutting_down_) {
     refuse(out, option, nbd::kRepErrShutdown, "the server is shutting down");
   } else {
@@ -221,7 +222,7 @@ Handshake::Outcome Handshake::info_or_go(uint32_t option, std::string_view data,
 void Handshake::meta_context(uint32_t option, std::string_view data, std::string& out) {
   const bool set = option == nbd::kOptSetMetaContext;
   // SET replaces the selection, also when it fails.
-  if (set) n_.allocation = n_.remapped = false;
+  if (set) n_.allocation = n_.remapped = n_.copied = false;
   if (set && !n_.structured) {
     refuse(out, option, nbd::kRepErrInvalid, "negotiate structured replies first");
     return;
@@ -253,12 +254,16 @@ void Handshake::meta_context(uint32_t option, std::string_view data, std::string
   }
   // LIST with no query lists everything; "ns:" lists a whole namespace.
   // SET selects exact names only. Context IDs in LIST replies are 0.
-  bool allocation = false, remapped = false, remapped_old = false;
+  bool allocation = false, remapped = false, remapped_old = false, copied = false;
+  // x-dmremap:copied only where an evacuation can run (writable sets).
+  const bool can_copy = info_.evacuator != nullptr;
   if (!set && queries.empty()) allocation = remapped = true;
+  if (!set && queries.empty()) copied = can_copy;
   for (const auto q : queries) {
     if (q == kAllocation || (!set && q == "base:")) allocation = true;
     if (q == kRemapped || (!set && q == "x-dmremap:")) remapped = true;
     if (q == kRemappedOld || (!set && q == "dmremap:")) remapped_old = true;
+    if (can_copy && (q == kCopied || (!set && q == "x-dmremap:"))) copied = true;
   }
   auto context = [&](uint32_t id, std::string_view context_name) {
     std::string s;
@@ -273,9 +278,11 @@ void Handshake::meta_context(uint32_t option, std::string_view data, std::string
     context(nbd::kContextRemapped, kRemappedOld);
   }
   if (!set && remapped && remapped_old) context(0, kRemappedOld);
+  if (copied) context(nbd::kContextCopied, kCopied);
   if (set) {
     n_.allocation = allocation;
     n_.remapped = remapped || remapped_old;
+    n_.copied = copied;
   }
   reply(out, option, nbd::kRepAck);
 }

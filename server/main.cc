@@ -79,7 +79,7 @@ void add_options(CLI::App& app, Options& o) {
                  "Listen on this Unix socket. A stale socket there is replaced; anything else "
                  "(a file, a live server's socket) is refused");
   app.add_option("--control", o.control_path,
-                 "Answer dmremap status, list, scan, remap and forget-pending --control SOCKET, and "
+                 "Answer dmremap status, list, scan, evacuate, remap and forget-pending --control SOCKET, and "
                  "the metrics, on this "
                  "Unix socket (created mode 0600; only root and this user may change the set "
                  "through it)");
@@ -274,6 +274,7 @@ int serve(Options& o) {
   // write reaches it too, from before the first client is served.
   std::unique_ptr<dmremap::Evacuator> evacuator;
   if (!o.set.read_only) evacuator = dmremap::make_evacuator(e, o.set);
+  info.evacuator = evacuator.get();
 
   // Before any NBD socket is bound: a failure here leaves nothing behind.
   std::unique_ptr<dmremap::ControlServer> control;

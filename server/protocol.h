@@ -83,10 +83,13 @@ inline constexpr uint16_t kCmdFlagFastZero = 1 << 4;
 // accepted by SET_META_CONTEXT for one release.
 inline constexpr uint32_t kContextAllocation = 1;  // "base:allocation"
 inline constexpr uint32_t kContextRemapped = 2;    // "x-dmremap:remapped"
+inline constexpr uint32_t kContextCopied = 3;      // "x-dmremap:copied"
 inline constexpr uint32_t kStateHole = 1;          // base:allocation
 inline constexpr uint32_t kStateZero = 2;
 inline constexpr uint32_t kStateRemapped = 1;      // x-dmremap:remapped
 inline constexpr uint32_t kStatePending = 2;
+inline constexpr uint32_t kStateNotCopied = 1;     // x-dmremap:copied: not on NEW (yet)
+inline constexpr uint32_t kStateLost = 2;          // on NEW as zeros: the set cannot read it
 
 // Structured reply chunks.
 inline constexpr uint16_t kReplyFlagDone = 1;

@@ -267,6 +267,16 @@ void print_status(const Json& j, const std::string& control) {
                  "serving it writable\n", j.value("format_version", 2u));
     }
   }
+  if (j.contains("evacuation")) {
+    const Json& ev = j["evacuation"];
+    const std::string state = ev.value("state", std::string());
+    fmt::print("evacuate   {} to {}: {:.1f}% copied, {} block(s) lost{}\n", state,
+               ev.value("target", std::string()), ev.value("percent", 0.0),
+               ev.value("lost", 0ull),
+               state == "in-sync"    ? "; NEW is in sync, every write reaches it"
+               : state == "finished" ? "; NEW held the whole disk when the set closed"
+                                     : "");
+  }
   fmt::print("formatted  {}\n", j.value("formatted", std::string()));
 }
 
@@ -317,6 +327,10 @@ int status_once(const StatusOptions& o) {
     j["served"] = false;
     j.update(stats_json(s, /*live=*/false));
     j["clean"] = sb.clean();
+    if (sb.evac.state != 0) {
+      j["evacuation"] = evac_progress_json(
+          saved_evac_progress(sb.evac, sb.main_size / sb.block_size, sb.block_size));
+    }
     j["generation"] = sb.generation;
     j["epoch"] = sb.epoch;
     j["journal_records"] = l.report.journal_records;
@@ -1103,7 +1117,7 @@ int run_evacuate_served(const EvacuateOptions& o) {
     request["command"] = "evacuate";
     return ask(o.control, request, timeout);
   };
-  if (!o.action.empty() && o.action != "verify") {
+  if (!o.action.empty()) {
     auto r = call(Json{{"action", o.action}});
     if (!r.is_ok()) return fail(r.status());
     if (o.rate) {
@@ -1124,14 +1138,16 @@ int run_evacuate_served(const EvacuateOptions& o) {
     p.erase("lost_blocks");
     return std::make_pair(p, lost);
   };
-  if (o.action == "verify") {
+  auto now = call(Json{{"action", "status"}});
+  if (!now.is_ok()) return fail(now.status());
+  const std::string state = now.value()["state"].get<std::string>();
+  // --verify alone, with NEW complete: the report and the comparison.
+  if (o.verify && o.to.empty() && (state == "in-sync" || state == "finished") &&
+      now.value()["resync_regions"] == 0) {
     auto l = lost_list();
     if (!l.is_ok()) return fail(l.status());
     return finish_evac(o, l.value().first, l.value().second, verify);
   }
-  auto now = call(Json{{"action", "status"}});
-  if (!now.is_ok()) return fail(now.status());
-  const std::string state = now.value()["state"].get<std::string>();
   const bool under_way = state == "running" || state == "paused" || state == "in-sync";
   Result<Json> r = now;
   if (under_way && (o.to.empty() || absolute_target(o.to) == now.value()["target"])) {
@@ -1202,7 +1218,8 @@ int run_evacuate_offline(const EvacuateOptions& o) {
     } else if (o.action == "abort") {
       s = ev->abort();
       if (s.is_ok()) print_evac(evac_progress_json(ev->progress()), o.json, false);
-    } else if (o.action == "verify") {
+    } else if (o.verify && o.to.empty() && before.resync_regions == 0 &&
+               (before.state == EvacState::kSynced || before.state == EvacState::kFinished)) {
       auto v = ev->verify();
       if (!v.is_ok()) {
         s = v.status();

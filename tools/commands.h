@@ -101,8 +101,10 @@ struct EvacuateOptions {
   std::string to;       // NEW: a path or an NBD URI
   std::optional<uint64_t> rate;  // bytes per second, 0: no limit
   bool force = false;   // NEW may hold data
-  std::string action;   // "", or status, pause, resume, abort, verify
-  bool verify = false;  // compare NEW with the set once in sync
+  std::string action;   // "", or status, pause, resume, abort
+  // Compare NEW with the set once in sync (alone: follow the evacuation
+  // under way, or verify one in sync or finished).
+  bool verify = false;
   bool detach = false;  // start it in the frontend and return
   bool json = false;
   std::string report = "dmremap-evacuate.txt";

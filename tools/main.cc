@@ -325,7 +325,8 @@ int main(int argc, char** argv) {
                         ->excludes(ev_abort);
   evacuate->add_flag("--verify", eo.verify,
                      "Once in sync, compare NEW with the set block by block (lost blocks are "
-                     "skipped); alone, verify an evacuation in sync or finished")
+                     "skipped). Without --to: follows the evacuation under way, or verifies one in "
+                     "sync or finished")
       ->excludes(ev_pause)
       ->excludes(ev_resume)
       ->excludes(ev_abort)
@@ -354,7 +355,6 @@ int main(int argc, char** argv) {
       throw CLI::ValidationError("--detach", "only a served set's evacuation runs without this "
                                              "command");
     }
-    if (eo.verify && eo.action.empty() && eo.to.empty()) eo.action = "verify";
     (void)dmremap::parse_io_mode(evac_io, eo.io);
     rc = run_evacuate(eo);
   });

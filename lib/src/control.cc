@@ -1,5 +1,7 @@
 #include "dmremap/control.h"
 
+#include "dmremap/evacuate.h"
+
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
@@ -16,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "dmremap/evacuate.h"
 #include "dmremap/log.h"
 #include "dmremap/metadata_store.h"
 #include "dmremap/metrics.h"
@@ -496,6 +499,10 @@ ControlServer::Handler engine_commands(Engine& engine, Scanner* scanner, Evacuat
       Json j = identity;
       j["served"] = true;
       j.update(stats_json(engine.stats(), /*live=*/true));
+      if (evacuator != nullptr) {
+        const EvacProgress ev = evacuator->progress();
+        if (ev.state != EvacState::kNone) j["evacuation"] = evac_progress_json(ev);
+      }
       return j;
     }
     if (cmd == "list") return list_json(engine, list_query(request));

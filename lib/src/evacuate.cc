@@ -785,22 +785,24 @@ EvacProgress Evacuator::wait(std::chrono::milliseconds timeout) {
   }
 }
 
-std::vector<uint64_t> Evacuator::lost_blocks() {
+std::vector<uint64_t> Evacuator::lost_blocks(uint64_t first, uint64_t last) {
   std::vector<uint64_t> out;
   if (!core_) return out;
   uint64_t cursor;
   std::set<uint64_t> extra;
   {
     std::lock_guard l(core_->mu_);
-    cursor = core_->cursor_;
-    extra = core_->lost_extra_;
+    cursor = std::min(core_->cursor_, last);
+    if (first < cursor) {
+      extra.insert(core_->lost_extra_.lower_bound(first), core_->lost_extra_.lower_bound(cursor));
+    }
   }
-  engine_.for_each_entry(0, cursor, [&](const RemapTable::Entry& e) {
-    if (RemapTable::is_pending(e.value)) out.push_back(e.block);
-  });
-  for (uint64_t b : extra) {
-    if (b < cursor) out.push_back(b);
+  if (first < cursor) {
+    engine_.for_each_entry(first, cursor, [&](const RemapTable::Entry& e) {
+      if (RemapTable::is_pending(e.value)) out.push_back(e.block);
+    });
   }
+  out.insert(out.end(), extra.begin(), extra.end());
   std::sort(out.begin(), out.end());
   out.erase(std::unique(out.begin(), out.end()), out.end());
   return out;

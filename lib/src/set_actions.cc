@@ -281,6 +281,26 @@ Json evac_progress_json(const EvacProgress& p) {
   return j;
 }
 
+EvacProgress saved_evac_progress(const EvacRecord& r, uint64_t blocks, uint32_t block_size) {
+  EvacProgress p;
+  p.state = r.state <= static_cast<uint32_t>(EvacState::kFinished) ? static_cast<EvacState>(r.state)
+                                                                   : EvacState::kNone;
+  p.target = r.target;
+  p.target_size = r.target_size;
+  p.next_block = std::min(r.cursor, blocks);
+  p.blocks = blocks;
+  p.block_size = block_size;
+  p.rate_limit = r.rate;
+  p.started = static_cast<int64_t>(r.started);
+  p.synced = static_cast<int64_t>(r.synced);
+  p.lost = r.lost;
+  p.region_blocks = r.region_blocks;
+  for (uint8_t byte : r.intent) {
+    p.resync_regions += static_cast<uint64_t>(__builtin_popcount(byte));
+  }
+  return p;
+}
+
 Json evac_verify_json(const EvacVerify& v) {
   return Json{{"compared", v.compared}, {"lost", v.lost},         {"differ_count", v.differ_count},
               {"differ", v.differ},     {"stopped", v.stopped}};

@@ -7,15 +7,20 @@ file writes are remapped as they go. Two ways in, as users run it:
 - qemu -drive file=nbd:unix:...: the guest sees a virtio disk;
 - nbd-client inside the guest with two connections (multi-conn), reaching the
   host's socket through qemu's restricted user network.
-Each case: boot 1 makes ext4, writes a tree of files with known SHA-256 sums,
+The evacuation case copies the disk onto NEW (`dmremap evacuate`) while the
+guest makes and fills its filesystem, then serves NEW alone and checks it.
+Each other case: boot 1 makes ext4, writes a tree of files with known SHA-256 sums,
 syncs, unmounts, checks with e2fsck -f, remounts and verifies every sum. Then
 the frontend is stopped, `dmremap status` must show the remaps with nothing
 pending, and the frontend is started again. Boot 2 (a fresh kernel, so no
 page cache) checks the filesystem and every sum again.
 """
 import hashlib
+import json
 import os
 import random
+import subprocess
+import time
 import unittest
 
 from guest import FORWARD_ADDR, FORWARD_PORT, Guest, tools_present
@@ -139,6 +144,65 @@ class GuestKernelTest(unittest.TestCase):
         self.boot("nbd-client-verify", NBD_CLIENT_UP + "check_fs\n" + NBD_CLIENT_DOWN, **where)
         second = self.restart_and_check_status()
         self.assertGreaterEqual(second["remaps"], first["remaps"])
+
+    def test_evacuate_ext4_in_use(self):
+        """The disk is evacuated while the guest makes ext4 on it and writes
+        its files (every write then goes to NEW too); once NEW is in sync the
+        frontend stops, the evacuation ends as finished, and NEW alone, served
+        by nbdkit's file plugin, passes e2fsck and holds every file."""
+        self.s.start(FAULTS, self.s.control_param())
+        new = os.path.join(self.s.dir, "new.img")
+        with open(new, "wb") as f:
+            f.truncate(MAIN_SIZE)
+        # Slow enough that the copy is under way while the guest writes
+        # (128 MiB at 2 MiB/s: about a minute), and after it the writes
+        # still reach NEW, in sync.
+        r = self.s.cli("evacuate", "--control", self.s.control, "--to", new, "--rate", "2M",
+                       "--detach")
+        self.assertIn("evacuate running", r.stdout)
+        where = {"drive_socket": self.s.sock}
+        busy = WRITE_FS + r"""
+mount -t ext4 "$DEV" /mnt
+mkdir /mnt/tree2
+cp -a /payload/. /mnt/tree2/
+rm -rf /mnt/tree2/d1
+sync
+umount /mnt
+check_fs
+"""
+        self.boot("evacuate-write", "DEV=/dev/vda\n" + busy, **where)
+        mid = json.loads(self.s.cli("evacuate", "--control", self.s.control, "--status",
+                                    "--json", check=False).stdout)
+        self.assertGreater(mid["mirrored"], 0, "no guest write reached NEW")
+        follow = subprocess.run(
+            [TOOLS.cli, "evacuate", "--control", self.s.control,
+             "--report", os.path.join(self.s.dir, "report.txt"),
+             "--mapfile", os.path.join(self.s.dir, "lost.map"), "--verify"],
+            capture_output=True, text=True, timeout=600, cwd=self.s.dir)
+        self.assertEqual(follow.returncode, 0, follow.stdout + follow.stderr)
+        self.assertIn("0 block(s) lost", follow.stderr)
+        self.assertIn("verified:", follow.stderr)
+        self.assertEqual(self.s.stop(), 0, self.s.read_log())
+        done = json.loads(self.s.cli("evacuate", "--main", self.s.main, "--spare", self.s.spare,
+                                     "--status", "--json", check=False).stdout)
+        self.assertEqual(done["state"], "finished")
+        # NEW alone: e2fsck on the host, then the guest reads every file.
+        fsck = subprocess.run(["/sbin/e2fsck", "-f", "-n", new], capture_output=True, text=True)
+        self.assertEqual(fsck.returncode, 0, fsck.stdout + fsck.stderr)
+        sock = os.path.join(self.s.dir, "new.sock")
+        nbdkit = subprocess.Popen(["nbdkit", "-f", "-U", sock, "file", new],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(nbdkit.wait, 10)
+        self.addCleanup(nbdkit.terminate)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.boot("evacuate-new", "DEV=/dev/vda\n"
+                  "/sbin/e2fsck -f -n $DEV\nmount -t ext4 -o ro $DEV /mnt\n"
+                  "(cd /mnt/tree && sha256sum -c -s /manifest.sha256)\n"
+                  "(cd /mnt/tree2 && grep -v ' ./d1/' /manifest.sha256 | sha256sum -c -s)\n"
+                  "echo \"guest: every file verifies on NEW\"\numount /mnt\n",
+                  drive_socket=sock)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,8 @@ class Evacuator {
   EvacProgress wait(std::chrono::milliseconds timeout);
   // Blocks NEW does not hold: pending in the set, or that the copy could
   // not read, below the copy's place. Sorted.
-  std::vector<uint64_t> lost_blocks();
+  // Only those in [first, last) with a range.
+  std::vector<uint64_t> lost_blocks(uint64_t first = 0, uint64_t last = ~uint64_t{0});
   // Compares NEW with the set, block by block, skipping lost blocks.
   // Clients writing to the piece being compared wait for it. `stopping` is
   // asked between pieces; `step` is told the blocks done. EINVAL unless NEW

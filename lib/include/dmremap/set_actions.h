@@ -78,6 +78,9 @@ Json scan_json(Scanner& scanner, const Json& request);
 
 // An evacuation's progress, as `dmremap evacuate --status --json` prints it.
 Json evac_progress_json(const EvacProgress& p);
+// The same from the record a spare keeps (a set not served): what was
+// saved, without the live figures.
+EvacProgress saved_evac_progress(const EvacRecord& r, uint64_t blocks, uint32_t block_size);
 // The control channel's "evacuate" command: "action" status (the default),
 // start ("to", "rate", "force"), pause, resume, abort, rate, lost (the
 // blocks NEW does not hold) and verify (long work: compares NEW with the

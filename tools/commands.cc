@@ -1099,6 +1099,23 @@ int finish_evac(const EvacuateOptions& o, const Json& progress, const std::vecto
                                              j["differ_count"].get<uint64_t>(), first)));
 }
 
+// An evacuation's error: as it is (an EBUSY here is not the set's lock).
+int evac_fail(const Status& s) {
+  print_error(s.to_string());
+  return kExitFailed;
+}
+
+// Why following an evacuation ended before NEW was in sync.
+std::string evac_stopped(const Json& p) {
+  const std::string state = p["state"].get<std::string>();
+  const std::string error = p["error"].get<std::string>();
+  if (state == "paused") {
+    return "the evacuation is paused" + (error.empty() ? "" : " (" + error + ")") +
+           "; `dmremap evacuate --resume` goes on";
+  }
+  return "the evacuation is " + state + (error.empty() ? "" : ": " + error);
+}
+
 int evac_exit(const Json& p) {
   const std::string state = p["state"].get<std::string>();
   return state == "in-sync" || state == "finished" ? kExitOk : kExitFailed;
@@ -1119,10 +1136,10 @@ int run_evacuate_served(const EvacuateOptions& o) {
   };
   if (!o.action.empty()) {
     auto r = call(Json{{"action", o.action}});
-    if (!r.is_ok()) return fail(r.status());
+    if (!r.is_ok()) return evac_fail(r.status());
     if (o.rate) {
       r = call(Json{{"action", "rate"}, {"rate", *o.rate}});
-      if (!r.is_ok()) return fail(r.status());
+      if (!r.is_ok()) return evac_fail(r.status());
     }
     print_evac(r.value(), o.json, false);
     return o.action == "status" ? evac_exit(r.value()) : kExitOk;
@@ -1139,13 +1156,13 @@ int run_evacuate_served(const EvacuateOptions& o) {
     return std::make_pair(p, lost);
   };
   auto now = call(Json{{"action", "status"}});
-  if (!now.is_ok()) return fail(now.status());
+  if (!now.is_ok()) return evac_fail(now.status());
   const std::string state = now.value()["state"].get<std::string>();
   // --verify alone, with NEW complete: the report and the comparison.
   if (o.verify && o.to.empty() && (state == "in-sync" || state == "finished") &&
       now.value()["resync_regions"] == 0) {
     auto l = lost_list();
-    if (!l.is_ok()) return fail(l.status());
+    if (!l.is_ok()) return evac_fail(l.status());
     return finish_evac(o, l.value().first, l.value().second, verify);
   }
   const bool under_way = state == "running" || state == "paused" || state == "in-sync";
@@ -1153,15 +1170,17 @@ int run_evacuate_served(const EvacuateOptions& o) {
   if (under_way && (o.to.empty() || absolute_target(o.to) == now.value()["target"])) {
     if (state == "paused") r = call(Json{{"action", "resume"}});
     if (r.is_ok() && o.rate) r = call(Json{{"action", "rate"}, {"rate", *o.rate}});
-    if (state != "in-sync") fmt::print(stderr, "dmremap: an evacuation is under way; following it\n");
+    if (state != "in-sync" && !o.detach) {
+      fmt::print(stderr, "dmremap: an evacuation is under way; following it\n");
+    }
   } else if (o.to.empty()) {
-    return fail(Status::error(EINVAL, "no evacuation is under way: name NEW with --to"));
+    return evac_fail(Status::error(EINVAL, "no evacuation is under way: name NEW with --to"));
   } else {
     Json start{{"action", "start"}, {"to", absolute_target(o.to)}, {"force", o.force}};
     if (o.rate) start["rate"] = *o.rate;
     r = call(start);
   }
-  if (!r.is_ok()) return fail(r.status());
+  if (!r.is_ok()) return evac_fail(r.status());
   if (o.detach) {
     print_evac(r.value(), o.json, false);
     return kExitOk;
@@ -1176,7 +1195,7 @@ int run_evacuate_served(const EvacuateOptions& o) {
     }
     return p.value();
   }, interrupted);
-  if (!gone.is_ok()) return fail(gone);
+  if (!gone.is_ok()) return evac_fail(gone);
   if (interrupted) {
     fmt::print(stderr, "dmremap: the evacuation goes on in the frontend; `dmremap evacuate "
                        "--control {} --status` shows it, --pause or --abort stops it\n",
@@ -1184,18 +1203,31 @@ int run_evacuate_served(const EvacuateOptions& o) {
     return kExitOk;
   }
   if (!last || (*last)["state"] != "in-sync") {
-    if (last && !(*last)["error"].get<std::string>().empty()) {
-      print_error("evacuation " + (*last)["state"].get<std::string>() + ": " +
-                  (*last)["error"].get<std::string>());
-    }
+    if (last) print_error(evac_stopped(*last));
     return kExitFailed;
   }
   auto l = lost_list();
-  if (!l.is_ok()) return fail(l.status());
+  if (!l.is_ok()) return evac_fail(l.status());
   return finish_evac(o, l.value().first, l.value().second, verify);
 }
 
 int run_evacuate_offline(const EvacuateOptions& o) {
+  if (o.action == "status" || o.action == "pause") {
+    // Read from the spare: nothing is opened for writing, NEW is not
+    // touched.
+    auto loaded = load_spare(o.spare);
+    if (!loaded.is_ok()) return evac_fail(loaded.status());
+    const Superblock& sb = loaded.value()->store->superblock();
+    const Json p = evac_progress_json(
+        saved_evac_progress(sb.evac, sb.main_size / sb.block_size, sb.block_size));
+    if (o.action == "pause") {
+      print_error("nothing copies while the set is not served: the evacuation is " +
+                  p["state"].get<std::string>());
+      return kExitFailed;
+    }
+    print_evac(p, o.json, false);
+    return evac_exit(p);
+  }
   SetConfig config = offline_set(o.main, o.spare, o.io);
   auto engine = open_set(config);
   if (!engine.is_ok()) return fail(engine.status());
@@ -1208,14 +1240,7 @@ int run_evacuate_offline(const EvacuateOptions& o) {
                            before.state == EvacState::kPaused ||
                            before.state == EvacState::kSynced;
     Status s = Status::ok();
-    if (o.action == "status") {
-      print_evac(evac_progress_json(before), o.json, false);
-      rc = evac_exit(evac_progress_json(before));
-    } else if (o.action == "pause") {
-      print_error("nothing copies while the set is not served: the evacuation is " +
-                  std::string(evac_state_name(before.state)));
-      rc = kExitFailed;
-    } else if (o.action == "abort") {
+    if (o.action == "abort") {
       s = ev->abort();
       if (s.is_ok()) print_evac(evac_progress_json(ev->progress()), o.json, false);
     } else if (o.verify && o.to.empty() && before.resync_regions == 0 &&
@@ -1257,10 +1282,7 @@ int run_evacuate_offline(const EvacuateOptions& o) {
                              "from where it stopped\n");
           rc = kExitFailed;
         } else if (!last || (*last)["state"] != "in-sync") {
-          if (last && !(*last)["error"].get<std::string>().empty()) {
-            print_error("evacuation " + (*last)["state"].get<std::string>() + ": " +
-                        (*last)["error"].get<std::string>());
-          }
+          if (last) print_error(evac_stopped(*last));
           rc = kExitFailed;
         } else {
           rc = finish_evac(o, *last, ev->lost_blocks(), [&]() -> Result<Json> {
@@ -1272,12 +1294,12 @@ int run_evacuate_offline(const EvacuateOptions& o) {
       }
     }
     if (!s.is_ok()) {
-      (void)fail(s);
+      (void)evac_fail(s);
       rc = kExitFailed;
     }
   }  // the evacuator saves its place here; closing the set ends one in sync
   const Status c = e.close();
-  if (!c.is_ok()) return fail(c);
+  if (!c.is_ok()) return evac_fail(c);
   return rc;
 }
 
@@ -1301,6 +1323,8 @@ int run_forget_pending(const ForgetPendingOptions& o) {
   Engine& e = *engine.value();
   Json j;
   try {
+    // An evacuation under way gets the blocks that read again.
+    std::unique_ptr<Evacuator> ev = make_evacuator(e, config);
     j = forget_pending_json(e, o.blocks, o.all);
   } catch (const ControlError& err) {
     (void)e.close();

@@ -600,6 +600,10 @@ void Engine::read_main_narrowing(char* buf, uint64_t req_off, uint64_t req_len, 
   // The failed range read and this one are the block's first two attempts.
   const size_t before = f.failed.size();
   for (uint64_t b = first; b < last; ++b) {
+    if (t_scan_stop != nullptr && t_scan_stop->load()) {
+      f.scan_stopped = true;  // a background read told to stop: read again later
+      return;
+    }
     const uint64_t lo = std::max(req_off, b * block_);
     const uint64_t hi = std::min(req_off + req_len, (b + 1) * block_);
     const int64_t started = now_ms();
@@ -1946,7 +1950,9 @@ Status Engine::forget_pending(const std::vector<uint64_t>& blocks, bool listed,
     log(LogLevel::kWarning, block_name(b, block_) +
                                 ": pending mark cleared, main reads it now (dmremap forget-pending)");
   }
-  // They read again: an evacuation's new disk gets what they hold.
+  // They read again: an evacuation's new disk gets what they hold (with
+  // the claims let go: the mirror reads them through the engine).
+  claims.clear();
   if (auto m = mirror()) {
     for (uint64_t b : cleared) m->refresh(b, b + 1);
   }

@@ -114,123 +114,191 @@ bool under_way(EvacState s) {
 }
 }  // namespace
 
+
+namespace {
+// What went wrong in a copy: the set could not be read (main offline, the
+// engine closing: wait and copy again), or NEW refused (the evacuation
+// fails).
+enum class Side { kNone, kSet, kTarget };
+}  // namespace
+
 // The mirror (every client change made on NEW too), the copy's pieces, and
-// the record on the spare. Shared by the engine (as its mirror) and the
-// Evacuator (its thread), so that writes in flight when the Evacuator goes
-// still reach NEW.
+// the record on the spare. Shared by the engine (as its mirror, attached
+// until the engine closes) and the Evacuator (its thread), so that writes in
+// flight when the Evacuator goes still reach NEW.
+//
+// Locks: save_mu_ (the record, its writes to the spare) is taken before
+// mu_ (everything else), never after. Neither is held by the engine when it
+// calls in, and the engine's claims are never held either.
 class Evacuator::Core : public WriteMirror {
  public:
   Core(Engine& engine, std::shared_ptr<BlockDevice> target, EvacRecord rec)
       : engine_(engine),
-        target_(std::move(target)),
         bs_(engine.block_size()),
         blocks_(engine.size() / engine.block_size()),
         rb_(std::max<uint64_t>(1, rec.region_blocks)),
-        rec_(std::move(rec)) {
+        regions_((blocks_ + rb_ - 1) / rb_),
+        rec_(std::move(rec)),
+        target_(std::move(target)) {
     rec_.region_blocks = rb_;
     state_ = static_cast<EvacState>(rec_.state);
     cursor_ = std::min(rec_.cursor, blocks_);
-    lost_ = rec_.lost;
     rate_limit_ = rec_.rate;
-    const uint64_t regions = (blocks_ + rb_ - 1) / rb_;
-    touched_.assign(regions, 0);
+    lost_count_ = rec_.lost;
+    touched_.assign(regions_, 0);
+    bits_.assign(regions_, 0);
+    for (uint64_t r = 0; r < regions_; ++r) bits_[r] = rec_.intent_bit(r) ? 1 : 0;
     // A crash left these regions with writes NEW may not hold.
-    for (uint64_t r = 0; r < regions; ++r) {
-      if (rec_.intent_bit(r)) resync_.push_back(r);
-    }
+    if (target_) take_resync_from_bits();
   }
 
   // --- WriteMirror -------------------------------------------------------
 
   Status change(Op op, const void* buf, uint64_t len, uint64_t offset, bool fua,
                 const std::function<Status()>& apply) override {
-    if (!live_.load()) return apply();
+    if (!live_.load()) {
+      // Ended. A failure that could not be recorded yet must be, before a
+      // write that NEW will not get: the next start would trust NEW.
+      if (fail_unsaved_.load() && !save_failure().is_ok()) {
+        return Status::error(EIO, "the evacuation failed and that could not be recorded on the "
+                                  "spare: writes are refused so that NEW is not trusted later");
+      }
+      return apply();
+    }
     const uint64_t first = offset / bs_;
     const uint64_t last = (offset + len + bs_ - 1) / bs_;
+    std::shared_ptr<BlockDevice> target;
+    std::vector<uint64_t> need;
     {
       std::unique_lock l(mu_);
-      cv_.wait(l, [&] { return !(win_locked_ && overlaps_window(first, last)) && !held_overlaps(first, last); });
+      cv_.wait(l, [&] {
+        return !(win_locked_ && overlaps_window(first, last)) && !held_overlaps(first, last);
+      });
       if (win_active_ && overlaps_window(first, last)) win_dirty_ = true;
       held_.emplace_back(first, last);
       touch(first, last);
+      need = regions_needing_bits(first, last);
+      target = target_;
     }
-    Status intent = note_intent(first, last);
+    // The bit before the write: after a crash, its region is copied again.
+    if (!need.empty()) {
+      if (Status in = set_bits(need); !in.is_ok()) {
+        release(first, last, /*written=*/false);
+        return Status::error(EIO, "the evacuation's write-intent bitmap could not be saved on the "
+                                  "spare (" + in.to_string() + "): the write is refused, so that "
+                                  "NEW cannot miss it unnoticed");
+      }
+    }
     Status s = apply();
     if (live_.load()) {
+      Side side = Side::kNone;
       Status mirrored;
-      if (!intent.is_ok()) {
-        mirrored = intent;
-      } else if (s.is_ok()) {
-        mirrored = apply_on_target(op, buf, len, offset, fua, first, last);
+      if (s.is_ok()) {
+        if (target) {
+          mirrored = apply_on_target(*target, op, buf, len, offset, fua, first, last, side);
+        }
+        // No NEW now (waiting for it): the bit covers the write.
       } else {
         // The set may hold part of it: NEW gets what the set holds now.
-        mirrored = copy_range(first, last, /*held=*/true);
+        mirrored = target ? copy_held(*target, first, last, side)
+                          : Status::ok();
       }
-      if (mirrored.is_ok()) {
-        mirrored_.fetch_add(1, std::memory_order_relaxed);
+      if (!mirrored.is_ok()) {
+        if (side == Side::kTarget) {
+          fail("NEW did not take a client's change at offset " + std::to_string(offset) + ": " +
+               mirrored.to_string());
+        } else {
+          // The set could not be read back (main offline, the engine
+          // closing): copied again later, from the bitmap.
+          copy_again(first, last);
+        }
       } else {
-        fail("NEW did not take a client's change at offset " + std::to_string(offset) + ": " +
-             mirrored.to_string());
+        mirrored_.fetch_add(1, std::memory_order_relaxed);
       }
     }
-    {
-      std::lock_guard l(mu_);
-      held_.erase(std::find(held_.begin(), held_.end(), std::make_pair(first, last)));
-      touch(first, last);
-      if (s.is_ok() && !lost_extra_.empty()) {
-        lost_extra_.erase(lost_extra_.lower_bound(first), lost_extra_.lower_bound(last));
-      }
-    }
-    cv_.notify_all();
+    release(first, last, s.is_ok() && op != Op::kTrim);
     return s;
   }
 
   void flushed() override {
     if (!live_.load()) return;
-    if (Status s = target_->flush(); !s.is_ok()) fail("NEW's flush failed: " + s.to_string());
+    auto target = current_target();
+    if (!target) return;
+    if (Status s = target->flush(); !s.is_ok()) fail("NEW's flush failed: " + s.to_string());
   }
 
   void refresh(uint64_t first, uint64_t last) override {
     if (!live_.load()) return;
+    std::shared_ptr<BlockDevice> target;
+    std::vector<uint64_t> need;
     {
       std::unique_lock l(mu_);
-      cv_.wait(l, [&] { return !(win_locked_ && overlaps_window(first, last)) && !held_overlaps(first, last); });
+      cv_.wait(l, [&] {
+        return !(win_locked_ && overlaps_window(first, last)) && !held_overlaps(first, last);
+      });
       if (win_active_ && overlaps_window(first, last)) win_dirty_ = true;
       held_.emplace_back(first, last);
       touch(first, last);
+      need = regions_needing_bits(first, last);
+      target = target_;
     }
-    Status s = note_intent(first, last);
-    if (s.is_ok()) s = copy_range(first, last, /*held=*/true);
-    if (!s.is_ok()) fail("NEW did not take blocks that read again: " + s.to_string());
-    {
-      std::lock_guard l(mu_);
-      held_.erase(std::find(held_.begin(), held_.end(), std::make_pair(first, last)));
-      touch(first, last);
+    Status s = need.empty() ? Status::ok() : set_bits(need);
+    Side side = Side::kNone;
+    if (s.is_ok() && target) s = copy_held(*target, first, last, side);
+    if (!s.is_ok()) {
+      if (side == Side::kTarget) {
+        fail("NEW did not take blocks that read again: " + s.to_string());
+      } else {
+        copy_again(first, last);
+      }
     }
-    cv_.notify_all();
+    release(first, last, false);
   }
 
   std::optional<EvacRecord> closing() override {
-    if (!live_.load()) return std::nullopt;
     halt_.store(true);
+    closing_.store(true);
+    {
+      // The NEW half of writes the engine has answered: done first.
+      std::unique_lock l(mu_);
+      if (!cv_.wait_for(l, std::chrono::seconds(30), [&] { return held_.empty(); })) {
+        log(LogLevel::kWarning, "evacuation: writes to NEW still running at close; their "
+                                "regions are copied again at the next start");
+      }
+    }
     std::lock_guard g(save_mu_);
     EvacRecord next = rec_;
+    std::lock_guard l(mu_);
+    if (!live_.load()) {
+      // Failed or aborted: said, if it was not yet.
+      if (state_ != EvacState::kFailed && state_ != EvacState::kAborted) return std::nullopt;
+      if (rec_.state == static_cast<uint32_t>(state_) && !fail_unsaved_.load()) return std::nullopt;
+      next.state = static_cast<uint32_t>(state_);
+      return next;
+    }
+    for (uint64_t r : dirty_at_close_) next.set_intent_bit(r);
+    if (!target_) return next;  // waiting for NEW: the bits stay
     if (Status s = target_->flush(); !s.is_ok()) {
       log(LogLevel::kError, "evacuation: NEW's flush failed at close: " + s.to_string() +
                                 "; the bitmap keeps its regions to copy again");
-      return std::nullopt;
+      return next;
     }
-    // The set was flushed before this: every region is in step on both.
-    next.intent.clear();
-    std::lock_guard l(mu_);
+    // The set was flushed before this, and now NEW: every region is in
+    // step on both, but those still to be copied again.
+    for (uint64_t r = 0; r < regions_; ++r) {
+      if (next.intent_bit(r) && !in_resync(r) && !dirty_at_close_.count(r) &&
+          !held_overlaps(r * rb_, std::min(blocks_, (r + 1) * rb_))) {
+        next.clear_intent_bit(r);
+      }
+    }
+    if (next.intent_empty()) next.intent.clear();
     next.cursor = cursor_;
-    next.lost = lost_;
+    next.lost = lost_count_;
     next.saved = static_cast<uint64_t>(unix_now());
-    if (state_ == EvacState::kSynced && resync_.empty()) {
+    if (state_ == EvacState::kSynced && resync_.empty() && next.intent.empty()) {
       state_ = EvacState::kFinished;
-      log(LogLevel::kInfo, "evacuation finished: the set closed cleanly with " +
-                               target_->name() + " holding the whole disk; it is no longer "
-                               "written");
+      log(LogLevel::kInfo, "evacuation finished: the set closed cleanly with " + target_->name() +
+                               " holding the whole disk; it is no longer written");
     }
     next.state = static_cast<uint32_t>(state_);
     rec_ = next;
@@ -241,6 +309,7 @@ class Evacuator::Core : public WriteMirror {
   // --- used by the Evacuator --------------------------------------------
 
   EvacProgress progress() {
+    const uint64_t lost = count_lost();
     EvacProgress p;
     {
       std::lock_guard g(save_mu_);
@@ -258,7 +327,7 @@ class Evacuator::Core : public WriteMirror {
     p.rate_limit = rate_limit_;
     p.rate = rate_;
     p.eta_seconds = eta_;
-    p.lost = lost_;
+    p.lost = lost;
     p.resync_regions = resync_.size();
     p.mirrored = mirrored_.load();
     p.waiting_for_main = waiting_main_;
@@ -266,24 +335,59 @@ class Evacuator::Core : public WriteMirror {
     return p;
   }
 
-  // Saves the record with `state` and the copy's place `cursor` (which
-  // the caller has flushed to NEW). With `clear`, the bits of regions that
-  // no write touched since `touched` was reset are cleared too.
-  Status save(EvacState state, uint64_t cursor, bool clear) {
-    std::lock_guard g(save_mu_);
-    EvacRecord next = rec_;
+  // Blocks NEW does not hold in [first, last), below the copy's place.
+  std::vector<uint64_t> lost_blocks(uint64_t first, uint64_t last) {
+    std::vector<uint64_t> out;
+    uint64_t cursor;
     {
       std::lock_guard l(mu_);
+      cursor = std::min(cursor_, last);
+      if (first < cursor) {
+        out.insert(out.end(), lost_extra_.lower_bound(first), lost_extra_.lower_bound(cursor));
+      }
+    }
+    if (first < cursor) {
+      engine_.for_each_entry(first, cursor, [&](const RemapTable::Entry& e) {
+        if (RemapTable::is_pending(e.value)) out.push_back(e.block);
+      });
+    }
+    std::sort(out.begin(), out.end());
+    out.erase(std::unique(out.begin(), out.end()), out.end());
+    return out;
+  }
+
+  uint64_t count_lost() {
+    const uint64_t n = lost_blocks(0, ~uint64_t{0}).size();
+    std::lock_guard l(mu_);
+    lost_count_ = n;
+    return n;
+  }
+
+  // Saves the record with `state` (a failure or an abort stays what it
+  // is) and the copy's place `cursor`, which the caller has flushed to NEW.
+  // With `clear`, the bits of regions no write touched since the save
+  // point began are cleared too.
+  Status save(EvacState state, uint64_t cursor, bool clear) {
+    const uint64_t lost = count_lost();
+    std::lock_guard g(save_mu_);
+    EvacRecord next = rec_;
+    std::vector<uint64_t> cleared;
+    {
+      std::lock_guard l(mu_);
+      if (state_ == EvacState::kFailed || state_ == EvacState::kAborted) state = state_;
       next.state = static_cast<uint32_t>(state);
       next.rate = rate_limit_;
-      next.lost = lost_;
+      next.lost = lost;
       if (clear) {
-        for (uint64_t r = 0; r < touched_.size(); ++r) {
+        for (uint64_t r = 0; r < regions_; ++r) {
           const uint64_t a = r * rb_;
           const uint64_t b = std::min(blocks_, a + rb_);
-          if (next.intent_bit(r) && !touched_[r] && !held_overlaps(a, b) &&
-              !std::binary_search(resync_.begin(), resync_.end(), r)) {
+          if (next.intent_bit(r) && !touched_[r] && !held_overlaps(a, b) && !in_resync(r)) {
             next.clear_intent_bit(r);
+            // A write that comes from now on sets it again, after this
+            // save (it waits for save_mu_).
+            bits_[r] = 0;
+            cleared.push_back(r);
           }
         }
         if (next.intent_empty()) next.intent.clear();
@@ -298,7 +402,7 @@ class Evacuator::Core : public WriteMirror {
     } else {
       log(LogLevel::kWarning, "evacuation: its place could not be saved: " + s.to_string());
     }
-    last_save_ms_ = now_ms();
+    last_save_ms_.store(now_ms());
     return s;
   }
 
@@ -307,12 +411,18 @@ class Evacuator::Core : public WriteMirror {
   // regions untouched meanwhile.
   Status checkpoint(EvacState state) {
     uint64_t cursor;
+    std::shared_ptr<BlockDevice> target;
     {
       std::lock_guard l(mu_);
       std::fill(touched_.begin(), touched_.end(), 0);
       cursor = cursor_;
+      target = target_;
     }
-    if (Status s = target_->flush(); !s.is_ok()) {
+    if (!target) {
+      last_save_ms_.store(now_ms());
+      return Status::ok();  // waiting for NEW: nothing new is on it
+    }
+    if (Status s = target->flush(); !s.is_ok()) {
       fail("NEW's flush failed: " + s.to_string());
       return s;
     }
@@ -322,27 +432,12 @@ class Evacuator::Core : public WriteMirror {
     return save(state, cursor, /*clear=*/set_flush.is_ok());
   }
 
-  // Copies blocks [first, last) from the set to NEW. `held`: the caller
-  // has registered the range (a client's change), so no window is used.
-  // Otherwise a piece at a time, in a window that client writes mark
-  // dirty: a dirty piece is read again, so that the copy never writes
-  // older data over a client's newer write. ECANCELED when told to stop;
-  // a device error of main (offline) as it is.
-  Status copy_range(uint64_t first, uint64_t last, bool held) {
-    const uint64_t piece = std::max<uint64_t>(1, kPieceBytes / bs_);
-    std::vector<char> buf(std::min(last - first, piece) * bs_);
-    for (uint64_t at = first; at < last; at += piece) {
-      const uint64_t end = std::min(last, at + piece);
-      Status s = held ? copy_held(at, end, buf.data()) : copy_piece(at, end, buf.data());
-      if (!s.is_ok()) return s;
-    }
-    return Status::ok();
-  }
-
-  // The copy of [first, last): read the set (holes as zeros, unreadable
-  // blocks as zeros and counted lost), then write NEW.
+  // The copy of [first, last): the set's data (holes as zeros, unreadable
+  // blocks as zeros and listed lost) in `buf`, with the holes in `holes`.
+  // `stop`: the copy thread's flag (a client's own copy is not stopped).
   Status read_set(uint64_t first, uint64_t last, char* buf,
-                  std::vector<std::pair<uint64_t, uint64_t>>& holes) {
+                  std::vector<std::pair<uint64_t, uint64_t>>& holes,
+                  const std::atomic<bool>* stop) {
     holes.clear();
     const uint64_t off = first * bs_;
     const uint64_t len = (last - first) * bs_;
@@ -360,18 +455,21 @@ class Evacuator::Core : public WriteMirror {
     for (auto [a, b] : holes) std::memset(buf + (a - off), 0, b - a);
     for (auto [a, b] : data) {
       std::vector<uint64_t> bad;
-      Status s = engine_.scan_read(buf + (a - off), b - a, a, &bad, &interrupt_);
+      Status s = engine_.scan_read(buf + (a - off), b - a, a, &bad, stop);
       if (s.is_ok()) continue;
       if (bad.empty()) return s;  // main offline, closed, told to stop
-      std::lock_guard l(mu_);
+      std::vector<uint64_t> extra;
       for (uint64_t blk : bad) {
         std::memset(buf + (blk * bs_ - off), 0, bs_);
-        if (lost_seen_.insert(blk).second) ++lost_;
         bool pending = false;
         engine_.for_each_entry(blk, blk + 1, [&](const RemapTable::Entry& e) {
           pending = RemapTable::is_pending(e.value);
         });
-        if (!pending) lost_extra_.insert(blk);
+        if (!pending) extra.push_back(blk);
+      }
+      {
+        std::lock_guard l(mu_);
+        lost_extra_.insert(extra.begin(), extra.end());
       }
       log(LogLevel::kWarning, "evacuation: " + std::to_string(bad.size()) +
                                   " unreadable block(s) from block " + std::to_string(bad.front()) +
@@ -380,34 +478,51 @@ class Evacuator::Core : public WriteMirror {
     return Status::ok();
   }
 
-  Status write_target(uint64_t first, uint64_t last, const char* buf,
-                      const std::vector<std::pair<uint64_t, uint64_t>>& holes) {
-    const uint64_t off = first * bs_;
-    const uint64_t end = last * bs_;
+  static Status write_target(BlockDevice& target, uint64_t off, uint64_t end, const char* buf,
+                             const std::vector<std::pair<uint64_t, uint64_t>>& holes) {
     uint64_t at = off;
     for (auto [a, b] : holes) {
       if (a > at) {
-        if (Status s = target_->write(buf + (at - off), a - at, at); !s.is_ok()) return s;
+        if (Status s = target.write(buf + (at - off), a - at, at); !s.is_ok()) return s;
       }
-      if (Status s = target_->write_zeroes(b - a, a); !s.is_ok()) return s;
+      if (Status s = target.write_zeroes(b - a, a); !s.is_ok()) return s;
       at = b;
     }
-    if (at < end) return target_->write(buf + (at - off), end - at, at);
+    if (at < end) return target.write(buf + (at - off), end - at, at);
     return Status::ok();
   }
 
-  Status copy_held(uint64_t first, uint64_t last, char* buf) {
+  // [first, last) from the set to NEW, for a caller that holds the range
+  // (a client's change): no window.
+  Status copy_held(BlockDevice& target, uint64_t first, uint64_t last, Side& side) {
+    const uint64_t piece = std::max<uint64_t>(1, kPieceBytes / bs_);
+    std::vector<char> buf(std::min(last - first, piece) * bs_);
     std::vector<std::pair<uint64_t, uint64_t>> holes;
-    if (Status s = read_set(first, last, buf, holes); !s.is_ok()) return s;
-    return write_target(first, last, buf, holes);
+    for (uint64_t at = first; at < last; at += piece) {
+      const uint64_t end = std::min(last, at + piece);
+      if (Status s = read_set(at, end, buf.data(), holes, nullptr); !s.is_ok()) {
+        side = Side::kSet;
+        return s;
+      }
+      if (Status s = write_target(target, at * bs_, end * bs_, buf.data(), holes); !s.is_ok()) {
+        side = Side::kTarget;
+        return s;
+      }
+    }
+    return Status::ok();
   }
 
-  Status copy_piece(uint64_t first, uint64_t last, char* buf) {
+  // One piece of the copy, [first, last), in a window that client writes
+  // mark dirty: a dirty piece is read again, so that the copy never puts
+  // older data over a client's newer write. After kOptimisticTries, the
+  // piece is read with client writes to it held back.
+  Status copy_piece(BlockDevice& target, uint64_t first, uint64_t last, char* buf, Side& side) {
     std::vector<std::pair<uint64_t, uint64_t>> holes;
     for (int attempt = 0;; ++attempt) {
       const bool keep_still = attempt >= kOptimisticTries;
       {
         std::unique_lock l(mu_);
+        cv_.wait(l, [&] { return !win_active_; });  // a verification's window
         win_first_ = first;
         win_last_ = last;
         win_active_ = true;
@@ -417,12 +532,21 @@ class Evacuator::Core : public WriteMirror {
           cv_.wait(l, [&] { return !held_overlaps(first, last); });
         }
       }
-      Status s = read_set(first, last, buf, holes);
+      Status s = read_set(first, last, buf, holes, &interrupt_);
       bool again = false;
       {
         std::unique_lock l(mu_);
+        if (!keep_still) {
+          // Writes under way to the piece finish first, without holding
+          // back others (a slow one would hold up the whole piece); if they
+          // keep coming, then with them held back.
+          if (!cv_.wait_for(l, std::chrono::milliseconds(100),
+                            [&] { return !held_overlaps(first, last); })) {
+            win_locked_ = true;
+            cv_.wait(l, [&] { return !held_overlaps(first, last); });
+          }
+        }
         win_locked_ = true;
-        cv_.wait(l, [&] { return !held_overlaps(first, last); });
         if (!s.is_ok() || (win_dirty_ && !keep_still)) {
           win_locked_ = win_active_ = false;
           again = s.is_ok();
@@ -430,67 +554,74 @@ class Evacuator::Core : public WriteMirror {
       }
       if (!s.is_ok() || again) {
         cv_.notify_all();
-        if (!s.is_ok()) return s;
+        if (!s.is_ok()) {
+          side = Side::kSet;
+          return s;
+        }
         continue;
       }
       // No client write reached the piece since it was read, and none can
       // until NEW has it.
-      s = write_target(first, last, buf, holes);
+      s = write_target(target, first * bs_, last * bs_, buf, holes);
       {
         std::lock_guard l(mu_);
         win_locked_ = win_active_ = false;
       }
       cv_.notify_all();
+      if (!s.is_ok()) side = Side::kTarget;
       return s;
     }
   }
 
-  // Sets the write-intent bits of the regions [first, last) touches that a
-  // crash would not copy again anyway (those below the saved place, or all
-  // once in sync), durably, before the write goes on.
-  Status note_intent(uint64_t first, uint64_t last) {
+  // With mu_ held: the regions of [first, last) whose bit a crash would
+  // need and that are not set yet: those the copy has reached (a crash
+  // would not copy them again), or all once NEW holds the whole disk.
+  std::vector<uint64_t> regions_needing_bits(uint64_t first, uint64_t last) const {
+    std::vector<uint64_t> need;
+    const bool all = state_ == EvacState::kSynced || cursor_ >= blocks_;
+    for (uint64_t r = first / rb_; r * rb_ < last && r < regions_; ++r) {
+      if ((all || r * rb_ < cursor_) && !bits_[r]) need.push_back(r);
+    }
+    return need;
+  }
+
+  // Sets the bits of `regions` on the spare, durably.
+  Status set_bits(const std::vector<uint64_t>& regions) {
     std::lock_guard g(save_mu_);
-    const uint64_t rb = rb_;
-    const bool all = rec_.state == static_cast<uint32_t>(EvacState::kSynced);
     EvacRecord next = rec_;
     bool changed = false;
-    for (uint64_t r = first / rb; r * rb < last; ++r) {
-      if ((all || r * rb < rec_.cursor) && !next.intent_bit(r)) {
+    for (uint64_t r : regions) {
+      if (!next.intent_bit(r)) {
         next.set_intent_bit(r);
         changed = true;
       }
     }
-    if (!changed) return Status::ok();
-    next.saved = static_cast<uint64_t>(unix_now());
-    Status s = engine_.save_evacuation(next);
-    if (s.is_ok()) rec_ = std::move(next);
-    return s;
+    if (changed) {
+      next.saved = static_cast<uint64_t>(unix_now());
+      if (Status s = engine_.save_evacuation(next); !s.is_ok()) return s;
+      rec_ = std::move(next);
+    }
+    std::lock_guard l(mu_);
+    for (uint64_t r : regions) bits_[r] = 1;
+    return Status::ok();
   }
 
-  Status apply_on_target(Op op, const void* buf, uint64_t len, uint64_t offset, bool fua,
-                         uint64_t first, uint64_t last) {
-    Status s;
-    switch (op) {
-      case Op::kWrite: s = target_->write(buf, len, offset); break;
-      case Op::kZeroes: s = target_->write_zeroes(len, offset); break;
-      case Op::kTrim: {
-        // The set trims whole blocks only, and keeps remapped ones: so
-        // does NEW, which gets the remapped blocks' data instead.
-        const uint64_t a = (offset + bs_ - 1) / bs_;
-        const uint64_t b = (offset + len) / bs_;
-        if (a < b) s = target_->trim((b - a) * bs_, a * bs_);
-        std::vector<uint64_t> kept;
-        engine_.for_each_entry(first, last, [&](const RemapTable::Entry& e) {
-          if (!RemapTable::is_pending(e.value)) kept.push_back(e.block);
-        });
-        for (uint64_t blk : kept) {
-          if (s.is_ok()) s = copy_range(blk, blk + 1, /*held=*/true);
-        }
-        break;
+  // [first, last) could not be brought to NEW now: its regions are copied
+  // again, and their bits say so across a crash.
+  void copy_again(uint64_t first, uint64_t last) {
+    std::vector<uint64_t> regions;
+    for (uint64_t r = first / rb_; r * rb_ < last && r < regions_; ++r) regions.push_back(r);
+    {
+      std::lock_guard l(mu_);
+      for (uint64_t r : regions) {
+        if (!in_resync(r)) resync_.insert(std::upper_bound(resync_.begin(), resync_.end(), r), r);
+        if (closing_.load()) dirty_at_close_.insert(r);
       }
     }
-    if (s.is_ok() && fua) s = target_->flush();
-    return s;
+    if (closing_.load()) return;  // closing() records them
+    if (Status s = set_bits(regions); !s.is_ok()) {
+      fail("a region NEW could not be given could not be recorded either: " + s.to_string());
+    }
   }
 
   // NEW is given up: no more writes reach it, and the record says why.
@@ -498,17 +629,25 @@ class Evacuator::Core : public WriteMirror {
     if (!live_.exchange(false)) return;
     halt_.store(true);
     interrupt_.store(true);
-    engine_.attach_mirror(nullptr);
     {
       std::lock_guard l(mu_);
       state_ = EvacState::kFailed;
       error_ = why;
+      if (held_.empty()) target_.reset();  // NEW is let go (its lock too)
     }
     cv_.notify_all();
     log(LogLevel::kError, "evacuation failed: " + why +
                               ". Writes now reach only the set; start it again when NEW is fixed "
                               "or replaced (dmremap evacuate --to NEW)");
-    (void)save(EvacState::kFailed, rec_cursor(), /*clear=*/false);
+    fail_unsaved_.store(true);
+    (void)save_failure();
+  }
+
+  // Records the failure; ok once it is on the spare.
+  Status save_failure() {
+    Status s = save(EvacState::kFailed, rec_cursor(), /*clear=*/false);
+    if (s.is_ok()) fail_unsaved_.store(false);
+    return s;
   }
 
   uint64_t rec_cursor() {
@@ -516,6 +655,36 @@ class Evacuator::Core : public WriteMirror {
     return rec_.cursor;
   }
 
+  std::shared_ptr<BlockDevice> current_target() {
+    std::lock_guard l(mu_);
+    return target_;
+  }
+
+  // Ends a change registered in held_.
+  void release(uint64_t first, uint64_t last, bool written) {
+    {
+      std::lock_guard l(mu_);
+      held_.erase(std::find(held_.begin(), held_.end(), std::make_pair(first, last)));
+      touch(first, last);
+      if (written && !lost_extra_.empty()) {
+        lost_extra_.erase(lost_extra_.lower_bound(first), lost_extra_.lower_bound(last));
+      }
+      // Ended and idle: NEW is let go (its lock too).
+      if (!live_.load() && held_.empty()) target_.reset();
+    }
+    cv_.notify_all();
+  }
+
+  // With mu_ held: every region whose bit is set joins resync_.
+  void take_resync_from_bits() {
+    for (uint64_t r = 0; r < regions_; ++r) {
+      if (bits_[r] && !in_resync(r)) {
+        resync_.insert(std::upper_bound(resync_.begin(), resync_.end(), r), r);
+      }
+    }
+  }
+
+  bool in_resync(uint64_t r) const { return std::binary_search(resync_.begin(), resync_.end(), r); }
   bool overlaps_window(uint64_t a, uint64_t b) const {
     return win_active_ && a < win_last_ && win_first_ < b;
   }
@@ -526,35 +695,38 @@ class Evacuator::Core : public WriteMirror {
     return false;
   }
   void touch(uint64_t first, uint64_t last) {
-    const uint64_t rb = rb_;
-    for (uint64_t r = first / rb; r * rb < last && r < touched_.size(); ++r) touched_[r] = 1;
+    for (uint64_t r = first / rb_; r * rb_ < last && r < regions_; ++r) touched_[r] = 1;
   }
 
   Engine& engine_;
-  std::shared_ptr<BlockDevice> target_;
   const uint32_t bs_;
   const uint64_t blocks_;
-  const uint64_t rb_;  // blocks per write-intent region, fixed at start
+  const uint64_t rb_;       // blocks per write-intent region
+  const uint64_t regions_;
   // Whether client changes are made on NEW: false once failed, aborted or
   // closed.
   std::atomic<bool> live_{true};
+  std::atomic<bool> fail_unsaved_{false};  // failed, and the record does not say so yet
+  std::atomic<bool> closing_{false};       // Engine::close has begun
   // The copy thread is to stop (pause, abort, failure, destruction).
   std::atomic<bool> halt_{false};
   std::atomic<bool> interrupt_{false};  // and its engine read stops at the block it is on
   std::atomic<uint64_t> mirrored_{0};
+  std::atomic<int64_t> last_save_ms_{0};
 
   std::mutex save_mu_;  // taken before mu_, never after
   EvacRecord rec_;      // as saved, under save_mu_
-  int64_t last_save_ms_ = 0;
 
   std::mutex mu_;
   std::condition_variable cv_;
+  std::shared_ptr<BlockDevice> target_;  // under mu_; null while NEW is away
   EvacState state_ = EvacState::kNone;  // under mu_, and the rest
   uint64_t cursor_ = 0;
-  uint64_t lost_ = 0;
+  uint64_t lost_count_ = 0;
   std::set<uint64_t> lost_extra_;  // unreadable, not pending (a slot the spare fails)
-  std::set<uint64_t> lost_seen_;   // counted in lost_ since open
   std::vector<uint64_t> resync_;   // regions to copy again, sorted
+  uint64_t resync_pos_ = 0;        // the next block of resync_.front() to copy
+  std::set<uint64_t> dirty_at_close_;
   uint64_t rate_limit_ = 0;
   double rate_ = 0, eta_ = -1;
   bool waiting_main_ = false;
@@ -563,7 +735,83 @@ class Evacuator::Core : public WriteMirror {
   uint64_t win_first_ = 0, win_last_ = 0;            // the copy's piece
   bool win_active_ = false, win_locked_ = false, win_dirty_ = false;
   std::vector<uint8_t> touched_;  // regions written since the last save point
+  std::vector<uint8_t> bits_;     // the bitmap's bits as saved (0 also while being cleared)
+
+  // Applies a client's change to NEW.
+  Status apply_on_target(BlockDevice& target, Op op, const void* buf, uint64_t len,
+                         uint64_t offset, bool fua, uint64_t first, uint64_t last, Side& side) {
+    Status s;
+    switch (op) {
+      case Op::kWrite: s = target.write(buf, len, offset); break;
+      case Op::kZeroes: s = target.write_zeroes(len, offset); break;
+      case Op::kTrim: {
+        // The set trims whole blocks only, and keeps remapped ones: so
+        // does NEW, which gets the remapped blocks' data instead.
+        const uint64_t a = (offset + bs_ - 1) / bs_;
+        const uint64_t b = (offset + len) / bs_;
+        if (a < b) s = target.trim((b - a) * bs_, a * bs_);
+        std::vector<uint64_t> kept;
+        engine_.for_each_entry(first, last, [&](const RemapTable::Entry& e) {
+          if (!RemapTable::is_pending(e.value)) kept.push_back(e.block);
+        });
+        for (uint64_t blk : kept) {
+          if (!s.is_ok()) break;
+          s = copy_held(target, blk, blk + 1, side);
+          if (!s.is_ok()) return s;
+        }
+        break;
+      }
+    }
+    if (s.is_ok() && fua) s = target.flush();
+    if (!s.is_ok()) side = Side::kTarget;
+    return s;
+  }
 };
+
+namespace {
+
+// Why `target` cannot be NEW for a set of `size` bytes in `block`-byte
+// blocks, or "".
+std::string unfit_target(const BlockDevice& target, uint64_t size, uint32_t block) {
+  if (target.size() < size) {
+    return target.name() + " is " + size_text(target.size()) + ": smaller than the set's " +
+           size_text(size);
+  }
+  // NEW would read and rewrite around a block: two clients' writes to
+  // neighbouring blocks could then undo each other on NEW.
+  if (target.alignment() > block) {
+    return target.name() + " writes in units of " + std::to_string(target.alignment()) +
+           " bytes, larger than the set's " + std::to_string(block) + "-byte blocks";
+  }
+  return {};
+}
+
+// NEW again, for an evacuation under way: the same size and disk. Why not,
+// in `why`.
+std::shared_ptr<BlockDevice> reopen_target(const EvacRecord& rec, const OpenOptions& options,
+                                           uint64_t size, uint32_t block, std::string& why) {
+  OpenOptions o = options;
+  o.read_only = false;
+  o.exclusive = true;
+  auto opened = open_device(rec.target, "NEW", o);
+  if (!opened.is_ok()) {
+    why = opened.status().to_string();
+    return nullptr;
+  }
+  std::shared_ptr<BlockDevice> dev = opened.value();
+  if (dev->size() != rec.target_size) {
+    why = rec.target + " is " + std::to_string(dev->size()) + " bytes, not the " +
+          std::to_string(rec.target_size) + " it was when the evacuation started: another disk";
+  } else if (!rec.target_identity.empty() &&
+             dev->identity().substr(0, kEvacIdentityBytes - 1) != rec.target_identity) {
+    why = rec.target + " is now the disk " + dev->identity() + ", not " + rec.target_identity;
+  } else {
+    why = unfit_target(*dev, size, block);
+  }
+  return why.empty() ? dev : nullptr;
+}
+
+}  // namespace
 
 Evacuator::Evacuator(Engine& engine, OpenOptions target_open, std::vector<std::string> set_specs)
     : engine_(engine), target_open_(std::move(target_open)), set_specs_(std::move(set_specs)) {
@@ -578,28 +826,20 @@ Evacuator::Evacuator(Engine& engine, OpenOptions target_open, std::vector<std::s
     }
     return;
   }
-  // The same disk as before: its size, and its serial where it has one.
-  OpenOptions o = target_open_;
-  o.read_only = false;
-  auto opened = open_device(rec.target, "NEW", o);
   std::string why;
-  if (!opened.is_ok()) {
-    why = opened.status().to_string();
-  } else if (opened.value()->size() != rec.target_size) {
-    why = rec.target + " is " + std::to_string(opened.value()->size()) + " bytes, not the " +
-          std::to_string(rec.target_size) + " it was when the evacuation started: another disk";
-  } else if (!rec.target_identity.empty() &&
-             opened.value()->identity().substr(0, kEvacIdentityBytes - 1) != rec.target_identity) {
-    why = rec.target + " is now the disk " + opened.value()->identity() + ", not " +
-          rec.target_identity;
+  auto target = reopen_target(rec, target_open_, engine_.size(), engine_.block_size(), why);
+  if (!target) {
+    // Writes are still watched: those to regions already copied set their
+    // bits, and are copied again once NEW is back.
+    log(LogLevel::kWarning, "evacuation: NEW cannot be opened (" + why +
+                                "); writes are recorded in the bitmap and copied when it is "
+                                "back (tried every 5 s)");
   }
-  if (!why.empty()) {
-    // Writes from now on reach only the set: NEW is behind for good.
-    core_ = std::make_shared<Core>(engine_, nullptr, rec);
-    core_->fail("NEW cannot be opened again: " + why);
-    return;
+  core_ = std::make_shared<Core>(engine_, target, rec);
+  if (!target) {
+    std::lock_guard l(core_->mu_);
+    core_->error_ = "waiting for NEW: " + why;
   }
-  core_ = std::make_shared<Core>(engine_, opened.value(), rec);
   engine_.attach_mirror(core_);
   log(LogLevel::kInfo, std::string("evacuation to ") + rec.target + " picked up (" +
                            evac_state_name(state) + ", block " + std::to_string(rec.cursor) +
@@ -609,31 +849,46 @@ Evacuator::Evacuator(Engine& engine, OpenOptions target_open, std::vector<std::s
                                 : "; " + std::to_string(core_->resync_.size()) +
                                       " region(s) written before a crash are copied again"));
   // Copying, or copying again what a crash left; also keeping the bitmap
-  // tidy while paused or in sync.
+  // tidy while paused or in sync, and waiting for NEW.
   std::lock_guard l(mu_);
   thread_ = std::thread([this] { run(); });
 }
 
 Evacuator::~Evacuator() { stop_thread(); }
 
+std::shared_ptr<Evacuator::Core> Evacuator::core() {
+  std::lock_guard l(mu_);
+  return core_;
+}
+
 void Evacuator::stop_thread() {
   std::thread t;
+  std::shared_ptr<Core> c;
   {
     std::lock_guard l(mu_);
     if (!core_) return;
-    core_->halt_.store(true);
-    core_->interrupt_.store(true);
-    core_->cv_.notify_all();
+    c = core_;
+    c->halt_.store(true);
+    c->interrupt_.store(true);
     t = std::move(thread_);
   }
+  c->cv_.notify_all();
   if (t.joinable()) t.join();
+  c->interrupt_.store(false);
+}
+
+void Evacuator::launch() {
+  std::lock_guard l(mu_);
+  core_->halt_.store(false);
+  core_->interrupt_.store(false);
+  thread_ = std::thread([this] { run(); });
 }
 
 Status Evacuator::start(const EvacStart& how) {
   if (Status s = check_rate(how.rate); !s.is_ok()) return s;
   if (engine_.read_only()) return Status::error(EPERM, "the set is served read-only");
-  if (core_) {
-    const EvacProgress p = core_->progress();
+  if (auto c = core()) {
+    const EvacProgress p = c->progress();
     if (under_way(p.state)) {
       return Status::error(EBUSY, std::string("an evacuation to ") + p.target + " is " +
                                       evac_state_name(p.state) +
@@ -656,9 +911,9 @@ Status Evacuator::start(const EvacStart& how) {
   auto opened = open_device(how.target, "NEW", o);
   if (!opened.is_ok()) return opened.take_status();
   std::shared_ptr<BlockDevice> target = opened.value();
-  if (target->size() < engine_.size()) {
-    return Status::error(EINVAL, how.target + " is " + size_text(target->size()) +
-                                     ": smaller than the set's " + size_text(engine_.size()));
+  if (std::string why = unfit_target(*target, engine_.size(), engine_.block_size());
+      !why.empty()) {
+    return Status::error(EINVAL, why);
   }
   if (!how.force) {
     auto data = find_data(*target);
@@ -669,8 +924,7 @@ Status Evacuator::start(const EvacStart& how) {
     }
     if (const std::optional<uint64_t> at = data.value()) {
       return Status::error(EEXIST, how.target + " holds data (a non-zero byte at offset " +
-                                       std::to_string(*at) +
-                                       "): give --force to overwrite it");
+                                       std::to_string(*at) + "): give --force to overwrite it");
     }
   }
   stop_thread();
@@ -686,200 +940,207 @@ Status Evacuator::start(const EvacStart& how) {
   rec.saved = rec.started;
   // Recorded before any write goes to NEW: a crash from here on finds it.
   if (Status s = engine_.save_evacuation(rec); !s.is_ok()) return s;
-  auto core = std::make_shared<Core>(engine_, target, rec);
+  auto c = std::make_shared<Core>(engine_, target, rec);
   {
     std::lock_guard l(mu_);
-    core_ = core;
+    core_ = c;
   }
-  engine_.attach_mirror(core_);
+  engine_.attach_mirror(c);
   log(LogLevel::kInfo, "evacuation to " + how.target + " started: " +
                            std::to_string(engine_.size() / engine_.block_size()) + " blocks" +
                            (how.rate ? ", at most " + std::to_string(how.rate) + " bytes/s" : ""));
-  std::lock_guard l(mu_);
-  thread_ = std::thread([this] { run(); });
+  launch();
   return Status::ok();
 }
 
 Status Evacuator::pause() {
-  if (!core_ || core_->progress().state != EvacState::kRunning) {
+  auto c = core();
+  if (!c || c->progress().state != EvacState::kRunning) {
     return Status::error(EINVAL, "no evacuation is copying");
   }
   stop_thread();
   {
-    std::lock_guard l(core_->mu_);
-    core_->state_ = EvacState::kPaused;
+    std::lock_guard l(c->mu_);
+    if (c->state_ != EvacState::kRunning) {
+      return Status::error(EINVAL, std::string("the evacuation is ") +
+                                       evac_state_name(c->state_) + ": " + c->error_);
+    }
+    c->state_ = EvacState::kPaused;
   }
-  Status s = core_->checkpoint(EvacState::kPaused);
+  Status s = c->checkpoint(EvacState::kPaused);
   // Writes still go to both disks; the thread keeps the bitmap tidy.
-  core_->halt_.store(false);
-  core_->interrupt_.store(false);
-  std::lock_guard l(mu_);
-  thread_ = std::thread([this] { run(); });
+  if (c->live_.load()) launch();
   return s;
 }
 
 Status Evacuator::resume() {
-  if (!core_ || core_->progress().state != EvacState::kPaused) {
+  auto c = core();
+  if (!c || c->progress().state != EvacState::kPaused) {
     return Status::error(EINVAL, "no evacuation is paused");
   }
   stop_thread();
   {
-    std::lock_guard l(core_->mu_);
-    core_->state_ = EvacState::kRunning;
-    core_->error_.clear();
+    std::lock_guard l(c->mu_);
+    if (c->state_ != EvacState::kPaused) {
+      return Status::error(EINVAL, std::string("the evacuation is ") +
+                                       evac_state_name(c->state_) + ": " + c->error_);
+    }
+    c->state_ = EvacState::kRunning;
+    c->error_.clear();
   }
-  Status s = core_->save(EvacState::kRunning, core_->rec_cursor(), false);
-  core_->halt_.store(false);
-  core_->interrupt_.store(false);
-  std::lock_guard l(mu_);
-  thread_ = std::thread([this] { run(); });
+  Status s = c->save(EvacState::kRunning, c->rec_cursor(), false);
+  if (c->live_.load()) launch();
   return s;
 }
 
 Status Evacuator::abort() {
-  if (!core_ || !under_way(core_->progress().state)) {
+  auto c = core();
+  if (!c || !under_way(c->progress().state)) {
     return Status::error(EINVAL, "no evacuation is under way");
   }
   stop_thread();
-  core_->live_.store(false);
-  engine_.attach_mirror(nullptr);
+  c->live_.store(false);
+  std::shared_ptr<BlockDevice> target;
   {
-    std::lock_guard l(core_->mu_);
-    core_->state_ = EvacState::kAborted;
+    std::unique_lock l(c->mu_);
+    c->state_ = EvacState::kAborted;
+    // Writes already on their way to NEW finish before abort returns.
+    c->cv_.wait_for(l, std::chrono::seconds(30), [&] { return c->held_.empty(); });
+    target = c->target_;
+    if (c->held_.empty()) c->target_.reset();
   }
-  if (core_->target_) (void)core_->target_->flush();
-  log(LogLevel::kWarning, "evacuation to " + core_->target_->name() +
-                              " aborted: NEW is no longer written");
-  return core_->save(EvacState::kAborted, core_->rec_cursor(), false);
+  if (target) (void)target->flush();
+  log(LogLevel::kWarning, "evacuation to " + c->progress().target +
+                              " aborted: it is no longer written");
+  return c->save(EvacState::kAborted, c->rec_cursor(), false);
 }
 
 Status Evacuator::set_rate(uint64_t bytes_per_second) {
   if (Status s = check_rate(bytes_per_second); !s.is_ok()) return s;
-  if (!core_ || !under_way(core_->progress().state)) {
+  auto c = core();
+  if (!c || !under_way(c->progress().state)) {
     return Status::error(EINVAL, "no evacuation is under way");
   }
   {
-    std::lock_guard l(core_->mu_);
-    core_->rate_limit_ = bytes_per_second;
+    std::lock_guard l(c->mu_);
+    c->rate_limit_ = bytes_per_second;
   }
-  core_->cv_.notify_all();
+  c->cv_.notify_all();
   return Status::ok();
 }
 
 EvacProgress Evacuator::progress() {
-  if (!core_) {
-    EvacProgress p;
-    p.blocks = engine_.size() / engine_.block_size();
-    p.block_size = engine_.block_size();
-    return p;
-  }
-  return core_->progress();
+  if (auto c = core()) return c->progress();
+  EvacProgress p;
+  p.blocks = engine_.size() / engine_.block_size();
+  p.block_size = engine_.block_size();
+  return p;
 }
 
 EvacProgress Evacuator::wait(std::chrono::milliseconds timeout) {
   const auto until = std::chrono::steady_clock::now() + timeout;
   while (true) {
     EvacProgress p = progress();
-    if (p.state != EvacState::kRunning || std::chrono::steady_clock::now() >= until) return p;
+    const bool busy = p.state == EvacState::kRunning ||
+                      (p.state == EvacState::kSynced && p.resync_regions > 0);
+    if (!busy || std::chrono::steady_clock::now() >= until) return p;
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
 }
 
 std::vector<uint64_t> Evacuator::lost_blocks(uint64_t first, uint64_t last) {
-  std::vector<uint64_t> out;
-  if (!core_) return out;
-  uint64_t cursor;
-  std::set<uint64_t> extra;
-  {
-    std::lock_guard l(core_->mu_);
-    cursor = std::min(core_->cursor_, last);
-    if (first < cursor) {
-      extra.insert(core_->lost_extra_.lower_bound(first), core_->lost_extra_.lower_bound(cursor));
-    }
-  }
-  if (first < cursor) {
-    engine_.for_each_entry(first, cursor, [&](const RemapTable::Entry& e) {
-      if (RemapTable::is_pending(e.value)) out.push_back(e.block);
-    });
-  }
-  out.insert(out.end(), extra.begin(), extra.end());
-  std::sort(out.begin(), out.end());
-  out.erase(std::unique(out.begin(), out.end()), out.end());
-  return out;
+  auto c = core();
+  if (!c) return {};
+  return c->lost_blocks(first, last);
 }
 
 void Evacuator::run() {
-  Core& c = *core_;
+  std::shared_ptr<Core> keep = core();
+  Core& c = *keep;
   const uint64_t piece = std::max<uint64_t>(1, kPieceBytes / c.bs_);
   std::vector<char> buf(piece * c.bs_);
-  c.last_save_ms_ = now_ms();
+  c.last_save_ms_.store(now_ms());
   double seconds_per_byte = 0;
-  // Regions a crash left behind come first.
-  while (!c.halt_.load()) {
-    uint64_t region;
-    {
-      std::lock_guard l(c.mu_);
-      if (c.resync_.empty()) break;
-      region = c.resync_.front();
-    }
-    const uint64_t a = region * c.rb_;
-    const uint64_t b = std::min(c.blocks_, a + c.rb_);
-    Status s = c.copy_range(a, b, /*held=*/false);
-    if (s.code() == ECANCELED || c.halt_.load()) break;
-    if (!s.is_ok()) {
-      // Main offline: wait for it, as below.
-      {
-        std::lock_guard l(c.mu_);
-        c.waiting_main_ = true;
-        c.error_ = "waiting: " + s.to_string();
-      }
-      std::unique_lock l(c.mu_);
-      c.cv_.wait_for(l, std::chrono::seconds(1), [&] { return c.halt_.load(); });
-      continue;
-    }
-    std::lock_guard l(c.mu_);
-    c.waiting_main_ = false;
-    c.error_.clear();
-    c.resync_.erase(c.resync_.begin());
-  }
+  int64_t next_try_ms = 0;  // of opening NEW again
+  auto idle = [&](std::chrono::milliseconds d) {
+    std::unique_lock l(c.mu_);
+    c.cv_.wait_for(l, d, [&] { return c.halt_.load(); });
+  };
   while (!c.halt_.load()) {
     EvacState state;
-    uint64_t first;
+    uint64_t first = 0, last = 0;
+    bool resync = false;
+    std::shared_ptr<BlockDevice> target;
     {
       std::lock_guard l(c.mu_);
       state = c.state_;
-      first = c.cursor_;
+      target = c.target_;
+      if (target && state != EvacState::kPaused && !c.resync_.empty()) {
+        // What a crash (or an outage) left comes first.
+        const uint64_t region = c.resync_.front();
+        first = std::max(region * c.rb_, c.resync_pos_);
+        last = std::min({c.blocks_, (region + 1) * c.rb_, first + piece});
+        resync = true;
+      } else if (target && state == EvacState::kRunning && c.cursor_ < c.blocks_) {
+        first = c.cursor_;
+        last = std::min(c.blocks_, first + piece);
+      }
     }
-    if (state != EvacState::kRunning) {
+    if (!target) {
+      // NEW is away: open it again every 5 s.
+      if (now_ms() >= next_try_ms) {
+        next_try_ms = now_ms() + 5000;
+        std::string why;
+        EvacRecord rec;
+        {
+          std::lock_guard g(c.save_mu_);
+          rec = c.rec_;
+        }
+        if (auto dev = reopen_target(rec, target_open_, engine_.size(), engine_.block_size(),
+                                     why)) {
+          std::lock_guard l(c.mu_);
+          c.target_ = dev;
+          c.error_.clear();
+          c.take_resync_from_bits();
+          log(LogLevel::kInfo, "evacuation: NEW " + rec.target + " is back; " +
+                                   std::to_string(c.resync_.size()) +
+                                   " region(s) written meanwhile are copied again");
+          continue;
+        }
+        std::lock_guard l(c.mu_);
+        c.error_ = "waiting for NEW: " + why;
+      }
+      idle(std::chrono::milliseconds(500));
+      continue;
+    }
+    if (last == 0) {
+      if (state == EvacState::kRunning && c.cursor_ >= c.blocks_) {
+        // Copied to the end: in sync once NEW and the set are flushed.
+        if (c.checkpoint(EvacState::kSynced).is_ok()) {
+          {
+            std::lock_guard l(c.mu_);
+            if (c.state_ == EvacState::kRunning) c.state_ = EvacState::kSynced;
+            c.eta_ = 0;
+          }
+          log(LogLevel::kInfo, "evacuation: " + target->name() +
+                                   " holds the whole disk and stays in sync (" +
+                                   std::to_string(c.count_lost()) + " block(s) lost); writes keep "
+                                   "going to both disks until the set is closed");
+        } else if (!c.live_.load()) {
+          break;
+        } else {
+          idle(std::chrono::seconds(1));
+        }
+        continue;
+      }
       // Paused or in sync: writes still go to both; the bitmap is tidied
       // every 30 s.
-      {
-        std::unique_lock l(c.mu_);
-        c.cv_.wait_for(l, std::chrono::milliseconds(500), [&] { return c.halt_.load(); });
-      }
-      if (!c.halt_.load() && now_ms() - c.last_save_ms_ >= kSaveEveryMs) (void)c.checkpoint(state);
-      continue;
-    }
-    if (first >= c.blocks_) {
-      if (c.checkpoint(EvacState::kSynced).is_ok()) {
-        {
-          std::lock_guard l(c.mu_);
-          c.state_ = EvacState::kSynced;
-          c.eta_ = 0;
-        }
-        log(LogLevel::kInfo, "evacuation: " + c.target_->name() +
-                                 " holds the whole disk and stays in sync (" +
-                                 std::to_string(c.lost_) + " block(s) lost); writes keep going "
-                                 "to both disks until the set is closed");
-      } else if (!c.live_.load()) {
-        break;
-      } else {
-        std::unique_lock l(c.mu_);
-        c.cv_.wait_for(l, std::chrono::seconds(1), [&] { return c.halt_.load(); });
+      idle(std::chrono::milliseconds(500));
+      if (!c.halt_.load() && now_ms() - c.last_save_ms_.load() >= kSaveEveryMs) {
+        (void)c.checkpoint(state);
       }
       continue;
     }
-    const uint64_t last = std::min(c.blocks_, first + piece);
     // Clients first.
     const auto t0 = std::chrono::steady_clock::now();
     for (int waited = 0; waited < kMaxYieldSteps && !c.halt_.load() &&
@@ -888,12 +1149,17 @@ void Evacuator::run() {
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
     if (c.halt_.load()) break;
-    Status s = c.copy_piece(first, last, buf.data());
+    Side side = Side::kNone;
+    Status s = c.copy_piece(*target, first, last, buf.data(), side);
     if (s.code() == ECANCELED || c.halt_.load()) break;
     if (!s.is_ok()) {
-      if (!c.live_.load()) break;
-      // Main as a whole does not answer (or NEW failed, which fail()
-      // settled): no block is called lost for it; wait and try again.
+      if (side == Side::kTarget) {
+        c.fail("NEW refused the copy's write at block " + std::to_string(first) + ": " +
+               s.to_string());
+        break;
+      }
+      // Main as a whole does not answer: no block is called lost for it;
+      // wait, and try again.
       {
         std::lock_guard l(c.mu_);
         if (!c.waiting_main_) {
@@ -903,17 +1169,24 @@ void Evacuator::run() {
         c.waiting_main_ = true;
         c.error_ = "waiting: " + s.to_string();
       }
-      std::unique_lock l(c.mu_);
-      c.cv_.wait_for(l, std::chrono::seconds(1), [&] { return c.halt_.load(); });
+      idle(std::chrono::seconds(1));
       continue;
     }
-    if (!c.live_.load()) break;  // NEW failed: fail() has said so
     const double bytes = static_cast<double>(last - first) * c.bs_;
     {
       std::unique_lock l(c.mu_);
       c.waiting_main_ = false;
       c.error_.clear();
-      c.cursor_ = last;
+      if (resync) {
+        const uint64_t region = c.resync_.front();
+        c.resync_pos_ = last;
+        if (last >= std::min(c.blocks_, (region + 1) * c.rb_)) {
+          c.resync_.erase(c.resync_.begin());
+          c.resync_pos_ = 0;
+        }
+      } else {
+        c.cursor_ = last;
+      }
       const double took =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (const uint64_t limit = c.rate_limit_; limit > 0) {
@@ -928,12 +1201,13 @@ void Evacuator::run() {
       const double spb = elapsed / bytes;
       seconds_per_byte = seconds_per_byte == 0 ? spb : 0.9 * seconds_per_byte + 0.1 * spb;
       c.rate_ = seconds_per_byte > 0 ? 1 / seconds_per_byte : 0;
-      c.eta_ = c.rate_ > 0 ? static_cast<double>(c.blocks_ - c.cursor_) * c.bs_ / c.rate_ : -1;
+      const uint64_t left = c.blocks_ - c.cursor_ + c.resync_.size() * c.rb_;
+      c.eta_ = c.rate_ > 0 ? static_cast<double>(left) * c.bs_ / c.rate_ : -1;
     }
-    if (now_ms() - c.last_save_ms_ >= kSaveEveryMs) (void)c.checkpoint(EvacState::kRunning);
+    if (now_ms() - c.last_save_ms_.load() >= kSaveEveryMs) (void)c.checkpoint(state);
   }
   // Stopped (pause, abort, the Evacuator going): the place so far, flushed.
-  if (c.live_.load()) {
+  if (c.live_.load() && !c.closing_.load()) {
     EvacState state;
     {
       std::lock_guard l(c.mu_);
@@ -945,10 +1219,11 @@ void Evacuator::run() {
 
 Result<EvacVerify> Evacuator::verify(const std::function<bool()>& stopping,
                                      const std::function<void(uint64_t, uint64_t)>& step) {
-  if (!core_) return Status::error(EINVAL, "no evacuation to verify");
-  const EvacProgress p = core_->progress();
-  Core& c = *core_;
-  std::shared_ptr<BlockDevice> target = c.target_;
+  auto keep = core();
+  if (!keep) return Status::error(EINVAL, "no evacuation to verify");
+  Core& c = *keep;
+  const EvacProgress p = c.progress();
+  std::shared_ptr<BlockDevice> target = c.current_target();
   if (p.state == EvacState::kFinished) {
     OpenOptions o = target_open_;
     o.read_only = true;
@@ -956,14 +1231,14 @@ Result<EvacVerify> Evacuator::verify(const std::function<bool()>& stopping,
     auto opened = open_device(p.target, "NEW", o);
     if (!opened.is_ok()) return opened.take_status();
     target = opened.value();
-  } else if (p.state != EvacState::kSynced || p.resync_regions > 0) {
-    return Status::error(EINVAL, std::string("NEW is not in sync yet (the evacuation is ") +
+  } else if (p.state != EvacState::kSynced || p.resync_regions > 0 || !target) {
+    return Status::error(EINVAL, std::string("NEW is not in sync (the evacuation is ") +
                                      evac_state_name(p.state) +
                                      (p.resync_regions > 0 ? ", copying again what a crash left"
                                                            : "") +
                                      ")");
   }
-  const std::vector<uint64_t> lost = lost_blocks();
+  const std::vector<uint64_t> lost = c.lost_blocks(0, ~uint64_t{0});
   EvacVerify v;
   const uint64_t piece = std::max<uint64_t>(1, kPieceBytes / c.bs_);
   std::vector<char> set_buf(piece * c.bs_), new_buf(piece * c.bs_);
@@ -975,7 +1250,6 @@ Result<EvacVerify> Evacuator::verify(const std::function<bool()>& stopping,
     const uint64_t last = std::min(c.blocks_, first + piece);
     const uint64_t len = (last - first) * c.bs_;
     std::vector<uint64_t> bad;
-    Status rs, rn;
     {
       // Clients' writes to this piece wait until both sides are read.
       std::unique_lock l(c.mu_);
@@ -984,8 +1258,8 @@ Result<EvacVerify> Evacuator::verify(const std::function<bool()>& stopping,
       c.win_last_ = last;
       c.win_active_ = c.win_locked_ = true;
     }
-    rs = engine_.scan_read(set_buf.data(), len, first * c.bs_, &bad, nullptr);
-    rn = target->read(new_buf.data(), len, first * c.bs_);
+    const Status rs = engine_.scan_read(set_buf.data(), len, first * c.bs_, &bad, nullptr);
+    const Status rn = target->read(new_buf.data(), len, first * c.bs_);
     {
       std::lock_guard l(c.mu_);
       c.win_active_ = c.win_locked_ = false;

@@ -22,7 +22,7 @@ constexpr char kSlotMagic[4] = {'D', 'M', 'S', 'L'};
 constexpr char kSlotUnitMagic[8] = {'D', 'M', 'R', 'M', 'P', 'S', 'H', 'U'};
 constexpr char kEvacMagic[8] = {'D', 'M', 'R', 'M', 'E', 'V', 'A', 'C'};
 
-void encode_evac(const EvacRecord& e, char* out) {
+void encode_evac(const EvacRecord& e, uint64_t generation, char* out) {
   if (e.state == 0) return;  // all zeros: no evacuation
   char* r = out + kEvacOffset;
   std::memcpy(r, kEvacMagic, 8);
@@ -38,6 +38,8 @@ void encode_evac(const EvacRecord& e, char* out) {
   std::memcpy(r + 80, e.target_identity.data(),
               std::min(e.target_identity.size(), kEvacIdentityBytes - 1));
   std::memcpy(r + 144, e.target.data(), std::min(e.target.size(), kEvacTargetBytes - 1));
+  // Ties the record to bytes 0-507: a write torn between them is caught.
+  le::put64(out + kEvacGenerationAt, generation);
   if (!e.intent.empty()) {
     std::memcpy(out + kEvacIntentOffset, e.intent.data(),
                 std::min(e.intent.size(), kEvacIntentBytes));
@@ -46,10 +48,11 @@ void encode_evac(const EvacRecord& e, char* out) {
 }
 
 // False when the record is there (its magic) but damaged.
-bool decode_evac(const char* in, EvacRecord& e) {
+bool decode_evac(const char* in, uint64_t generation, EvacRecord& e) {
   const char* r = in + kEvacOffset;
   if (std::memcmp(r, kEvacMagic, 8) != 0) return true;  // none
   if (le::get32(in + kEvacCrcAt) != crc32c(r, kEvacCrcAt - kEvacOffset)) return false;
+  if (le::get64(in + kEvacGenerationAt) != generation) return false;
   e.state = le::get32(r + 8);
   e.cursor = le::get64(r + 16);
   e.started = le::get64(r + 24);
@@ -127,7 +130,7 @@ void Superblock::encode(char* out) const {
   le::put64(out + 304, scan_rescued);
   std::memcpy(out + 312, control_path.data(), std::min(control_path.size(), kControlPathBytes - 1));
   le::put32(out + kSuperblockCrcBytes, crc32c(out, kSuperblockCrcBytes));
-  encode_evac(evac, out);
+  encode_evac(evac, generation, out);
 }
 
 std::optional<Superblock> Superblock::decode(const char* in, std::string* problem) {
@@ -181,8 +184,8 @@ std::optional<Superblock> Superblock::decode(const char* in, std::string* proble
     s.control_path.assign(in + 312, strnlen(in + 312, kControlPathBytes - 1));
     // A damaged record makes the copy untrusted, as a damaged superblock
     // does: the other copy (an older place) wins.
-    if (!decode_evac(in, s.evac)) {
-      if (problem) *problem = "its evacuation record fails its checksum";
+    if (!decode_evac(in, s.generation, s.evac)) {
+      if (problem) *problem = "its evacuation record fails its checksum, or is not of this write";
       return std::nullopt;
     }
   }

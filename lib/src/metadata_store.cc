@@ -236,6 +236,8 @@ Status detail::write_geometry_backup(BlockDevice& spare, const Superblock& sb) {
   Superblock copy = sb;
   copy.generation = 0;
   copy.flags = kFlagClean;
+  // Not an evacuation: a rebuild from this copy must not bring one back.
+  copy.evac = EvacRecord{};
   MetaBuffer buf(kMetaUnit);
   copy.encode(buf.data);
   return spare.write(buf.data, kMetaUnit, sb.slot_header_offset);

@@ -342,14 +342,14 @@ ControlReply evacuate_json(Evacuator& evacuator, const Json& request) {
   } else if (action == "verify") {
     return ControlReply::later([&evacuator](const std::function<bool()>& stopping) {
       auto v = evacuator.verify(stopping);
-      if (!v.is_ok()) throw ControlError{v.status().code(), v.status().to_string()};
+      if (!v.is_ok()) throw ControlError{v.status().code(), v.status().message()};
       return evac_verify_json(v.value());
     });
   } else if (action != "status") {
     throw ControlError{EINVAL, "unknown evacuate action \"" + action +
                                    "\" (status, start, pause, resume, abort, rate, lost, verify)"};
   }
-  if (!s.is_ok()) throw ControlError{s.code(), s.to_string()};
+  if (!s.is_ok()) throw ControlError{s.code(), s.message()};
   return evac_progress_json(evacuator.progress());
 }
 

@@ -130,6 +130,8 @@ class Evacuator {
  private:
   void run();
   void stop_thread();
+  void launch();  // the copy thread
+  std::shared_ptr<Core> core();
 
   Engine& engine_;
   OpenOptions target_open_;

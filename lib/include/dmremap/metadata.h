@@ -37,6 +37,7 @@ inline constexpr uint64_t kMaxPendingCapacity = uint64_t{1} << 40;
 inline constexpr size_t kEvacOffset = 512;
 inline constexpr size_t kEvacTargetBytes = 512;    // NEW's path or URI, NUL-padded
 inline constexpr size_t kEvacIdentityBytes = 64;   // NEW's serial or WWID, NUL-padded
+inline constexpr size_t kEvacGenerationAt = 1168;  // the superblock's generation, again
 inline constexpr size_t kEvacIntentOffset = 1184;  // the write-intent bitmap
 inline constexpr size_t kEvacIntentBytes = 2880;   // 23,040 regions
 inline constexpr size_t kEvacCrcAt = 4092;         // CRC32C of bytes 512-4091

@@ -78,7 +78,8 @@ Reply block_status(const nbd::Request& r, const Negotiated& n, Engine& e, Evacua
     Runs runs;
     const uint32_t bs = e.block_size();
     const EvacProgress p = ev->progress();
-    const bool whole = p.state == EvacState::kSynced || p.state == EvacState::kFinished;
+    const bool whole = (p.state == EvacState::kSynced && !p.target_away && p.resync_regions == 0) ||
+                       p.state == EvacState::kFinished;
     const bool live = whole || p.state == EvacState::kRunning || p.state == EvacState::kPaused;
     const uint64_t copied_end = !live ? 0 : whole ? end : std::min(end, p.next_block * bs);
     uint64_t pos = r.offset;

@@ -273,7 +273,8 @@ void print_status(const Json& j, const std::string& control) {
     fmt::print("evacuate   {} to {}: {:.1f}% copied, {} block(s) lost{}\n", state,
                ev.value("target", std::string()), ev.value("percent", 0.0),
                ev.value("lost", 0ull),
-               state == "in-sync"    ? "; NEW is in sync, every write reaches it"
+               ev.value("new_away", false) ? "; NEW cannot be opened: " + ev.value("error", std::string())
+               : state == "in-sync"    ? "; NEW is in sync, every write reaches it"
                : state == "finished" ? "; NEW held the whole disk when the set closed"
                                      : "");
   }
@@ -1118,6 +1119,7 @@ std::string evac_stopped(const Json& p) {
 
 int evac_exit(const Json& p) {
   const std::string state = p["state"].get<std::string>();
+  if (p.value("new_away", false)) return kExitFailed;  // NEW is not getting the writes
   return state == "in-sync" || state == "finished" ? kExitOk : kExitFailed;
 }
 

@@ -1013,15 +1013,17 @@ std::shared_ptr<WriteMirror> Engine::mirror() {
 }
 
 void Engine::attach_mirror(std::shared_ptr<WriteMirror> m) {
-  const bool attaching = m != nullptr;
   {
     std::lock_guard l(mirror_mu_);
     mirror_ = std::move(m);
-    has_mirror_.store(attaching, std::memory_order_seq_cst);
+    has_mirror_.store(mirror_ != nullptr, std::memory_order_seq_cst);
   }
-  // Writes that began without the mirror finish first: whatever the mirror
-  // is for may then assume it sees every change made after this returns.
-  while (attaching && unmirrored_.load(std::memory_order_seq_cst) != 0) {
+  // Changes that began before this (with the old mirror, or none) finish
+  // first: whatever the new mirror is for may then assume it sees every
+  // change made after this returns. Only those: the generation's parity
+  // tells them from the ones that began after.
+  const uint64_t old = mirror_gen_.fetch_add(1, std::memory_order_seq_cst);
+  while (in_mirror_[old & 1].load(std::memory_order_seq_cst) != 0) {
     std::this_thread::sleep_for(std::chrono::microseconds(200));
   }
 }
@@ -1044,20 +1046,18 @@ bool mirrored_range(uint64_t len, uint64_t offset, uint64_t size) {
 
 Status Engine::mirrored(WriteMirror::Op op, const void* buf, uint64_t len, uint64_t offset,
                         bool fua, const std::function<Status()>& apply) {
-  // Counted before the mirror is looked at, so that attach_mirror() either
-  // sees this request or this request sees the mirror.
-  unmirrored_.fetch_add(1, std::memory_order_seq_cst);
+  // Counted, under the generation it began in, until it is done: so that
+  // attach_mirror() waits for it, or it sees the new mirror.
+  const uint64_t gen = mirror_gen_.load(std::memory_order_seq_cst);
+  std::atomic<int64_t>& counted = in_mirror_[gen & 1];
+  counted.fetch_add(1, std::memory_order_seq_cst);
   std::shared_ptr<WriteMirror> m;
   if (has_mirror_.load(std::memory_order_seq_cst) && !options_.read_only &&
       mirrored_range(len, offset, size_)) {
     m = mirror();
   }
-  if (m) {
-    unmirrored_.fetch_sub(1, std::memory_order_seq_cst);
-    return m->change(op, buf, len, offset, fua, apply);
-  }
-  Status s = apply();
-  unmirrored_.fetch_sub(1, std::memory_order_seq_cst);
+  Status s = m ? m->change(op, buf, len, offset, fua, apply) : apply();
+  counted.fetch_sub(1, std::memory_order_seq_cst);
   return s;
 }
 
@@ -1899,6 +1899,16 @@ Status Engine::forget_pending(const std::vector<uint64_t>& blocks, bool listed,
     }
   }
   if (readable.empty()) return Status::ok();
+  // An evacuation is told first (its bitmap, durably): a crash after the
+  // checkpoint below still copies these blocks to its new disk.
+  if (auto m = mirror()) {
+    for (uint64_t b : readable) {
+      if (Status s = m->will_change(b, b + 1); !s.is_ok()) {
+        return Status::error(EIO, "the evacuation could not record the blocks first: " +
+                                      s.to_string() + "; every mark stays");
+      }
+    }
+  }
   // Claimed in ascending order (the only place that holds several claims).
   std::vector<std::unique_ptr<Claim>> claims;
   for (uint64_t b : readable) claims.push_back(std::make_unique<Claim>(*this, b));
@@ -1951,7 +1961,8 @@ Status Engine::forget_pending(const std::vector<uint64_t>& blocks, bool listed,
                                 ": pending mark cleared, main reads it now (dmremap forget-pending)");
   }
   // They read again: an evacuation's new disk gets what they hold (with
-  // the claims let go: the mirror reads them through the engine).
+  // the claims let go: the mirror reads them through the engine; its
+  // bitmap was told before the checkpoint, above).
   claims.clear();
   if (auto m = mirror()) {
     for (uint64_t b : cleared) m->refresh(b, b + 1);

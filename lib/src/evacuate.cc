@@ -157,10 +157,10 @@ class Evacuator::Core : public WriteMirror {
   Status change(Op op, const void* buf, uint64_t len, uint64_t offset, bool fua,
                 const std::function<Status()>& apply) override {
     if (!live_.load()) {
-      // Ended. A failure that could not be recorded yet must be, before a
+      // Ended. An end (failed, aborted) not recorded yet must be, before a
       // write that NEW will not get: the next start would trust NEW.
-      if (fail_unsaved_.load() && !save_failure().is_ok()) {
-        return Status::error(EIO, "the evacuation failed and that could not be recorded on the "
+      if (end_unsaved_.load() && !retired_.load() && !save_end().is_ok()) {
+        return Status::error(EIO, "the evacuation ended and that could not be recorded on the "
                                   "spare: writes are refused so that NEW is not trusted later");
       }
       return apply();
@@ -190,6 +190,18 @@ class Evacuator::Core : public WriteMirror {
       }
     }
     Status s = apply();
+    if (!target) {
+      // NEW was away. If it came back meanwhile, the regions it missed may
+      // not be on the list it took from the bitmap.
+      std::lock_guard l(mu_);
+      if (target_) {
+        for (uint64_t r = first / rb_; r * rb_ < last && r < regions_; ++r) {
+          if (bits_[r] && !in_resync(r)) {
+            resync_.insert(std::upper_bound(resync_.begin(), resync_.end(), r), r);
+          }
+        }
+      }
+    }
     if (live_.load()) {
       Side side = Side::kNone;
       Status mirrored;
@@ -225,6 +237,16 @@ class Evacuator::Core : public WriteMirror {
     auto target = current_target();
     if (!target) return;
     if (Status s = target->flush(); !s.is_ok()) fail("NEW's flush failed: " + s.to_string());
+  }
+
+  Status will_change(uint64_t first, uint64_t last) override {
+    if (!live_.load()) return Status::ok();
+    std::vector<uint64_t> need;
+    {
+      std::lock_guard l(mu_);
+      need = regions_needing_bits(first, last);
+    }
+    return need.empty() ? Status::ok() : set_bits(need);
   }
 
   void refresh(uint64_t first, uint64_t last) override {
@@ -272,7 +294,8 @@ class Evacuator::Core : public WriteMirror {
     if (!live_.load()) {
       // Failed or aborted: said, if it was not yet.
       if (state_ != EvacState::kFailed && state_ != EvacState::kAborted) return std::nullopt;
-      if (rec_.state == static_cast<uint32_t>(state_) && !fail_unsaved_.load()) return std::nullopt;
+      if (retired_.load()) return std::nullopt;
+      if (rec_.state == static_cast<uint32_t>(state_) && !end_unsaved_.load()) return std::nullopt;
       next.state = static_cast<uint32_t>(state_);
       return next;
     }
@@ -331,6 +354,7 @@ class Evacuator::Core : public WriteMirror {
     p.resync_regions = resync_.size();
     p.mirrored = mirrored_.load();
     p.waiting_for_main = waiting_main_;
+    p.target_away = under_way(state_) && !target_;
     p.error = error_;
     return p;
   }
@@ -419,8 +443,11 @@ class Evacuator::Core : public WriteMirror {
       target = target_;
     }
     if (!target) {
+      // Waiting for NEW: nothing new is on it, and no bit may go; only a
+      // change of state (a pause) is recorded.
       last_save_ms_.store(now_ms());
-      return Status::ok();  // waiting for NEW: nothing new is on it
+      if (rec_state() == state) return Status::ok();
+      return save(state, rec_cursor(), /*clear=*/false);
     }
     if (Status s = target->flush(); !s.is_ok()) {
       fail("NEW's flush failed: " + s.to_string());
@@ -516,20 +543,25 @@ class Evacuator::Core : public WriteMirror {
   // mark dirty: a dirty piece is read again, so that the copy never puts
   // older data over a client's newer write. After kOptimisticTries, the
   // piece is read with client writes to it held back.
-  Status copy_piece(BlockDevice& target, uint64_t first, uint64_t last, char* buf, Side& side) {
+  // `done` runs under mu_ as the window closes after NEW took the piece:
+  // the copy's place moves with it, so that a write to the piece from then
+  // on sets its region's bit.
+  Status copy_piece(BlockDevice& target, uint64_t first, uint64_t last, char* buf, Side& side,
+                    const std::function<void()>& done) {
     std::vector<std::pair<uint64_t, uint64_t>> holes;
     for (int attempt = 0;; ++attempt) {
       const bool keep_still = attempt >= kOptimisticTries;
       {
         std::unique_lock l(mu_);
-        cv_.wait(l, [&] { return !win_active_; });  // a verification's window
+        cv_.wait(l, [&] { return !win_active_ || halt_.load(); });  // a verification's window
+        if (halt_.load()) return Status::error(ECANCELED, "stopping");
         win_first_ = first;
         win_last_ = last;
         win_active_ = true;
         win_dirty_ = held_overlaps(first, last);
         if (keep_still) {
           win_locked_ = true;
-          cv_.wait(l, [&] { return !held_overlaps(first, last); });
+          cv_.wait(l, [&] { return !held_overlaps(first, last) || halt_.load(); });
         }
       }
       Status s = read_set(first, last, buf, holes, &interrupt_);
@@ -543,10 +575,13 @@ class Evacuator::Core : public WriteMirror {
           if (!cv_.wait_for(l, std::chrono::milliseconds(100),
                             [&] { return !held_overlaps(first, last); })) {
             win_locked_ = true;
-            cv_.wait(l, [&] { return !held_overlaps(first, last); });
+            cv_.wait(l, [&] { return !held_overlaps(first, last) || halt_.load(); });
           }
         }
         win_locked_ = true;
+        if (s.is_ok() && halt_.load() && held_overlaps(first, last)) {
+          s = Status::error(ECANCELED, "stopping");
+        }
         if (!s.is_ok() || (win_dirty_ && !keep_still)) {
           win_locked_ = win_active_ = false;
           again = s.is_ok();
@@ -566,6 +601,7 @@ class Evacuator::Core : public WriteMirror {
       {
         std::lock_guard l(mu_);
         win_locked_ = win_active_ = false;
+        if (s.is_ok()) done();
       }
       cv_.notify_all();
       if (!s.is_ok()) side = Side::kTarget;
@@ -590,10 +626,13 @@ class Evacuator::Core : public WriteMirror {
     std::lock_guard g(save_mu_);
     EvacRecord next = rec_;
     bool changed = false;
-    for (uint64_t r : regions) {
-      if (!next.intent_bit(r)) {
+    {
+      // From bits_, not rec_: a save that clears a bit zeroes it in bits_
+      // first, and may land on the spare even when its flush fails.
+      std::lock_guard l(mu_);
+      for (uint64_t r : regions) {
         next.set_intent_bit(r);
-        changed = true;
+        if (!bits_[r]) changed = true;
       }
     }
     if (changed) {
@@ -626,33 +665,45 @@ class Evacuator::Core : public WriteMirror {
 
   // NEW is given up: no more writes reach it, and the record says why.
   void fail(const std::string& why) {
-    if (!live_.exchange(false)) return;
-    halt_.store(true);
-    interrupt_.store(true);
     {
+      // The end is to be recorded before mirroring stops: a write that
+      // finds live_ false saves it first (change()).
       std::lock_guard l(mu_);
+      if (!live_.load()) return;
       state_ = EvacState::kFailed;
       error_ = why;
+      end_unsaved_.store(true);
+      live_.store(false);
       if (held_.empty()) target_.reset();  // NEW is let go (its lock too)
     }
+    halt_.store(true);
+    interrupt_.store(true);
     cv_.notify_all();
     log(LogLevel::kError, "evacuation failed: " + why +
                               ". Writes now reach only the set; start it again when NEW is fixed "
                               "or replaced (dmremap evacuate --to NEW)");
-    fail_unsaved_.store(true);
-    (void)save_failure();
+    (void)save_end();
   }
 
-  // Records the failure; ok once it is on the spare.
-  Status save_failure() {
-    Status s = save(EvacState::kFailed, rec_cursor(), /*clear=*/false);
-    if (s.is_ok()) fail_unsaved_.store(false);
+  // Records the end (failed, aborted); ok once it is on the spare.
+  Status save_end() {
+    EvacState state;
+    {
+      std::lock_guard l(mu_);
+      state = state_;
+    }
+    Status s = save(state, rec_cursor(), /*clear=*/false);
+    if (s.is_ok()) end_unsaved_.store(false);
     return s;
   }
 
   uint64_t rec_cursor() {
     std::lock_guard g(save_mu_);
     return rec_.cursor;
+  }
+  EvacState rec_state() {
+    std::lock_guard g(save_mu_);
+    return static_cast<EvacState>(rec_.state);
   }
 
   std::shared_ptr<BlockDevice> current_target() {
@@ -706,7 +757,8 @@ class Evacuator::Core : public WriteMirror {
   // Whether client changes are made on NEW: false once failed, aborted or
   // closed.
   std::atomic<bool> live_{true};
-  std::atomic<bool> fail_unsaved_{false};  // failed, and the record does not say so yet
+  std::atomic<bool> end_unsaved_{false};  // ended, and the record does not say so yet
+  std::atomic<bool> retired_{false};      // a new evacuation replaced this one
   std::atomic<bool> closing_{false};       // Engine::close has begun
   // The copy thread is to stop (pause, abort, failure, destruction).
   std::atomic<bool> halt_{false};
@@ -725,7 +777,8 @@ class Evacuator::Core : public WriteMirror {
   uint64_t lost_count_ = 0;
   std::set<uint64_t> lost_extra_;  // unreadable, not pending (a slot the spare fails)
   std::vector<uint64_t> resync_;   // regions to copy again, sorted
-  uint64_t resync_pos_ = 0;        // the next block of resync_.front() to copy
+  uint64_t resync_region_ = ~uint64_t{0};  // the region resync_pos_ belongs to
+  uint64_t resync_pos_ = 0;        // the next block of it to copy
   std::set<uint64_t> dirty_at_close_;
   uint64_t rate_limit_ = 0;
   double rate_ = 0, eta_ = -1;
@@ -836,11 +889,7 @@ Evacuator::Evacuator(Engine& engine, OpenOptions target_open, std::vector<std::s
                                 "back (tried every 5 s)");
   }
   core_ = std::make_shared<Core>(engine_, target, rec);
-  if (!target) {
-    std::lock_guard l(core_->mu_);
-    core_->error_ = "waiting for NEW: " + why;
-  }
-  engine_.attach_mirror(core_);
+  if (!target) core_->error_ = "waiting for NEW: " + why;
   log(LogLevel::kInfo, std::string("evacuation to ") + rec.target + " picked up (" +
                            evac_state_name(state) + ", block " + std::to_string(rec.cursor) +
                            ", saved " + utc_time(static_cast<int64_t>(rec.saved)) + ")" +
@@ -848,6 +897,7 @@ Evacuator::Evacuator(Engine& engine, OpenOptions target_open, std::vector<std::s
                                 ? std::string()
                                 : "; " + std::to_string(core_->resync_.size()) +
                                       " region(s) written before a crash are copied again"));
+  engine_.attach_mirror(core_);
   // Copying, or copying again what a crash left; also keeping the bitmap
   // tidy while paused or in sync, and waiting for NEW.
   std::lock_guard l(mu_);
@@ -879,6 +929,7 @@ void Evacuator::stop_thread() {
 
 void Evacuator::launch() {
   std::lock_guard l(mu_);
+  if (!core_->live_.load()) return;  // ended meanwhile
   core_->halt_.store(false);
   core_->interrupt_.store(false);
   thread_ = std::thread([this] { run(); });
@@ -928,6 +979,8 @@ Status Evacuator::start(const EvacStart& how) {
     }
   }
   stop_thread();
+  // The evacuation that ended is not to write the record any more.
+  if (auto old = core()) old->retired_.store(true);
   EvacRecord rec;
   rec.state = static_cast<uint32_t>(EvacState::kRunning);
   rec.started = static_cast<uint64_t>(unix_now());
@@ -999,11 +1052,17 @@ Status Evacuator::abort() {
     return Status::error(EINVAL, "no evacuation is under way");
   }
   stop_thread();
-  c->live_.store(false);
   std::shared_ptr<BlockDevice> target;
   {
     std::unique_lock l(c->mu_);
+    if (!c->live_.load()) {
+      return Status::error(EINVAL, std::string("the evacuation is ") +
+                                       evac_state_name(c->state_) + ": " + c->error_);
+    }
+    // Recorded before a write reaches the set alone (see change()).
     c->state_ = EvacState::kAborted;
+    c->end_unsaved_.store(true);
+    c->live_.store(false);
     // Writes already on their way to NEW finish before abort returns.
     c->cv_.wait_for(l, std::chrono::seconds(30), [&] { return c->held_.empty(); });
     target = c->target_;
@@ -1012,7 +1071,7 @@ Status Evacuator::abort() {
   if (target) (void)target->flush();
   log(LogLevel::kWarning, "evacuation to " + c->progress().target +
                               " aborted: it is no longer written");
-  return c->save(EvacState::kAborted, c->rec_cursor(), false);
+  return c->save_end();
 }
 
 Status Evacuator::set_rate(uint64_t bytes_per_second) {
@@ -1066,7 +1125,7 @@ void Evacuator::run() {
     std::unique_lock l(c.mu_);
     c.cv_.wait_for(l, d, [&] { return c.halt_.load(); });
   };
-  while (!c.halt_.load()) {
+  while (!c.halt_.load() && c.live_.load()) {
     EvacState state;
     uint64_t first = 0, last = 0;
     bool resync = false;
@@ -1078,6 +1137,10 @@ void Evacuator::run() {
       if (target && state != EvacState::kPaused && !c.resync_.empty()) {
         // What a crash (or an outage) left comes first.
         const uint64_t region = c.resync_.front();
+        if (c.resync_region_ != region) {
+          c.resync_region_ = region;
+          c.resync_pos_ = region * c.rb_;
+        }
         first = std::max(region * c.rb_, c.resync_pos_);
         last = std::min({c.blocks_, (region + 1) * c.rb_, first + piece});
         resync = true;
@@ -1150,7 +1213,20 @@ void Evacuator::run() {
     }
     if (c.halt_.load()) break;
     Side side = Side::kNone;
-    Status s = c.copy_piece(*target, first, last, buf.data(), side);
+    // Under mu_, as the piece's window closes: the place moves on.
+    auto done = [&] {
+      if (!resync) {
+        c.cursor_ = last;
+        return;
+      }
+      c.resync_pos_ = last;
+      if (!c.resync_.empty() && c.resync_.front() == c.resync_region_ &&
+          last >= std::min(c.blocks_, (c.resync_region_ + 1) * c.rb_)) {
+        c.resync_.erase(c.resync_.begin());
+        c.resync_region_ = ~uint64_t{0};
+      }
+    };
+    Status s = c.copy_piece(*target, first, last, buf.data(), side, done);
     if (s.code() == ECANCELED || c.halt_.load()) break;
     if (!s.is_ok()) {
       if (side == Side::kTarget) {
@@ -1177,16 +1253,6 @@ void Evacuator::run() {
       std::unique_lock l(c.mu_);
       c.waiting_main_ = false;
       c.error_.clear();
-      if (resync) {
-        const uint64_t region = c.resync_.front();
-        c.resync_pos_ = last;
-        if (last >= std::min(c.blocks_, (region + 1) * c.rb_)) {
-          c.resync_.erase(c.resync_.begin());
-          c.resync_pos_ = 0;
-        }
-      } else {
-        c.cursor_ = last;
-      }
       const double took =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (const uint64_t limit = c.rate_limit_; limit > 0) {

@@ -188,6 +188,14 @@ std::optional<Superblock> Superblock::decode(const char* in, std::string* proble
       if (problem) *problem = "its evacuation record fails its checksum, or is not of this write";
       return std::nullopt;
     }
+    // Its bitmap must cover main in the bits it has.
+    if (s.evac.state != 0 && s.block_size != 0 &&
+        (s.evac.region_blocks == 0 ||
+         (s.main_size / s.block_size + s.evac.region_blocks - 1) / s.evac.region_blocks >
+             kEvacIntentBytes * 8)) {
+      if (problem) *problem = "its evacuation record's regions do not fit its bitmap";
+      return std::nullopt;
+    }
   }
   // A checksummed superblock with impossible geometry is still not trusted:
   // it is damaged, or made to harm whoever reads it.

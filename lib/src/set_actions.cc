@@ -277,6 +277,7 @@ Json evac_progress_json(const EvacProgress& p) {
   j["region_blocks"] = p.region_blocks;
   j["mirrored"] = p.mirrored;
   j["waiting_for_main"] = p.waiting_for_main;
+  j["new_away"] = p.target_away;
   j["error"] = p.error;
   return j;
 }

@@ -171,8 +171,11 @@ class WriteMirror {
                         const std::function<Status()>& apply) = 0;
   // After a FLUSH of the set that worked.
   virtual void flushed() = 0;
-  // Blocks [first, last) now read differently without a client write (a
-  // pending mark cleared by forget-pending).
+  // Blocks [first, last) are about to read differently without a client
+  // write (a pending mark cleared by forget-pending): called before it is
+  // recorded; an error stops the change.
+  virtual Status will_change(uint64_t first, uint64_t last) = 0;
+  // ... and after: they now read differently.
   virtual void refresh(uint64_t first, uint64_t last) = 0;
   // Engine::close, once requests have drained and the set is flushed:
   // the record to write with the clean checkpoint, if it changed.
@@ -645,8 +648,10 @@ class Engine {
   std::shared_ptr<WriteMirror> mirror_;
   std::atomic<bool> has_mirror_{false};
   std::shared_ptr<WriteMirror> mirror();
-  // Client writes, write-zeroes and trims running without the mirror.
-  std::atomic<int64_t> unmirrored_{0};
+  // Client writes, write-zeroes and trims running, by the parity of the
+  // mirror generation they began in (attach_mirror raises it).
+  std::atomic<uint64_t> mirror_gen_{0};
+  std::atomic<int64_t> in_mirror_[2] = {};
   // A write, write-zeroes or trim: through the mirror when there is one.
   Status mirrored(WriteMirror::Op op, const void* buf, uint64_t len, uint64_t offset, bool fua,
                   const std::function<Status()>& apply);

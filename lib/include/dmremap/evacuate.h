@@ -65,6 +65,7 @@ struct EvacProgress {
   uint64_t region_blocks = 0;
   uint64_t mirrored = 0;    // client changes made on NEW too, since open
   bool waiting_for_main = false;
+  bool target_away = false;  // under way, but NEW cannot be opened now
   std::string error;        // why it failed, or what it waits for
 };
 

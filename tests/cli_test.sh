@@ -44,7 +44,7 @@ block_sum() { dd if="$1" bs=4096 skip="$2" count=1 status=none | sha256sum | cut
 bytes_sum() { dd if="$1" bs=1 skip="$2" count=4096 status=none iflag=skip_bytes | sha256sum | cut -d' ' -f1; }
 
 # --- help and usage ---------------------------------------------------------
-for cmd in "" format status list map remap forget-pending check; do
+for cmd in "" format status list map remap forget-pending check evacuate; do
   expect "help ${cmd:-top}" 0 "$cli" $cmd --help
   contains "help ${cmd:-top} has usage" "Usage: dmremap"
 done
@@ -124,6 +124,34 @@ run_suite() {
   expect "$label: map to standard output" 0 "$cli" map --spare "$spare" --svg -
   equals "$label: map gives the same bytes twice" "$out" "$(cat map.svg)"
   contains "$label: map counts the manual remaps" ">remapped, manual: 3 blocks: "
+
+  # Evacuation, offline: NEW gets the virtual disk (block 5 from its slot).
+  expect "$label: status for main's size" 0 "$cli" status --spare "$spare" --json
+  local size
+  size=$(json 'j["main_size"]')
+  rm -f new.img small.img
+  truncate -s "$size" new.img
+  truncate -s 1M small.img
+  expect "$label: evacuate refuses a smaller NEW" 1 "$cli" evacuate --main "$main" \
+    --spare "$spare" --to small.img
+  contains "$label: smaller NEW is named" "smaller than the set's"
+  expect "$label: evacuate refuses main as NEW" 1 "$cli" evacuate --main "$main" \
+    --spare "$spare" --to "$main"
+  contains "$label: main as NEW is named" "a disk of this set"
+  expect "$label: evacuate offline" 0 "$cli" evacuate --main "$main" --spare "$spare" \
+    --to new.img --verify --report ev.txt --mapfile ev.map
+  contains "$label: evacuate says NEW holds it all" "holds the whole disk; 0 block(s) lost"
+  contains "$label: evacuate verified NEW" "verified:"
+  equals "$label: NEW holds block 5 from its slot" "$(block_sum new.img 5)" "$want5"
+  equals "$label: NEW holds block 6 from its slot" "$(block_sum new.img 6)" "$want6"
+  equals "$label: the report counts no lost block" "$(grep -c '^lost blocks:    0 ' ev.txt)" 1
+  equals "$label: the mapfile is all finished" "$(grep -c '  -$' ev.map)" 0
+  expect "$label: evacuate status reads the spare" 0 "$cli" evacuate --main "$main" \
+    --spare "$spare" --status
+  contains "$label: finished once the set closed" "evacuate finished"
+  expect "$label: evacuate refuses a NEW with data" 1 "$cli" evacuate --main "$main" \
+    --spare "$spare" --to new.img
+  contains "$label: NEW with data needs --force" "give --force"
 }
 
 # --- regular files ------------------------------------------------------------

@@ -3,8 +3,10 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <new>
 #include <set>
 
 #include "dmremap/log.h"
@@ -30,6 +32,25 @@ constexpr uint64_t kMinRegionBytes = 1024 * 1024;
 constexpr size_t kMaxListed = 1000;
 
 int64_t unix_now() { return static_cast<int64_t>(std::time(nullptr)); }
+
+// The copy's buffers, aligned for O_DIRECT: an unaligned one would go
+// through a bounce buffer on every read of main and write to NEW.
+constexpr size_t kBufferAlign = 4096;
+struct IoBuffer {
+  explicit IoBuffer(size_t n)
+      : data(static_cast<char*>(
+            std::aligned_alloc(kBufferAlign, (n + kBufferAlign - 1) / kBufferAlign * kBufferAlign))) {
+    if (data == nullptr) throw std::bad_alloc();
+  }
+  ~IoBuffer() { std::free(data); }
+  IoBuffer(const IoBuffer&) = delete;
+  IoBuffer& operator=(const IoBuffer&) = delete;
+  char* data;
+};
+
+// How far ahead the copy asks main where its holes are: one question per
+// 64 MiB, not per piece (a file system may walk its whole file to answer).
+constexpr uint64_t kExtentsAhead = 64 * 1024 * 1024;
 
 Status check_rate(uint64_t rate) {
   if (rate != 0 && rate < kMinRate) {
@@ -462,22 +483,36 @@ class Evacuator::Core : public WriteMirror {
   // The copy of [first, last): the set's data (holes as zeros, unreadable
   // blocks as zeros and listed lost) in `buf`, with the holes in `holes`.
   // `stop`: the copy thread's flag (a client's own copy is not stopped).
+  // `data_until`: the copy thread's note of where main's data, found by an
+  // earlier question, goes on to (no hole before it). Only data is taken
+  // from it: a hole is always asked about afresh, after the piece's window
+  // opened, since a client write may have filled it.
   Status read_set(uint64_t first, uint64_t last, char* buf,
                   std::vector<std::pair<uint64_t, uint64_t>>& holes,
-                  const std::atomic<bool>* stop) {
+                  const std::atomic<bool>* stop, uint64_t* data_until = nullptr) {
     holes.clear();
     const uint64_t off = first * bs_;
     const uint64_t len = (last - first) * bs_;
     std::vector<std::pair<uint64_t, uint64_t>> data;
     const Engine::Background background;
-    Status ext = engine_.extents(len, off, [&](uint64_t o, uint64_t l, bool hole) {
-      const uint64_t a = std::max(o, off);
-      const uint64_t b = std::min(o + l, off + len);
-      if (a < b) (hole ? holes : data).emplace_back(a, b);
-    });
-    if (!ext.is_ok()) {
-      holes.clear();
+    if (data_until != nullptr && *data_until >= off + len) {
       data = {{off, off + len}};
+    } else {
+      const uint64_t ask = data_until != nullptr
+                               ? std::min(blocks_ * bs_ - off, std::max(len, kExtentsAhead))
+                               : len;
+      bool first_run = true;
+      Status ext = engine_.extents(ask, off, [&](uint64_t o, uint64_t l, bool hole) {
+        if (data_until != nullptr && first_run && !hole && o <= off) *data_until = o + l;
+        first_run = false;
+        const uint64_t a = std::max(o, off);
+        const uint64_t b = std::min(o + l, off + len);
+        if (a < b) (hole ? holes : data).emplace_back(a, b);
+      });
+      if (!ext.is_ok()) {
+        holes.clear();
+        data = {{off, off + len}};
+      }
     }
     for (auto [a, b] : holes) std::memset(buf + (a - off), 0, b - a);
     for (auto [a, b] : data) {
@@ -523,15 +558,15 @@ class Evacuator::Core : public WriteMirror {
   // (a client's change): no window.
   Status copy_held(BlockDevice& target, uint64_t first, uint64_t last, Side& side) {
     const uint64_t piece = std::max<uint64_t>(1, kPieceBytes / bs_);
-    std::vector<char> buf(std::min(last - first, piece) * bs_);
+    IoBuffer buf(std::min(last - first, piece) * bs_);
     std::vector<std::pair<uint64_t, uint64_t>> holes;
     for (uint64_t at = first; at < last; at += piece) {
       const uint64_t end = std::min(last, at + piece);
-      if (Status s = read_set(at, end, buf.data(), holes, nullptr); !s.is_ok()) {
+      if (Status s = read_set(at, end, buf.data, holes, nullptr); !s.is_ok()) {
         side = Side::kSet;
         return s;
       }
-      if (Status s = write_target(target, at * bs_, end * bs_, buf.data(), holes); !s.is_ok()) {
+      if (Status s = write_target(target, at * bs_, end * bs_, buf.data, holes); !s.is_ok()) {
         side = Side::kTarget;
         return s;
       }
@@ -547,7 +582,7 @@ class Evacuator::Core : public WriteMirror {
   // the copy's place moves with it, so that a write to the piece from then
   // on sets its region's bit.
   Status copy_piece(BlockDevice& target, uint64_t first, uint64_t last, char* buf, Side& side,
-                    const std::function<void()>& done) {
+                    const std::function<void()>& done, uint64_t* data_until) {
     std::vector<std::pair<uint64_t, uint64_t>> holes;
     for (int attempt = 0;; ++attempt) {
       const bool keep_still = attempt >= kOptimisticTries;
@@ -564,7 +599,7 @@ class Evacuator::Core : public WriteMirror {
           cv_.wait(l, [&] { return !held_overlaps(first, last) || halt_.load(); });
         }
       }
-      Status s = read_set(first, last, buf, holes, &interrupt_);
+      Status s = read_set(first, last, buf, holes, &interrupt_, data_until);
       bool again = false;
       {
         std::unique_lock l(mu_);
@@ -1117,7 +1152,8 @@ void Evacuator::run() {
   std::shared_ptr<Core> keep = core();
   Core& c = *keep;
   const uint64_t piece = std::max<uint64_t>(1, kPieceBytes / c.bs_);
-  std::vector<char> buf(piece * c.bs_);
+  IoBuffer buf(piece * c.bs_);
+  uint64_t data_until = 0;  // see Core::read_set
   c.last_save_ms_.store(now_ms());
   double seconds_per_byte = 0;
   int64_t next_try_ms = 0;  // of opening NEW again
@@ -1226,7 +1262,7 @@ void Evacuator::run() {
         c.resync_region_ = ~uint64_t{0};
       }
     };
-    Status s = c.copy_piece(*target, first, last, buf.data(), side, done);
+    Status s = c.copy_piece(*target, first, last, buf.data, side, done, &data_until);
     if (s.code() == ECANCELED || c.halt_.load()) break;
     if (!s.is_ok()) {
       if (side == Side::kTarget) {
@@ -1307,7 +1343,7 @@ Result<EvacVerify> Evacuator::verify(const std::function<bool()>& stopping,
   const std::vector<uint64_t> lost = c.lost_blocks(0, ~uint64_t{0});
   EvacVerify v;
   const uint64_t piece = std::max<uint64_t>(1, kPieceBytes / c.bs_);
-  std::vector<char> set_buf(piece * c.bs_), new_buf(piece * c.bs_);
+  IoBuffer set_buf(piece * c.bs_), new_buf(piece * c.bs_);
   for (uint64_t first = 0; first < c.blocks_; first += piece) {
     if (stopping && stopping()) {
       v.stopped = true;
@@ -1324,8 +1360,8 @@ Result<EvacVerify> Evacuator::verify(const std::function<bool()>& stopping,
       c.win_last_ = last;
       c.win_active_ = c.win_locked_ = true;
     }
-    const Status rs = engine_.scan_read(set_buf.data(), len, first * c.bs_, &bad, nullptr);
-    const Status rn = target->read(new_buf.data(), len, first * c.bs_);
+    const Status rs = engine_.scan_read(set_buf.data, len, first * c.bs_, &bad, nullptr);
+    const Status rn = target->read(new_buf.data, len, first * c.bs_);
     {
       std::lock_guard l(c.mu_);
       c.win_active_ = c.win_locked_ = false;
@@ -1341,7 +1377,7 @@ Result<EvacVerify> Evacuator::verify(const std::function<bool()>& stopping,
       }
       ++v.compared;
       const uint64_t o = (b - first) * c.bs_;
-      if (std::memcmp(set_buf.data() + o, new_buf.data() + o, c.bs_) != 0) {
+      if (std::memcmp(set_buf.data + o, new_buf.data + o, c.bs_) != 0) {
         ++v.differ_count;
         if (v.differ.size() < kMaxListed) v.differ.push_back(b);
       }

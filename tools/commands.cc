@@ -813,11 +813,13 @@ int scan_exit(const Json& p) {
   return p["state"] == "done" && p["unreadable"].get<uint64_t>() == 0 ? kExitOk : kExitFailed;
 }
 
-// Shows progress every second until the scan is no longer running, or
-// Ctrl-C (true when interrupted). `poll` gives the progress.
-template <class Poll>
-std::optional<Json> follow_scan(const ScanOptions& o, Poll poll, bool& interrupted) {
-  const bool in_place = !o.json && ::isatty(STDOUT_FILENO);
+// Shows progress (`print`) every second on a terminal, in place, and every
+// 10 s in a log, until `over` says so or Ctrl-C (`interrupted`). `poll`
+// gives the progress, nullopt when it cannot.
+template <class Poll, class Print, class Over>
+std::optional<Json> follow_progress(bool json, Poll poll, Print print, Over over,
+                                    bool& interrupted) {
+  const bool in_place = !json && ::isatty(STDOUT_FILENO);
   g_interrupted = 0;
   auto previous = std::signal(SIGINT, [](int) { g_interrupted = 1; });
   std::optional<Json> last;
@@ -826,13 +828,12 @@ std::optional<Json> follow_scan(const ScanOptions& o, Poll poll, bool& interrupt
     auto p = poll();
     if (!p) break;
     last = p;
-    const bool over = (*p)["state"] != "running";
-    // On a terminal every second, in place; in a log every 10 s.
-    if (over || in_place || std::chrono::steady_clock::now() >= report_at) {
-      print_scan(*p, o.json, in_place);
+    const bool done = over(*p);
+    if (done || in_place || std::chrono::steady_clock::now() >= report_at) {
+      print(*p, json, in_place);
       report_at = std::chrono::steady_clock::now() + std::chrono::seconds(10);
     }
-    if (over) break;
+    if (done) break;
     for (int i = 0; i < 10 && !g_interrupted; ++i) {
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
@@ -842,6 +843,14 @@ std::optional<Json> follow_scan(const ScanOptions& o, Poll poll, bool& interrupt
   if (in_place) fmt::print("\n");
   interrupted = g_interrupted != 0;
   return last;
+}
+
+// Follows a scan until it is no longer running.
+template <class Poll>
+std::optional<Json> follow_scan(const ScanOptions& o, Poll poll, bool& interrupted) {
+  return follow_progress(
+      o.json, poll, print_scan, [](const Json& p) { return p["state"] != "running"; },
+      interrupted);
 }
 
 int run_scan_served(const ScanOptions& o) {
@@ -1002,37 +1011,16 @@ void print_evac(const Json& p, bool json, bool in_place) {
   std::fflush(stdout);
 }
 
-// Shows progress every second (every 10 s in a log) until the copy is no
-// longer running, or Ctrl-C (`interrupted`).
+// Follows an evacuation until it no longer copies (in sync but still
+// copying again what a crash left is not over yet).
 template <class Poll>
 std::optional<Json> follow_evac(bool json, Poll poll, bool& interrupted) {
-  const bool in_place = !json && ::isatty(STDOUT_FILENO);
-  g_interrupted = 0;
-  auto previous = std::signal(SIGINT, [](int) { g_interrupted = 1; });
-  std::optional<Json> last;
-  auto report_at = std::chrono::steady_clock::now();
-  while (true) {
-    auto p = poll();
-    if (!p) break;
-    last = p;
-    // In sync but still copying again what a crash left: not over yet.
-    const Json& now = *p;
-    const bool over = now["state"] != "running" &&
-                      !(now["state"] == "in-sync" && now["resync_regions"] != 0);
-    if (over || in_place || std::chrono::steady_clock::now() >= report_at) {
-      print_evac(*p, json, in_place);
-      report_at = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-    }
-    if (over) break;
-    for (int i = 0; i < 10 && !g_interrupted; ++i) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    }
-    if (g_interrupted) break;
-  }
-  std::signal(SIGINT, previous);
-  if (in_place) fmt::print("\n");
-  interrupted = g_interrupted != 0;
-  return last;
+  return follow_progress(
+      json, poll, print_evac,
+      [](const Json& p) {
+        return p["state"] != "running" && !(p["state"] == "in-sync" && p["resync_regions"] != 0);
+      },
+      interrupted);
 }
 
 // Writes the report and the mapfile of the blocks NEW does not hold.

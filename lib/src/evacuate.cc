@@ -10,6 +10,7 @@
 #include <set>
 
 #include "dmremap/log.h"
+#include "dmremap/scan.h"
 
 namespace dmremap {
 
@@ -25,7 +26,6 @@ constexpr int kMaxYieldSteps = 100;
 // A piece that clients wrote to while it was read is read again; after
 // this many tries, it is read with clients' writes to it held back.
 constexpr int kOptimisticTries = 3;
-constexpr uint64_t kMinRate = 4096;
 // The smallest write-intent region: 1 MiB of blocks.
 constexpr uint64_t kMinRegionBytes = 1024 * 1024;
 // How many blocks a verification lists as differing.
@@ -51,15 +51,6 @@ struct IoBuffer {
 // How far ahead the copy asks main where its holes are: one question per
 // 64 MiB, not per piece (a file system may walk its whole file to answer).
 constexpr uint64_t kExtentsAhead = 64 * 1024 * 1024;
-
-Status check_rate(uint64_t rate) {
-  if (rate != 0 && rate < kMinRate) {
-    return Status::error(EINVAL, "a rate of " + std::to_string(rate) +
-                                     " bytes/s is too slow to mean anything: 4096 at least, or 0 "
-                                     "for no limit");
-  }
-  return Status::ok();
-}
 
 // Blocks per write-intent bit for a disk of `blocks` blocks: a power of two,
 // at least 1 MiB, so that the bitmap covers the disk.
@@ -971,7 +962,7 @@ void Evacuator::launch() {
 }
 
 Status Evacuator::start(const EvacStart& how) {
-  if (Status s = check_rate(how.rate); !s.is_ok()) return s;
+  if (Status s = check_rate_limit(how.rate); !s.is_ok()) return s;
   if (engine_.read_only()) return Status::error(EPERM, "the set is served read-only");
   if (auto c = core()) {
     const EvacProgress p = c->progress();
@@ -1041,44 +1032,33 @@ Status Evacuator::start(const EvacStart& how) {
   return Status::ok();
 }
 
-Status Evacuator::pause() {
+// Pause and resume: the copy thread stops, the state moves `from` -> `to`
+// (refused if a failure came meanwhile), the record says so, and the thread
+// starts again (paused, it keeps the bitmap tidy: writes still go to both).
+Status Evacuator::switch_state(EvacState from, EvacState to, const char* refusal) {
   auto c = core();
-  if (!c || c->progress().state != EvacState::kRunning) {
-    return Status::error(EINVAL, "no evacuation is copying");
-  }
+  if (!c || c->progress().state != from) return Status::error(EINVAL, refusal);
   stop_thread();
   {
     std::lock_guard l(c->mu_);
-    if (c->state_ != EvacState::kRunning) {
+    if (c->state_ != from) {
       return Status::error(EINVAL, std::string("the evacuation is ") +
                                        evac_state_name(c->state_) + ": " + c->error_);
     }
-    c->state_ = EvacState::kPaused;
+    c->state_ = to;
+    if (to == EvacState::kRunning) c->error_.clear();
   }
-  Status s = c->checkpoint(EvacState::kPaused);
-  // Writes still go to both disks; the thread keeps the bitmap tidy.
+  Status s = to == EvacState::kPaused ? c->checkpoint(to) : c->save(to, c->rec_cursor(), false);
   if (c->live_.load()) launch();
   return s;
 }
 
+Status Evacuator::pause() {
+  return switch_state(EvacState::kRunning, EvacState::kPaused, "no evacuation is copying");
+}
+
 Status Evacuator::resume() {
-  auto c = core();
-  if (!c || c->progress().state != EvacState::kPaused) {
-    return Status::error(EINVAL, "no evacuation is paused");
-  }
-  stop_thread();
-  {
-    std::lock_guard l(c->mu_);
-    if (c->state_ != EvacState::kPaused) {
-      return Status::error(EINVAL, std::string("the evacuation is ") +
-                                       evac_state_name(c->state_) + ": " + c->error_);
-    }
-    c->state_ = EvacState::kRunning;
-    c->error_.clear();
-  }
-  Status s = c->save(EvacState::kRunning, c->rec_cursor(), false);
-  if (c->live_.load()) launch();
-  return s;
+  return switch_state(EvacState::kPaused, EvacState::kRunning, "no evacuation is paused");
 }
 
 Status Evacuator::abort() {
@@ -1110,7 +1090,7 @@ Status Evacuator::abort() {
 }
 
 Status Evacuator::set_rate(uint64_t bytes_per_second) {
-  if (Status s = check_rate(bytes_per_second); !s.is_ok()) return s;
+  if (Status s = check_rate_limit(bytes_per_second); !s.is_ok()) return s;
   auto c = core();
   if (!c || !under_way(c->progress().state)) {
     return Status::error(EINVAL, "no evacuation is under way");

@@ -61,20 +61,17 @@ Scanner::~Scanner() {
   if (thread_.joinable()) thread_.join();
 }
 
-namespace {
-constexpr uint64_t kMinRate = 4096;
-Status check_rate(uint64_t rate) {
-  if (rate != 0 && rate < kMinRate) {
+Status check_rate_limit(uint64_t rate) {
+  if (rate != 0 && rate < kMinRateLimit) {
     return Status::error(EINVAL, "a rate of " + std::to_string(rate) +
                                      " bytes/s is too slow to mean anything: 4096 at least, or 0 "
                                      "for no limit");
   }
   return Status::ok();
 }
-}  // namespace
 
 Status Scanner::start(std::optional<uint64_t> from, uint64_t rate_limit) {
-  if (Status s = check_rate(rate_limit); !s.is_ok()) return s;
+  if (Status s = check_rate_limit(rate_limit); !s.is_ok()) return s;
   std::unique_lock l(mu_);
   if (p_.state == ScanState::kRunning) {
     return Status::error(EBUSY, "a scan is running (block " + std::to_string(p_.next_block) +
@@ -152,7 +149,7 @@ Status Scanner::cancel() {
 }
 
 Status Scanner::set_rate(uint64_t bytes_per_second) {
-  if (Status s = check_rate(bytes_per_second); !s.is_ok()) return s;
+  if (Status s = check_rate_limit(bytes_per_second); !s.is_ok()) return s;
   std::lock_guard l(mu_);
   p_.rate_limit = bytes_per_second;
   cv_.notify_all();  // a wait under the old rate ends

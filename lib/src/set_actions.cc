@@ -202,6 +202,17 @@ Json import_json(Engine& engine, const std::vector<uint64_t>& blocks, bool check
   return Json{{"marked", r.marked}, {"already", r.already}, {"untried", r.untried}};
 }
 
+namespace {
+// A request's "rate" (bytes per second, 0: no limit), or `current`.
+uint64_t rate_of(const Json& request, uint64_t current) {
+  if (!request.contains("rate")) return current;
+  if (!request["rate"].is_number_unsigned()) {
+    throw ControlError{EINVAL, "\"rate\" must be bytes per second (0: no limit)"};
+  }
+  return request["rate"].get<uint64_t>();
+}
+}  // namespace
+
 Json scan_progress_json(const ScanProgress& p) {
   Json j;
   j["state"] = scan_state_name(p.state);
@@ -224,13 +235,7 @@ Json scan_progress_json(const ScanProgress& p) {
 
 Json scan_json(Scanner& scanner, const Json& request) {
   const std::string action = request.value("action", std::string("status"));
-  auto rate = [&]() -> uint64_t {
-    if (!request.contains("rate")) return scanner.progress().rate_limit;
-    if (!request["rate"].is_number_unsigned()) {
-      throw ControlError{EINVAL, "\"rate\" must be bytes per second (0: no limit)"};
-    }
-    return request["rate"].get<uint64_t>();
-  };
+  auto rate = [&] { return rate_of(request, scanner.progress().rate_limit); };
   Status s;
   if (action == "start") {
     std::optional<uint64_t> from;
@@ -311,13 +316,7 @@ ControlReply evacuate_json(Evacuator& evacuator, const Json& request) {
   const Json& a = request.contains("action") ? request["action"] : Json("status");
   if (!a.is_string()) throw ControlError{EINVAL, "\"action\" must be a string"};
   const std::string action = a.get<std::string>();
-  auto rate = [&]() -> uint64_t {
-    if (!request.contains("rate")) return evacuator.progress().rate_limit;
-    if (!request["rate"].is_number_unsigned()) {
-      throw ControlError{EINVAL, "\"rate\" must be bytes per second (0: no limit)"};
-    }
-    return request["rate"].get<uint64_t>();
-  };
+  auto rate = [&] { return rate_of(request, evacuator.progress().rate_limit); };
   Status s;
   if (action == "start") {
     EvacStart how;

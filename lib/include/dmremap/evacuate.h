@@ -132,6 +132,7 @@ class Evacuator {
   void run();
   void stop_thread();
   void launch();  // the copy thread
+  Status switch_state(EvacState from, EvacState to, const char* refusal);
   std::shared_ptr<Core> core();
 
   Engine& engine_;

@@ -29,6 +29,11 @@
 
 namespace dmremap {
 
+// The slowest rate a background task (scan, evacuation) takes, in bytes
+// per second; 0 means no limit. EINVAL, with a message, below it.
+inline constexpr uint64_t kMinRateLimit = 4096;
+Status check_rate_limit(uint64_t rate);
+
 enum class ScanState : uint32_t { kNone = 0, kRunning = 1, kPaused = 2, kDone = 3, kCancelled = 4 };
 const char* scan_state_name(ScanState s);
 

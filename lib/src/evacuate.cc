@@ -332,7 +332,7 @@ class Evacuator::Core : public WriteMirror {
     next.saved = static_cast<uint64_t>(unix_now());
     if (state_ == EvacState::kSynced && resync_.empty() && next.intent.empty()) {
       state_ = EvacState::kFinished;
-      log(LogLevel::kInfo, "evacuation finished: the set closed cleanly with " + target_->name() +
+      log(LogLevel::kInfo, "evacuation finished: the set closed cleanly with " + rec_.target +
                                " holding the whole disk; it is no longer written");
     }
     next.state = static_cast<uint32_t>(state_);
@@ -1201,7 +1201,7 @@ void Evacuator::run() {
             if (c.state_ == EvacState::kRunning) c.state_ = EvacState::kSynced;
             c.eta_ = 0;
           }
-          log(LogLevel::kInfo, "evacuation: " + target->name() +
+          log(LogLevel::kInfo, "evacuation: " + c.progress().target +
                                    " holds the whole disk and stays in sync (" +
                                    std::to_string(c.count_lost()) + " block(s) lost); writes keep "
                                    "going to both disks until the set is closed");

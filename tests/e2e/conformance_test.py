@@ -227,9 +227,10 @@ class MetaContextTest(Conformance):
         selects it for one release."""
         c = self.client()
         contexts, _ = self.meta(c, OPT_LIST_META, [])
-        self.assertEqual(sorted(n for _, n in contexts), ["base:allocation", "x-dmremap:remapped"])
+        self.assertEqual(sorted(n for _, n in contexts),
+                         ["base:allocation", "x-dmremap:copied", "x-dmremap:remapped"])
         contexts, _ = self.meta(c, OPT_LIST_META, [b"x-dmremap:"])
-        self.assertEqual(contexts, [(0, "x-dmremap:remapped")])
+        self.assertEqual(contexts, [(0, "x-dmremap:remapped"), (0, "x-dmremap:copied")])
         c.option(OPT_STRUCTURED)
         self.assertEqual(c.option_reply()[1], REP_ACK)
         contexts, final = self.meta(c, OPT_SET_META, [b"dmremap:remapped"])
@@ -243,6 +244,23 @@ class MetaContextTest(Conformance):
         chunks = read_structured(c, 1)
         self.assertEqual(chunks[0][0], CHUNK_BLOCK_STATUS)
         self.assertEqual(struct.unpack(">III", chunks[0][1][:12]), (remapped_id, 4 * BLOCK, 0))
+
+    @unittest.skipUnless(SERVER, "the plugin has no dmremap context: nbdkit offers base: only")
+    def test_copied_context_before_any_evacuation(self):
+        """x-dmremap:copied (docs/server.md): with no evacuation, nothing is on
+        a new disk: one descriptor, state 1 (not copied), for the whole range."""
+        c = self.client()
+        c.option(OPT_STRUCTURED)
+        self.assertEqual(c.option_reply()[1], REP_ACK)
+        contexts, final = self.meta(c, OPT_SET_META, [b"x-dmremap:copied"])
+        self.assertEqual((len(contexts), contexts[0][1], final), (1, "x-dmremap:copied", REP_ACK))
+        copied_id = contexts[0][0]
+        c.go()
+        c.structured = True
+        c.request(CMD_BLOCK_STATUS, 0, 4 * BLOCK, cookie=1)
+        chunks = read_structured(c, 1)
+        self.assertEqual(chunks[0][0], CHUNK_BLOCK_STATUS)
+        self.assertEqual(struct.unpack(">III", chunks[0][1][:12]), (copied_id, 4 * BLOCK, 1))
 
 
 class BigBlockTest(Conformance):

@@ -360,6 +360,14 @@ class EvacuateTest(unittest.TestCase):
         h.pwrite(pattern(1), above * BLOCK)
         self.assertEqual(read_blocks(self.new, above), pattern(1))
         h.shutdown()
+        if TOOLS.frontend == "server":
+            # x-dmremap:copied: copied below the place, not yet above it.
+            got = json.loads(subprocess.run(
+                ["nbdinfo", "--map=x-dmremap:copied", "--json", self.s.uri],
+                capture_output=True, text=True, check=True).stdout)
+            place = paused["next_block"] * BLOCK
+            self.assertEqual([(e["offset"], e["type"]) for e in got],
+                             [(0, 0), (place, 1)], got)
         self.assertNotEqual(self.evacuate("--pause").returncode, 0)  # not copying
         # A restart keeps it paused at its place.
         self.assertEqual(self.s.stop(), 0)

@@ -179,19 +179,8 @@ class Evacuator::Core : public WriteMirror {
     }
     const uint64_t first = offset / bs_;
     const uint64_t last = (offset + len + bs_ - 1) / bs_;
-    std::shared_ptr<BlockDevice> target;
     std::vector<uint64_t> need;
-    {
-      std::unique_lock l(mu_);
-      cv_.wait(l, [&] {
-        return !(win_locked_ && overlaps_window(first, last)) && !held_overlaps(first, last);
-      });
-      if (win_active_ && overlaps_window(first, last)) win_dirty_ = true;
-      held_.emplace_back(first, last);
-      touch(first, last);
-      need = regions_needing_bits(first, last);
-      target = target_;
-    }
+    const std::shared_ptr<BlockDevice> target = hold(first, last, need);
     // The bit before the write: after a crash, its region is copied again.
     if (!need.empty()) {
       if (Status in = set_bits(need); !in.is_ok()) {
@@ -202,18 +191,7 @@ class Evacuator::Core : public WriteMirror {
       }
     }
     Status s = apply();
-    if (!target) {
-      // NEW was away. If it came back meanwhile, the regions it missed may
-      // not be on the list it took from the bitmap.
-      std::lock_guard l(mu_);
-      if (target_) {
-        for (uint64_t r = first / rb_; r * rb_ < last && r < regions_; ++r) {
-          if (bits_[r] && !in_resync(r)) {
-            resync_.insert(std::upper_bound(resync_.begin(), resync_.end(), r), r);
-          }
-        }
-      }
-    }
+    if (!target) came_back(first, last);
     if (live_.load()) {
       Side side = Side::kNone;
       Status mirrored;
@@ -227,17 +205,11 @@ class Evacuator::Core : public WriteMirror {
         mirrored = target ? copy_held(*target, first, last, side)
                           : Status::ok();
       }
-      if (!mirrored.is_ok()) {
-        if (side == Side::kTarget) {
-          fail("NEW did not take a client's change at offset " + std::to_string(offset) + ": " +
-               mirrored.to_string());
-        } else {
-          // The set could not be read back (main offline, the engine
-          // closing): copied again later, from the bitmap.
-          copy_again(first, last);
-        }
-      } else {
+      if (mirrored.is_ok()) {
         mirrored_.fetch_add(1, std::memory_order_relaxed);
+      } else {
+        settle(mirrored, side, first, last,
+               "a client's change at offset " + std::to_string(offset));
       }
     }
     release(first, last, s.is_ok() && op != Op::kTrim);
@@ -263,29 +235,13 @@ class Evacuator::Core : public WriteMirror {
 
   void refresh(uint64_t first, uint64_t last) override {
     if (!live_.load()) return;
-    std::shared_ptr<BlockDevice> target;
     std::vector<uint64_t> need;
-    {
-      std::unique_lock l(mu_);
-      cv_.wait(l, [&] {
-        return !(win_locked_ && overlaps_window(first, last)) && !held_overlaps(first, last);
-      });
-      if (win_active_ && overlaps_window(first, last)) win_dirty_ = true;
-      held_.emplace_back(first, last);
-      touch(first, last);
-      need = regions_needing_bits(first, last);
-      target = target_;
-    }
+    const std::shared_ptr<BlockDevice> target = hold(first, last, need);
     Status s = need.empty() ? Status::ok() : set_bits(need);
     Side side = Side::kNone;
     if (s.is_ok() && target) s = copy_held(*target, first, last, side);
-    if (!s.is_ok()) {
-      if (side == Side::kTarget) {
-        fail("NEW did not take blocks that read again: " + s.to_string());
-      } else {
-        copy_again(first, last);
-      }
-    }
+    if (!target) came_back(first, last);
+    if (!s.is_ok()) settle(s, side, first, last, "blocks that read again");
     release(first, last, false);
   }
 
@@ -735,6 +691,45 @@ class Evacuator::Core : public WriteMirror {
   std::shared_ptr<BlockDevice> current_target() {
     std::lock_guard l(mu_);
     return target_;
+  }
+
+  // Registers a change of [first, last) in held_, once no other change to
+  // those blocks is in flight and the copy's window is not closed on them;
+  // returns NEW as it is now (null while away), and in `need` the regions
+  // whose bits the change must set first.
+  std::shared_ptr<BlockDevice> hold(uint64_t first, uint64_t last, std::vector<uint64_t>& need) {
+    std::unique_lock l(mu_);
+    cv_.wait(l, [&] {
+      return !(win_locked_ && overlaps_window(first, last)) && !held_overlaps(first, last);
+    });
+    if (win_active_ && overlaps_window(first, last)) win_dirty_ = true;
+    held_.emplace_back(first, last);
+    touch(first, last);
+    need = regions_needing_bits(first, last);
+    return target_;
+  }
+
+  // After a change hold() found NEW away for: if NEW came back meanwhile,
+  // the regions it missed may not be on the list it took from the bitmap.
+  void came_back(uint64_t first, uint64_t last) {
+    std::lock_guard l(mu_);
+    if (!target_) return;
+    for (uint64_t r = first / rb_; r * rb_ < last && r < regions_; ++r) {
+      if (bits_[r] && !in_resync(r)) {
+        resync_.insert(std::upper_bound(resync_.begin(), resync_.end(), r), r);
+      }
+    }
+  }
+
+  // [first, last) could not be brought to NEW (`what` for the log): NEW's
+  // refusal fails the evacuation; the set's (main offline, the engine
+  // closing) has it copied again later, from the bitmap.
+  void settle(const Status& s, Side side, uint64_t first, uint64_t last, const std::string& what) {
+    if (side == Side::kTarget) {
+      fail("NEW did not take " + what + ": " + s.to_string());
+    } else {
+      copy_again(first, last);
+    }
   }
 
   // Ends a change registered in held_.

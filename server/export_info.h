@@ -11,6 +11,7 @@
 
 #include "dmremap/engine.h"
 #include "dmremap/export.h"
+#include "tls.h"
 
 namespace dmremap {
 class Evacuator;
@@ -42,6 +43,9 @@ struct ExportInfo {
   uint32_t max_reply_chunk = kMaxPayload;      // structured reads: data per chunk (advertised)
   uint64_t max_in_flight_bytes = 256 << 20;    // per session, then reading pauses
   std::chrono::milliseconds handshake_timeout{30000};
+  // --tls: the mode, and the credentials when it is not off.
+  TlsMode tls = TlsMode::kOff;
+  const TlsCredentials* tls_credentials = nullptr;
 
 
   // Live sessions, so that a shutdown can drain them.

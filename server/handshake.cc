@@ -102,11 +102,52 @@ bool Handshake::known_export(std::string_view name) const {
   return false;
 }
 
+bool Handshake::tls_required(uint32_t option, std::string& out, bool& end) const {
+  if (info_.tls != TlsMode::kRequire || tls_active_ || option == nbd::kOptStartTls ||
+      option == nbd::kOptAbort) {
+    return false;
+  }
+  if (option == nbd::kOptExportName) {
+    log(LogLevel::kInfo, "a client asked for the export without TLS, which this server "
+                         "requires: disconnecting it");
+    end = true;
+    return true;
+  }
+  refuse(out, option, nbd::kRepErrTlsReqd, "this server requires TLS: send NBD_OPT_STARTTLS");
+  return true;
+}
+
+Handshake::Outcome Handshake::start_tls(std::string_view data, std::string& out) {
+  if (info_.tls == TlsMode::kOff) {
+    refuse(out, nbd::kOptStartTls, nbd::kRepErrUnsup,
+           "TLS is not configured on this server (see dmremap-server --tls)");
+    return Outcome::kMore;
+  }
+  if (tls_active_) {
+    refuse(out, nbd::kOptStartTls, nbd::kRepErrInvalid, "TLS is already on");
+    return Outcome::kMore;
+  }
+  if (!data.empty()) {
+    refuse(out, nbd::kOptStartTls, nbd::kRepErrInvalid, "STARTTLS takes no data");
+    return Outcome::kMore;
+  }
+  reply(out, nbd::kOptStartTls, nbd::kRepAck);
+  // Nothing negotiated in plaintext survives (structured replies, meta
+  // contexts): a man in the middle may have chosen it.
+  Negotiated fresh;
+  fresh.no_zeroes = n_.no_zeroes;  // the client's flags, from before any option
+  n_ = fresh;
+  tls_active_ = true;
+  return Outcome::kStartTls;
+}
+
 Handshake::Outcome Handshake::oversized(uint32_t option, uint32_t length, std::string& out) {
   log(LogLevel::kInfo, "a client sent an option of " + std::to_string(length) +
                            " bytes, over the limit of " + std::to_string(kMaxOptionBytes));
   // EXPORT_NAME has no error reply: the connection ends.
   if (option == nbd::kOptExportName) return Outcome::kEnd;
+  bool end = false;
+  if (!shutting_down_ && tls_required(option, out, end)) return Outcome::kMore;
   if (option == nbd::kOptSetMetaContext) n_.allocation = n_.remapped = n_.copied = false;
   if (shutting_down_) {
     refuse(out, option, nbd::kRepErrShutdown, "the server is shutting down");
@@ -122,6 +163,8 @@ Handshake::Outcome Handshake::option(uint32_t option, std::string_view data, std
     refuse(out, option, nbd::kRepErrShutdown, "the server is shutting down");
     return Outcome::kMore;
   }
+  bool end = false;
+  if (tls_required(option, out, end)) return end ? Outcome::kEnd : Outcome::kMore;
   switch (option) {
     case nbd::kOptExportName: {
       // No error reply is possible here: an unknown name ends it.
@@ -155,6 +198,8 @@ Handshake::Outcome Handshake::option(uint32_t option, std::string_view data, std
       n_.structured = true;
       reply(out, option, nbd::kRepAck);
       break;
+    case nbd::kOptStartTls:
+      return start_tls(data, out);
     case nbd::kOptInfo:
     case nbd::kOptGo:
       return info_or_go(option, data, out);

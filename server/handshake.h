@@ -23,6 +23,7 @@ class Handshake {
     kMore,      // read the next option
     kTransmit,  // the handshake is over: transmission starts
     kEnd,       // close the connection (ABORT, or nothing else is possible)
+    kStartTls,  // STARTTLS was acknowledged: the TLS handshake comes next
   };
 
   explicit Handshake(const ExportInfo& info) : info_(info) {}
@@ -38,6 +39,9 @@ class Handshake {
   // The server is shutting down: every later option but ABORT gets
   // NBD_REP_ERR_SHUTDOWN, so the client knows to go.
   void shut_down() { shutting_down_ = true; }
+  // TLS is up (after kStartTls): options are served, and nothing
+  // negotiated before it holds.
+  bool tls_active() const { return tls_active_; }
 
   const Negotiated& negotiated() const { return n_; }
 
@@ -46,10 +50,16 @@ class Handshake {
   void meta_context(uint32_t option, std::string_view data, std::string& out);
   // True when `name` is this export ("" always is); logs a refusal.
   bool known_export(std::string_view name) const;
+  // FORCEDTLS (--tls=require) before STARTTLS: every option but STARTTLS
+  // and ABORT is refused. True when `option` was refused (or, for
+  // EXPORT_NAME, `end` is set: it cannot be refused).
+  bool tls_required(uint32_t option, std::string& out, bool& end) const;
+  Outcome start_tls(std::string_view data, std::string& out);
 
   const ExportInfo& info_;
   Negotiated n_;
   bool shutting_down_ = false;
+  bool tls_active_ = false;
 };
 
 }  // namespace dmremap::server

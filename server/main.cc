@@ -30,6 +30,7 @@
 #include "listeners.h"
 #include "metrics_http.h"
 #include "session.h"
+#include "tls.h"
 
 namespace {
 
@@ -62,6 +63,8 @@ struct Options {
   double handshake_seconds = 30;
   double drain_seconds = 30;
   double log_interval_seconds = 3600;
+  std::string tls;  // off|on|require; "": require when credentials are given
+  dmremap::server::TlsConfig tls_config;
 };
 
 void add_options(CLI::App& app, Options& o) {
@@ -149,6 +152,28 @@ void add_options(CLI::App& app, Options& o) {
                  "with status 1 and the spare is left as after a crash (its journal replays at "
                  "the next start)")
       ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--tls", o.tls,
+                 "off: STARTTLS is refused; on: clients may use TLS; require: every option "
+                 "before STARTTLS is refused (NBD has no authentication: use TLS across any "
+                 "network you do not trust). Default: require when --tls-certificates or "
+                 "--tls-psk is given, else off")
+      ->check(CLI::IsMember({"off", "on", "require"}));
+  app.add_option("--tls-certificates", o.tls_config.certificates,
+                 "X.509: a directory with ca-cert.pem, server-cert.pem, server-key.pem and "
+                 "optionally ca-crl.pem, as nbdkit's (default for --tls=on|require without "
+                 "--tls-psk: /etc/pki/dmremap for root, else $HOME/.pki/dmremap)")
+      ->check(CLI::ExistingDirectory);
+  app.add_flag("--tls-verify-peer", o.tls_config.verify_peer,
+               "X.509: clients must present a certificate issued by ca-cert.pem (and not in "
+               "ca-crl.pem)");
+  app.add_option("--tls-psk", o.tls_config.psk_file,
+                 "TLS with pre-shared keys instead of certificates: a file of username:hexkey "
+                 "lines, as psktool writes")
+      ->check(CLI::ExistingFile);
+  app.add_option("--tls-priority", o.tls_config.priority,
+                 "GnuTLS priority string: which TLS versions and ciphers are offered (e.g. "
+                 "NORMAL:-VERS-ALL:+VERS-TLS1.3 for TLS 1.3 only)")
       ->capture_default_str();
   app.add_flag("-v,--verbose", o.verbose,
                "Every log line, debug included (each session, each refused request)");
@@ -253,6 +278,21 @@ int serve(Options& o) {
     return kExitFailed;
   }
 
+  // TLS credentials before the set is opened: a wrong file stops start-up
+  // with nothing to undo.
+  std::unique_ptr<dmremap::server::TlsCredentials> tls;
+  if (o.tls_config.mode != dmremap::server::TlsMode::kOff) {
+    try {
+      tls = dmremap::server::TlsCredentials::load(o.tls_config);
+    } catch (const std::exception& ex) {
+      std::fprintf(stderr, "dmremap-server: cannot serve: %s\n", ex.what());
+      return kExitFailed;
+    }
+    std::fprintf(stderr, "dmremap-server: TLS %s: %s\n",
+                 o.tls_config.mode == dmremap::server::TlsMode::kRequire ? "required" : "offered",
+                 tls->describe().c_str());
+  }
+
   auto engine = dmremap::open_set(o.set);
   if (!engine.is_ok()) {
     std::fprintf(stderr, "dmremap-server: %s\n", engine.status().to_string().c_str());
@@ -266,6 +306,8 @@ int serve(Options& o) {
   info.description = "dmremap set " + dmremap::uuid_string(e.superblock().uuid);
   info.read_only = o.set.read_only;
   info.handshake_timeout = to_ms(o.handshake_seconds);
+  info.tls = o.tls_config.mode;
+  info.tls_credentials = tls.get();
 
   // The surface scan (writable sets): a saved running scan goes on.
   std::unique_ptr<dmremap::Scanner> scanner;
@@ -391,6 +433,21 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "dmremap-server: --stdio serves one client; it takes no --tcp or --unix\n");
     return kExitUsage;
   }
+  const bool credentials = !o.tls_config.certificates.empty() || !o.tls_config.psk_file.empty();
+  if (o.tls.empty()) o.tls = credentials ? "require" : "off";
+  if (o.tls == "off" && (credentials || o.tls_config.verify_peer)) {
+    std::fprintf(stderr, "dmremap-server: --tls=off takes no --tls-certificates, --tls-psk or "
+                         "--tls-verify-peer\n");
+    return kExitUsage;
+  }
+  if (o.tls_config.verify_peer && !o.tls_config.psk_file.empty()) {
+    std::fprintf(stderr, "dmremap-server: --tls-verify-peer checks X.509 certificates; "
+                         "with --tls-psk the key itself authenticates the client\n");
+    return kExitUsage;
+  }
+  o.tls_config.mode = o.tls == "require" ? dmremap::server::TlsMode::kRequire
+                      : o.tls == "on"    ? dmremap::server::TlsMode::kOn
+                                         : dmremap::server::TlsMode::kOff;
   dmremap::log_to_stderr("dmremap-server",
                          o.verbose ? dmremap::LogLevel::kDebug : dmremap::LogLevel::kInfo);
   return serve(o);

@@ -140,6 +140,7 @@ awaitable<void> Session<Socket>::run() {
     // otherwise its reactor would still wake on every packet that arrives.
     fd_ = ::fcntl(socket_.native_handle(), F_DUPFD_CLOEXEC, 0);
     socket_.close(ec);
+    if (tls_) tls_->attach(fd_);
     wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (fd_ >= 0 && wake_fd_ >= 0) {
       // Non-blocking: a reader with nothing to read waits in poll(), where a
@@ -156,6 +157,8 @@ awaitable<void> Session<Socket>::run() {
       wake_.expires_at(asio::steady_timer::time_point::max());
       co_await wake_.async_wait(asio::redirect_error(use_awaitable, ec));
     }
+    // TLS ends with close_notify, so the client knows nothing was cut.
+    if (tls_ && fd_ >= 0) tls_->bye();
   }
   close();
   info_.remove(this);
@@ -183,17 +186,16 @@ void Session<Socket>::close() {
 // Reads each option off the socket and sends what Handshake answers.
 template <class Socket>
 awaitable<bool> Session<Socket>::handshake() {
-  const std::string hello = Handshake::greeting();
-  co_await asio::async_write(socket_, asio::buffer(hello), use_awaitable);
+  co_await write_out(Handshake::greeting());
   char cflags[4];
-  co_await asio::async_read(socket_, asio::buffer(cflags), use_awaitable);
+  co_await read_exact(cflags, sizeof cflags);
   if (!handshake_.client_flags(nbd::get32(cflags))) co_return false;
 
   std::vector<char> data;
   std::string out;
   while (true) {
     char head[16];
-    co_await asio::async_read(socket_, asio::buffer(head), use_awaitable);
+    co_await read_exact(head, sizeof head);
     if (nbd::get64(head) != nbd::kIHaveOpt) {
       log(LogLevel::kInfo, "a client sent an option with a bad magic: disconnecting it");
       co_return false;
@@ -209,18 +211,97 @@ awaitable<bool> Session<Socket>::handshake() {
       data.resize(Handshake::kMaxOptionBytes);
       for (uint32_t left = length; left > 0;) {
         const size_t n = std::min<size_t>(left, data.size());
-        co_await asio::async_read(socket_, asio::buffer(data.data(), n), use_awaitable);
+        co_await read_exact(data.data(), n);
         left -= static_cast<uint32_t>(n);
       }
     } else {
       data.resize(length);
-      co_await asio::async_read(socket_, asio::buffer(data), use_awaitable);
+      co_await read_exact(data.data(), length);
       next = handshake_.option(option, std::string_view(data.data(), length), out);
     }
-    if (!out.empty()) co_await asio::async_write(socket_, asio::buffer(out), use_awaitable);
+    if (next == Handshake::Outcome::kStartTls) {
+      if (!co_await start_tls(out)) co_return false;
+      continue;
+    }
+    if (!out.empty()) co_await write_out(out);
     if (next == Handshake::Outcome::kTransmit) co_return true;
     if (next == Handshake::Outcome::kEnd) co_return false;
   }
+}
+
+template <class Socket>
+awaitable<void> Session<Socket>::read_exact(char* out, size_t n) {
+  if (!tls_) {
+    co_await asio::async_read(socket_, asio::buffer(out, n), use_awaitable);
+    co_return;
+  }
+  while (n > 0) {
+    const ssize_t got = tls_->recv(out, n);
+    if (got > 0) {
+      out += got;
+      n -= static_cast<size_t>(got);
+    } else if (got == 0) {
+      throw boost::system::system_error(asio::error::eof);
+    } else if (got == -EAGAIN) {
+      co_await feed_tls();
+    } else {
+      throw std::runtime_error("TLS: the client sent a record that does not decrypt");
+    }
+  }
+}
+
+template <class Socket>
+awaitable<void> Session<Socket>::write_out(const std::string& out) {
+  if (!tls_) {
+    co_await asio::async_write(socket_, asio::buffer(out), use_awaitable);
+    co_return;
+  }
+  if (!tls_->send(out.data(), out.size())) throw std::runtime_error("TLS: cannot encrypt");
+  const std::string cipher = tls_->take_output();
+  co_await asio::async_write(socket_, asio::buffer(cipher), use_awaitable);
+}
+
+template <class Socket>
+awaitable<void> Session<Socket>::feed_tls() {
+  tls_in_.resize(64 * 1024);
+  const size_t got = co_await socket_.async_read_some(asio::buffer(tls_in_), use_awaitable);
+  tls_->feed(tls_in_.data(), got);
+}
+
+template <class Socket>
+awaitable<bool> Session<Socket>::start_tls(const std::string& ack) {
+  // A client waits for the ACK before its TLS handshake: whatever it sent
+  // after STARTTLS and before the ACK is not from its TLS stack. Those bytes
+  // are dropped, never read as options (the plaintext injection of
+  // CVE-2021-3716). Options are read exactly, so nothing was read ahead.
+  size_t dropped = 0;
+  char junk[4096];
+  while (true) {
+    const ssize_t got = ::recv(socket_.native_handle(), junk, sizeof junk, MSG_DONTWAIT);
+    if (got <= 0) break;
+    dropped += static_cast<size_t>(got);
+  }
+  if (dropped > 0) {
+    log(LogLevel::kWarning, "a client sent " + std::to_string(dropped) +
+                                " bytes after NBD_OPT_STARTTLS, before the TLS handshake: "
+                                "discarded them");
+  }
+  co_await write_out(ack);
+  tls_ = std::make_unique<TlsSession>(*info_.tls_credentials);
+  std::string why;
+  while (true) {
+    const TlsSession::Step step = tls_->handshake(why);
+    const std::string cipher = tls_->take_output();  // an alert too, when it failed
+    if (!cipher.empty()) co_await asio::async_write(socket_, asio::buffer(cipher), use_awaitable);
+    if (step == TlsSession::Step::kDone) break;
+    if (step == TlsSession::Step::kFailed) {
+      log(LogLevel::kWarning, "a client's TLS handshake failed: " + why);
+      co_return false;
+    }
+    co_await feed_tls();
+  }
+  log(LogLevel::kDebug, "a client is on TLS: " + tls_->describe());
+  co_return true;
 }
 
 // Called every few milliseconds by the server's watchdog thread. A lane
@@ -437,7 +518,7 @@ bool Session<Socket>::recv_exact(char* out, size_t n, bool boundary) {
     ssize_t got;
     if (n >= ahead_.size() / 4) {
       // Big payloads go straight to their buffer.
-      got = ::recv(fd_, out, n, MSG_DONTWAIT);
+      got = receive(out, n);
       if (got > 0) {
         out += got;
         n -= static_cast<size_t>(got);
@@ -446,7 +527,7 @@ bool Session<Socket>::recv_exact(char* out, size_t n, bool boundary) {
       }
     } else {
       // Read ahead: at queue depth 32 one call brings many requests.
-      got = ::recv(fd_, ahead_.data(), ahead_.size(), MSG_DONTWAIT);
+      got = receive(ahead_.data(), ahead_.size());
       if (got > 0) {
         const size_t take = std::min(n, static_cast<size_t>(got));
         std::memcpy(out, ahead_.data(), take);
@@ -476,6 +557,15 @@ bool Session<Socket>::recv_exact(char* out, size_t n, bool boundary) {
   return true;
 }
 
+template <class Socket>
+ssize_t Session<Socket>::receive(char* out, size_t n) {
+  if (!tls_) return ::recv(fd_, out, n, MSG_DONTWAIT);
+  const ssize_t got = tls_->recv(out, n);
+  if (got >= 0) return got;
+  errno = static_cast<int>(-got);
+  return -1;
+}
+
 // Draining, between requests: while requests run, what arrives is read
 // (and answered ESHUTDOWN). Once none runs or waits, only the bytes that had
 // arrived by then are read, so that a client that never stops sending does
@@ -487,10 +577,16 @@ bool Session<Socket>::read_after_drain() {
     std::lock_guard lock(queue_mu_);
     if (!queued_.empty()) return true;
   }
+  int in_kernel = 0;
+  if (::ioctl(fd_, FIONREAD, &in_kernel) != 0) in_kernel = 0;
+  const uint64_t in_tls = tls_ ? tls_->pending() : 0;
+  // Under TLS the kernel holds ciphertext, more bytes than the requests it
+  // carries: the budget is too big, so reading also ends once nothing more
+  // has arrived.
+  if (tls_ && in_kernel == 0 && in_tls == 0 && ahead_end_ == ahead_pos_) return false;
   if (drain_budget_ == UINT64_MAX) {
-    int in_kernel = 0;
-    if (::ioctl(fd_, FIONREAD, &in_kernel) != 0) in_kernel = 0;
-    drain_budget_ = delivered_ + (ahead_end_ - ahead_pos_) + static_cast<uint64_t>(in_kernel);
+    drain_budget_ = delivered_ + (ahead_end_ - ahead_pos_) + in_tls +
+                    static_cast<uint64_t>(in_kernel);
   }
   return delivered_ < drain_budget_;
 }
@@ -609,6 +705,11 @@ bool Session<Socket>::send_replies(std::vector<Reply>& replies) {
     for (const auto& p : reply.pieces) {
       add((p.in_data ? reply.data.bytes.get() : reply.meta.data()) + p.offset, p.length);
     }
+  }
+  if (tls_) {
+    const bool sent = tls_->sendv(iov_.data(), iov_.size());
+    replies.clear();
+    return sent;
   }
   bool ok = true;
   iovec* v = iov_.data();

@@ -41,6 +41,15 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
 
  private:
   asio::awaitable<bool> handshake();
+  // The handshake's I/O: plaintext on the socket, or through TLS once
+  // STARTTLS is acknowledged.
+  asio::awaitable<void> read_exact(char* out, size_t n);
+  asio::awaitable<void> write_out(const std::string& out);
+  // Receives more of the TLS handshake's ciphertext.
+  asio::awaitable<void> feed_tls();
+  // STARTTLS was acknowledged (`ack`): discards what the client sent after
+  // it, sends the ACK and runs the TLS handshake. False: the session ends.
+  asio::awaitable<bool> start_tls(const std::string& ack);
   void close();
 
   // Transmission, on the lanes.
@@ -76,6 +85,9 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   // `boundary`: these are a request's first bytes; while draining, finding
   // nothing there ends reading (false) instead of waiting.
   bool recv_exact(char* out, size_t n, bool boundary = false);
+  // One receive on the lanes' descriptor, through TLS if it is on: as
+  // recv(2) with MSG_DONTWAIT (-1 and errno on failure).
+  ssize_t receive(char* out, size_t n);
   void release(uint64_t cost);
   void stop_lanes();
   void wake_reader();
@@ -91,6 +103,8 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   Socket socket_;
   ExportInfo& info_;
   Handshake handshake_;
+  std::unique_ptr<TlsSession> tls_;  // after STARTTLS
+  std::vector<char> tls_in_;         // ciphertext read during the handshake
   asio::strand<typename Socket::executor_type> strand_;
   asio::steady_timer wake_;  // run() waits here for the lanes to end
   int fd_ = -1;

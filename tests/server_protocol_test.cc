@@ -204,6 +204,106 @@ TEST_CASE("handshake: while shutting down, options get ERR_SHUTDOWN", "[server][
   CHECK(option_replies(out, nbd::kOptAbort)[0].first == nbd::kRepAck);
 }
 
+TEST_CASE("handshake: FORCEDTLS refuses every option but STARTTLS and ABORT until TLS is up",
+          "[server][handshake][tls]") {
+  // TLS support, FORCEDTLS mode: any option other than STARTTLS or ABORT,
+  // INFO and unknown ones included, gets NBD_REP_ERR_TLS_REQD before TLS;
+  // EXPORT_NAME cannot be refused, so the session ends. Never TLS_REQD
+  // once TLS is up.
+  Fixture f;
+  f.info.tls = TlsMode::kRequire;
+  Handshake h(f.info);
+  REQUIRE(h.client_flags(nbd::kClientFixedNewstyle));
+  const std::vector<std::pair<uint32_t, std::string>> options = {
+      {nbd::kOptList, ""},
+      {nbd::kOptInfo, go_request("")},
+      {nbd::kOptGo, go_request("")},
+      {nbd::kOptStructuredReply, ""},
+      {nbd::kOptListMetaContext, meta_request({})},
+      {nbd::kOptSetMetaContext, meta_request({"base:allocation"})},
+      {99, "whatever"}};
+  for (const auto& [option, data] : options) {
+    std::string out;
+    INFO("option " << option);
+    CHECK(h.option(option, data, out) == Handshake::Outcome::kMore);
+    const auto replies = option_replies(out, option);
+    REQUIRE(replies.size() == 1);
+    CHECK(replies[0].first == nbd::kRepErrTlsReqd);
+  }
+  CHECK_FALSE(h.negotiated().structured);  // the refused STRUCTURED_REPLY left no trace
+  std::string out;
+  CHECK(h.oversized(nbd::kOptGo, 1 << 20, out) == Handshake::Outcome::kMore);
+  CHECK(option_replies(out, nbd::kOptGo)[0].first == nbd::kRepErrTlsReqd);
+  out.clear();
+  CHECK(h.option(nbd::kOptExportName, "", out) == Handshake::Outcome::kEnd);
+  CHECK(out.empty());
+
+  Handshake aborting(f.info);
+  out.clear();
+  CHECK(aborting.option(nbd::kOptAbort, "", out) == Handshake::Outcome::kEnd);
+  CHECK(option_replies(out, nbd::kOptAbort)[0].first == nbd::kRepAck);
+
+  // After STARTTLS: everything is served, and a second STARTTLS is invalid.
+  Handshake secure(f.info);
+  REQUIRE(secure.client_flags(nbd::kClientFixedNewstyle));
+  out.clear();
+  CHECK(secure.option(nbd::kOptStartTls, "", out) == Handshake::Outcome::kStartTls);
+  CHECK(option_replies(out, nbd::kOptStartTls)[0].first == nbd::kRepAck);
+  CHECK(secure.tls_active());
+  out.clear();
+  CHECK(secure.option(nbd::kOptStartTls, "", out) == Handshake::Outcome::kMore);
+  CHECK(option_replies(out, nbd::kOptStartTls)[0].first == nbd::kRepErrInvalid);
+  out.clear();
+  CHECK(secure.option(nbd::kOptList, "", out) == Handshake::Outcome::kMore);
+  CHECK(option_replies(out, nbd::kOptList).back().first == nbd::kRepAck);
+  out.clear();
+  CHECK(secure.option(nbd::kOptGo, go_request("disk"), out) == Handshake::Outcome::kTransmit);
+}
+
+TEST_CASE("handshake: STARTTLS forgets what was negotiated in plaintext",
+          "[server][handshake][tls]") {
+  // NBD_OPT_STARTTLS: the server MUST NOT preserve negotiation state
+  // (structured replies, meta contexts) from before it (CVE-2021-3716).
+  Fixture f;
+  f.info.tls = TlsMode::kOn;
+  Handshake h(f.info);
+  REQUIRE(h.client_flags(nbd::kClientFixedNewstyle | nbd::kClientNoZeroes));
+  std::string out;
+  h.option(nbd::kOptStructuredReply, "", out);
+  h.option(nbd::kOptSetMetaContext, meta_request({"base:allocation"}), out);
+  REQUIRE(h.negotiated().structured);
+  REQUIRE(h.negotiated().allocation);
+  out.clear();
+  CHECK(h.option(nbd::kOptStartTls, "", out) == Handshake::Outcome::kStartTls);
+  CHECK_FALSE(h.negotiated().structured);
+  CHECK_FALSE(h.negotiated().allocation);
+  CHECK(h.negotiated().no_zeroes);  // the client's flags came before any option
+
+  // STARTTLS with data is invalid, and starts nothing.
+  Handshake data(f.info);
+  out.clear();
+  CHECK(data.option(nbd::kOptStartTls, "x", out) == Handshake::Outcome::kMore);
+  CHECK(option_replies(out, nbd::kOptStartTls)[0].first == nbd::kRepErrInvalid);
+  CHECK_FALSE(data.tls_active());
+  // --tls=on: plaintext clients are served.
+  out.clear();
+  CHECK(data.option(nbd::kOptGo, go_request(""), out) == Handshake::Outcome::kTransmit);
+}
+
+TEST_CASE("handshake: without TLS, STARTTLS is unsupported and nothing needs TLS",
+          "[server][handshake][tls]") {
+  // NOTLS mode: STARTTLS gets ERR_UNSUP (or POLICY); TLS_REQD is never sent.
+  Fixture f;
+  Handshake h(f.info);
+  REQUIRE(h.client_flags(nbd::kClientFixedNewstyle));
+  std::string out;
+  CHECK(h.option(nbd::kOptStartTls, "", out) == Handshake::Outcome::kMore);
+  CHECK(option_replies(out, nbd::kOptStartTls)[0].first == nbd::kRepErrUnsup);
+  CHECK_FALSE(h.tls_active());
+  out.clear();
+  CHECK(h.option(nbd::kOptGo, go_request(""), out) == Handshake::Outcome::kTransmit);
+}
+
 TEST_CASE("replies: messages are cut at a character boundary, NULs replaced",
           "[server][replies]") {
   CHECK(wire_message("plain") == "plain");

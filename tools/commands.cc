@@ -199,7 +199,18 @@ int run_format(const FormatOptions& o) {
   fmt::print("  slots        {} ({} of spare blocks for remaps)\n", s.slot_count,
              human(s.slot_count * s.block_size));
   fmt::print("  journal      {} x 2 copies\n", human(s.journal_bytes));
-  fmt::print("Serve it with: nbdkit dmremap main={} spare={}\n", o.main, o.spare);
+  // Quoted for the shell where needed: an nbds:// URI holds '&' and '?'.
+  auto arg = [](const std::string& key, const std::string& value) {
+    const std::string word = key + "=" + value;
+    if (word.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                               "_-./=:@+,%") == std::string::npos) {
+      return word;
+    }
+    std::string quoted = "'";
+    for (const char c : word) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
+    return quoted + "'";
+  };
+  fmt::print("Serve it with: nbdkit dmremap {} {}\n", arg("main", o.main), arg("spare", o.spare));
   return kExitOk;
 }
 

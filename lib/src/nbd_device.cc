@@ -74,6 +74,10 @@ Result<nbd_handle*> connect(const std::string& uri, const std::string& who,
     nbd_close(h);
     return Status::error(err ? err : fallback, who + ": " + msg);
   };
+  // The URI is the operator's own (a command line, a unit file): nbds://
+  // may name its credentials with tls-certificates= or tls-psk-file=.
+  // Every reconnection uses the same URI, so the same credentials.
+  if (nbd_set_uri_allow_local_file(h, true) == -1) return fail(EINVAL);
   if (deadline_ms < 0) {
     if (nbd_connect_uri(h, uri.c_str()) == -1) return fail(ECONNREFUSED);
     return h;

@@ -132,7 +132,21 @@ def capture_server(server_bin, cli_bin):
         for sent in rec.captures:
             for mode in (b"\x00", b"\x01"):
                 save("server", mode + bytes(sent))
+            save_tls_variants(bytes(sent))
         return len(rec.captures)
+
+
+def save_tls_variants(sent):
+    """A capture as a TLS client would send it, in the fuzzers' plaintext view:
+    the client's flags, STARTTLS, then the same options and requests (over
+    TLS in real life). Mode byte 0x08 serves it with --tls=require, 0x04
+    with --tls=on (server_fuzzer: bits 2-7 modulo 3; session_fuzzer: bit 2
+    runs a real TLS handshake)."""
+    if len(sent) < 4:
+        return
+    starttls = (0x49484156454F5054).to_bytes(8, "big") + (5).to_bytes(4, "big") + bytes(4)
+    for mode in (b"\x08", b"\x04"):
+        save("server", mode + sent[:4] + starttls + sent[4:])
 
 
 def metadata_seeds():

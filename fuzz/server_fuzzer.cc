@@ -13,13 +13,21 @@
 //   shut_down(); requests with odd cookies then get ESHUTDOWN, as a session
 //   answers those read after a drain began);
 // - bits 2-7: a fault on main for this input (a read error, a weak block or
-//   a write error on one of blocks 64-255; 0: none).
+//   a write error on one of blocks 64-255; 0: none); their value modulo 3
+//   is also the server's --tls: off, on or require. NBD_OPT_STARTTLS, once
+//   acknowledged, stands for a TLS handshake that succeeds: the bytes after
+//   it are the options and requests the client sends over TLS.
 // The properties:
 // - no crash, hang or unbounded allocation (the sanitizers and libFuzzer's
 //   limits);
 // - option replies: the magic, the option echoed, errors with the high bit,
 //   INFO_EXPORT before a successful GO/INFO's ACK, context IDs 0 in LIST
 //   and distinct non-zero ones in SET, EXPORT_NAME's reply length;
+// - TLS: under require, no option but STARTTLS and ABORT is served before
+//   STARTTLS (each gets TLS_REQD, or SHUTDOWN) and transmission never starts
+//   without it; TLS_REQD never comes from a server without TLS or once TLS
+//   is up; STARTTLS is acknowledged once at most, and forgets structured
+//   replies and meta contexts;
 // - every reply is well-formed: its request's cookie, an error NBD defines,
 //   a simple reply's data only on success, structured chunks inside the
 //   request, content chunks within the chunk size, DONE on the last chunk
@@ -351,6 +359,36 @@ void update_model(Model& m, const nbd::Request& r, const Buffer& payload, uint32
   m.set(r.offset, r.length, r.type == nbd::kCmdWrite ? payload.bytes.get() : nullptr);
 }
 
+// The TLS rules of an option's answer (see the header). `hs` has answered.
+void check_tls_rules(const ExportInfo& info, uint32_t option, const std::string& out,
+                     Handshake::Outcome next, const Handshake& hs) {
+  const uint32_t type = out.size() >= 20 ? nbd::get32(out.data() + 12) : 0;
+  const bool tls_was_up = hs.tls_active() && next != Handshake::Outcome::kStartTls;
+  if (type == nbd::kRepErrTlsReqd && (info.tls != TlsMode::kRequire || tls_was_up)) {
+    die("TLS_REQD without FORCEDTLS, or once TLS is up");
+  }
+  if (info.tls == TlsMode::kRequire && !hs.tls_active()) {
+    if (next == Handshake::Outcome::kTransmit) die("transmission without TLS under require");
+    const bool may_serve = option == nbd::kOptStartTls || option == nbd::kOptAbort ||
+                           option == nbd::kOptExportName;
+    if (!may_serve && type != nbd::kRepErrTlsReqd && type != nbd::kRepErrShutdown) {
+      die("an option served before TLS under require");
+    }
+  }
+  if (next == Handshake::Outcome::kStartTls) {
+    if (info.tls == TlsMode::kOff) die("STARTTLS acknowledged without TLS");
+    if (out.size() != 20 || type != nbd::kRepAck) die("STARTTLS: not one ACK");
+    const Negotiated& n = hs.negotiated();
+    if (n.structured || n.allocation || n.remapped || n.copied) {
+      die("STARTTLS kept what was negotiated in plaintext");
+    }
+  }
+  if (option == nbd::kOptStartTls && tls_was_up && type != nbd::kRepErrInvalid &&
+      type != nbd::kRepErrShutdown && type != nbd::kRepErrTooBig) {
+    die("a second STARTTLS was not refused as invalid");
+  }
+}
+
 // Serves `in` as one client's bytes, as a session would.
 void serve(const ExportInfo& info, Input in, bool shutting_down, Model* model) {
   Handshake hs(info);
@@ -376,6 +414,7 @@ void serve(const ExportInfo& info, Input in, bool shutting_down, Model* model) {
       in.skip(length);
     }
     check_option_replies(option, out, next, client_flags & nbd::kClientNoZeroes);
+    check_tls_rules(info, option, out, next, hs);
     if (next == Handshake::Outcome::kEnd) return;
     if (next == Handshake::Outcome::kTransmit) break;
     if (shutting_down) hs.shut_down();
@@ -446,6 +485,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const uint8_t mode = size > 0 ? data[0] : 0;
   const bool shutting_down = mode & 2;
   Input in{data + (size > 0), size - (size > 0)};
+  constexpr TlsMode kTls[] = {TlsMode::kOff, TlsMode::kOn, TlsMode::kRequire};
+  w.ro->info.tls = w.rw->info.tls = kTls[(mode >> 2) % 3];
   if (mode & 1) {
     const uint64_t main_before = w.ro->main_mem->changes();
     const uint64_t spare_before = w.ro->spare_mem->changes();

@@ -244,6 +244,9 @@ TlsSession::Step TlsSession::handshake(std::string& why) {
   if (rc == GNUTLS_E_AGAIN || rc == GNUTLS_E_INTERRUPTED) return Step::kNeedInput;
   if (gnutls_error_is_fatal(rc) == 0) return Step::kNeedInput;  // a warning alert
   why = gnutls_why(rc);
+  // The client learns why (bad_certificate, decrypt_error...) from a fatal
+  // alert, which TLS 1.2 requires before the close.
+  (void)gnutls_alert_send_appropriate(s_, rc);
   if (rc == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR) {
     gnutls_datum_t text{};
     if (gnutls_certificate_verification_status_print(gnutls_session_get_verify_cert_status(s_),

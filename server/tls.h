@@ -39,8 +39,9 @@ struct TlsConfig {
 // /etc/pki/dmremap for root, else $HOME/.pki/dmremap.
 std::string default_certificates_dir();
 
-// The server's credentials, loaded once at start-up and shared by every
-// session. Immutable after load(); thread-safe.
+// The server's credentials, loaded at start-up and shared by every session.
+// Immutable after load(); thread-safe. (GnuTLS reads a PSK file again at
+// each handshake: a key added to it serves the next client.)
 class TlsCredentials {
  public:
   // Throws std::runtime_error naming the file and what is wrong with it.

@@ -52,7 +52,7 @@ def frontend_command(tools, sock, main, spare, params=(), nbdkit_args=()):
         cmd = [tools.server, "--unix", sock, "--main", main, "--spare", spare]
         for p in params:
             key, value = p.split("=", 1)
-            if key in ("readonly", "direct", "verbose"):
+            if key in ("readonly", "direct", "verbose", "tls-verify-peer"):
                 if value.lower() in ("1", "true", "yes", "on"):
                     cmd.append("--" + key)
             else:

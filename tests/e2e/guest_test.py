@@ -6,7 +6,8 @@ every 97th block and fails the first two reads of every 211th, so mkfs and the
 file writes are remapped as they go. Two ways in, as users run it:
 - qemu -drive file=nbd:unix:...: the guest sees a virtio disk;
 - nbd-client inside the guest with two connections (multi-conn), reaching the
-  host's socket through qemu's restricted user network.
+  host's socket through qemu's restricted user network; and the same over
+  TLS, with a client certificate.
 The evacuation case copies the disk onto NEW (`dmremap evacuate`) while the
 guest makes and fills its filesystem, then serves NEW alone and checks it.
 Each other case: boot 1 makes ext4, writes a tree of files with known SHA-256 sums,
@@ -25,6 +26,7 @@ import unittest
 
 from guest import FORWARD_ADDR, FORWARD_PORT, Guest, tools_present
 from nbd_harness import DemoSet, Tools
+from tls_creds import Credentials
 
 TOOLS = Tools()
 MAIN_SIZE = 128 << 20
@@ -61,6 +63,14 @@ ip addr add 10.0.2.15/24 dev eth0
 DEV=/dev/nbd0
 echo "guest: $DEV attached, $(cat /sys/block/nbd0/size) sectors"
 """
+
+# The same over TLS (Debian's nbd-client has it: -x, GnuTLS), with a client
+# certificate the server checks: nbd-client stays in the guest as the
+# kernel's encrypting proxy. (Its -F is not parsed in 3.24: -certfile is.)
+NBD_CLIENT_TLS_UP = NBD_CLIENT_UP.replace(
+    "-b 4096 -C 2",
+    "-b 4096 -C 2 -x -A /ca-cert.pem -certfile /client-cert.pem -K /client-key.pem "
+    "-H localhost")
 
 NBD_CLIENT_DOWN = r"""
 /sbin/nbd-client -d /dev/nbd0
@@ -144,6 +154,39 @@ class GuestKernelTest(unittest.TestCase):
         self.boot("nbd-client-verify", NBD_CLIENT_UP + "check_fs\n" + NBD_CLIENT_DOWN, **where)
         second = self.restart_and_check_status()
         self.assertGreaterEqual(second["remaps"], first["remaps"])
+
+    def test_nbd_client_over_tls_in_guest(self):
+        """nbd-client in the guest over TLS, its certificate checked by the
+        server (dmremap-server's --tls-verify-peer, or nbdkit's for the
+        plugin): ext4 is made, filled and verified through the guest's
+        encrypting proxy while main fails under it."""
+        creds = Credentials(self.s.dir)
+        if TOOLS.frontend == "server":
+            self.s.start(FAULTS, f"tls-certificates={creds.dir}", "tls-verify-peer=1", "verbose=1")
+        else:
+            self.s.start(FAULTS, nbdkit_args=["--tls=require", f"--tls-certificates={creds.dir}",
+                                              "--tls-verify-peer"])
+        files = {"manifest.sha256": self.manifest}
+        for name in ("ca-cert.pem", "client-cert.pem", "client-key.pem"):
+            with open(os.path.join(creds.dir, name), "rb") as f:
+                files[name] = f.read()
+        log = self.guest.boot(FS_CHECKS + NBD_CLIENT_TLS_UP + WRITE_FS + NBD_CLIENT_DOWN,
+                              "nbd-client-tls", files=files, trees=self.trees,
+                              forward_socket=self.s.sock)
+        self.assertNotRegex(log, r"I/O error|EXT4-fs error|blk_update_request|Buffer I/O")
+        self.assertIn("files verify on /dev/nbd0", log)
+        self.assertEqual(self.guest.last_connections, 2)
+        print(f"\n[{TOOLS.frontend}] nbd-client over TLS: guest passed in "
+              f"{self.guest.last_seconds:.1f} s")
+        if TOOLS.frontend == "server":
+            sessions = [line for line in self.s.read_log().splitlines()
+                        if "a client is on TLS" in line]
+            self.assertEqual(len(sessions), 2, self.s.read_log()[-3000:])
+            self.assertTrue(all("client certificate verified" in line for line in sessions))
+        self.assertEqual(self.s.stop(), 0, self.s.read_log())
+        st = self.s.status()
+        self.assertGreater(st["remaps_by_cause"]["write-error"], 10)
+        self.assertEqual((st["pending"], st["health"]), (0, "ok"), st)
 
     def test_evacuate_ext4_in_use(self):
         """The disk is evacuated while the guest makes ext4 on it and writes

@@ -22,6 +22,8 @@
   at STARTTLS; --handshake-timeout bounds a stalled TLS handshake; garbage
   instead of a ClientHello ends that connection only; with --tls=off
   STARTTLS is NBD_REP_ERR_UNSUP.
+- examples/dmremap-server-tls@.service's command line serves a client with
+  a certificate under socket activation, and refuses one without.
 - Start-up: a missing key, a bad PSK file or a bad priority string stop the
   server with status 1 and a message naming it; --tls=off with credentials is
   bad usage (status 2).
@@ -772,6 +774,46 @@ class TlsOffTest(TlsServerCase):
 
 
 @unittest.skipUnless(SERVER, "dmremap-server only")
+class SocketActivationExampleTest(unittest.TestCase):
+    """examples/dmremap-server-tls@.service's command line, as systemd runs
+    it on the first connection to dmremap-server-tls@.socket: libnbd passes
+    the listening socket (LISTEN_FDS) and connects over TLS with a client
+    certificate; the server's --tls-verify-peer checks it."""
+
+    def exec_start(self, main, spare):
+        example = os.path.join(os.path.dirname(__file__), "..", "..", "examples",
+                               "dmremap-server-tls@.service")
+        with open(example) as f:
+            line = next(l for l in f if l.startswith("ExecStart="))
+        argv = line.split("=", 1)[1].split()
+        self.assertEqual(argv[0], "/usr/local/bin/dmremap-server")
+        subst = {"${MAIN}": main, "${SPARE}": spare, "/etc/pki/dmremap": CREDS.dir}
+        return [TOOLS.server] + [subst.get(a, a) for a in argv[1:]]
+
+    def test_the_example_serves_tls_clients_with_certificates_only(self):
+        s = DemoSet(TOOLS)
+        self.addCleanup(s.close)
+        argv = self.exec_start(s.main, s.spare)
+        self.assertIn("--tls-verify-peer", argv)
+        h = nbd.NBD()
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_certificates(CREDS.dir)
+        h.connect_systemd_socket_activation(argv)
+        self.assertTrue(h.get_tls_negotiated())
+        data = random.Random(5).randbytes(2 * BLOCK)
+        h.pwrite(data, 8 * BLOCK)
+        h.flush()
+        self.assertEqual(h.pread(len(data), 8 * BLOCK), data)
+        h.shutdown()
+        # A client without a certificate is refused by the same command line.
+        h = nbd.NBD()
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_certificates(CREDS.no_cert)
+        # The server's fatal alert reaches the client (TLS 1.2 requires it).
+        with self.assertRaisesRegex(nbd.Error, "TLS fatal alert"):
+            h.connect_systemd_socket_activation(argv)
+
+
 class StartupErrorsTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):

@@ -433,17 +433,26 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "dmremap-server: --stdio serves one client; it takes no --tcp or --unix\n");
     return kExitUsage;
   }
-  const bool credentials = !o.tls_config.certificates.empty() || !o.tls_config.psk_file.empty();
+  const bool credentials = !o.tls_config.certificates.empty() || !o.tls_config.psk_file.empty() ||
+                           o.tls_config.verify_peer;
   if (o.tls.empty()) o.tls = credentials ? "require" : "off";
-  if (o.tls == "off" && (credentials || o.tls_config.verify_peer)) {
-    std::fprintf(stderr, "dmremap-server: --tls=off takes no --tls-certificates, --tls-psk or "
-                         "--tls-verify-peer\n");
+  auto usage = [](const char* why) {
+    std::fprintf(stderr, "dmremap-server: %s\n", why);
     return kExitUsage;
+  };
+  if (o.tls == "off" && credentials) {
+    return usage("--tls=off takes no --tls-certificates, --tls-psk or --tls-verify-peer");
+  }
+  if (!o.tls_config.certificates.empty() && !o.tls_config.psk_file.empty()) {
+    return usage("--tls-certificates and --tls-psk are two ways to authenticate: choose one");
   }
   if (o.tls_config.verify_peer && !o.tls_config.psk_file.empty()) {
-    std::fprintf(stderr, "dmremap-server: --tls-verify-peer checks X.509 certificates; "
-                         "with --tls-psk the key itself authenticates the client\n");
-    return kExitUsage;
+    return usage("--tls-verify-peer checks X.509 certificates; with --tls-psk the key itself "
+                 "authenticates the client");
+  }
+  if (o.tls_config.verify_peer && o.tls == "on") {
+    return usage("--tls-verify-peer with --tls=on would still serve clients without TLS: use "
+                 "--tls=require");
   }
   o.tls_config.mode = o.tls == "require" ? dmremap::server::TlsMode::kRequire
                       : o.tls == "on"    ? dmremap::server::TlsMode::kOn

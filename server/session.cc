@@ -274,12 +274,19 @@ awaitable<bool> Session<Socket>::start_tls(const std::string& ack) {
   // after STARTTLS and before the ACK is not from its TLS stack. Those bytes
   // are dropped, never read as options (the plaintext injection of
   // CVE-2021-3716). Options are read exactly, so nothing was read ahead.
+  // More than a client could have in flight is a flood: the session ends.
+  constexpr size_t kMaxDropped = 64 * 1024;
   size_t dropped = 0;
   char junk[4096];
-  while (true) {
+  while (dropped <= kMaxDropped) {
     const ssize_t got = ::recv(socket_.native_handle(), junk, sizeof junk, MSG_DONTWAIT);
     if (got <= 0) break;
     dropped += static_cast<size_t>(got);
+  }
+  if (dropped > kMaxDropped) {
+    log(LogLevel::kWarning, "a client sent over 64 KiB after NBD_OPT_STARTTLS, before the TLS "
+                            "handshake: disconnecting it");
+    co_return false;
   }
   if (dropped > 0) {
     log(LogLevel::kWarning, "a client sent " + std::to_string(dropped) +
@@ -298,7 +305,8 @@ awaitable<bool> Session<Socket>::start_tls(const std::string& ack) {
       log(LogLevel::kWarning, "a client's TLS handshake failed: " + why);
       co_return false;
     }
-    co_await feed_tls();
+    // Input already received goes to GnuTLS before the socket is read.
+    if (tls_->pending() == 0) co_await feed_tls();
   }
   log(LogLevel::kDebug, "a client is on TLS: " + tls_->describe());
   co_return true;
@@ -426,8 +434,11 @@ void Session<Socket>::lane() {
     ++executing_;
     Reply reply = answer(item);
     progress_ns_ = now_ns();
-    post(std::move(reply), item.cost);
+    // Posting may send the outbox, and wait for the sender's lock or for
+    // room in the socket: that is not a request stuck in the disk, and
+    // another lane would only wait behind it (TLS makes sends slow).
     --executing_;
+    post(std::move(reply), item.cost);
     if (draining_) wake_reader();
   }
   flush_outbox();
@@ -541,7 +552,14 @@ bool Session<Socket>::recv_exact(char* out, size_t n, bool boundary) {
     }
     if (got == 0) return false;  // end of file, or the read side shut
     if (errno == EINTR) continue;
+    if (errno == EPROTO && tls_) {
+      log(LogLevel::kWarning, "TLS: a client's record failed (" + tls_->last_error() +
+                                  "): disconnecting it");
+    }
     if (errno != EAGAIN && errno != EWOULDBLOCK) return false;
+    // Under TLS GnuTLS may stop short of records already received (after a
+    // KeyUpdate, say): those are taken before waiting for the socket.
+    if (tls_ && tls_->pending() > 0) continue;
     // Nothing has arrived. Draining, reading ends between requests once no
     // request runs or waits (read_after_drain). Otherwise wait for data, and
     // between requests for a drain or a request's end too.
@@ -560,10 +578,20 @@ bool Session<Socket>::recv_exact(char* out, size_t n, bool boundary) {
 template <class Socket>
 ssize_t Session<Socket>::receive(char* out, size_t n) {
   if (!tls_) return ::recv(fd_, out, n, MSG_DONTWAIT);
-  const ssize_t got = tls_->recv(out, n);
-  if (got >= 0) return got;
-  errno = static_cast<int>(-got);
-  return -1;
+  ssize_t got = tls_->recv(out, n);
+  if (got < 0) {
+    errno = static_cast<int>(-got);
+    return -1;
+  }
+  // GnuTLS returns one record per call, and clients send each request in a
+  // record of its own: take every record already received, so that a lane
+  // gets a batch of requests as it does without TLS.
+  size_t total = static_cast<size_t>(got);
+  while (got > 0 && total < n && tls_->pending() > 0) {
+    got = tls_->recv(out + total, n - total);
+    if (got > 0) total += static_cast<size_t>(got);
+  }
+  return static_cast<ssize_t>(total);
 }
 
 // Draining, between requests: while requests run, what arrives is read

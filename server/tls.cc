@@ -2,6 +2,7 @@
 
 #include <gnutls/x509.h>
 #include <poll.h>
+#include <sys/stat.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -18,9 +19,19 @@ namespace dmremap::server {
 
 namespace {
 
+// What the lanes' receiver asks the socket for at once (see pull()).
+constexpr size_t kReadChunk = 64 * 1024;
+
 std::string gnutls_why(int rc) { return gnutls_strerror(rc); }
 
 bool readable(const std::string& path) { return ::access(path.c_str(), R_OK) == 0; }
+
+// Whether anything is at `path`, readable or not: an optional file that
+// exists but cannot be read (a CRL) is an error, never skipped.
+bool exists(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 || errno != ENOENT;
+}
 
 void need_file(const std::string& path, const char* what) {
   if (!readable(path)) {
@@ -96,7 +107,7 @@ std::unique_ptr<TlsCredentials> TlsCredentials::load(const TlsConfig& config) {
       throw std::runtime_error("TLS: " + cert + " with " + key + ": " + gnutls_why(rc));
     }
     // The CA checks clients' certificates (--tls-verify-peer): needed then.
-    if (config.verify_peer || readable(ca)) {
+    if (config.verify_peer || exists(ca)) {
       need_file(ca, "the CA certificate");
       rc = gnutls_certificate_set_x509_trust_file(c->x509_, ca.c_str(), GNUTLS_X509_FMT_PEM);
       if (rc <= 0) {
@@ -104,7 +115,8 @@ std::unique_ptr<TlsCredentials> TlsCredentials::load(const TlsConfig& config) {
                                  (rc == 0 ? std::string("no certificate in it") : gnutls_why(rc)));
       }
     }
-    if (readable(crl)) {
+    if (exists(crl)) {
+      need_file(crl, "the certificate revocation list");
       rc = gnutls_certificate_set_x509_crl_file(c->x509_, crl.c_str(), GNUTLS_X509_FMT_PEM);
       if (rc < 0) throw std::runtime_error("TLS: " + crl + ": " + gnutls_why(rc));
     }
@@ -179,6 +191,21 @@ ssize_t TlsSession::pull(gnutls_transport_ptr_t p, void* data, size_t n) {
     gnutls_transport_set_errno(self->s_, EAGAIN);
     return -1;
   }
+  // GnuTLS asks for a record's header, then its body: one receive of all
+  // that has arrived serves many records.
+  if (n < kReadChunk) {
+    self->in_.resize(kReadChunk);
+    const ssize_t got = ::recv(self->fd_, self->in_.data(), kReadChunk, MSG_DONTWAIT);
+    if (got <= 0) {
+      self->in_.clear();
+      self->in_pos_ = 0;
+      if (got < 0) gnutls_transport_set_errno(self->s_, errno);
+      return got;
+    }
+    self->in_.resize(static_cast<size_t>(got));
+    self->in_pos_ = 0;
+    return pull(p, data, n);
+  }
   const ssize_t got = ::recv(self->fd_, data, n, MSG_DONTWAIT);
   if (got < 0) gnutls_transport_set_errno(self->s_, errno);
   return got;
@@ -203,39 +230,17 @@ ssize_t TlsSession::vec_push(gnutls_transport_ptr_t p, const giovec_t* iov, int 
     }
     return static_cast<ssize_t>(total);
   }
-  std::lock_guard lock(self->push_mu_);
-  return self->send_all(iov, count);
-}
-
-// Sends the whole vector on the descriptor, waiting for room in poll();
-// GnuTLS never sees a partial write. Under push_mu_.
-ssize_t TlsSession::send_all(const giovec_t* iov, int count) {
-  std::vector<iovec> v(iov, iov + count);
-  size_t total = 0;
-  for (const auto& e : v) total += e.iov_len;
-  size_t first = 0;
-  while (first < v.size()) {
-    msghdr msg{};
-    msg.msg_iov = v.data() + first;
-    msg.msg_iovlen = v.size() - first;
-    const ssize_t sent = ::sendmsg(fd_, &msg, MSG_NOSIGNAL | (closing_ ? MSG_DONTWAIT : 0));
-    if (sent < 0) {
-      if (errno == EINTR) continue;
-      if ((errno == EAGAIN || errno == EWOULDBLOCK) && !closing_) {
-        pollfd out{fd_, POLLOUT, 0};
-        if (::poll(&out, 1, -1) >= 0 || errno == EINTR) continue;
-      }
-      gnutls_transport_set_errno(s_, errno);
-      return -1;
-    }
-    size_t left = static_cast<size_t>(sent);
-    while (first < v.size() && left >= v[first].iov_len) left -= v[first++].iov_len;
-    if (first < v.size()) {
-      v[first].iov_base = static_cast<char*>(v[first].iov_base) + left;
-      v[first].iov_len -= left;
-    }
-  }
-  return static_cast<ssize_t>(total);
+  // Never waits (mu_ is held): GnuTLS keeps what is not sent, and the
+  // sender calls again once poll() says there is room.
+  msghdr msg{};
+  msg.msg_iov = const_cast<iovec*>(reinterpret_cast<const iovec*>(iov));
+  msg.msg_iovlen = static_cast<size_t>(count);
+  ssize_t sent;
+  do {
+    sent = ::sendmsg(self->fd_, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+  } while (sent < 0 && errno == EINTR);
+  if (sent < 0) gnutls_transport_set_errno(self->s_, errno);
+  return sent;
 }
 
 TlsSession::Step TlsSession::handshake(std::string& why) {
@@ -259,6 +264,7 @@ TlsSession::Step TlsSession::handshake(std::string& why) {
 }
 
 ssize_t TlsSession::recv(char* out, size_t n) {
+  std::lock_guard lock(mu_);
   while (true) {
     const ssize_t got = gnutls_record_recv(s_, out, n);
     if (got >= 0) return got;
@@ -271,15 +277,35 @@ ssize_t TlsSession::recv(char* out, size_t n) {
         return 0;  // the client closed without close_notify: still its end
       default:
         if (gnutls_error_is_fatal(static_cast<int>(got)) == 0) continue;  // warning alerts
+        last_error_ = static_cast<int>(got);
         return -EPROTO;
     }
   }
 }
 
-bool TlsSession::send(const char* data, size_t n) {
+std::string TlsSession::last_error() const {
+  std::lock_guard lock(mu_);
+  return last_error_ ? gnutls_why(last_error_) : "no error";
+}
+
+bool TlsSession::send(const char* data, size_t n) { return send_records(data, n); }
+
+bool TlsSession::send_records(const char* data, size_t n) {
   while (n > 0) {
-    const ssize_t sent = gnutls_record_send(s_, data, n);
-    if (sent == GNUTLS_E_INTERRUPTED || sent == GNUTLS_E_AGAIN) continue;
+    ssize_t sent;
+    {
+      std::lock_guard lock(mu_);
+      sent = gnutls_record_send(s_, data, n);
+    }
+    if (sent == GNUTLS_E_INTERRUPTED) continue;
+    if (sent == GNUTLS_E_AGAIN) {
+      // The socket is full: wait for the client to read, the mutex free for
+      // the receiver; then the same call again, as GnuTLS requires.
+      if (fd_ < 0 || closing_) return false;
+      pollfd out{fd_, POLLOUT, 0};
+      if (::poll(&out, 1, -1) < 0 && errno != EINTR) return false;
+      continue;
+    }
     if (sent < 0) return false;
     data += sent;
     n -= static_cast<size_t>(sent);
@@ -290,30 +316,38 @@ bool TlsSession::send(const char* data, size_t n) {
 void TlsSession::attach(int fd) { fd_ = fd; }
 
 bool TlsSession::sendv(const iovec* iov, size_t count) {
-  // Corked: the headers and the data of many replies go out in full
-  // records, a few system calls for a batch. Big batches are sent in steps
-  // so the corked copy stays small.
-  constexpr size_t kCorkBytes = 256 * 1024;
-  size_t corked = 0;
-  gnutls_record_cork(s_);
+  // Small pieces (headers, short replies) are gathered into records of up
+  // to 16 KiB, so many replies take a few records; bigger ones are
+  // encrypted straight from their buffers. (Not gnutls_record_cork: it
+  // copies every byte, and drops a KeyUpdate that is due.)
+  constexpr size_t kRecord = 16 * 1024;
+  gather_.clear();
+  auto flush = [&] {
+    const bool ok = send_records(gather_.data(), gather_.size());
+    gather_.clear();
+    return ok;
+  };
   for (size_t i = 0; i < count; ++i) {
-    if (!send(static_cast<const char*>(iov[i].iov_base), iov[i].iov_len)) return false;
-    corked += iov[i].iov_len;
-    if (corked >= kCorkBytes && i + 1 < count) {
-      if (gnutls_record_uncork(s_, GNUTLS_RECORD_WAIT) < 0) return false;
-      gnutls_record_cork(s_);
-      corked = 0;
+    const auto* data = static_cast<const char*>(iov[i].iov_base);
+    const size_t len = iov[i].iov_len;
+    if (len >= kRecord) {
+      if (!flush() || !send_records(data, len)) return false;
+      continue;
     }
+    if (gather_.size() + len > kRecord && !flush()) return false;
+    gather_.insert(gather_.end(), data, data + len);
   }
-  return gnutls_record_uncork(s_, GNUTLS_RECORD_WAIT) >= 0;
+  return flush();
 }
 
 void TlsSession::bye() {
+  std::lock_guard lock(mu_);
   closing_ = true;
-  (void)gnutls_bye(s_, GNUTLS_SHUT_WR);
+  (void)gnutls_bye(s_, GNUTLS_SHUT_WR);  // the push never waits
 }
 
 size_t TlsSession::pending() const {
+  std::lock_guard lock(mu_);
   return gnutls_record_check_pending(s_) + (in_.size() - in_pos_);
 }
 

@@ -7,8 +7,13 @@
 // session's Asio coroutine moves the ciphertext (feed() and take_output()),
 // so the handshake timeout covers the TLS handshake too. For transmission
 // the session's lanes use the connected socket's descriptor directly
-// (attach()): one lane receives at a time, one sender sends at a time, as
-// GnuTLS allows.
+// (attach()): one lane receives while another sends. GnuTLS does not allow
+// that on its own: a TLS 1.3 KeyUpdate received (or an automatic rekey)
+// switches the keys under the other thread, which would then encrypt two
+// records with one nonce. So every GnuTLS call on the session holds one
+// mutex, and neither direction blocks while it holds it: the descriptor is
+// non-blocking, and a sender waits for room in poll() with the mutex
+// released.
 #pragma once
 
 #include <gnutls/gnutls.h>
@@ -32,7 +37,9 @@ struct TlsConfig {
   std::string certificates;
   bool verify_peer = false;  // clients must show a certificate the CA issued
   std::string psk_file;      // psktool's "username:hexkey" lines; wins over certificates
-  std::string priority = "NORMAL";  // GnuTLS priority string (--tls-priority)
+  // GnuTLS priority string (--tls-priority): TLS 1.3 and 1.2, not older
+  // (the NBD protocol: older versions SHOULD NOT be enabled by default).
+  std::string priority = "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2";
 };
 
 // Where --tls=on|require looks for certificates when no directory is given:
@@ -94,8 +101,8 @@ class TlsSession {
   // non-blocking; sends wait in poll() for room). Input fed but not yet
   // decrypted is read first.
   void attach(int fd);
-  // Sends every iovec as one corked stream; false when the client is gone.
-  // One sender at a time.
+  // Sends every iovec, small ones gathered into full records; false when
+  // the client is gone. One sender at a time.
   bool sendv(const iovec* iov, size_t count);
   // Says goodbye (close_notify) without waiting for a client that does not
   // read.
@@ -105,6 +112,9 @@ class TlsSession {
   // decrypted, and plaintext GnuTLS holds. The receiver's thread.
   size_t pending() const;
 
+  // Why the last recv() failed (GnuTLS's words), for the log.
+  std::string last_error() const;
+
   // "TLS1.3, ECDHE-PSK, AES-256-GCM, PSK user alice" and the like.
   std::string describe() const;
 
@@ -112,16 +122,20 @@ class TlsSession {
   static ssize_t pull(gnutls_transport_ptr_t self, void* data, size_t n);
   static ssize_t vec_push(gnutls_transport_ptr_t self, const giovec_t* iov, int count);
   static int pull_timeout(gnutls_transport_ptr_t self, unsigned ms);
-  ssize_t send_all(const giovec_t* iov, int count);
+  // Sends all of `data` as records; waits for room on the descriptor with
+  // mu_ released.
+  bool send_records(const char* data, size_t n);
 
   gnutls_session_t s_ = nullptr;
   const TlsCredentials& credentials_;
-  std::vector<char> in_;  // fed ciphertext not yet taken by GnuTLS
+  mutable std::mutex mu_;  // every GnuTLS call on s_, and what follows
+  std::vector<char> in_;   // ciphertext received, not yet taken by GnuTLS
   size_t in_pos_ = 0;
-  std::string out_;       // ciphertext for the coroutine to send
+  std::string out_;        // ciphertext for the coroutine to send
   int fd_ = -1;
-  bool closing_ = false;  // bye(): never wait for the client
-  std::mutex push_mu_;    // the sender, and a receiver's own alerts
+  bool closing_ = false;   // bye(): never wait for the client
+  int last_error_ = 0;
+  std::vector<char> gather_;  // the sender's small pieces, one record's worth
 };
 
 }  // namespace dmremap::server

@@ -17,12 +17,12 @@ background, where the backends connect after the fork.
 import errno
 import os
 import subprocess
-import time
 import unittest
 
 import nbd
 
 from nbd_harness import BLOCK, DemoSet, NbdkitBackend, Tools, pattern
+from outage_test import wait_for_read
 from tls_creds import PSK_USER, Credentials
 
 TOOLS = Tools()
@@ -68,16 +68,6 @@ class TlsBackendTest(unittest.TestCase):
         self.addCleanup(b.kill)
         return b
 
-    def wait_for_read(self, h, offset, seconds=30):
-        deadline = time.monotonic() + seconds
-        while True:
-            try:
-                return h.pread(BLOCK, offset)
-            except nbd.Error:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"offset {offset} still fails {seconds} s later")
-                time.sleep(0.2)
-
     def test_main_and_spare_over_tls_and_main_back_after_an_outage(self):
         main = self.backend("main", self.s.main, "psk")
         spare = self.backend("spare", self.s.spare, "x509")
@@ -98,7 +88,7 @@ class TlsBackendTest(unittest.TestCase):
         # Remapped blocks are on the spare, which is still there.
         self.assertEqual(h.pread(BLOCK, 101 * BLOCK), pattern(1101))
         main.start()
-        self.assertEqual(self.wait_for_read(h, 0), pattern(0))
+        self.assertEqual(wait_for_read(h, 0), pattern(0))
         for b in range(0, 200, 3):
             want = pattern(1000 + b) if 100 <= b < 104 else pattern(b)
             self.assertEqual(h.pread(BLOCK, b * BLOCK), want, f"block {b}")

@@ -230,17 +230,42 @@ ssize_t TlsSession::vec_push(gnutls_transport_ptr_t p, const giovec_t* iov, int 
     }
     return static_cast<ssize_t>(total);
   }
-  // Never waits (mu_ is held): GnuTLS keeps what is not sent, and the
-  // sender calls again once poll() says there is room.
-  msghdr msg{};
-  msg.msg_iov = const_cast<iovec*>(reinterpret_cast<const iovec*>(iov));
-  msg.msg_iovlen = static_cast<size_t>(count);
-  ssize_t sent;
-  do {
-    sent = ::sendmsg(self->fd_, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
-  } while (sent < 0 && errno == EINTR);
-  if (sent < 0) gnutls_transport_set_errno(self->s_, errno);
-  return sent;
+  return self->push_all(iov, count);
+}
+
+// Sends the whole vector, waiting in poll() for room: a GnuTLS call never
+// returns with a record half sent. (GnuTLS would take the next call for a
+// retry of the record it holds, and a KeyUpdate the receiver met in
+// between would then send that record's data twice.) Under mu_; after
+// bye(), never waits.
+ssize_t TlsSession::push_all(const giovec_t* iov, int count) {
+  std::vector<iovec> v(reinterpret_cast<const iovec*>(iov),
+                       reinterpret_cast<const iovec*>(iov) + count);
+  size_t total = 0;
+  for (const auto& e : v) total += e.iov_len;
+  size_t first = 0;
+  while (first < v.size()) {
+    msghdr msg{};
+    msg.msg_iov = v.data() + first;
+    msg.msg_iovlen = v.size() - first;
+    const ssize_t sent = ::sendmsg(fd_, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (sent < 0) {
+      if (errno == EINTR) continue;
+      if ((errno == EAGAIN || errno == EWOULDBLOCK) && !closing_) {
+        pollfd out{fd_, POLLOUT, 0};
+        if (::poll(&out, 1, -1) >= 0 || errno == EINTR) continue;
+      }
+      gnutls_transport_set_errno(s_, errno);
+      return -1;
+    }
+    size_t left = static_cast<size_t>(sent);
+    while (first < v.size() && left >= v[first].iov_len) left -= v[first++].iov_len;
+    if (first < v.size()) {
+      v[first].iov_base = static_cast<char*>(v[first].iov_base) + left;
+      v[first].iov_len -= left;
+    }
+  }
+  return static_cast<ssize_t>(total);
 }
 
 TlsSession::Step TlsSession::handshake(std::string& why) {
@@ -291,22 +316,11 @@ std::string TlsSession::last_error() const {
 bool TlsSession::send(const char* data, size_t n) { return send_records(data, n); }
 
 bool TlsSession::send_records(const char* data, size_t n) {
+  std::lock_guard lock(mu_);
   while (n > 0) {
-    ssize_t sent;
-    {
-      std::lock_guard lock(mu_);
-      sent = gnutls_record_send(s_, data, n);
-    }
+    const ssize_t sent = gnutls_record_send(s_, data, n);
     if (sent == GNUTLS_E_INTERRUPTED) continue;
-    if (sent == GNUTLS_E_AGAIN) {
-      // The socket is full: wait for the client to read, the mutex free for
-      // the receiver; then the same call again, as GnuTLS requires.
-      if (fd_ < 0 || closing_) return false;
-      pollfd out{fd_, POLLOUT, 0};
-      if (::poll(&out, 1, -1) < 0 && errno != EINTR) return false;
-      continue;
-    }
-    if (sent < 0) return false;
+    if (sent < 0) return false;  // the push waits for room: never AGAIN here
     data += sent;
     n -= static_cast<size_t>(sent);
   }

@@ -11,9 +11,10 @@
 // that on its own: a TLS 1.3 KeyUpdate received (or an automatic rekey)
 // switches the keys under the other thread, which would then encrypt two
 // records with one nonce. So every GnuTLS call on the session holds one
-// mutex, and neither direction blocks while it holds it: the descriptor is
-// non-blocking, and a sender waits for room in poll() with the mutex
-// released.
+// mutex. The receiver never waits under it (the descriptor is
+// non-blocking); a sender does, for room in the socket, so that no call
+// returns with a record half sent (see push_all()). While the client does
+// not read, its requests are not read either.
 #pragma once
 
 #include <gnutls/gnutls.h>
@@ -122,9 +123,9 @@ class TlsSession {
   static ssize_t pull(gnutls_transport_ptr_t self, void* data, size_t n);
   static ssize_t vec_push(gnutls_transport_ptr_t self, const giovec_t* iov, int count);
   static int pull_timeout(gnutls_transport_ptr_t self, unsigned ms);
-  // Sends all of `data` as records; waits for room on the descriptor with
-  // mu_ released.
+  // Sends all of `data` as records, under mu_.
   bool send_records(const char* data, size_t n);
+  ssize_t push_all(const giovec_t* iov, int count);
 
   gnutls_session_t s_ = nullptr;
   const TlsCredentials& credentials_;

@@ -354,7 +354,15 @@ void serve_tls(server::ExportInfo& info, const uint8_t* input, size_t size) {
   do {
     rc = gnutls_handshake(tls);
   } while (rc < 0 && gnutls_error_is_fatal(rc) == 0);
-  if (rc < 0) die("the TLS handshake failed after STARTTLS's ACK: injected bytes were used");
+  // Over 64 KiB injected is a flood, which the server cuts off.
+  const bool flood = after_size > 64 * 1024;
+  if (rc < 0 && !flood) die("the TLS handshake failed after STARTTLS's ACK: injected bytes were used");
+  if (rc < 0) {
+    gnutls_deinit(tls);
+    gnutls_psk_free_client_credentials(psk);
+    ::shutdown(fd, SHUT_RDWR);
+    return;
+  }
   std::thread writer([&] {
     for (size_t done = 0; done < after_size;) {
       const ssize_t n = gnutls_record_send(tls, after + done, after_size - done);

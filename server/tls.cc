@@ -313,9 +313,7 @@ std::string TlsSession::last_error() const {
   return last_error_ ? gnutls_why(last_error_) : "no error";
 }
 
-bool TlsSession::send(const char* data, size_t n) { return send_records(data, n); }
-
-bool TlsSession::send_records(const char* data, size_t n) {
+bool TlsSession::send(const char* data, size_t n) {
   std::lock_guard lock(mu_);
   while (n > 0) {
     const ssize_t sent = gnutls_record_send(s_, data, n);
@@ -337,7 +335,7 @@ bool TlsSession::sendv(const iovec* iov, size_t count) {
   constexpr size_t kRecord = 16 * 1024;
   gather_.clear();
   auto flush = [&] {
-    const bool ok = send_records(gather_.data(), gather_.size());
+    const bool ok = send(gather_.data(), gather_.size());
     gather_.clear();
     return ok;
   };
@@ -345,7 +343,7 @@ bool TlsSession::sendv(const iovec* iov, size_t count) {
     const auto* data = static_cast<const char*>(iov[i].iov_base);
     const size_t len = iov[i].iov_len;
     if (len >= kRecord) {
-      if (!flush() || !send_records(data, len)) return false;
+      if (!flush() || !send(data, len)) return false;
       continue;
     }
     if (gather_.size() + len > kRecord && !flush()) return false;

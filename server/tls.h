@@ -94,8 +94,8 @@ class TlsSession {
   // Plaintext: >0 bytes, 0 end of the stream, -EAGAIN (feed more), or
   // another negative errno. In memory or on the descriptor.
   ssize_t recv(char* out, size_t n);
-  // Plaintext out; false when the session has failed. Before attach() the
-  // ciphertext waits in the output.
+  // Plaintext out, as records, under the session's lock; false when the
+  // session has failed. Before attach() the ciphertext waits in the output.
   bool send(const char* data, size_t n);
 
   // --- Transmission: from now on the ciphertext goes through `fd` (left
@@ -123,8 +123,6 @@ class TlsSession {
   static ssize_t pull(gnutls_transport_ptr_t self, void* data, size_t n);
   static ssize_t vec_push(gnutls_transport_ptr_t self, const giovec_t* iov, int count);
   static int pull_timeout(gnutls_transport_ptr_t self, unsigned ms);
-  // Sends all of `data` as records, under mu_.
-  bool send_records(const char* data, size_t n);
   ssize_t push_all(const giovec_t* iov, int count);
 
   gnutls_session_t s_ = nullptr;
